@@ -1,0 +1,42 @@
+// normkit's C++ entry points. Every normalization is three steps over a Plan:
+//   group_moments       statistics per group (one read of x)
+//   normalize           y = (x - mean) * rstd * weight + bias (one read of x, one write of y)
+//   normalize_backward  dx, dweight, dbias (two reads of x and dy, one write of dx)
+// All arrays are contiguous in (N, C, S) order. T is float or double; statistics are double.
+// Results are bitwise identical for any thread count.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "normkit/plan.h"
+
+namespace nk {
+
+// mean[g] and biased var[g] of every group; with skip_mean, mean is 0 and var is mean(x^2).
+template <class T>
+void group_moments(const Plan& plan, const T* x, double* mean, double* var);
+
+// y = (x - mean[g]) * rstd[g] * weight + bias, weight/bias per channel or per column
+// (plan.column_affine); either may be null (1 and 0). y may alias x.
+template <class T>
+void normalize(const Plan& plan, const T* x, const double* mean, const double* rstd,
+               const T* weight, const T* bias, T* y);
+
+// Gradients of normalize. batch_stats: mean/rstd were computed from this x (training), so the
+// gradient flows through them; otherwise they are constants (eval). dweight/dbias may be null;
+// dx may be null when only the parameter gradients are wanted.
+template <class T>
+void normalize_backward(const Plan& plan, const T* x, const T* dy, const double* mean,
+                        const double* rstd, const T* weight, bool batch_stats, T* dx,
+                        T* dweight, T* dbias);
+
+void set_num_threads(int n);
+int get_num_threads();
+// The SIMD level chosen at load ("avx512", "avx2", "baseline"); NORMKIT_ISA forces a lower one.
+std::string isa_name();
+// The levels this CPU can run, lowest first; set_isa switches to one of them (for tests).
+std::vector<std::string> supported_isas();
+void set_isa(const std::string& name);
+
+}  // namespace nk

@@ -1,0 +1,35 @@
+// The fold: per-group statistics and per-channel parameters become per-plane scalars, so the
+// passes over the tensor are one fused multiply-add per element. O(planes), in double.
+#pragma once
+#include <vector>
+
+#include "normkit/plan.h"
+
+namespace nk {
+
+// Per plane: y = (x - shift)*a + b (then * weight[s] + bias[s] for a per-column affine).
+// shift is the group mean rounded to T, so x - shift is exact near the mean; b carries the
+// rounding: (x - mean)*a = (x - shift)*a + (shift - mean)*a.
+template <class T>
+struct PlaneAffine {
+  std::vector<T> shift, a, b;
+  PlaneAffine(const Plan& plan, const double* mean, const double* rstd, const T* weight,
+              const T* bias)
+      : shift(plan.planes()), a(plan.planes()), b(plan.planes()) {
+    for (int64_t p = 0; p < plan.planes(); ++p) {
+      const int64_t c = p % plan.C, g = plan.group_of(p / plan.C, c);
+      const double mu = plan.skip_mean ? 0.0 : mean[g];
+      const T sh = T(mu);
+      double scale = rstd[g], offset = 0;
+      if (!plan.column_affine) {
+        if (weight) scale *= double(weight[c]);
+        if (bias) offset = double(bias[c]);
+      }
+      shift[p] = sh;
+      a[p] = T(scale);
+      b[p] = T(offset + (double(sh) - mu) * scale);
+    }
+  }
+};
+
+}  // namespace nk

@@ -1,0 +1,107 @@
+// Reductions over one chunk: moments (forward statistics) and dot (backward sums).
+// Accumulate in T with four independent vector accumulators, combine in a fixed order, finish
+// in double. Stability comes from shifting: x - shift is exact when x is near the shift, so a
+// large mean (x = 1e4 + noise) costs no precision in the deviations.
+#include "primitives.h"
+
+namespace nk {
+namespace NK_ISA_NS {
+
+template <class T>
+void moments(const T* x, int64_t n, double* mean_out, double* m2_out) {
+  constexpr int64_t L = lanes<T>;
+  // Pass 1, scalar math: s = sum x  (a rough mean, used only as the shift of pass 2)
+  vec<T> s0{}, s1{}, s2{}, s3{};
+  int64_t i = 0;
+  for (; i + 4 * L <= n; i += 4 * L) {
+    s0 += load(x + i); s1 += load(x + i + L); s2 += load(x + i + 2 * L); s3 += load(x + i + 3 * L);
+  }
+  for (; i + L <= n; i += L) s0 += load(x + i);
+  double s = hsum<T>((s0 + s1) + (s2 + s3));
+  for (; i < n; ++i) s += x[i];
+  const T shift = T(s / double(n));
+
+  // Pass 2, scalar math: d = x - shift; sd = sum d; sdd = sum d*d
+  const vec<T> vs = splat(shift);
+  vec<T> d0{}, d1{}, d2{}, d3{}, q0{}, q1{}, q2{}, q3{};
+  i = 0;
+  for (; i + 4 * L <= n; i += 4 * L) {
+    vec<T> a = load(x + i) - vs, b = load(x + i + L) - vs;
+    vec<T> c = load(x + i + 2 * L) - vs, e = load(x + i + 3 * L) - vs;
+    d0 += a; d1 += b; d2 += c; d3 += e;
+    q0 += a * a; q1 += b * b; q2 += c * c; q3 += e * e;
+  }
+  for (; i + L <= n; i += L) {
+    vec<T> a = load(x + i) - vs;
+    d0 += a; q0 += a * a;
+  }
+  double sd = hsum<T>((d0 + d1) + (d2 + d3)), sdd = hsum<T>((q0 + q1) + (q2 + q3));
+  for (; i < n; ++i) {
+    double d = double(x[i] - shift);
+    sd += d; sdd += d * d;
+  }
+  // Corrected two-pass: the rough shift's error leaves sd != 0; remove its share of sdd.
+  *mean_out = double(shift) + sd / double(n);
+  double m2 = sdd - sd * sd / double(n);
+  *m2_out = m2 > 0 ? m2 : 0;
+}
+
+template <class T, bool Weighted>
+static void dot_impl(const T* x, const T* dy, const T* w, int64_t n, T shift, double* A, double* B) {
+  constexpr int64_t L = lanes<T>;
+  // Scalar math: g = dy*w; A = sum g*(x - shift); B = sum g
+  const vec<T> vs = splat(shift);
+  vec<T> a0{}, a1{}, b0{}, b1{};
+  int64_t i = 0;
+  for (; i + 2 * L <= n; i += 2 * L) {
+    vec<T> g0 = load(dy + i), g1 = load(dy + i + L);
+    if (Weighted) { g0 *= load(w + i); g1 *= load(w + i + L); }
+    a0 += g0 * (load(x + i) - vs); a1 += g1 * (load(x + i + L) - vs);
+    b0 += g0; b1 += g1;
+  }
+  for (; i + L <= n; i += L) {
+    vec<T> g0 = load(dy + i);
+    if (Weighted) g0 *= load(w + i);
+    a0 += g0 * (load(x + i) - vs); b0 += g0;
+  }
+  double sa = hsum<T>(a0 + a1), sb = hsum<T>(b0 + b1);
+  for (; i < n; ++i) {
+    T g = Weighted ? dy[i] * w[i] : dy[i];
+    sa += double(g * (x[i] - shift)); sb += double(g);
+  }
+  *A = sa; *B = sb;
+}
+
+template <class T>
+void dot(const T* x, const T* dy, const T* w, int64_t n, T shift, double* A, double* B) {
+  if (w) dot_impl<T, true>(x, dy, w, n, shift, A, B);
+  else dot_impl<T, false>(x, dy, w, n, shift, A, B);
+}
+
+template <class T>
+void col_accumulate(const T* x, const T* dy, int64_t n, T shift, T a, T b, T* gsum, T* bsum) {
+  constexpr int64_t L = lanes<T>;
+  // Scalar math: xhat = (x - shift)*a + b; gsum += dy*xhat; bsum += dy
+  const vec<T> vs = splat(shift), va = splat(a), vb = splat(b);
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    vec<T> g = load(dy + i);
+    store(gsum + i, load(gsum + i) + g * ((load(x + i) - vs) * va + vb));
+    store(bsum + i, load(bsum + i) + g);
+  }
+  for (; i < n; ++i) {
+    gsum[i] += dy[i] * ((x[i] - shift) * a + b);
+    bsum[i] += dy[i];
+  }
+}
+
+#define NK_INSTANTIATE(T)                                                                     \
+  template void moments<T>(const T*, int64_t, double*, double*);                              \
+  template void dot<T>(const T*, const T*, const T*, int64_t, T, double*, double*);           \
+  template void col_accumulate<T>(const T*, const T*, int64_t, T, T, T, T*, T*);
+NK_INSTANTIATE(float)
+NK_INSTANTIATE(double)
+#undef NK_INSTANTIATE
+
+}  // namespace NK_ISA_NS
+}  // namespace nk

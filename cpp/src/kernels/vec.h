@@ -1,0 +1,35 @@
+// Vector helpers for the kernels, written once with GCC/Clang vector extensions and compiled
+// once per ISA level: NK_VEC_BYTES is 64 for AVX-512, 32 for AVX2, 16 for SSE2 and NEON.
+// Loads and stores are unaligned (memcpy folds to one instruction); no -ffast-math anywhere,
+// so reductions keep a fixed order: lane l of accumulator k always sums the same elements.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#ifndef NK_VEC_BYTES
+#define NK_VEC_BYTES 16
+#endif
+
+namespace nk {
+namespace NK_ISA_NS {
+
+template <class T> struct VecOf;
+template <> struct VecOf<float> { typedef float type __attribute__((vector_size(NK_VEC_BYTES))); };
+template <> struct VecOf<double> { typedef double type __attribute__((vector_size(NK_VEC_BYTES))); };
+
+template <class T> using vec = typename VecOf<T>::type;
+template <class T> constexpr int64_t lanes = NK_VEC_BYTES / sizeof(T);
+
+template <class T> inline vec<T> load(const T* p) { vec<T> v; std::memcpy(&v, p, sizeof v); return v; }
+template <class T> inline void store(T* p, vec<T> v) { std::memcpy(p, &v, sizeof v); }
+template <class T> inline vec<T> splat(T s) { return vec<T>{} + s; }
+
+// Horizontal sum in a fixed order (lane 0 first), in double.
+template <class T> inline double hsum(vec<T> v) {
+  double s = 0;
+  for (int64_t l = 0; l < lanes<T>; ++l) s += v[l];
+  return s;
+}
+
+}  // namespace NK_ISA_NS
+}  // namespace nk

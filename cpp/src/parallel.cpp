@@ -1,0 +1,29 @@
+#include "parallel.h"
+
+#include <atomic>
+#include <stdexcept>
+
+#include "normkit/normkit.h"
+
+namespace nk {
+
+static int initial_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();  // honours OMP_NUM_THREADS
+#else
+  return 1;
+#endif
+}
+
+// A process-wide setting: omp_set_num_threads only affects the calling thread, and normkit is
+// called from many Python threads.
+static std::atomic<int> g_threads{initial_threads()};
+
+void set_num_threads(int n) {
+  if (n < 1) throw std::invalid_argument("num_threads must be >= 1");
+  g_threads.store(n);
+}
+
+int get_num_threads() { return g_threads.load(); }
+
+}  // namespace nk

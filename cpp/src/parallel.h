@@ -1,0 +1,31 @@
+// Threading: one parallel-for over independent work items, each writing its own output slot.
+// No buffer is indexed by thread id and no reduction crosses threads, so results are bitwise
+// identical for any thread count. Small jobs run on the calling thread.
+#pragma once
+#include <cstdint>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace nk {
+
+int get_num_threads();
+
+// Below this many elements of work a job stays on one thread: waking a team costs more.
+constexpr int64_t kParallelMinWork = 1 << 15;
+
+template <class F>
+void parallel_for(int64_t n, int64_t work_per_item, const F& f) {
+#ifdef _OPENMP
+  const int threads = get_num_threads();
+  const bool par = threads > 1 && n > 1 && n * work_per_item >= kParallelMinWork;
+#pragma omp parallel for schedule(static) num_threads(threads) if (par)
+  for (int64_t i = 0; i < n; ++i) f(i);
+#else
+  (void)work_per_item;
+  for (int64_t i = 0; i < n; ++i) f(i);
+#endif
+}
+
+}  // namespace nk

@@ -1,0 +1,28 @@
+"""normkit: fast CPU normalization layers, forward and backward, on NumPy arrays."""
+from . import _core, functional
+from .layers import (BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d,
+                     InstanceNorm2d, InstanceNorm3d, LayerNorm, NormLayer, RMSNorm)
+
+__version__ = "0.1.0"
+
+
+def set_num_threads(n):
+    """Threads every normkit kernel uses (default: OpenMP's, which honours OMP_NUM_THREADS)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n: expected a positive integer, got {n!r}")
+    _core.set_num_threads(n)
+
+
+def get_num_threads():
+    return _core.get_num_threads()
+
+
+def cpu_info():
+    """The SIMD level the kernels run at, and the levels this CPU supports."""
+    return {"isa": _core.isa_name(), "supported": list(_core.supported_isas()),
+            "num_threads": _core.get_num_threads()}
+
+
+__all__ = ["functional", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceNorm1d",
+           "InstanceNorm2d", "InstanceNorm3d", "GroupNorm", "LayerNorm", "RMSNorm", "NormLayer",
+           "set_num_threads", "get_num_threads", "cpu_info", "__version__"]

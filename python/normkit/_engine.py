@@ -1,0 +1,59 @@
+"""The one bridge between the Python layer and the C++ core.
+
+Every layer calls `forward` and `backward` with a plan (how the tensor groups into statistics
+sets) and, for inference, given statistics. Everything tensor-sized happens in `_core`.
+"""
+import numpy as np
+
+from . import _core
+
+
+class Saved:
+    """What a backward needs from its forward."""
+
+    __slots__ = ("plan", "x", "mean", "rstd", "weight", "batch_stats", "shape")
+
+    def __init__(self, plan, x, mean, rstd, weight, batch_stats, shape):
+        self.plan, self.x, self.mean, self.rstd = plan, x, mean, rstd
+        self.weight, self.batch_stats, self.shape = weight, batch_stats, shape
+
+
+def moments(plan, x):
+    """Per-group (mean, biased variance) as float64 arrays."""
+    return _core.group_moments(plan, x)
+
+
+def rstd_of(var, eps):
+    return 1.0 / np.sqrt(np.asarray(var, dtype=np.float64) + eps)
+
+
+def apply(plan, x, mean, var, eps, weight, bias, batch_stats, shape):
+    """y = (x - mean)/sqrt(var + eps)*weight + bias; returns y (in `shape`) and a Saved."""
+    mean = np.ascontiguousarray(mean, dtype=np.float64)
+    rstd = rstd_of(var, eps)
+    y = np.empty_like(x)
+    _core.normalize(plan, x, mean, rstd, weight, bias, y)
+    return y.reshape(shape), Saved(plan, x, mean, rstd, weight, batch_stats, shape)
+
+
+def backward(saved, dy, want_weight, want_bias):
+    """(dx, dweight, dbias) for the forward that made `saved`."""
+    x = saved.x
+    dx = np.empty_like(x)
+    n_aff = saved.plan.S if saved.plan.column_affine else saved.plan.C
+    dw = np.empty(n_aff, x.dtype) if want_weight else None
+    db = np.empty(n_aff, x.dtype) if want_bias else None
+    _core.normalize_backward(saved.plan, x, dy, saved.mean, saved.rstd, saved.weight,
+                             saved.batch_stats, dx, dw, db)
+    return dx.reshape(saved.shape), dw, db
+
+
+def planes(x):
+    """(N, C, S) of an (N, C, *spatial) array."""
+    S = int(np.prod(x.shape[2:], dtype=np.int64)) if x.ndim > 2 else 1
+    return x.shape[0], x.shape[1], S
+
+
+def running_update(running, batch_value, factor):
+    """running = (1 - factor)*running + factor*batch_value, in place, as torch does."""
+    running[...] = (1.0 - factor) * running.astype(np.float64) + factor * np.asarray(batch_value)

@@ -1,0 +1,118 @@
+"""The state every layer shares: parameters, buffers, mode, saved forward, state_dict."""
+from collections import OrderedDict
+
+import numpy as np
+
+from .. import _engine
+
+
+class NormLayer:
+    """Base of every normkit layer: torch.nn.Module's conventions on NumPy arrays.
+
+    Subclasses register parameters (learnable, e.g. weight and bias) and buffers (running
+    statistics) by name, implement `_forward(x)` returning (y, Saved), and say which
+    parameters the backward produces gradients for.
+    """
+
+    def __init__(self):
+        self.training = True
+        self.grads = {}
+        self._param_names = []
+        self._buffer_names = []
+        self._saved = None
+
+    # -- registration -------------------------------------------------------------------
+    def _param(self, name, value):
+        setattr(self, name, value)
+        self._param_names.append(name)
+
+    def _buffer(self, name, value):
+        setattr(self, name, value)
+        self._buffer_names.append(name)
+
+    # -- torch.nn.Module conventions ----------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def train(self, mode=True):
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def parameters(self):
+        """Learnable arrays by name (the arrays themselves, so in-place updates train the layer)."""
+        return {n: getattr(self, n) for n in self._param_names if getattr(self, n) is not None}
+
+    def state_dict(self):
+        """Parameters and buffers under torch's keys, as copies."""
+        out = OrderedDict()
+        for n in self._param_names + self._buffer_names:
+            v = getattr(self, n)
+            if v is not None:
+                out[n] = np.array(v, copy=True)
+        return out
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Copy arrays (NumPy, or anything np.asarray takes, e.g. torch tensors) into the layer.
+
+        Strict by default, like torch: missing or unexpected keys raise KeyError; a wrong shape
+        raises ValueError. Nothing is written unless every entry is valid.
+        """
+        if not hasattr(state_dict, "keys"):
+            raise TypeError(f"state_dict: expected a mapping, got {type(state_dict).__name__}")
+        own = self.state_dict()
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        if strict and (missing or unexpected):
+            raise KeyError(f"state_dict: missing keys {missing}, unexpected keys {unexpected}")
+        staged = {}
+        for k in own:
+            if k not in state_dict:
+                continue
+            v = state_dict[k]
+            v = np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v)
+            if v.shape != own[k].shape:
+                raise ValueError(f"state_dict['{k}']: expected shape {own[k].shape}, got {v.shape}")
+            if not (np.issubdtype(v.dtype, np.floating) or np.issubdtype(v.dtype, np.integer)):
+                raise TypeError(f"state_dict['{k}']: expected a numeric array, got dtype {v.dtype}")
+            staged[k] = v
+        for k, v in staged.items():
+            np.copyto(getattr(self, k), v, casting="unsafe")
+        return self
+
+    # -- forward / backward -------------------------------------------------------------
+    def forward(self, x):
+        y, self._saved = self._forward(x)
+        return y
+
+    def backward(self, dy):
+        """Gradient w.r.t. the input of the last forward; parameter gradients go to `grads`."""
+        saved = self._saved
+        if saved is None:
+            raise RuntimeError("backward called before forward")
+        if not isinstance(dy, np.ndarray):
+            raise TypeError(f"dy: expected a numpy.ndarray, got {type(dy).__name__}")
+        if dy.shape != saved.shape:
+            raise ValueError(f"dy: expected shape {saved.shape} (the last forward's output), got {dy.shape}")
+        if dy.dtype != saved.x.dtype:
+            raise TypeError(f"dy: expected dtype {saved.x.dtype} (the last forward's), got {dy.dtype}")
+        dy = np.ascontiguousarray(dy).reshape(saved.x.shape)
+        want = self._grad_names()
+        dx, dw, db = _engine.backward(saved, dy, "weight" in want, "bias" in want)
+        self.grads = {}
+        if dw is not None:
+            self.grads["weight"] = dw.reshape(self.weight.shape)
+        if db is not None:
+            self.grads["bias"] = db.reshape(self.bias.shape)
+        return dx
+
+    def _grad_names(self):
+        return [n for n in ("weight", "bias") if getattr(self, n, None) is not None]
+
+    def extra_repr(self):
+        return ""
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.extra_repr()})"

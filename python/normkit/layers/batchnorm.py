@@ -1,0 +1,83 @@
+"""BatchNorm1d/2d/3d: torch.nn.BatchNorm semantics over the shared kernels."""
+import numpy as np
+
+from .. import _checks, functional as F
+from .base import NormLayer
+
+
+class _BatchNorm(NormLayer):
+    _expected_ndims = ()  # input ranks this class accepts
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, dtype=np.float32):
+        super().__init__()
+        self.num_features = _checks.positive_int(num_features, "num_features")
+        self.eps = _checks.positive_float(eps, "eps")
+        self.momentum = _checks.momentum_value(momentum)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in _checks.COMPUTE_DTYPES:
+            raise TypeError(f"dtype: expected float32 or float64, got {self.dtype}")
+        C = self.num_features
+        self._param("weight", np.ones(C, self.dtype) if affine else None)
+        self._param("bias", np.zeros(C, self.dtype) if affine else None)
+        if self.track_running_stats:
+            self._buffer("running_mean", np.zeros(C, self.dtype))
+            self._buffer("running_var", np.ones(C, self.dtype))
+            self._buffer("num_batches_tracked", np.array(0, dtype=np.int64))
+        else:
+            self.running_mean = self.running_var = self.num_batches_tracked = None
+
+    def reset_running_stats(self):
+        if self.track_running_stats:
+            self.running_mean.fill(0)
+            self.running_var.fill(1)
+            self.num_batches_tracked[...] = 0
+
+    def _check_input(self, x):
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"input: expected a numpy.ndarray, got {type(x).__name__}")
+        if x.ndim not in self._expected_ndims:
+            want = " or ".join(f"{d}D" for d in self._expected_ndims)
+            raise ValueError(f"input: expected {want} input (got {x.ndim}D input with shape {x.shape})")
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"input: expected {self.num_features} channels in dim 1, got shape {x.shape}")
+        if x.dtype != self.dtype:
+            raise TypeError(f"input: expected dtype {self.dtype} (the layer's), got {x.dtype}")
+
+    def _forward(self, x):
+        self._check_input(x)
+        # torch's _BatchNorm.forward: the factor, the counter, and when batch stats are used.
+        factor = 0.0 if self.momentum is None else self.momentum
+        use_batch_stats = self.training or self.running_mean is None
+        if self.training and self.track_running_stats:
+            # Count only after the batch passes validation, so a rejected call changes nothing.
+            count = int(self.num_batches_tracked) + 1
+            factor = 1.0 / count if self.momentum is None else self.momentum
+        track = not self.training or self.track_running_stats
+        result = F.batch_norm_impl(x, self.running_mean if track else None,
+                                   self.running_var if track else None, self.weight, self.bias,
+                                   use_batch_stats, factor, self.eps)
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked += 1
+        return result
+
+    def extra_repr(self):
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}")
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch normalization of (N, C) or (N, C, L) input."""
+    _expected_ndims = (2, 3)
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch normalization of (N, C, H, W) input."""
+    _expected_ndims = (4,)
+
+
+class BatchNorm3d(_BatchNorm):
+    """Batch normalization of (N, C, D, H, W) input."""
+    _expected_ndims = (5,)
