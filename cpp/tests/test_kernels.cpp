@@ -1,0 +1,167 @@
+// C++ unit tests of the shared kernels and entry points, at every ISA level this CPU runs.
+// References are plain double-precision Eigen expressions. Prints "N passed, N failed".
+#include <Eigen/Dense>
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/table.h"
+#include "normkit/normkit.h"
+
+namespace {
+
+int g_passed = 0, g_failed = 0;
+
+void check(bool ok, const std::string& what) {
+  if (ok) {
+    ++g_passed;
+  } else {
+    ++g_failed;
+    std::printf("FAIL: %s\n", what.c_str());
+  }
+}
+
+bool close(double got, double want, double tol) {
+  return std::fabs(got - want) <= tol * (1.0 + std::fabs(want));
+}
+
+template <class T>
+std::vector<T> random_vector(int64_t n, double offset, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> dist(0.0, 1.0);
+  std::vector<T> v(n);
+  for (auto& e : v) e = T(offset + dist(rng));
+  return v;
+}
+
+template <class T> double tol() { return sizeof(T) == 4 ? 2e-5 : 1e-12; }
+template <class T> const char* type_name() { return sizeof(T) == 4 ? "f32" : "f64"; }
+
+using Arr = Eigen::ArrayXd;
+template <class T> Arr as_double(const std::vector<T>& v, int64_t off = 0, int64_t n = -1) {
+  if (n < 0) n = int64_t(v.size()) - off;
+  Arr a(n);
+  for (int64_t i = 0; i < n; ++i) a[i] = double(v[off + i]);
+  return a;
+}
+
+// Each primitive on one chunk against its double-precision formula, lengths that hit every
+// vector and unroll tail.
+template <class T>
+void test_primitives(const std::string& isa) {
+  const nk::Kernels<T>& k = nk::kernels().get<T>();
+  for (int64_t n : {1, 3, 7, 15, 16, 17, 63, 64, 65, 257, 2047, 2048}) {
+    const std::string tag = isa + "/" + type_name<T>() + "/n=" + std::to_string(n);
+    auto x = random_vector<T>(n, 1e3, 1), dy = random_vector<T>(n, 0.5, 2), w = random_vector<T>(n, 1.0, 3);
+    const Arr xd = as_double(x), dyd = as_double(dy), wd = as_double(w);
+
+    double mean, m2;
+    k.moments(x.data(), n, &mean, &m2);
+    const double ref_mean = xd.mean(), ref_m2 = (xd - ref_mean).square().sum();
+    check(close(mean, ref_mean, tol<T>()), "moments mean " + tag);
+    check(close(m2, ref_m2, sizeof(T) == 4 ? 1e-5 : 1e-12), "moments m2 " + tag);
+
+    const T shift = T(ref_mean);
+    double A, B;
+    k.dot(x.data(), dy.data(), w.data(), n, shift, &A, &B);
+    check(close(A, (dyd * wd * (xd - double(shift))).sum(), 10 * tol<T>() * std::sqrt(double(n))), "dot A " + tag);
+    check(close(B, (dyd * wd).sum(), tol<T>() * std::sqrt(double(n))), "dot B " + tag);
+
+    std::vector<T> y(n), g(n, T(0)), b(n, T(0));
+    const T a = T(0.5), c = T(-0.25);
+    k.affine(x.data(), y.data(), n, shift, a, c, w.data(), dy.data());
+    const Arr yref = ((xd - double(shift)) * double(a) + double(c)) * wd + dyd;
+    check(((as_double(y) - yref).abs() <= tol<T>() * (1 + yref.abs())).all(), "affine " + tag);
+
+    k.col_accumulate(x.data(), dy.data(), n, shift, a, c, g.data(), b.data());
+    const Arr gref = dyd * ((xd - double(shift)) * double(a) + double(c));
+    check(((as_double(g) - gref).abs() <= tol<T>() * (1 + gref.abs())).all(), "col_accumulate g " + tag);
+    check(((as_double(b) - dyd).abs() == 0).all(), "col_accumulate b " + tag);
+
+    std::vector<T> dx(n);
+    k.backward_apply(x.data(), dy.data(), dx.data(), n, T(2), T(-0.5), shift, T(0.125), w.data());
+    const Arr dxref = 2.0 * dyd * wd - 0.5 * (xd - double(shift)) + 0.125;
+    check(((as_double(dx) - dxref).abs() <= tol<T>() * (1 + dxref.abs())).all(), "backward_apply " + tag);
+  }
+}
+
+// The entry points on a GroupNorm-shaped plan (which covers BatchNorm's and InstanceNorm's
+// groupings too) against a direct double computation, and bitwise equality across threads.
+template <class T>
+void test_entry_points(const std::string& isa) {
+  const int64_t N = 3, C = 6, S = 2049, G = 2, cpg = C / G;
+  const nk::Plan plan = nk::plan_per_sample_group(N, C, S, G);
+  auto x = random_vector<T>(N * C * S, 1e4, 4), dy = random_vector<T>(N * C * S, 0, 5);
+  std::vector<T> w(C), b(C);
+  for (int64_t c = 0; c < C; ++c) { w[c] = T(0.5 + 0.25 * c); b[c] = T(0.1 * c); }
+  const std::string tag = isa + "/" + type_name<T>();
+
+  std::vector<double> mean(N * G), var(N * G), rstd(N * G);
+  nk::group_moments<T>(plan, x.data(), mean.data(), var.data());
+  for (int64_t g = 0; g < N * G; ++g) {
+    const Arr xs = as_double(x, g * cpg * S, cpg * S);
+    check(close(mean[g], xs.mean(), 1e-12), "group mean " + tag);
+    { const double rv = (xs - xs.mean()).square().mean(); check(close(var[g], rv, sizeof(T) == 4 ? 1e-5 : 1e-12), "group var " + tag + " got " + std::to_string(var[g]) + " want " + std::to_string(rv)); }
+    rstd[g] = 1.0 / std::sqrt(var[g] + 1e-5);
+  }
+
+  std::vector<T> y(x.size()), dx(x.size()), dw(C), db(C);
+  nk::normalize<T>(plan, x.data(), mean.data(), rstd.data(), w.data(), b.data(), y.data());
+  nk::normalize_backward<T>(plan, x.data(), dy.data(), mean.data(), rstd.data(), w.data(), true,
+                            dx.data(), dw.data(), db.data());
+  Arr dw_ref = Arr::Zero(C), db_ref = Arr::Zero(C);
+  double worst_y = 0, worst_dx = 0;
+  for (int64_t g = 0; g < N * G; ++g) {
+    const int64_t off = g * cpg * S, M = cpg * S;
+    const Arr xhat = (as_double(x, off, M) - mean[g]) * rstd[g];
+    const Arr dyd = as_double(dy, off, M);
+    Arr wcol(M), bcol(M);
+    for (int64_t i = 0; i < M; ++i) {
+      const int64_t c = (g % G) * cpg + i / S;
+      wcol[i] = w[c]; bcol[i] = b[c];
+      dw_ref[c] += dyd[i] * xhat[i];
+      db_ref[c] += dyd[i];
+    }
+    const Arr gy = dyd * wcol;
+    const Arr dx_ref = rstd[g] * (gy - gy.mean() - xhat * (gy * xhat).mean());
+    worst_y = std::max(worst_y, (as_double(y, off, M) - (xhat * wcol + bcol)).abs().maxCoeff());
+    worst_dx = std::max(worst_dx, (as_double(dx, off, M) - dx_ref).abs().maxCoeff() / (1 + dx_ref.abs().maxCoeff()));
+  }
+  // float32 at a mean of 1e4: the bound is 1e-4 on normalized outputs.
+  check(worst_y < (sizeof(T) == 4 ? 1e-4 : 1e-10), "normalize vs reference " + tag + " err=" + std::to_string(worst_y));
+  check(worst_dx < (sizeof(T) == 4 ? 1e-4 : 1e-10), "backward dx vs reference " + tag + " err=" + std::to_string(worst_dx));
+  for (int64_t c = 0; c < C; ++c) {
+    check(close(dw[c], dw_ref[c], sizeof(T) == 4 ? 1e-4 : 1e-9), "dweight " + tag);
+    check(close(db[c], db_ref[c], sizeof(T) == 4 ? 1e-4 : 1e-9), "dbias " + tag);
+  }
+
+  // Same bits with one thread.
+  const int threads = nk::get_num_threads();
+  nk::set_num_threads(1);
+  std::vector<T> y1(x.size()), dx1(x.size());
+  nk::normalize<T>(plan, x.data(), mean.data(), rstd.data(), w.data(), b.data(), y1.data());
+  nk::normalize_backward<T>(plan, x.data(), dy.data(), mean.data(), rstd.data(), w.data(), true,
+                            dx1.data(), nullptr, nullptr);
+  std::vector<double> mean1(N * G), var1(N * G);
+  nk::group_moments<T>(plan, x.data(), mean1.data(), var1.data());
+  nk::set_num_threads(threads < 2 ? 2 : threads);
+  check(y1 == y && dx1 == dx && mean1 == mean && var1 == var, "bitwise equal across thread counts " + tag);
+  nk::set_num_threads(threads);
+}
+
+}  // namespace
+
+int main() {
+  for (const std::string& isa : nk::supported_isas()) {
+    nk::set_isa(isa);
+    test_primitives<float>(isa);
+    test_primitives<double>(isa);
+    test_entry_points<float>(isa);
+    test_entry_points<double>(isa);
+  }
+  std::printf("%d passed, %d failed\n", g_passed, g_failed);
+  return g_failed == 0 ? 0 : 1;
+}
