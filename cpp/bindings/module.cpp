@@ -51,15 +51,16 @@ py::tuple moments_impl(const nk::Plan& plan, const py::array& x) {
 template <class T>
 void normalize_impl(const nk::Plan& plan, const py::array& x, const py::object& mean,
                     const py::object& rstd, const py::object& weight, const py::object& bias,
-                    const py::object& y) {
+                    const py::object& y, const py::object& residual, bool relu) {
   const int64_t n = plan.planes() * plan.S, G = plan.num_groups(), A = plan.affine_size();
   const T* px = data_of<T>(x, n, "x", false);
   const double *pm = stats_of(mean, G, "mean"), *pr = stats_of(rstd, G, "rstd");
   const T *pw = data_of<T>(weight, A, "weight", false), *pb = data_of<T>(bias, A, "bias", false);
   T* py_ = data_of<T>(y, n, "out", true);
+  const T* pres = data_of<T>(residual, n, "residual", false);
   if (!pm || !pr || !py_) throw py::value_error("mean, rstd and out are required");
   py::gil_scoped_release nogil;
-  nk::normalize<T>(plan, px, pm, pr, pw, pb, py_);
+  nk::normalize<T>(plan, px, pm, pr, pw, pb, py_, pres, relu);
 }
 
 template <class T>
@@ -107,11 +108,11 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("normalize", [](const nk::Plan& plan, const py::array& x, const py::object& mean,
                         const py::object& rstd, const py::object& weight, const py::object& bias,
-                        const py::object& out) {
-    if (is_f64(x)) normalize_impl<double>(plan, x, mean, rstd, weight, bias, out);
-    else normalize_impl<float>(plan, x, mean, rstd, weight, bias, out);
+                        const py::object& out, const py::object& residual, bool relu) {
+    if (is_f64(x)) normalize_impl<double>(plan, x, mean, rstd, weight, bias, out, residual, relu);
+    else normalize_impl<float>(plan, x, mean, rstd, weight, bias, out, residual, relu);
   }, py::arg("plan"), py::arg("x"), py::arg("mean"), py::arg("rstd"), py::arg("weight"),
-     py::arg("bias"), py::arg("out"));
+     py::arg("bias"), py::arg("out"), py::arg("residual") = py::none(), py::arg("relu") = false);
 
   m.def("normalize_backward", [](const nk::Plan& plan, const py::array& x, const py::object& dy,
                                  const py::object& mean, const py::object& rstd,

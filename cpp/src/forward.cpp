@@ -44,7 +44,7 @@ void group_moments(const Plan& plan, const T* x, double* mean, double* var) {
 
 template <class T>
 void normalize(const Plan& plan, const T* x, const double* mean, const double* rstd,
-               const T* weight, const T* bias, T* y) {
+               const T* weight, const T* bias, T* y, const T* residual, bool relu) {
   check_plan(plan);
   const Kernels<T>& k = kernels().get<T>();
   const Chunks ch(plan);
@@ -53,15 +53,16 @@ void normalize(const Plan& plan, const T* x, const double* mean, const double* r
   parallel_for(ch.count, kChunk, [&](int64_t it) {
     const int64_t p = ch.plane(it), off = ch.offset(it), s = ch.start(it);
     k.affine(x + s, y + s, ch.length(it), f.shift[p], f.a[p], f.b[p],
-             col && weight ? weight + off : nullptr, col && bias ? bias + off : nullptr);
+             col && weight ? weight + off : nullptr, col && bias ? bias + off : nullptr,
+             residual ? residual + s : nullptr, relu);
   });
 }
 
 template void group_moments<float>(const Plan&, const float*, double*, double*);
 template void group_moments<double>(const Plan&, const double*, double*, double*);
 template void normalize<float>(const Plan&, const float*, const double*, const double*,
-                               const float*, const float*, float*);
+                               const float*, const float*, float*, const float*, bool);
 template void normalize<double>(const Plan&, const double*, const double*, const double*,
-                                const double*, const double*, double*);
+                                const double*, const double*, double*, const double*, bool);
 
 }  // namespace nk

@@ -72,9 +72,16 @@ void test_primitives(const std::string& isa) {
 
     std::vector<T> y(n), g(n, T(0)), b(n, T(0));
     const T a = T(0.5), c = T(-0.25);
-    k.affine(x.data(), y.data(), n, shift, a, c, w.data(), dy.data());
+    k.affine(x.data(), y.data(), n, shift, a, c, w.data(), dy.data(), nullptr, false);
     const Arr yref = ((xd - double(shift)) * double(a) + double(c)) * wd + dyd;
     check(((as_double(y) - yref).abs() <= tol<T>() * (1 + yref.abs())).all(), "affine " + tag);
+
+    // Inference epilogue: + residual, then ReLU (residual = -w makes about half the outputs negative).
+    std::vector<T> neg_w(n);
+    for (int64_t i = 0; i < n; ++i) neg_w[i] = -w[i];
+    k.affine(x.data(), y.data(), n, shift, a, c, nullptr, nullptr, neg_w.data(), true);
+    const Arr rref = ((xd - double(shift)) * double(a) + double(c) - wd).max(0.0);
+    check(((as_double(y) - rref).abs() <= tol<T>() * (1 + rref.abs())).all(), "affine+residual+relu " + tag);
 
     k.col_accumulate(x.data(), dy.data(), n, shift, a, c, g.data(), b.data());
     const Arr gref = dyd * ((xd - double(shift)) * double(a) + double(c));

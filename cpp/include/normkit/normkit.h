@@ -18,10 +18,12 @@ template <class T>
 void group_moments(const Plan& plan, const T* x, double* mean, double* var);
 
 // y = (x - mean[g]) * rstd[g] * weight + bias, weight/bias per channel or per column
-// (plan.column_affine); either may be null (1 and 0). y may alias x.
+// (plan.column_affine); either may be null (1 and 0). Inference epilogue: y += residual
+// (same shape as x, may be null), then y = max(y, 0) when relu. y may alias x or residual.
 template <class T>
 void normalize(const Plan& plan, const T* x, const double* mean, const double* rstd,
-               const T* weight, const T* bias, T* y);
+               const T* weight, const T* bias, T* y, const T* residual = nullptr,
+               bool relu = false);
 
 // Gradients of normalize. batch_stats: mean/rstd were computed from this x (training), so the
 // gradient flows through them; otherwise they are constants (eval). dweight/dbias may be null;

@@ -5,32 +5,47 @@
 namespace nk {
 namespace NK_ISA_NS {
 
-template <class T, bool HasG, bool HasH>
-static void affine_impl(const T* x, T* y, int64_t n, T shift, T a, T b, const T* g, const T* h) {
+template <class T, bool HasG, bool HasH, bool HasRes, bool Relu>
+static void affine_impl(const T* x, T* y, int64_t n, T shift, T a, T b, const T* g, const T* h,
+                        const T* res) {
   constexpr int64_t L = lanes<T>;
-  // Scalar math: y = ((x - shift)*a + b) * g + h
-  const vec<T> vs = splat(shift), va = splat(a), vb = splat(b);
+  // Scalar math: y = ((x - shift)*a + b) * g + h + res; y = max(y, 0)
+  const vec<T> vs = splat(shift), va = splat(a), vb = splat(b), zero{};
   int64_t i = 0;
   for (; i + L <= n; i += L) {
     vec<T> v = (load(x + i) - vs) * va + vb;
     if (HasG) v *= load(g + i);
     if (HasH) v += load(h + i);
+    if (HasRes) v += load(res + i);
+    if (Relu) v = v < zero ? zero : v;  // NaN compares false and stays NaN, as torch.relu
     store(y + i, v);
   }
   for (; i < n; ++i) {
     T v = (x[i] - shift) * a + b;
     if (HasG) v *= g[i];
     if (HasH) v += h[i];
+    if (HasRes) v += res[i];
+    if (Relu) v = v < T(0) ? T(0) : v;
     y[i] = v;
   }
 }
 
+template <class T, bool HasG, bool HasH>
+static void affine_epilogue(const T* x, T* y, int64_t n, T shift, T a, T b, const T* g, const T* h,
+                            const T* res, bool relu) {
+  if (res && relu) affine_impl<T, HasG, HasH, true, true>(x, y, n, shift, a, b, g, h, res);
+  else if (res) affine_impl<T, HasG, HasH, true, false>(x, y, n, shift, a, b, g, h, res);
+  else if (relu) affine_impl<T, HasG, HasH, false, true>(x, y, n, shift, a, b, g, h, res);
+  else affine_impl<T, HasG, HasH, false, false>(x, y, n, shift, a, b, g, h, res);
+}
+
 template <class T>
-void affine(const T* x, T* y, int64_t n, T shift, T a, T b, const T* g, const T* h) {
-  if (g && h) affine_impl<T, true, true>(x, y, n, shift, a, b, g, h);
-  else if (g) affine_impl<T, true, false>(x, y, n, shift, a, b, g, h);
-  else if (h) affine_impl<T, false, true>(x, y, n, shift, a, b, g, h);
-  else affine_impl<T, false, false>(x, y, n, shift, a, b, g, h);
+void affine(const T* x, T* y, int64_t n, T shift, T a, T b, const T* g, const T* h,
+            const T* res, bool relu) {
+  if (g && h) affine_epilogue<T, true, true>(x, y, n, shift, a, b, g, h, res, relu);
+  else if (g) affine_epilogue<T, true, false>(x, y, n, shift, a, b, g, h, res, relu);
+  else if (h) affine_epilogue<T, false, true>(x, y, n, shift, a, b, g, h, res, relu);
+  else affine_epilogue<T, false, false>(x, y, n, shift, a, b, g, h, res, relu);
 }
 
 template <class T, bool Weighted>
@@ -59,7 +74,7 @@ void backward_apply(const T* x, const T* dy, T* dx, int64_t n, T c1, T c2, T shi
 }
 
 #define NK_INSTANTIATE(T)                                                                   \
-  template void affine<T>(const T*, T*, int64_t, T, T, T, const T*, const T*);              \
+  template void affine<T>(const T*, T*, int64_t, T, T, T, const T*, const T*, const T*, bool); \
   template void backward_apply<T>(const T*, const T*, T*, int64_t, T, T, T, T, const T*);
 NK_INSTANTIATE(float)
 NK_INSTANTIATE(double)

@@ -18,8 +18,10 @@ struct Kernels {
   void (*dot)(const T* x, const T* dy, const T* w, int64_t n, T shift, double* A, double* B);
   // gsum[i] += dy*((x - shift)*a + b), bsum[i] += dy: column sums for a per-column affine.
   void (*col_accumulate)(const T* x, const T* dy, int64_t n, T shift, T a, T b, T* gsum, T* bsum);
-  // y = ((x - shift)*a + b) * g + h, g and h per element (null: 1 and 0).
-  void (*affine)(const T* x, T* y, int64_t n, T shift, T a, T b, const T* g, const T* h);
+  // y = ((x - shift)*a + b) * g + h [+ residual] [then max(y, 0)], g, h and residual per
+  // element (null: 1, 0 and 0). The epilogue fuses an inference block's add and ReLU.
+  void (*affine)(const T* x, T* y, int64_t n, T shift, T a, T b, const T* g, const T* h,
+                 const T* residual, bool relu);
   // dx = c1*dy*w + c2*(x - shift) + c3, w per element (null: 1).
   void (*backward_apply)(const T* x, const T* dy, T* dx, int64_t n, T c1, T c2, T shift, T c3,
                          const T* w);
