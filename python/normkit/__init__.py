@@ -1,5 +1,6 @@
 """normkit: fast CPU normalization layers, forward and backward, on NumPy arrays."""
 from . import _core, functional
+from .fold import fold_batchnorm
 from .layers import (BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d,
                      InstanceNorm2d, InstanceNorm3d, LayerNorm, NormLayer, RMSNorm)
 
@@ -25,4 +26,4 @@ def cpu_info():
 
 __all__ = ["functional", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceNorm1d",
            "InstanceNorm2d", "InstanceNorm3d", "GroupNorm", "LayerNorm", "RMSNorm", "NormLayer",
-           "set_num_threads", "get_num_threads", "cpu_info", "__version__"]
+           "set_num_threads", "get_num_threads", "cpu_info", "fold_batchnorm", "__version__"]
