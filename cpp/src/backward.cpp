@@ -22,14 +22,15 @@ namespace nk {
 // Rows per block of a column-affine gradient: each block sums its rows into its own partial.
 constexpr int64_t kRowBlock = 16;
 
-template <class T>
-void normalize_backward(const Plan& plan, const T* x, const T* dy, const double* mean,
-                        const double* rstd, const T* weight, bool batch_stats, T* dx,
-                        T* dweight, T* dbias) {
+template <class S>
+void normalize_backward(const Plan& plan, const S* x, const S* dy, const double* mean,
+                        const double* rstd, const compute_t<S>* weight, bool batch_stats, S* dx,
+                        compute_t<S>* dweight, compute_t<S>* dbias) {
+  using T = compute_t<S>;  // shifts, coefficients, weights and their gradients
   check_plan(plan);
-  const Kernels<T>& k = kernels().get<T>();
+  const Kernels<S>& k = kernels().get<S>();
   const Chunks ch(plan);
-  const int64_t P = plan.planes(), S = plan.S, C = plan.C;
+  const int64_t P = plan.planes(), Sp = plan.S, C = plan.C;
   const bool col = plan.column_affine;
   const T* wcol = col ? weight : nullptr;
   const PlaneAffine<T> xhat(plan, mean, rstd, nullptr, nullptr);  // xhat = (x - shift)*a + b
@@ -38,22 +39,22 @@ void normalize_backward(const Plan& plan, const T* x, const T* dy, const double*
   std::vector<double> A(ch.count), B(ch.count);
   if (col && (dweight || dbias)) {
     const int64_t blocks = (P + kRowBlock - 1) / kRowBlock;
-    std::vector<T> gpart(blocks * S, T(0)), bpart(blocks * S, T(0));
+    std::vector<T> gpart(blocks * Sp, T(0)), bpart(blocks * Sp, T(0));
     parallel_for(blocks * ch.per_plane, kRowBlock * kChunk, [&](int64_t item) {
       const int64_t blk = item / ch.per_plane, off = (item % ch.per_plane) * kChunk;
-      const int64_t len = std::min(kChunk, S - off);
+      const int64_t len = std::min(kChunk, Sp - off);
       for (int64_t p = blk * kRowBlock; p < std::min(P, (blk + 1) * kRowBlock); ++p) {
-        const int64_t it = p * ch.per_plane + item % ch.per_plane, s = p * S + off;
+        const int64_t it = p * ch.per_plane + item % ch.per_plane, s = p * Sp + off;
         k.dot(x + s, dy + s, wcol ? wcol + off : nullptr, len, xhat.shift[p], &A[it], &B[it]);
         k.col_accumulate(x + s, dy + s, len, xhat.shift[p], xhat.a[p], xhat.b[p],
-                         gpart.data() + blk * S + off, bpart.data() + blk * S + off);
+                         gpart.data() + blk * Sp + off, bpart.data() + blk * Sp + off);
       }
     });
-    parallel_for(S, blocks, [&](int64_t s) {
+    parallel_for(Sp, blocks, [&](int64_t s) {
       double gs = 0, bs = 0;
       for (int64_t blk = 0; blk < blocks; ++blk) {
-        gs += double(gpart[blk * S + s]);
-        bs += double(bpart[blk * S + s]);
+        gs += double(gpart[blk * Sp + s]);
+        bs += double(bpart[blk * Sp + s]);
       }
       if (dweight) dweight[s] = T(gs);
       if (dbias) dbias[s] = T(bs);
@@ -120,10 +121,14 @@ void normalize_backward(const Plan& plan, const T* x, const T* dy, const double*
   });
 }
 
-template void normalize_backward<float>(const Plan&, const float*, const float*, const double*,
-                                        const double*, const float*, bool, float*, float*, float*);
-template void normalize_backward<double>(const Plan&, const double*, const double*, const double*,
-                                         const double*, const double*, bool, double*, double*,
-                                         double*);
+#define NK_INSTANTIATE(S)                                                                    \
+  template void normalize_backward<S>(const Plan&, const S*, const S*, const double*,        \
+                                      const double*, const compute_t<S>*, bool, S*,          \
+                                      compute_t<S>*, compute_t<S>*);
+NK_INSTANTIATE(float)
+NK_INSTANTIATE(double)
+NK_INSTANTIATE(f16)
+NK_INSTANTIATE(bf16)
+#undef NK_INSTANTIATE
 
 }  // namespace nk

@@ -11,10 +11,10 @@
 
 namespace nk {
 
-template <class T>
-void group_moments(const Plan& plan, const T* x, double* mean, double* var) {
+template <class S>
+void group_moments(const Plan& plan, const S* x, double* mean, double* var) {
   check_plan(plan);
-  const Kernels<T>& k = kernels().get<T>();
+  const Kernels<S>& k = kernels().get<S>();
   const Chunks ch(plan);
   std::vector<Moments> part(ch.count);
   parallel_for(ch.count, kChunk, [&](int64_t it) {
@@ -42,13 +42,14 @@ void group_moments(const Plan& plan, const T* x, double* mean, double* var) {
   });
 }
 
-template <class T>
-void normalize(const Plan& plan, const T* x, const double* mean, const double* rstd,
-               const T* weight, const T* bias, T* y, const T* residual, bool relu) {
+template <class S>
+void normalize(const Plan& plan, const S* x, const double* mean, const double* rstd,
+               const compute_t<S>* weight, const compute_t<S>* bias, S* y, const S* residual,
+               bool relu) {
   check_plan(plan);
-  const Kernels<T>& k = kernels().get<T>();
+  const Kernels<S>& k = kernels().get<S>();
   const Chunks ch(plan);
-  const PlaneAffine<T> f(plan, mean, rstd, weight, bias);
+  const PlaneAffine<compute_t<S>> f(plan, mean, rstd, weight, bias);
   const bool col = plan.column_affine;
   parallel_for(ch.count, kChunk, [&](int64_t it) {
     const int64_t p = ch.plane(it), off = ch.offset(it), s = ch.start(it);
@@ -58,11 +59,14 @@ void normalize(const Plan& plan, const T* x, const double* mean, const double* r
   });
 }
 
-template void group_moments<float>(const Plan&, const float*, double*, double*);
-template void group_moments<double>(const Plan&, const double*, double*, double*);
-template void normalize<float>(const Plan&, const float*, const double*, const double*,
-                               const float*, const float*, float*, const float*, bool);
-template void normalize<double>(const Plan&, const double*, const double*, const double*,
-                                const double*, const double*, double*, const double*, bool);
+#define NK_INSTANTIATE(S)                                                                        \
+  template void group_moments<S>(const Plan&, const S*, double*, double*);                       \
+  template void normalize<S>(const Plan&, const S*, const double*, const double*,                \
+                             const compute_t<S>*, const compute_t<S>*, S*, const S*, bool);
+NK_INSTANTIATE(float)
+NK_INSTANTIATE(double)
+NK_INSTANTIATE(f16)
+NK_INSTANTIATE(bf16)
+#undef NK_INSTANTIATE
 
 }  // namespace nk

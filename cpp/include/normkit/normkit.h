@@ -2,36 +2,39 @@
 //   group_moments       statistics per group (one read of x)
 //   normalize           y = (x - mean) * rstd * weight + bias (one read of x, one write of y)
 //   normalize_backward  dx, dweight, dbias (two reads of x and dy, one write of dx)
-// All arrays are contiguous in (N, C, S) order. T is float or double; statistics are double.
+// All arrays are contiguous in (N, C, S) order. S is the storage type of x, y, dy, dx: float,
+// double, f16 or bf16 (dtypes.h); weights, biases and their gradients are compute_t<S> (float
+// for the half types); statistics are double.
 // Results are bitwise identical for any thread count.
 #pragma once
 #include <cstdint>
 #include <string>
 #include <vector>
 
+#include "normkit/dtypes.h"
 #include "normkit/plan.h"
 
 namespace nk {
 
 // mean[g] and biased var[g] of every group; with skip_mean, mean is 0 and var is mean(x^2).
-template <class T>
-void group_moments(const Plan& plan, const T* x, double* mean, double* var);
+template <class S>
+void group_moments(const Plan& plan, const S* x, double* mean, double* var);
 
 // y = (x - mean[g]) * rstd[g] * weight + bias, weight/bias per channel or per column
 // (plan.column_affine); either may be null (1 and 0). Inference epilogue: y += residual
 // (same shape as x, may be null), then y = max(y, 0) when relu. y may alias x or residual.
-template <class T>
-void normalize(const Plan& plan, const T* x, const double* mean, const double* rstd,
-               const T* weight, const T* bias, T* y, const T* residual = nullptr,
-               bool relu = false);
+template <class S>
+void normalize(const Plan& plan, const S* x, const double* mean, const double* rstd,
+               const compute_t<S>* weight, const compute_t<S>* bias, S* y,
+               const S* residual = nullptr, bool relu = false);
 
 // Gradients of normalize. batch_stats: mean/rstd were computed from this x (training), so the
 // gradient flows through them; otherwise they are constants (eval). dweight/dbias may be null;
 // dx may be null when only the parameter gradients are wanted.
-template <class T>
-void normalize_backward(const Plan& plan, const T* x, const T* dy, const double* mean,
-                        const double* rstd, const T* weight, bool batch_stats, T* dx,
-                        T* dweight, T* dbias);
+template <class S>
+void normalize_backward(const Plan& plan, const S* x, const S* dy, const double* mean,
+                        const double* rstd, const compute_t<S>* weight, bool batch_stats, S* dx,
+                        compute_t<S>* dweight, compute_t<S>* dbias);
 
 void set_num_threads(int n);
 int get_num_threads();

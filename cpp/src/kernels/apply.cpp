@@ -1,83 +1,86 @@
 // Elementwise passes over one chunk: the forward affine and the backward apply.
 // Both subtract the group's shift first, so a large mean cancels exactly before any rounding.
+#include "convert.h"
 #include "primitives.h"
 
 namespace nk {
 namespace NK_ISA_NS {
 
-template <class T, bool HasG, bool HasH, bool HasRes, bool Relu>
-static void affine_impl(const T* x, T* y, int64_t n, T shift, T a, T b, const T* g, const T* h,
-                        const T* res) {
+template <class S, bool HasG, bool HasH, bool HasRes, bool Relu, class T = compute_t<S>>
+static void affine_impl(const S* x, S* y, int64_t n, T shift, T a, T b, const T* g, const T* h,
+                        const S* res) {
   constexpr int64_t L = lanes<T>;
   // Scalar math: y = ((x - shift)*a + b) * g + h + res; y = max(y, 0)
   const vec<T> vs = splat(shift), va = splat(a), vb = splat(b), zero{};
   int64_t i = 0;
   for (; i + L <= n; i += L) {
-    vec<T> v = (load(x + i) - vs) * va + vb;
+    vec<T> v = (load_as(x + i) - vs) * va + vb;
     if (HasG) v *= load(g + i);
     if (HasH) v += load(h + i);
-    if (HasRes) v += load(res + i);
+    if (HasRes) v += load_as(res + i);
     if (Relu) v = v < zero ? zero : v;  // NaN compares false and stays NaN, as torch.relu
-    store(y + i, v);
+    store_as(y + i, v);
   }
   for (; i < n; ++i) {
-    T v = (x[i] - shift) * a + b;
+    T v = (to_compute(x[i]) - shift) * a + b;
     if (HasG) v *= g[i];
     if (HasH) v += h[i];
-    if (HasRes) v += res[i];
+    if (HasRes) v += to_compute(res[i]);
     if (Relu) v = v < T(0) ? T(0) : v;
-    y[i] = v;
+    y[i] = from_compute<S>(v);
   }
 }
 
-template <class T, bool HasG, bool HasH>
-static void affine_epilogue(const T* x, T* y, int64_t n, T shift, T a, T b, const T* g, const T* h,
-                            const T* res, bool relu) {
-  if (res && relu) affine_impl<T, HasG, HasH, true, true>(x, y, n, shift, a, b, g, h, res);
-  else if (res) affine_impl<T, HasG, HasH, true, false>(x, y, n, shift, a, b, g, h, res);
-  else if (relu) affine_impl<T, HasG, HasH, false, true>(x, y, n, shift, a, b, g, h, res);
-  else affine_impl<T, HasG, HasH, false, false>(x, y, n, shift, a, b, g, h, res);
+template <class S, bool HasG, bool HasH, class T = compute_t<S>>
+static void affine_epilogue(const S* x, S* y, int64_t n, T shift, T a, T b, const T* g, const T* h,
+                            const S* res, bool relu) {
+  if (res && relu) affine_impl<S, HasG, HasH, true, true>(x, y, n, shift, a, b, g, h, res);
+  else if (res) affine_impl<S, HasG, HasH, true, false>(x, y, n, shift, a, b, g, h, res);
+  else if (relu) affine_impl<S, HasG, HasH, false, true>(x, y, n, shift, a, b, g, h, res);
+  else affine_impl<S, HasG, HasH, false, false>(x, y, n, shift, a, b, g, h, res);
 }
 
-template <class T>
-void affine(const T* x, T* y, int64_t n, T shift, T a, T b, const T* g, const T* h,
-            const T* res, bool relu) {
-  if (g && h) affine_epilogue<T, true, true>(x, y, n, shift, a, b, g, h, res, relu);
-  else if (g) affine_epilogue<T, true, false>(x, y, n, shift, a, b, g, h, res, relu);
-  else if (h) affine_epilogue<T, false, true>(x, y, n, shift, a, b, g, h, res, relu);
-  else affine_epilogue<T, false, false>(x, y, n, shift, a, b, g, h, res, relu);
+template <class S, class T>
+void affine(const S* x, S* y, int64_t n, T shift, T a, T b, const T* g, const T* h,
+            const S* res, bool relu) {
+  if (g && h) affine_epilogue<S, true, true>(x, y, n, shift, a, b, g, h, res, relu);
+  else if (g) affine_epilogue<S, true, false>(x, y, n, shift, a, b, g, h, res, relu);
+  else if (h) affine_epilogue<S, false, true>(x, y, n, shift, a, b, g, h, res, relu);
+  else affine_epilogue<S, false, false>(x, y, n, shift, a, b, g, h, res, relu);
 }
 
-template <class T, bool Weighted>
-static void backward_apply_impl(const T* x, const T* dy, T* dx, int64_t n, T c1, T c2, T shift,
+template <class S, bool Weighted, class T = compute_t<S>>
+static void backward_apply_impl(const S* x, const S* dy, S* dx, int64_t n, T c1, T c2, T shift,
                                 T c3, const T* w) {
   constexpr int64_t L = lanes<T>;
   // Scalar math: dx = c1*dy*w + c2*(x - shift) + c3
   const vec<T> v1 = splat(c1), v2 = splat(c2), v3 = splat(c3), vs = splat(shift);
   int64_t i = 0;
   for (; i + L <= n; i += L) {
-    vec<T> g = load(dy + i);
+    vec<T> g = load_as(dy + i);
     if (Weighted) g *= load(w + i);
-    store(dx + i, v1 * g + (v2 * (load(x + i) - vs) + v3));
+    store_as(dx + i, v1 * g + (v2 * (load_as(x + i) - vs) + v3));
   }
   for (; i < n; ++i) {
-    T g = Weighted ? dy[i] * w[i] : dy[i];
-    dx[i] = c1 * g + (c2 * (x[i] - shift) + c3);
+    T g = Weighted ? to_compute(dy[i]) * w[i] : to_compute(dy[i]);
+    dx[i] = from_compute<S>(c1 * g + (c2 * (to_compute(x[i]) - shift) + c3));
   }
 }
 
-template <class T>
-void backward_apply(const T* x, const T* dy, T* dx, int64_t n, T c1, T c2, T shift, T c3,
+template <class S, class T>
+void backward_apply(const S* x, const S* dy, S* dx, int64_t n, T c1, T c2, T shift, T c3,
                     const T* w) {
-  if (w) backward_apply_impl<T, true>(x, dy, dx, n, c1, c2, shift, c3, w);
-  else backward_apply_impl<T, false>(x, dy, dx, n, c1, c2, shift, c3, w);
+  if (w) backward_apply_impl<S, true>(x, dy, dx, n, c1, c2, shift, c3, w);
+  else backward_apply_impl<S, false>(x, dy, dx, n, c1, c2, shift, c3, w);
 }
 
-#define NK_INSTANTIATE(T)                                                                   \
-  template void affine<T>(const T*, T*, int64_t, T, T, T, const T*, const T*, const T*, bool); \
-  template void backward_apply<T>(const T*, const T*, T*, int64_t, T, T, T, T, const T*);
-NK_INSTANTIATE(float)
-NK_INSTANTIATE(double)
+#define NK_INSTANTIATE(S, T)                                                                    \
+  template void affine<S, T>(const S*, S*, int64_t, T, T, T, const T*, const T*, const S*, bool); \
+  template void backward_apply<S, T>(const S*, const S*, S*, int64_t, T, T, T, T, const T*);
+NK_INSTANTIATE(float, float)
+NK_INSTANTIATE(double, double)
+NK_INSTANTIATE(f16, float)
+NK_INSTANTIATE(bf16, float)
 #undef NK_INSTANTIATE
 
 }  // namespace NK_ISA_NS

@@ -2,23 +2,25 @@
 // Accumulate in T with four independent vector accumulators, combine in a fixed order, finish
 // in double. Stability comes from shifting: x - shift is exact when x is near the shift, so a
 // large mean (x = 1e4 + noise) costs no precision in the deviations.
+#include "convert.h"
 #include "primitives.h"
 
 namespace nk {
 namespace NK_ISA_NS {
 
-template <class T>
-void moments(const T* x, int64_t n, double* mean_out, double* m2_out) {
+template <class S>
+void moments(const S* x, int64_t n, double* mean_out, double* m2_out) {
+  using T = compute_t<S>;
   constexpr int64_t L = lanes<T>;
   // Pass 1, scalar math: s = sum x  (a rough mean, used only as the shift of pass 2)
   vec<T> s0{}, s1{}, s2{}, s3{};
   int64_t i = 0;
   for (; i + 4 * L <= n; i += 4 * L) {
-    s0 += load(x + i); s1 += load(x + i + L); s2 += load(x + i + 2 * L); s3 += load(x + i + 3 * L);
+    s0 += load_as(x + i); s1 += load_as(x + i + L); s2 += load_as(x + i + 2 * L); s3 += load_as(x + i + 3 * L);
   }
-  for (; i + L <= n; i += L) s0 += load(x + i);
+  for (; i + L <= n; i += L) s0 += load_as(x + i);
   double s = hsum<T>((s0 + s1) + (s2 + s3));
-  for (; i < n; ++i) s += x[i];
+  for (; i < n; ++i) s += to_compute(x[i]);
   const T shift = T(s / double(n));
 
   // Pass 2, scalar math: d = x - shift; sd = sum d; sdd = sum d*d
@@ -26,18 +28,18 @@ void moments(const T* x, int64_t n, double* mean_out, double* m2_out) {
   vec<T> d0{}, d1{}, d2{}, d3{}, q0{}, q1{}, q2{}, q3{};
   i = 0;
   for (; i + 4 * L <= n; i += 4 * L) {
-    vec<T> a = load(x + i) - vs, b = load(x + i + L) - vs;
-    vec<T> c = load(x + i + 2 * L) - vs, e = load(x + i + 3 * L) - vs;
+    vec<T> a = load_as(x + i) - vs, b = load_as(x + i + L) - vs;
+    vec<T> c = load_as(x + i + 2 * L) - vs, e = load_as(x + i + 3 * L) - vs;
     d0 += a; d1 += b; d2 += c; d3 += e;
     q0 += a * a; q1 += b * b; q2 += c * c; q3 += e * e;
   }
   for (; i + L <= n; i += L) {
-    vec<T> a = load(x + i) - vs;
+    vec<T> a = load_as(x + i) - vs;
     d0 += a; q0 += a * a;
   }
   double sd = hsum<T>((d0 + d1) + (d2 + d3)), sdd = hsum<T>((q0 + q1) + (q2 + q3));
   for (; i < n; ++i) {
-    double d = double(x[i] - shift);
+    double d = double(to_compute(x[i]) - shift);
     sd += d; sdd += d * d;
   }
   // Corrected two-pass: the rough shift's error leaves sd != 0; remove its share of sdd.
@@ -46,61 +48,65 @@ void moments(const T* x, int64_t n, double* mean_out, double* m2_out) {
   *m2_out = m2 > 0 ? m2 : 0;
 }
 
-template <class T, bool Weighted>
-static void dot_impl(const T* x, const T* dy, const T* w, int64_t n, T shift, double* A, double* B) {
+template <class S, bool Weighted, class T = compute_t<S>>
+static void dot_impl(const S* x, const S* dy, const T* w, int64_t n, T shift, double* A, double* B) {
   constexpr int64_t L = lanes<T>;
   // Scalar math: g = dy*w; A = sum g*(x - shift); B = sum g
   const vec<T> vs = splat(shift);
   vec<T> a0{}, a1{}, b0{}, b1{};
   int64_t i = 0;
   for (; i + 2 * L <= n; i += 2 * L) {
-    vec<T> g0 = load(dy + i), g1 = load(dy + i + L);
+    vec<T> g0 = load_as(dy + i), g1 = load_as(dy + i + L);
     if (Weighted) { g0 *= load(w + i); g1 *= load(w + i + L); }
-    a0 += g0 * (load(x + i) - vs); a1 += g1 * (load(x + i + L) - vs);
+    a0 += g0 * (load_as(x + i) - vs); a1 += g1 * (load_as(x + i + L) - vs);
     b0 += g0; b1 += g1;
   }
   for (; i + L <= n; i += L) {
-    vec<T> g0 = load(dy + i);
+    vec<T> g0 = load_as(dy + i);
     if (Weighted) g0 *= load(w + i);
-    a0 += g0 * (load(x + i) - vs); b0 += g0;
+    a0 += g0 * (load_as(x + i) - vs); b0 += g0;
   }
   double sa = hsum<T>(a0 + a1), sb = hsum<T>(b0 + b1);
   for (; i < n; ++i) {
-    T g = Weighted ? dy[i] * w[i] : dy[i];
-    sa += double(g * (x[i] - shift)); sb += double(g);
+    T g = Weighted ? to_compute(dy[i]) * w[i] : to_compute(dy[i]);
+    sa += double(g * (to_compute(x[i]) - shift)); sb += double(g);
   }
   *A = sa; *B = sb;
 }
 
-template <class T>
-void dot(const T* x, const T* dy, const T* w, int64_t n, T shift, double* A, double* B) {
-  if (w) dot_impl<T, true>(x, dy, w, n, shift, A, B);
-  else dot_impl<T, false>(x, dy, w, n, shift, A, B);
+template <class S>
+void dot(const S* x, const S* dy, const compute_t<S>* w, int64_t n, compute_t<S> shift, double* A,
+         double* B) {
+  if (w) dot_impl<S, true>(x, dy, w, n, shift, A, B);
+  else dot_impl<S, false>(x, dy, w, n, shift, A, B);
 }
 
-template <class T>
-void col_accumulate(const T* x, const T* dy, int64_t n, T shift, T a, T b, T* gsum, T* bsum) {
+template <class S, class T>
+void col_accumulate(const S* x, const S* dy, int64_t n, T shift, T a, T b, T* gsum, T* bsum) {
   constexpr int64_t L = lanes<T>;
   // Scalar math: xhat = (x - shift)*a + b; gsum += dy*xhat; bsum += dy
   const vec<T> vs = splat(shift), va = splat(a), vb = splat(b);
   int64_t i = 0;
   for (; i + L <= n; i += L) {
-    vec<T> g = load(dy + i);
-    store(gsum + i, load(gsum + i) + g * ((load(x + i) - vs) * va + vb));
+    vec<T> g = load_as(dy + i);
+    store(gsum + i, load(gsum + i) + g * ((load_as(x + i) - vs) * va + vb));
     store(bsum + i, load(bsum + i) + g);
   }
   for (; i < n; ++i) {
-    gsum[i] += dy[i] * ((x[i] - shift) * a + b);
-    bsum[i] += dy[i];
+    const T g = to_compute(dy[i]);
+    gsum[i] += g * ((to_compute(x[i]) - shift) * a + b);
+    bsum[i] += g;
   }
 }
 
-#define NK_INSTANTIATE(T)                                                                     \
-  template void moments<T>(const T*, int64_t, double*, double*);                              \
-  template void dot<T>(const T*, const T*, const T*, int64_t, T, double*, double*);           \
-  template void col_accumulate<T>(const T*, const T*, int64_t, T, T, T, T*, T*);
-NK_INSTANTIATE(float)
-NK_INSTANTIATE(double)
+#define NK_INSTANTIATE(S, T)                                                         \
+  template void moments<S>(const S*, int64_t, double*, double*);                     \
+  template void dot<S>(const S*, const S*, const T*, int64_t, T, double*, double*);  \
+  template void col_accumulate<S, T>(const S*, const S*, int64_t, T, T, T, T*, T*);
+NK_INSTANTIATE(float, float)
+NK_INSTANTIATE(double, double)
+NK_INSTANTIATE(f16, float)
+NK_INSTANTIATE(bf16, float)
 #undef NK_INSTANTIATE
 
 }  // namespace NK_ISA_NS

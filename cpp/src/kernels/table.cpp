@@ -4,13 +4,13 @@
 namespace nk {
 namespace NK_ISA_NS {
 
-template <class T>
-static Kernels<T> kernels_of() {
-  return Kernels<T>{&moments<T>, &dot<T>, &col_accumulate<T>, &affine<T>, &backward_apply<T>};
+template <class S, class T = compute_t<S>>
+static Kernels<S> kernels_of() {
+  return Kernels<S>{&moments<S>, &dot<S>, &col_accumulate<S, T>, &affine<S, T>, &backward_apply<S, T>};
 }
 
 KernelTable make_table() {
-  return KernelTable{NK_ISA_NAME, kernels_of<float>(), kernels_of<double>()};
+  return KernelTable{NK_ISA_NAME, kernels_of<float>(), kernels_of<double>(), kernels_of<f16>(), kernels_of<bf16>()};
 }
 
 }  // namespace NK_ISA_NS

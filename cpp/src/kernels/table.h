@@ -4,26 +4,29 @@
 #pragma once
 #include <cstdint>
 
+#include "normkit/dtypes.h"
+
 namespace nk {
 
 // Chunk length of every pass: fixed, so results never depend on the thread count, and small
 // enough that a chunk's second moments pass reads it from L1.
 constexpr int64_t kChunk = 2048;
 
-template <class T>
+// S: storage type of x, dy, y, dx; T: compute type of scalars, weights and column sums.
+template <class S, class T = compute_t<S>>
 struct Kernels {
   // mean and sum of squared deviations of x[0, n), two passes over the chunk.
-  void (*moments)(const T* x, int64_t n, double* mean, double* m2);
+  void (*moments)(const S* x, int64_t n, double* mean, double* m2);
   // A = sum dy*w*(x - shift), B = sum dy*w, with w[i] = 1 when w is null.
-  void (*dot)(const T* x, const T* dy, const T* w, int64_t n, T shift, double* A, double* B);
+  void (*dot)(const S* x, const S* dy, const T* w, int64_t n, T shift, double* A, double* B);
   // gsum[i] += dy*((x - shift)*a + b), bsum[i] += dy: column sums for a per-column affine.
-  void (*col_accumulate)(const T* x, const T* dy, int64_t n, T shift, T a, T b, T* gsum, T* bsum);
+  void (*col_accumulate)(const S* x, const S* dy, int64_t n, T shift, T a, T b, T* gsum, T* bsum);
   // y = ((x - shift)*a + b) * g + h [+ residual] [then max(y, 0)], g, h and residual per
   // element (null: 1, 0 and 0). The epilogue fuses an inference block's add and ReLU.
-  void (*affine)(const T* x, T* y, int64_t n, T shift, T a, T b, const T* g, const T* h,
-                 const T* residual, bool relu);
+  void (*affine)(const S* x, S* y, int64_t n, T shift, T a, T b, const T* g, const T* h,
+                 const S* residual, bool relu);
   // dx = c1*dy*w + c2*(x - shift) + c3, w per element (null: 1).
-  void (*backward_apply)(const T* x, const T* dy, T* dx, int64_t n, T c1, T c2, T shift, T c3,
+  void (*backward_apply)(const S* x, const S* dy, S* dx, int64_t n, T c1, T c2, T shift, T c3,
                          const T* w);
 };
 
@@ -31,10 +34,14 @@ struct KernelTable {
   const char* isa;
   Kernels<float> f32;
   Kernels<double> f64;
-  template <class T> const Kernels<T>& get() const;
+  Kernels<f16> f16s;
+  Kernels<bf16> bf16s;
+  template <class S> const Kernels<S>& get() const;
 };
 template <> inline const Kernels<float>& KernelTable::get<float>() const { return f32; }
 template <> inline const Kernels<double>& KernelTable::get<double>() const { return f64; }
+template <> inline const Kernels<f16>& KernelTable::get<f16>() const { return f16s; }
+template <> inline const Kernels<bf16>& KernelTable::get<bf16>() const { return bf16s; }
 
 namespace baseline { KernelTable make_table(); }
 namespace avx2 { KernelTable make_table(); }
