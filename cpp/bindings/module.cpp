@@ -1,6 +1,7 @@
 // The Python binding: arrays in, kernel call with the GIL released, nothing else. Argument
 // checking with friendly messages happens in python/normkit/_checks.py; the checks here only
-// guarantee that a wrong call can never read or write out of bounds.
+// guarantee that a wrong call can never read or write out of bounds. float16 and bfloat16 arrays
+// (ml_dtypes) come with float32 weights, biases and parameter gradients.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -13,12 +14,35 @@ namespace py = pybind11;
 
 namespace {
 
+template <class S> const char* dtype_name();
+template <> const char* dtype_name<float>() { return "float32"; }
+template <> const char* dtype_name<double>() { return "float64"; }
+template <> const char* dtype_name<nk::f16>() { return "float16"; }
+template <> const char* dtype_name<nk::bf16>() { return "bfloat16"; }
+
+std::string dtype_of(const py::array& a) { return py::str(a.dtype().attr("name")); }
+
+// Calls f(S{}) for the storage type of x.
+template <class F>
+void dispatch(const py::array& x, F&& f) {
+  const std::string d = dtype_of(x);
+  if (d == "float32") f(float{});
+  else if (d == "float64") f(double{});
+  else if (d == "float16") f(nk::f16{});
+  else if (d == "bfloat16") f(nk::bf16{});
+  else throw py::type_error("x: expected float32, float64, float16 or bfloat16, got " + d);
+}
+
+// The data of an optional array argument, checked to be C-contiguous, of dtype T and of `size`
+// elements (and writable when written), so a wrong call can never read or write out of bounds.
 template <class T>
 T* data_of(const py::object& obj, int64_t size, const char* name, bool writable) {
   if (obj.is_none()) return nullptr;
-  auto arr = py::cast<py::array>(obj);
-  if (!py::isinstance<py::array_t<T>>(arr) || !(arr.flags() & py::array::c_style))
-    throw py::type_error(std::string(name) + ": expected a C-contiguous array of the input's dtype");
+  if (!py::isinstance<py::array>(obj)) throw py::type_error(std::string(name) + ": expected a numpy.ndarray");
+  auto arr = py::reinterpret_borrow<py::array>(obj);
+  if (dtype_of(arr) != dtype_name<T>() || !(arr.flags() & py::array::c_style))
+    throw py::type_error(std::string(name) + ": expected a C-contiguous " + dtype_name<T>() + " array, got " +
+                         dtype_of(arr));
   if (arr.size() != size)
     throw py::value_error(std::string(name) + ": expected " + std::to_string(size) + " elements, got " +
                           std::to_string(arr.size()));
@@ -26,57 +50,54 @@ T* data_of(const py::object& obj, int64_t size, const char* name, bool writable)
   return static_cast<T*>(const_cast<void*>(arr.data()));
 }
 
-double* stats_of(const py::object& obj, int64_t size, const char* name) {
-  return data_of<double>(obj, size, name, false);
-}
-
-bool is_f64(const py::array& x) {
-  if (py::isinstance<py::array_t<double>>(x)) return true;
-  if (py::isinstance<py::array_t<float>>(x)) return false;
-  throw py::type_error("x: expected float32 or float64");
-}
-
 template <class T>
+T* required(const py::object& obj, int64_t size, const char* name, bool writable) {
+  T* p = data_of<T>(obj, size, name, writable);
+  if (!p) throw py::value_error(std::string(name) + " is required");
+  return p;
+}
+
+template <class S>
 py::tuple moments_impl(const nk::Plan& plan, const py::array& x) {
-  const T* px = data_of<T>(x, plan.planes() * plan.S, "x", false);
+  const S* px = required<S>(x, plan.planes() * plan.S, "x", false);
   py::array_t<double> mean(plan.num_groups()), var(plan.num_groups());
   double *pm = mean.mutable_data(), *pv = var.mutable_data();
   {
     py::gil_scoped_release nogil;
-    nk::group_moments<T>(plan, px, pm, pv);
+    nk::group_moments<S>(plan, px, pm, pv);
   }
   return py::make_tuple(mean, var);
 }
 
-template <class T>
+template <class S>
 void normalize_impl(const nk::Plan& plan, const py::array& x, const py::object& mean,
                     const py::object& rstd, const py::object& weight, const py::object& bias,
                     const py::object& y, const py::object& residual, bool relu) {
+  using T = nk::compute_t<S>;
   const int64_t n = plan.planes() * plan.S, G = plan.num_groups(), A = plan.affine_size();
-  const T* px = data_of<T>(x, n, "x", false);
-  const double *pm = stats_of(mean, G, "mean"), *pr = stats_of(rstd, G, "rstd");
+  const S* px = required<S>(x, n, "x", false);
+  const double *pm = required<double>(mean, G, "mean", false), *pr = required<double>(rstd, G, "rstd", false);
   const T *pw = data_of<T>(weight, A, "weight", false), *pb = data_of<T>(bias, A, "bias", false);
-  T* py_ = data_of<T>(y, n, "out", true);
-  const T* pres = data_of<T>(residual, n, "residual", false);
-  if (!pm || !pr || !py_) throw py::value_error("mean, rstd and out are required");
+  S* py_ = required<S>(y, n, "out", true);
+  const S* pres = data_of<S>(residual, n, "residual", false);
   py::gil_scoped_release nogil;
-  nk::normalize<T>(plan, px, pm, pr, pw, pb, py_, pres, relu);
+  nk::normalize<S>(plan, px, pm, pr, pw, pb, py_, pres, relu);
 }
 
-template <class T>
+template <class S>
 void backward_impl(const nk::Plan& plan, const py::array& x, const py::object& dy,
                    const py::object& mean, const py::object& rstd, const py::object& weight,
                    bool batch_stats, const py::object& dx, const py::object& dweight,
                    const py::object& dbias) {
+  using T = nk::compute_t<S>;
   const int64_t n = plan.planes() * plan.S, G = plan.num_groups(), A = plan.affine_size();
-  const T *px = data_of<T>(x, n, "x", false), *pdy = data_of<T>(dy, n, "dy", false);
-  const double *pm = stats_of(mean, G, "mean"), *pr = stats_of(rstd, G, "rstd");
+  const S *px = required<S>(x, n, "x", false), *pdy = required<S>(dy, n, "dy", false);
+  const double *pm = required<double>(mean, G, "mean", false), *pr = required<double>(rstd, G, "rstd", false);
   const T* pw = data_of<T>(weight, A, "weight", false);
-  T* pdx = data_of<T>(dx, n, "dx", true);
+  S* pdx = data_of<S>(dx, n, "dx", true);
   T *pdw = data_of<T>(dweight, A, "dweight", true), *pdb = data_of<T>(dbias, A, "dbias", true);
-  if (!px || !pdy || !pm || !pr) throw py::value_error("x, dy, mean and rstd are required");
   py::gil_scoped_release nogil;
-  nk::normalize_backward<T>(plan, px, pdy, pm, pr, pw, batch_stats, pdx, pdw, pdb);
+  nk::normalize_backward<S>(plan, px, pdy, pm, pr, pw, batch_stats, pdx, pdw, pdb);
 }
 
 }  // namespace
@@ -103,14 +124,17 @@ PYBIND11_MODULE(_core, m) {
   m.def("plan_per_row", &nk::plan_per_row, py::arg("rows"), py::arg("M"), py::arg("skip_mean"));
 
   m.def("group_moments", [](const nk::Plan& plan, const py::array& x) {
-    return is_f64(x) ? moments_impl<double>(plan, x) : moments_impl<float>(plan, x);
+    py::tuple out;
+    dispatch(x, [&](auto s) { out = moments_impl<decltype(s)>(plan, x); });
+    return out;
   }, py::arg("plan"), py::arg("x"), "Per-group mean and biased variance (float64 arrays).");
 
   m.def("normalize", [](const nk::Plan& plan, const py::array& x, const py::object& mean,
                         const py::object& rstd, const py::object& weight, const py::object& bias,
                         const py::object& out, const py::object& residual, bool relu) {
-    if (is_f64(x)) normalize_impl<double>(plan, x, mean, rstd, weight, bias, out, residual, relu);
-    else normalize_impl<float>(plan, x, mean, rstd, weight, bias, out, residual, relu);
+    dispatch(x, [&](auto s) {
+      normalize_impl<decltype(s)>(plan, x, mean, rstd, weight, bias, out, residual, relu);
+    });
   }, py::arg("plan"), py::arg("x"), py::arg("mean"), py::arg("rstd"), py::arg("weight"),
      py::arg("bias"), py::arg("out"), py::arg("residual") = py::none(), py::arg("relu") = false);
 
@@ -118,8 +142,9 @@ PYBIND11_MODULE(_core, m) {
                                  const py::object& mean, const py::object& rstd,
                                  const py::object& weight, bool batch_stats, const py::object& dx,
                                  const py::object& dweight, const py::object& dbias) {
-    if (is_f64(x)) backward_impl<double>(plan, x, dy, mean, rstd, weight, batch_stats, dx, dweight, dbias);
-    else backward_impl<float>(plan, x, dy, mean, rstd, weight, batch_stats, dx, dweight, dbias);
+    dispatch(x, [&](auto s) {
+      backward_impl<decltype(s)>(plan, x, dy, mean, rstd, weight, batch_stats, dx, dweight, dbias);
+    });
   }, py::arg("plan"), py::arg("x"), py::arg("dy"), py::arg("mean"), py::arg("rstd"),
      py::arg("weight"), py::arg("batch_stats"), py::arg("dx"), py::arg("dweight"), py::arg("dbias"));
 
