@@ -113,6 +113,7 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("channels_per_group", &nk::Plan::channels_per_group)
       .def_readonly("skip_mean", &nk::Plan::skip_mean)
       .def_readonly("column_affine", &nk::Plan::column_affine)
+      .def_readwrite("channels_last", &nk::Plan::channels_last)
       .def_property_readonly("num_groups", &nk::Plan::num_groups)
       .def_property_readonly("group_counts", &nk::group_counts);
 

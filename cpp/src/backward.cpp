@@ -59,10 +59,17 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
       if (dweight) dweight[s] = T(gs);
       if (dbias) dbias[s] = T(bs);
     });
+  } else if (plan.channels_last) {
+    parallel_for(ch.items(), ch.step * C, [&](int64_t it) {
+      const int64_t j = ch.chunk(it), p0 = ch.sample(it) * C, slot = ch.slot(p0, j);
+      k.rows_dot(x + ch.start(it), dy + ch.start(it), ch.length(j), C, &xhat.shift[p0], &A[slot],
+                 &B[slot], ch.per_plane);
+    });
   } else {
-    parallel_for(ch.count, kChunk, [&](int64_t it) {
-      const int64_t p = ch.plane(it), off = ch.offset(it), s = ch.start(it);
-      k.dot(x + s, dy + s, wcol ? wcol + off : nullptr, ch.length(it), xhat.shift[p], &A[it], &B[it]);
+    parallel_for(ch.items(), kChunk, [&](int64_t it) {
+      const int64_t p = ch.plane(it), off = ch.chunk(it) * ch.step, s = ch.start(it);
+      k.dot(x + s, dy + s, wcol ? wcol + off : nullptr, ch.length(ch.chunk(it)), xhat.shift[p],
+            &A[it], &B[it]);
     });
   }
 
@@ -114,10 +121,18 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
   }
 
   // Pass 2: dx = c1*dy*w + c2*(x - shift) + c3.
-  parallel_for(ch.count, kChunk, [&](int64_t it) {
-    const int64_t p = ch.plane(it), off = ch.offset(it), s = ch.start(it);
-    k.backward_apply(x + s, dy + s, dx + s, ch.length(it), c1[p], c2[p], xhat.shift[p], c3[p],
-                     wcol ? wcol + off : nullptr);
+  if (plan.channels_last) {
+    parallel_for(ch.items(), ch.step * C, [&](int64_t it) {
+      const int64_t s = ch.start(it), p0 = ch.sample(it) * C;
+      k.rows_backward_apply(x + s, dy + s, dx + s, ch.length(ch.chunk(it)), C, &c1[p0], &c2[p0],
+                            &xhat.shift[p0], &c3[p0]);
+    });
+    return;
+  }
+  parallel_for(ch.items(), kChunk, [&](int64_t it) {
+    const int64_t p = ch.plane(it), off = ch.chunk(it) * ch.step, s = ch.start(it);
+    k.backward_apply(x + s, dy + s, dx + s, ch.length(ch.chunk(it)), c1[p], c2[p], xhat.shift[p],
+                     c3[p], wcol ? wcol + off : nullptr);
   });
 }
 

@@ -16,19 +16,26 @@ void group_moments(const Plan& plan, const S* x, double* mean, double* var) {
   check_plan(plan);
   const Kernels<S>& k = kernels().get<S>();
   const Chunks ch(plan);
-  std::vector<Moments> part(ch.count);
-  parallel_for(ch.count, kChunk, [&](int64_t it) {
-    const int64_t len = ch.length(it);
-    Moments& m = part[it];
-    m.n = double(len);
-    k.moments(x + ch.start(it), len, &m.mean, &m.m2);
-  });
+  std::vector<double> cmean(ch.count), cm2(ch.count);
+  if (!plan.channels_last) {
+    parallel_for(ch.items(), kChunk, [&](int64_t it) {
+      k.moments(x + ch.start(it), ch.length(ch.chunk(it)), &cmean[it], &cm2[it]);
+    });
+  } else {
+    parallel_for(ch.items(), ch.step * ch.C, [&](int64_t it) {
+      const int64_t j = ch.chunk(it), slot = ch.slot(ch.sample(it) * ch.C, j);
+      k.rows_moments(x + ch.start(it), ch.length(j), ch.C, &cmean[slot], &cm2[slot], ch.per_plane);
+    });
+  }
 
   const GroupIndex index(plan);
   parallel_for(plan.num_groups(), ch.per_plane * plan.channels_per_group * 64, [&](int64_t g) {
     Moments acc;
     index.for_each_plane(g, [&](int64_t p) {
-      for (int64_t j = 0; j < ch.per_plane; ++j) acc = merge(acc, part[p * ch.per_plane + j]);
+      for (int64_t j = 0; j < ch.per_plane; ++j) {
+        const int64_t slot = ch.slot(p, j);
+        acc = merge(acc, Moments{double(ch.length(j)), cmean[slot], cm2[slot]});
+      }
     });
     if (acc.n == 0) {
       mean[g] = var[g] = std::numeric_limits<double>::quiet_NaN();
@@ -51,9 +58,17 @@ void normalize(const Plan& plan, const S* x, const double* mean, const double* r
   const Chunks ch(plan);
   const PlaneAffine<compute_t<S>> f(plan, mean, rstd, weight, bias);
   const bool col = plan.column_affine;
-  parallel_for(ch.count, kChunk, [&](int64_t it) {
-    const int64_t p = ch.plane(it), off = ch.offset(it), s = ch.start(it);
-    k.affine(x + s, y + s, ch.length(it), f.shift[p], f.a[p], f.b[p],
+  if (plan.channels_last) {
+    parallel_for(ch.items(), ch.step * ch.C, [&](int64_t it) {
+      const int64_t s = ch.start(it), p0 = ch.sample(it) * ch.C;
+      k.rows_affine(x + s, y + s, ch.length(ch.chunk(it)), ch.C, &f.shift[p0], &f.a[p0], &f.b[p0],
+                    residual ? residual + s : nullptr, relu);
+    });
+    return;
+  }
+  parallel_for(ch.items(), kChunk, [&](int64_t it) {
+    const int64_t p = ch.plane(it), off = ch.chunk(it) * ch.step, s = ch.start(it);
+    k.affine(x + s, y + s, ch.length(ch.chunk(it)), f.shift[p], f.a[p], f.b[p],
              col && weight ? weight + off : nullptr, col && bias ? bias + off : nullptr,
              residual ? residual + s : nullptr, relu);
   });

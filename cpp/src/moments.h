@@ -22,18 +22,34 @@ inline Moments merge(const Moments& a, const Moments& b) {
   return {n, a.mean + delta * (b.n / n), a.m2 + b.m2 + delta * delta * (a.n * b.n / n)};
 }
 
-// How the (N, C, S) tensor splits into fixed-size chunks: plane p, chunk j covers elements
-// [p*S + j*kChunk, p*S + j*kChunk + len).
+// How the passes split the tensor. Chunk j of plane p covers the plane's spatial positions
+// [j*step, min(S, (j+1)*step)) and its partial results live in slot p*per_plane + j, in either
+// memory order, so everything after a pass is layout-free.
+//   channels-first (N, C, S): a chunk is contiguous; one work item per (plane, chunk).
+//   channels-last (N, S, C): chunk j of sample n's C planes is one block of `step` rows of C
+//   channels; one work item per (sample, chunk).
 struct Chunks {
-  int64_t per_plane, count, S;
+  int64_t step, per_plane, count, S, C;
+  bool channels_last;
   explicit Chunks(const Plan& plan)
-      : per_plane(plan.S == 0 ? 0 : (plan.S + kChunk - 1) / kChunk),
+      : step(plan.channels_last ? std::max<int64_t>(1, kChunk / std::max<int64_t>(1, plan.C)) : kChunk),
+        per_plane(plan.S == 0 ? 0 : (plan.S + step - 1) / step),
         count(plan.planes() * per_plane),
-        S(plan.S) {}
-  int64_t plane(int64_t item) const { return item / per_plane; }
-  int64_t offset(int64_t item) const { return (item % per_plane) * kChunk; }  // within the plane
-  int64_t start(int64_t item) const { return plane(item) * S + offset(item); }
-  int64_t length(int64_t item) const { return std::min(kChunk, S - offset(item)); }
+        S(plan.S),
+        C(plan.C),
+        channels_last(plan.channels_last) {}
+  int64_t length(int64_t j) const { return std::min(step, S - j * step); }  // positions in chunk j
+  int64_t slot(int64_t p, int64_t j) const { return p * per_plane + j; }
+  // Work items of a pass: (plane, chunk) channels-first, (sample, chunk) channels-last.
+  int64_t items() const { return channels_last ? count / std::max<int64_t>(1, C) : count; }
+  int64_t chunk(int64_t item) const { return item % per_plane; }
+  int64_t plane(int64_t item) const { return item / per_plane; }   // channels-first
+  int64_t sample(int64_t item) const { return item / per_plane; }  // channels-last
+  // First element of the item's data: a contiguous chunk, or the first of its rows.
+  int64_t start(int64_t item) const {
+    return channels_last ? (sample(item) * S + chunk(item) * step) * C
+                         : plane(item) * S + chunk(item) * step;
+  }
 };
 
 // The planes of each statistics group, visited in a fixed order (sample-major, then channel).

@@ -48,6 +48,7 @@ void check_plan(const Plan& p) {
   if (p.channels_per_group < 1 || p.C % p.channels_per_group != 0)
     fail("channels_per_group must divide C");
   if (int64_t(p.sample_group.size()) != p.N) fail("sample_group must have N entries");
+  if (p.channels_last && p.column_affine) fail("a per-column affine needs channels-first order");
   for (int64_t s : p.sample_group)
     if (s < 0 || s >= p.num_sample_sets) fail("sample_group entry out of range");
 }

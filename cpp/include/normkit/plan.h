@@ -25,6 +25,7 @@ struct Plan {
 
   bool skip_mean = false;      // RMS: statistics are (0, mean of x^2), oneDNN's skip_mean
   bool column_affine = false;  // weight/bias indexed by s (LayerNorm's elementwise affine), not by c
+  bool channels_last = false;  // memory order (N, S, C) instead of (N, C, S); planes are strided
 
   int64_t planes() const { return N * C; }
   int64_t groups_per_set() const { return C / channels_per_group; }

@@ -28,6 +28,16 @@ struct Kernels {
   // dx = c1*dy*w + c2*(x - shift) + c3, w per element (null: 1).
   void (*backward_apply)(const S* x, const S* dy, S* dx, int64_t n, T c1, T c2, T shift, T c3,
                          const T* w);
+
+  // Channels-last: the same four operations on `rows` rows of C channels, with per-channel
+  // shifts and coefficients; per-channel sums go to out[c*stride].
+  void (*rows_moments)(const S* x, int64_t rows, int64_t C, double* mean, double* m2, int64_t stride);
+  void (*rows_dot)(const S* x, const S* dy, int64_t rows, int64_t C, const T* shift, double* A,
+                   double* B, int64_t stride);
+  void (*rows_affine)(const S* x, S* y, int64_t rows, int64_t C, const T* shift, const T* a,
+                      const T* b, const S* residual, bool relu);
+  void (*rows_backward_apply)(const S* x, const S* dy, S* dx, int64_t rows, int64_t C, const T* c1,
+                              const T* c2, const T* shift, const T* c3);
 };
 
 struct KernelTable {

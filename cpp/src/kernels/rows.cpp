@@ -1,0 +1,140 @@
+// Channels-last primitives: a block of `rows` rows of C channels (one sample's spatial
+// positions), every channel its own column. The same sums as reduce.cpp and apply.cpp, per
+// column: results for channel c go to out[c*stride], so they land in the slots the
+// channels-first passes use and the merges after them are shared.
+#include <vector>
+
+#include "convert.h"
+#include "primitives.h"
+
+namespace nk {
+namespace NK_ISA_NS {
+
+template <class S>
+void rows_moments(const S* x, int64_t rows, int64_t C, double* mean, double* m2, int64_t stride) {
+  using T = compute_t<S>;
+  constexpr int64_t L = lanes<T>;
+  std::vector<T> shift(C, T(0)), sd(C, T(0)), sdd(C, T(0));
+  // Pass 1, scalar math: shift[c] = sum_r x[r, c] / rows (a rough mean, the shift of pass 2)
+  for (int64_t r = 0; r < rows; ++r) {
+    const S* row = x + r * C;
+    int64_t c = 0;
+    for (; c + L <= C; c += L) store(shift.data() + c, load(shift.data() + c) + load_as(row + c));
+    for (; c < C; ++c) shift[c] += to_compute(row[c]);
+  }
+  for (int64_t c = 0; c < C; ++c) shift[c] = T(double(shift[c]) / double(rows));
+  // Pass 2, scalar math: d = x - shift[c]; sd[c] += d; sdd[c] += d*d
+  for (int64_t r = 0; r < rows; ++r) {
+    const S* row = x + r * C;
+    int64_t c = 0;
+    for (; c + L <= C; c += L) {
+      const vec<T> d = load_as(row + c) - load(shift.data() + c);
+      store(sd.data() + c, load(sd.data() + c) + d);
+      store(sdd.data() + c, load(sdd.data() + c) + d * d);
+    }
+    for (; c < C; ++c) {
+      const T d = to_compute(row[c]) - shift[c];
+      sd[c] += d;
+      sdd[c] += d * d;
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const double s = double(sd[c]), q = double(sdd[c]) - s * s / double(rows);
+    mean[c * stride] = double(shift[c]) + s / double(rows);
+    m2[c * stride] = q > 0 ? q : 0;
+  }
+}
+
+template <class S>
+void rows_dot(const S* x, const S* dy, int64_t rows, int64_t C, const compute_t<S>* shift,
+              double* A, double* B, int64_t stride) {
+  using T = compute_t<S>;
+  constexpr int64_t L = lanes<T>;
+  std::vector<T> sa(C, T(0)), sb(C, T(0));
+  // Scalar math: A[c] += dy*(x - shift[c]); B[c] += dy
+  for (int64_t r = 0; r < rows; ++r) {
+    const S *xr = x + r * C, *gr = dy + r * C;
+    int64_t c = 0;
+    for (; c + L <= C; c += L) {
+      const vec<T> g = load_as(gr + c);
+      store(sa.data() + c, load(sa.data() + c) + g * (load_as(xr + c) - load(shift + c)));
+      store(sb.data() + c, load(sb.data() + c) + g);
+    }
+    for (; c < C; ++c) {
+      const T g = to_compute(gr[c]);
+      sa[c] += g * (to_compute(xr[c]) - shift[c]);
+      sb[c] += g;
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    A[c * stride] = double(sa[c]);
+    B[c * stride] = double(sb[c]);
+  }
+}
+
+template <class S, bool HasRes, bool Relu, class T = compute_t<S>>
+static void rows_affine_impl(const S* x, S* y, int64_t rows, int64_t C, const T* shift, const T* a,
+                             const T* b, const S* res) {
+  constexpr int64_t L = lanes<T>;
+  const vec<T> zero{};
+  // Scalar math: y = (x - shift[c])*a[c] + b[c] + res; y = max(y, 0)
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t o = r * C;
+    int64_t c = 0;
+    for (; c + L <= C; c += L) {
+      vec<T> v = (load_as(x + o + c) - load(shift + c)) * load(a + c) + load(b + c);
+      if (HasRes) v += load_as(res + o + c);
+      if (Relu) v = v < zero ? zero : v;
+      store_as(y + o + c, v);
+    }
+    for (; c < C; ++c) {
+      T v = (to_compute(x[o + c]) - shift[c]) * a[c] + b[c];
+      if (HasRes) v += to_compute(res[o + c]);
+      if (Relu) v = v < T(0) ? T(0) : v;
+      y[o + c] = from_compute<S>(v);
+    }
+  }
+}
+
+template <class S, class T>
+void rows_affine(const S* x, S* y, int64_t rows, int64_t C, const T* shift, const T* a, const T* b,
+                 const S* res, bool relu) {
+  if (res && relu) rows_affine_impl<S, true, true>(x, y, rows, C, shift, a, b, res);
+  else if (res) rows_affine_impl<S, true, false>(x, y, rows, C, shift, a, b, res);
+  else if (relu) rows_affine_impl<S, false, true>(x, y, rows, C, shift, a, b, res);
+  else rows_affine_impl<S, false, false>(x, y, rows, C, shift, a, b, res);
+}
+
+template <class S, class T>
+void rows_backward_apply(const S* x, const S* dy, S* dx, int64_t rows, int64_t C, const T* c1,
+                         const T* c2, const T* shift, const T* c3) {
+  constexpr int64_t L = lanes<T>;
+  // Scalar math: dx = c1[c]*dy + c2[c]*(x - shift[c]) + c3[c]
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t o = r * C;
+    int64_t c = 0;
+    for (; c + L <= C; c += L)
+      store_as(dx + o + c, load(c1 + c) * load_as(dy + o + c) +
+                               (load(c2 + c) * (load_as(x + o + c) - load(shift + c)) + load(c3 + c)));
+    for (; c < C; ++c)
+      dx[o + c] = from_compute<S>(c1[c] * to_compute(dy[o + c]) +
+                                  (c2[c] * (to_compute(x[o + c]) - shift[c]) + c3[c]));
+  }
+}
+
+#define NK_INSTANTIATE(S, T)                                                                      \
+  template void rows_moments<S>(const S*, int64_t, int64_t, double*, double*, int64_t);           \
+  template void rows_dot<S>(const S*, const S*, int64_t, int64_t, const T*, double*, double*,     \
+                            int64_t);                                                             \
+  template void rows_affine<S, T>(const S*, S*, int64_t, int64_t, const T*, const T*, const T*,   \
+                                  const S*, bool);                                                \
+  template void rows_backward_apply<S, T>(const S*, const S*, S*, int64_t, int64_t, const T*,     \
+                                          const T*, const T*, const T*);
+NK_INSTANTIATE(float, float)
+NK_INSTANTIATE(double, double)
+NK_INSTANTIATE(f16, float)
+NK_INSTANTIATE(bf16, float)
+#undef NK_INSTANTIATE
+
+}  // namespace NK_ISA_NS
+}  // namespace nk
