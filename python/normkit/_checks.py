@@ -1,95 +1,268 @@
 """Argument checks shared by the functional API and the layers.
 
-Every check runs before any computation, so a bad call never writes into a caller's array.
-Messages name the argument and what was expected.
+Every check runs before any computation, so a rejected call never writes into a caller's array
+(running statistics, parameters, num_batches_tracked). Every message reads
+"<argument>: expected <what>, got <what>"; TypeError for a wrong type or dtype, ValueError for a
+wrong value or shape. The checks are O(1) or O(channels): nothing here touches every element.
 """
 import numbers
 
 import numpy as np
 
 COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_FLOAT_NAMES = "float32 or float64"
+
+
+class StateError(ValueError, RuntimeError):
+    """A call the layer's state does not allow (backward before any forward).
+
+    A ValueError like every normkit argument error, and a RuntimeError like torch's autograd error.
+    """
+
+
+class StateDictError(ValueError, KeyError):
+    """load_state_dict with missing or unexpected keys (torch raises RuntimeError).
+
+    A ValueError like every normkit argument error, and a KeyError for callers written against
+    the first version of normkit.
+    """
+
+    def __str__(self):  # KeyError would quote the message
+        return Exception.__str__(self)
+
+
+# -- arrays -----------------------------------------------------------------------------------
+def ndarray(x, name):
+    """x itself, if it is a plain numpy.ndarray (subclasses that change indexing or hide data,
+    such as masked arrays, are refused)."""
+    if not isinstance(x, np.ndarray) or isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"{name}: expected a numpy.ndarray, got {type(x).__name__}")
+    return x
+
+
+def float_dtype(x, name, dtype=None, whose="the input's"):
+    """x's dtype is float32/float64 in native byte order (and exactly `dtype` when given)."""
+    if x.dtype not in COMPUTE_DTYPES:
+        raise TypeError(f"{name}: expected dtype {_FLOAT_NAMES}, got {x.dtype}")
+    if dtype is not None and x.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {np.dtype(dtype)} ({whose}), got {x.dtype}")
+
+
+def contiguous(a, dtype=None):
+    """a as an aligned, C-contiguous base-class ndarray: itself when it already is, else a copy
+    (strided, negative-stride, Fortran-order, broadcast and misaligned arrays are copied; the core
+    reads plain contiguous memory only)."""
+    return np.require(a, dtype, ("C", "A", "E"))
 
 
 def input_array(x, name="input", min_ndim=1):
     """The input as a C-contiguous float32/float64 array (a copy only when it is not already)."""
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"{name}: expected a numpy.ndarray, got {type(x).__name__}")
-    if x.dtype not in COMPUTE_DTYPES:
-        raise TypeError(f"{name}: expected dtype float32 or float64, got {x.dtype}")
+    ndarray(x, name)
+    float_dtype(x, name)
     if x.ndim < min_ndim:
         raise ValueError(f"{name}: expected at least {min_ndim} dimensions, got shape {x.shape}")
-    return np.ascontiguousarray(x)
+    return contiguous(x)
+
+
+def layer_input(x, dtype, ndims=None, min_ndim=1, channels=None, channel_dim=1,
+                ranks="", channels_arg="num_features", name="input"):
+    """A layer's input: an ndarray of the layer's dtype whose rank is in `ndims` (or at least
+    `min_ndim`) and, when `channels` is given, with that many channels in `channel_dim`.
+    Returns x unchanged (the functional call makes it contiguous)."""
+    ndarray(x, name)
+    float_dtype(x, name)
+    if ndims is not None and x.ndim not in ndims:
+        want = " or ".join(f"{d}D" for d in ndims)
+        raise ValueError(f"{name}: expected {want} input{ranks}, got {x.ndim}D input of shape {x.shape}")
+    if x.ndim < min_ndim:
+        raise ValueError(f"{name}: expected at least {min_ndim} dimensions{ranks}, got shape {x.shape}")
+    if channels is not None and x.shape[channel_dim] != channels:
+        raise ValueError(f"{name}: expected {channels} channels in dim {channel_dim} "
+                         f"({channels_arg}), got shape {x.shape}")
+    float_dtype(x, name, dtype, "the layer's dtype")
+    return x
 
 
 def param_array(p, name, shape, dtype):
     """An optional parameter (weight, bias) of exactly `shape` and `dtype`, contiguous."""
     if p is None:
         return None
-    if not isinstance(p, np.ndarray):
-        raise TypeError(f"{name}: expected a numpy.ndarray or None, got {type(p).__name__}")
-    if p.dtype != dtype:
-        raise TypeError(f"{name}: expected dtype {np.dtype(dtype)} (the input's), got {p.dtype}")
+    ndarray(p, name)
+    float_dtype(p, name, dtype)
     if p.shape != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {p.shape}")
-    return np.ascontiguousarray(p)
+    return contiguous(p)
 
 
-def stats_array(s, name, length, writable):
-    """A running-statistics buffer: float array of shape (length,), updated in place."""
+def stats_array(s, name, length, writable, dtype=None):
+    """A running-statistics buffer of shape (length,) and the input's dtype, updated in place
+    (so any strides are fine, but it must be writable when it will be updated)."""
     if s is None:
         return None
-    if not isinstance(s, np.ndarray):
-        raise TypeError(f"{name}: expected a numpy.ndarray or None, got {type(s).__name__}")
-    if s.dtype not in COMPUTE_DTYPES:
-        raise TypeError(f"{name}: expected dtype float32 or float64, got {s.dtype}")
+    ndarray(s, name)
+    float_dtype(s, name, dtype)
     if s.shape != (length,):
         raise ValueError(f"{name}: expected shape ({length},), got {s.shape}")
     if writable and not s.flags.writeable:
-        raise ValueError(f"{name}: is read-only but must be updated in place")
+        raise ValueError(f"{name}: expected a writable array (it is updated in place), got a read-only one")
     return s
 
 
-def positive_float(v, name, allow_zero=True):
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name}: expected a real number, got {type(v).__name__}")
-    v = float(v)
-    if not np.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
-        raise ValueError(f"{name}: expected a finite number {'>=' if allow_zero else '>'} 0, got {v}")
+def separate(a, name_a, b, name_b):
+    """Two buffers that are both updated in place must not share memory."""
+    if a is not None and b is not None and np.shares_memory(a, b):
+        raise ValueError(f"{name_b}: expected an array separate from {name_a}, got one sharing its memory")
+
+
+def required(v, name, when):
+    if v is None:
+        raise ValueError(f"{name}: expected an array when {when}, got None")
     return v
 
 
+def no_affine_on_empty(weight, bias, x, what):
+    """torch cannot apply weight/bias to an input without (sample, channel) planes (C == 0 for
+    batch_norm; N*C == 0 for instance_norm): it raises, so normkit does too. Call it only then."""
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None:
+            raise ValueError(f"{name}: expected None for input of shape {x.shape} ({what}; torch "
+                             f"rejects an affine there too), got an array of shape {p.shape}")
+
+
+def grad_output(dy, shape, dtype):
+    """dy of a backward: exactly the shape and dtype of the last forward's output."""
+    ndarray(dy, "dy")
+    if dy.dtype != dtype:
+        raise TypeError(f"dy: expected dtype {np.dtype(dtype)} (the last forward's output), got {dy.dtype}")
+    if dy.shape != tuple(shape):
+        raise ValueError(f"dy: expected shape {tuple(shape)} (the last forward's output), got {dy.shape}")
+    return contiguous(dy)
+
+
+def more_than_one_value(count, what="channel", shape=None):
+    """torch's training check: statistics of a single value are not statistics."""
+    if count == 1:
+        got = f"input of shape {tuple(shape)}" if shape is not None else f"{count}"
+        raise ValueError(f"input: expected more than 1 value per {what} when training, got {got}")
+
+
+# -- scalars ----------------------------------------------------------------------------------
+def _real(v, name):
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(v).__name__}")
+    return float(v)
+
+
+def nonneg_float(v, name):
+    """eps and friends: a finite number >= 0."""
+    f = _real(v, name)
+    if not np.isfinite(f) or f < 0:
+        raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
+    return f
+
+
+def positive_float(v, name, allow_zero=True):
+    """A finite number >= 0 (> 0 without allow_zero); nonneg_float is the usual spelling."""
+    f = nonneg_float(v, name)
+    if f == 0 and not allow_zero:
+        raise ValueError(f"{name}: expected a finite number > 0, got {v!r}")
+    return f
+
+
 def momentum_value(m, name="momentum", allow_none=True):
-    if m is None and allow_none:
-        return None
-    m = positive_float(m, name)
-    return m
+    """A momentum in [0, 1]; None (a cumulative average) where the caller allows it."""
+    if m is None:
+        if allow_none:
+            return None
+        raise TypeError(f"{name}: expected a number in [0, 1], got None")
+    f = _real(m, name)
+    if not 0.0 <= f <= 1.0:
+        raise ValueError(f"{name}: expected {'None or ' if allow_none else ''}a number in [0, 1], got {m!r}")
+    return f
 
 
 def positive_int(v, name):
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name}: expected a positive integer, got {type(v).__name__} {v!r}")
+    if v < 1:
         raise ValueError(f"{name}: expected a positive integer, got {v!r}")
     return int(v)
 
 
-def normalized_shape_tuple(shape, name="normalized_shape"):
-    if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
-        shape = (int(shape),)
+def divisor(groups, channels, name="num_groups", of="the input's channels"):
+    if channels % groups != 0:
+        raise ValueError(f"{name}: expected a divisor of {of} ({channels}), got {groups}")
+
+
+def float_dtype_arg(dtype, name="dtype"):
+    """A layer's dtype argument; None is torch's default dtype (float32)."""
+    if dtype is None:
+        return np.dtype(np.float32)
     try:
-        shape = tuple(int(d) for d in shape)
-    except TypeError:
-        raise TypeError(f"{name}: expected an int or a sequence of ints, got {shape!r}") from None
+        dt = np.dtype(dtype)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected {_FLOAT_NAMES}, got {dtype!r}") from None
+    if dt not in COMPUTE_DTYPES:
+        raise TypeError(f"{name}: expected {_FLOAT_NAMES}, got {dt}")
+    return dt
+
+
+def normalized_shape_tuple(shape, name="normalized_shape"):
+    """An int or a non-empty sequence of ints >= 0, as a tuple."""
+    if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
+        shape = (shape,)
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
+        raise TypeError(f"{name}: expected an int or a sequence of ints, got {shape!r}")
+    shape = tuple(shape)
+    if any(isinstance(d, bool) or not isinstance(d, numbers.Integral) for d in shape):
+        raise TypeError(f"{name}: expected an int or a sequence of ints, got {shape!r}")
+    shape = tuple(int(d) for d in shape)
+    if not shape:
+        raise ValueError(f"{name}: expected at least one dimension, got {shape}")
     if any(d < 0 for d in shape):
-        raise ValueError(f"{name}: dimensions must be non-negative, got {shape}")
+        raise ValueError(f"{name}: expected dimensions >= 0, got {shape}")
     return shape
 
 
 def check_trailing_shape(x, shape, name="input"):
     if x.ndim < len(shape) or tuple(x.shape[x.ndim - len(shape):]) != tuple(shape):
-        raise ValueError(
-            f"{name}: expected shape (*, {', '.join(map(str, shape))}) to end with normalized_shape "
-            f"{tuple(shape)}, got {x.shape}")
+        raise ValueError(f"{name}: expected shape (*, {', '.join(map(str, shape))}) ending in "
+                         f"normalized_shape {tuple(shape)}, got {x.shape}")
 
 
-def more_than_one_value(count, what="channel"):
-    if count == 1:
-        raise ValueError(f"Expected more than 1 value per {what} when training, got {count}")
+# -- state dicts ------------------------------------------------------------------------------
+def state_dict_entries(own, state_dict, strict):
+    """The entries of `state_dict` to copy into a layer whose current state is `own` (name ->
+    array), each as a NumPy array of the right shape; raises before anything is copied.
+
+    strict (torch's default): missing or unexpected keys raise StateDictError. Values may be
+    NumPy arrays or anything np.asarray takes (torch tensors included); real numeric dtypes are
+    cast on copy, as torch's copy_ does."""
+    if not hasattr(state_dict, "keys") or not hasattr(state_dict, "__getitem__"):
+        raise TypeError(f"state_dict: expected a mapping, got {type(state_dict).__name__}")
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict.keys() if k not in own]
+    if strict and (missing or unexpected):
+        raise StateDictError(f"state_dict: expected the keys {list(own)}, got missing keys {missing} "
+                             f"and unexpected keys {unexpected}")
+    staged = {}
+    for k, cur in own.items():
+        if k not in state_dict:
+            continue
+        name = f"state_dict[{k!r}]"
+        v = state_dict[k]
+        try:
+            if hasattr(v, "detach") and hasattr(v, "cpu"):  # a torch tensor
+                v = v.detach().cpu().numpy()
+            v = np.asarray(v)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"{name}: expected an array, got {type(state_dict[k]).__name__} ({e})") from None
+        real = np.issubdtype(v.dtype, np.floating) or np.issubdtype(v.dtype, np.integer)
+        if v.dtype == np.bool_ or not real:
+            raise TypeError(f"{name}: expected a real numeric array, got dtype {v.dtype}")
+        if cur.shape == () and v.shape == (1,):  # torch accepts a 1-element 0-d buffer
+            v = v.reshape(())
+        if v.shape != cur.shape:
+            raise ValueError(f"{name}: expected shape {cur.shape}, got {v.shape}")
+        staged[k] = v
+    return staged

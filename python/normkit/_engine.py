@@ -5,7 +5,7 @@ sets) and, for inference, given statistics. Everything tensor-sized happens in `
 """
 import numpy as np
 
-from . import _core
+from . import _checks, _core
 
 
 class Saved:
@@ -19,17 +19,33 @@ class Saved:
 
 
 def moments(plan, x):
-    """Per-group (mean, biased variance) as float64 arrays."""
-    return _core.group_moments(plan, x)
+    """Per-group (mean, biased variance) as float64 arrays.
+
+    A group whose mean is NaN (it holds a NaN, or infinities) has a NaN variance, as in torch;
+    the core's one-chunk moments clamp a NaN sum of squares to 0, which would keep NaN out of
+    running_var (O(groups) bookkeeping here; the clamp belongs in cpp/src/kernels/reduce.cpp).
+    """
+    mean, var = _core.group_moments(plan, x)
+    var[np.isnan(mean)] = np.nan
+    return mean, var
 
 
 def rstd_of(var, eps):
-    return 1.0 / np.sqrt(np.asarray(var, dtype=np.float64) + eps)
+    # NaN, Inf and negative variances (a caller's running_var) propagate silently, as in torch.
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return 1.0 / np.sqrt(np.asarray(var, dtype=np.float64) + eps)
 
 
 def apply(plan, x, mean, var, eps, weight, bias, batch_stats, shape):
-    """y = (x - mean)/sqrt(var + eps)*weight + bias; returns y (in `shape`) and a Saved."""
-    mean = np.ascontiguousarray(mean, dtype=np.float64)
+    """y = (x - mean)/sqrt(var + eps)*weight + bias; returns y (in `shape`) and a Saved.
+
+    An empty x (a zero-size dimension) gets an empty y without a call into the core, so that
+    plans which only exist for empty tensors (a GroupNorm of 0 channels) never reach a kernel;
+    mean and var may then be None.
+    """
+    if x.size == 0:
+        return np.empty_like(x).reshape(shape), Saved(plan, x, None, None, weight, batch_stats, shape)
+    mean = _checks.contiguous(mean, np.float64)  # a caller's running_mean may be strided
     rstd = rstd_of(var, eps)
     y = np.empty_like(x)
     _core.normalize(plan, x, mean, rstd, weight, bias, y)
@@ -41,6 +57,10 @@ def backward(saved, dy, want_weight, want_bias):
     x = saved.x
     dx = np.empty_like(x)
     n_aff = saved.plan.S if saved.plan.column_affine else saved.plan.C
+    if x.size == 0:  # sums over no elements: zero parameter gradients, as torch
+        dw = np.zeros(n_aff, x.dtype) if want_weight else None
+        db = np.zeros(n_aff, x.dtype) if want_bias else None
+        return dx.reshape(saved.shape), dw, db
     dw = np.empty(n_aff, x.dtype) if want_weight else None
     db = np.empty(n_aff, x.dtype) if want_bias else None
     _core.normalize_backward(saved.plan, x, dy, saved.mean, saved.rstd, saved.weight,
@@ -56,4 +76,5 @@ def planes(x):
 
 def running_update(running, batch_value, factor):
     """running = (1 - factor)*running + factor*batch_value, in place, as torch does."""
-    running[...] = (1.0 - factor) * running.astype(np.float64) + factor * np.asarray(batch_value)
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN and Inf propagate silently, as in torch
+        running[...] = (1.0 - factor) * running.astype(np.float64) + factor * np.asarray(batch_value)

@@ -14,28 +14,42 @@ def _unbiased(var, count):
 
 
 def batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps):
-    """batch_norm's body; returns (y, Saved) so that the layers can run backward."""
+    """batch_norm's body; returns (y, Saved) so that the layers can run backward.
+
+    Everything is checked first; the running statistics are updated last, after y exists, so a
+    rejected call writes nothing. An empty batch (a zero-size dimension) gives an empty output and
+    leaves the running statistics alone, as torch.
+    """
+    training = bool(training)
     x = _checks.input_array(input, "input", min_ndim=2)
     N, C, S = _engine.planes(x)
     weight = _checks.param_array(weight, "weight", (C,), x.dtype)
     bias = _checks.param_array(bias, "bias", (C,), x.dtype)
-    running_mean = _checks.stats_array(running_mean, "running_mean", C, writable=training)
-    running_var = _checks.stats_array(running_var, "running_var", C, writable=training)
-    eps = _checks.positive_float(eps, "eps")
-    plan = _core.plan_per_channel(N, C, S)
-    if training:
-        _checks.more_than_one_value(N * S)
-        momentum = _checks.positive_float(momentum, "momentum")
-        mean, var = _engine.moments(plan, x)
-        if running_mean is not None:
-            _engine.running_update(running_mean, mean, momentum)
-        if running_var is not None:
-            _engine.running_update(running_var, _unbiased(var, N * S), momentum)
+    running_mean = _checks.stats_array(running_mean, "running_mean", C, training, x.dtype)
+    running_var = _checks.stats_array(running_var, "running_var", C, training, x.dtype)
+    if training:  # both are updated in place
+        _checks.separate(running_mean, "running_mean", running_var, "running_var")
+    momentum = _checks.momentum_value(momentum, allow_none=False)
+    eps = _checks.nonneg_float(eps, "eps")
+    if not training:
+        _checks.required(running_mean, "running_mean", "training=False")
+        _checks.required(running_var, "running_var", "training=False")
     else:
-        if running_mean is None or running_var is None:
-            raise ValueError("running_mean and running_var are required when training=False")
-        mean, var = running_mean, running_var
-    return _engine.apply(plan, x, mean, var, eps, weight, bias, training, x.shape)
+        _checks.more_than_one_value(N * S, "channel", x.shape)
+    if C == 0:
+        _checks.no_affine_on_empty(weight, bias, x, "0 channels")
+    plan = _core.plan_per_channel(N, C, S)
+    if x.size == 0:
+        return _engine.apply(plan, x, None, None, eps, weight, bias, training, x.shape)
+    if not training:
+        return _engine.apply(plan, x, running_mean, running_var, eps, weight, bias, False, x.shape)
+    mean, var = _engine.moments(plan, x)
+    result = _engine.apply(plan, x, mean, var, eps, weight, bias, True, x.shape)
+    if running_mean is not None:
+        _engine.running_update(running_mean, mean, momentum)
+    if running_var is not None:
+        _engine.running_update(running_var, _unbiased(var, N * S), momentum)
+    return result
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
@@ -45,28 +59,47 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 
 
 def instance_norm_impl(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps):
+    """instance_norm's body; returns (y, Saved). Zero-size inputs follow torch (which runs
+    batch_norm on the (1, N*C, *) view): an empty output; weight or bias with no (sample, channel)
+    planes raises; running statistics are untouched when the planes are empty, and become NaN
+    (the mean over no samples) when the batch is, as torch's do."""
+    use_input_stats = bool(use_input_stats)
     x = _checks.input_array(input, "input", min_ndim=2)
     N, C, S = _engine.planes(x)
     weight = _checks.param_array(weight, "weight", (C,), x.dtype)
     bias = _checks.param_array(bias, "bias", (C,), x.dtype)
-    running_mean = _checks.stats_array(running_mean, "running_mean", C, writable=use_input_stats)
-    running_var = _checks.stats_array(running_var, "running_var", C, writable=use_input_stats)
-    eps = _checks.positive_float(eps, "eps")
+    running_mean = _checks.stats_array(running_mean, "running_mean", C, use_input_stats, x.dtype)
+    running_var = _checks.stats_array(running_var, "running_var", C, use_input_stats, x.dtype)
+    if use_input_stats:  # both are updated in place
+        _checks.separate(running_mean, "running_mean", running_var, "running_var")
+    momentum = _checks.momentum_value(momentum, allow_none=False)
+    eps = _checks.nonneg_float(eps, "eps")
     if not use_input_stats:
-        if running_mean is None or running_var is None:
-            raise ValueError("running_mean and running_var are required when use_input_stats=False")
+        _checks.required(running_mean, "running_mean", "use_input_stats=False")
+        _checks.required(running_var, "running_var", "use_input_stats=False")
+    else:
+        _checks.more_than_one_value(S, "(sample, channel) plane", x.shape)
+    if N * C == 0:
+        _checks.no_affine_on_empty(weight, bias, x, "no (sample, channel) planes")
+    if not use_input_stats:
         plan = _core.plan_per_channel(N, C, S)
         return _engine.apply(plan, x, running_mean, running_var, eps, weight, bias, False, x.shape)
-    _checks.more_than_one_value(S, "spatial element (instance)")
-    momentum = _checks.positive_float(momentum, "momentum")
     plan = _core.plan_per_sample_group(N, C, S, C)
+    if x.size == 0:
+        result = _engine.apply(plan, x, None, None, eps, weight, bias, True, x.shape)
+        if N == 0:  # torch: the running statistics become the mean over no samples
+            for s in (running_mean, running_var):
+                if s is not None:
+                    s[...] = np.nan
+        return result
     mean, var = _engine.moments(plan, x)
+    result = _engine.apply(plan, x, mean, var, eps, weight, bias, True, x.shape)
     # torch: running stats move toward the batch average of the per-instance statistics.
     if running_mean is not None:
         _engine.running_update(running_mean, mean.reshape(N, C).mean(axis=0), momentum)
     if running_var is not None:
         _engine.running_update(running_var, _unbiased(var, S).reshape(N, C).mean(axis=0), momentum)
-    return _engine.apply(plan, x, mean, var, eps, weight, bias, True, x.shape)
+    return result
 
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
@@ -80,12 +113,13 @@ def group_norm_impl(input, num_groups, weight, bias, eps):
     x = _checks.input_array(input, "input", min_ndim=2)
     N, C, S = _engine.planes(x)
     num_groups = _checks.positive_int(num_groups, "num_groups")
-    if C % num_groups != 0:
-        raise ValueError(f"num_groups: expected a divisor of the {C} input channels, got {num_groups}")
+    _checks.divisor(num_groups, C)
     weight = _checks.param_array(weight, "weight", (C,), x.dtype)
     bias = _checks.param_array(bias, "bias", (C,), x.dtype)
-    eps = _checks.positive_float(eps, "eps")
+    eps = _checks.nonneg_float(eps, "eps")
     plan = _core.plan_per_sample_group(N, C, S, num_groups)
+    if x.size == 0:  # torch: an empty output (0 channels included)
+        return _engine.apply(plan, x, None, None, eps, weight, bias, True, x.shape)
     mean, var = _engine.moments(plan, x)
     return _engine.apply(plan, x, mean, var, eps, weight, bias, True, x.shape)
 
@@ -97,19 +131,21 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
 
 def _row_norm(input, normalized_shape, weight, bias, eps, skip_mean):
     shape = _checks.normalized_shape_tuple(normalized_shape)
-    x = _checks.input_array(input, "input", min_ndim=max(1, len(shape)))
+    x = _checks.input_array(input, "input", min_ndim=len(shape))
     _checks.check_trailing_shape(x, shape)
     weight = _checks.param_array(weight, "weight", shape, x.dtype)
     bias = _checks.param_array(bias, "bias", shape, x.dtype)
-    if eps is None:  # rms_norm's default: the dtype's machine epsilon, as torch
+    if eps is None and skip_mean:  # rms_norm's default: the dtype's machine epsilon, as torch
         eps = float(np.finfo(x.dtype).eps)
-    eps = _checks.positive_float(eps, "eps")
+    eps = _checks.nonneg_float(eps, "eps")
     M = int(np.prod(shape, dtype=np.int64))
-    rows = x.size // M if M else 0
+    rows = x.size // M if M else int(np.prod(x.shape[:x.ndim - len(shape)], dtype=np.int64))
     plan = _core.plan_per_row(rows, M, skip_mean)
-    mean, var = _engine.moments(plan, x)
     w = None if weight is None else weight.reshape(-1)
     b = None if bias is None else bias.reshape(-1)
+    if x.size == 0:  # torch: an empty output
+        return _engine.apply(plan, x, None, None, eps, w, b, True, x.shape)
+    mean, var = _engine.moments(plan, x)
     return _engine.apply(plan, x, mean, var, eps, w, b, True, x.shape)
 
 

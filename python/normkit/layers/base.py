@@ -3,7 +3,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .. import _engine
+from .. import _checks, _engine
 
 
 class NormLayer:
@@ -45,39 +45,27 @@ class NormLayer:
         """Learnable arrays by name (the arrays themselves, so in-place updates train the layer)."""
         return {n: getattr(self, n) for n in self._param_names if getattr(self, n) is not None}
 
-    def state_dict(self):
-        """Parameters and buffers under torch's keys, as copies."""
+    def _state(self):
+        """Parameters and buffers under torch's keys, the arrays themselves."""
         out = OrderedDict()
         for n in self._param_names + self._buffer_names:
             v = getattr(self, n)
             if v is not None:
-                out[n] = np.array(v, copy=True)
+                out[n] = v
         return out
+
+    def state_dict(self):
+        """Parameters and buffers under torch's keys, as copies."""
+        return OrderedDict((n, np.array(v, copy=True)) for n, v in self._state().items())
 
     def load_state_dict(self, state_dict, strict=True):
         """Copy arrays (NumPy, or anything np.asarray takes, e.g. torch tensors) into the layer.
 
-        Strict by default, like torch: missing or unexpected keys raise KeyError; a wrong shape
-        raises ValueError. Nothing is written unless every entry is valid.
+        Strict by default, like torch: missing or unexpected keys raise normkit's StateDictError
+        (a ValueError, and a KeyError); a wrong shape raises ValueError, a non-numeric dtype
+        TypeError. Nothing is written unless every entry is valid.
         """
-        if not hasattr(state_dict, "keys"):
-            raise TypeError(f"state_dict: expected a mapping, got {type(state_dict).__name__}")
-        own = self.state_dict()
-        missing = [k for k in own if k not in state_dict]
-        unexpected = [k for k in state_dict if k not in own]
-        if strict and (missing or unexpected):
-            raise KeyError(f"state_dict: missing keys {missing}, unexpected keys {unexpected}")
-        staged = {}
-        for k in own:
-            if k not in state_dict:
-                continue
-            v = state_dict[k]
-            v = np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v)
-            if v.shape != own[k].shape:
-                raise ValueError(f"state_dict['{k}']: expected shape {own[k].shape}, got {v.shape}")
-            if not (np.issubdtype(v.dtype, np.floating) or np.issubdtype(v.dtype, np.integer)):
-                raise TypeError(f"state_dict['{k}']: expected a numeric array, got dtype {v.dtype}")
-            staged[k] = v
+        staged = _checks.state_dict_entries(self._state(), state_dict, strict)
         for k, v in staged.items():
             np.copyto(getattr(self, k), v, casting="unsafe")
         return self
@@ -91,14 +79,9 @@ class NormLayer:
         """Gradient w.r.t. the input of the last forward; parameter gradients go to `grads`."""
         saved = self._saved
         if saved is None:
-            raise RuntimeError("backward called before forward")
-        if not isinstance(dy, np.ndarray):
-            raise TypeError(f"dy: expected a numpy.ndarray, got {type(dy).__name__}")
-        if dy.shape != saved.shape:
-            raise ValueError(f"dy: expected shape {saved.shape} (the last forward's output), got {dy.shape}")
-        if dy.dtype != saved.x.dtype:
-            raise TypeError(f"dy: expected dtype {saved.x.dtype} (the last forward's), got {dy.dtype}")
-        dy = np.ascontiguousarray(dy).reshape(saved.x.shape)
+            raise _checks.StateError(
+                f"backward: expected a forward call first, got none on this {type(self).__name__}")
+        dy = _checks.grad_output(dy, saved.shape, saved.x.dtype).reshape(saved.x.shape)
         want = self._grad_names()
         dx, dw, db = _engine.backward(saved, dy, "weight" in want, "bias" in want)
         self.grads = {}

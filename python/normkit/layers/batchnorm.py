@@ -7,18 +7,17 @@ from .base import NormLayer
 
 class _BatchNorm(NormLayer):
     _expected_ndims = ()  # input ranks this class accepts
+    _ranks = ""  # their layouts, for messages
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, dtype=np.float32):
         super().__init__()
         self.num_features = _checks.positive_int(num_features, "num_features")
-        self.eps = _checks.positive_float(eps, "eps")
+        self.eps = _checks.nonneg_float(eps, "eps")
         self.momentum = _checks.momentum_value(momentum)
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
-        self.dtype = np.dtype(dtype)
-        if self.dtype not in _checks.COMPUTE_DTYPES:
-            raise TypeError(f"dtype: expected float32 or float64, got {self.dtype}")
+        self.dtype = _checks.float_dtype_arg(dtype)
         C = self.num_features
         self._param("weight", np.ones(C, self.dtype) if affine else None)
         self._param("bias", np.zeros(C, self.dtype) if affine else None)
@@ -36,15 +35,8 @@ class _BatchNorm(NormLayer):
             self.num_batches_tracked[...] = 0
 
     def _check_input(self, x):
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"input: expected a numpy.ndarray, got {type(x).__name__}")
-        if x.ndim not in self._expected_ndims:
-            want = " or ".join(f"{d}D" for d in self._expected_ndims)
-            raise ValueError(f"input: expected {want} input (got {x.ndim}D input with shape {x.shape})")
-        if x.shape[1] != self.num_features:
-            raise ValueError(f"input: expected {self.num_features} channels in dim 1, got shape {x.shape}")
-        if x.dtype != self.dtype:
-            raise TypeError(f"input: expected dtype {self.dtype} (the layer's), got {x.dtype}")
+        _checks.layer_input(x, self.dtype, ndims=self._expected_ndims, channels=self.num_features,
+                            ranks=self._ranks)
 
     def _forward(self, x):
         self._check_input(x)
@@ -71,13 +63,16 @@ class _BatchNorm(NormLayer):
 class BatchNorm1d(_BatchNorm):
     """Batch normalization of (N, C) or (N, C, L) input."""
     _expected_ndims = (2, 3)
+    _ranks = " (N, C) or (N, C, L)"
 
 
 class BatchNorm2d(_BatchNorm):
     """Batch normalization of (N, C, H, W) input."""
     _expected_ndims = (4,)
+    _ranks = " (N, C, H, W)"
 
 
 class BatchNorm3d(_BatchNorm):
     """Batch normalization of (N, C, D, H, W) input."""
     _expected_ndims = (5,)
+    _ranks = " (N, C, D, H, W)"

@@ -15,21 +15,17 @@ class _InstanceNorm(_BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype)
 
     def _forward(self, x):
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"input: expected a numpy.ndarray, got {type(x).__name__}")
         d = self._spatial_dims
-        if x.ndim not in (d + 1, d + 2):
-            raise ValueError(f"input: expected {d + 1}D (unbatched) or {d + 2}D (batched) input "
-                             f"(got {x.ndim}D input with shape {x.shape})")
-        if x.dtype != self.dtype:
-            raise TypeError(f"input: expected dtype {self.dtype} (the layer's), got {x.dtype}")
+        _checks.layer_input(x, self.dtype, ndims=(d + 1, d + 2), ranks=self._ranks)
         shape = x.shape
         xb = x[None] if x.ndim == d + 1 else x
         if xb.shape[1] != self.num_features:
-            if self.affine:
-                raise ValueError(f"input: expected {self.num_features} channels (affine=True), got shape {shape}")
+            if self.affine or self.track_running_stats:
+                # torch: the affine and the running statistics are per channel.
+                _checks.layer_input(x, self.dtype, channels=self.num_features,
+                                    channel_dim=x.ndim - d - 1)
             warnings.warn(f"input has {xb.shape[1]} channels but num_features is {self.num_features}; "
-                          "the running statistics and affine parameters are not used", UserWarning)
+                          "num_features is not used because affine=False", UserWarning)
         use_input_stats = self.training or not self.track_running_stats
         momentum = self.momentum if self.momentum is not None else 0.0  # as torch
         y, saved = F.instance_norm_impl(xb, self.running_mean, self.running_var, self.weight,
@@ -45,13 +41,16 @@ class _InstanceNorm(_BatchNorm):
 class InstanceNorm1d(_InstanceNorm):
     """Instance normalization of (N, C, L) or unbatched (C, L) input."""
     _spatial_dims = 1
+    _ranks = " (C, L) or (N, C, L)"
 
 
 class InstanceNorm2d(_InstanceNorm):
     """Instance normalization of (N, C, H, W) or unbatched (C, H, W) input."""
     _spatial_dims = 2
+    _ranks = " (C, H, W) or (N, C, H, W)"
 
 
 class InstanceNorm3d(_InstanceNorm):
     """Instance normalization of (N, C, D, H, W) or unbatched (C, D, H, W) input."""
     _spatial_dims = 3
+    _ranks = " (C, D, H, W) or (N, C, D, H, W)"

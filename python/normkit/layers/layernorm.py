@@ -8,21 +8,17 @@ from .base import NormLayer
 class _RowNorm(NormLayer):
     def _init(self, normalized_shape, eps, elementwise_affine, bias, dtype):
         self.normalized_shape = _checks.normalized_shape_tuple(normalized_shape)
-        self.eps = None if eps is None else _checks.positive_float(eps, "eps")
+        self.eps = None if eps is None else _checks.nonneg_float(eps, "eps")
         self.elementwise_affine = bool(elementwise_affine)
-        self.dtype = np.dtype(dtype)
-        if self.dtype not in _checks.COMPUTE_DTYPES:
-            raise TypeError(f"dtype: expected float32 or float64, got {self.dtype}")
+        self.dtype = _checks.float_dtype_arg(dtype)
         shape = self.normalized_shape
         self._param("weight", np.ones(shape, self.dtype) if elementwise_affine else None)
         if bias is not None:
             self._param("bias", np.zeros(shape, self.dtype) if elementwise_affine and bias else None)
 
     def _check_input(self, x):
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"input: expected a numpy.ndarray, got {type(x).__name__}")
-        if x.dtype != self.dtype:
-            raise TypeError(f"input: expected dtype {self.dtype} (the layer's), got {x.dtype}")
+        _checks.layer_input(x, self.dtype, min_ndim=0)
+        _checks.check_trailing_shape(x, self.normalized_shape)
 
     def extra_repr(self):
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
@@ -34,6 +30,7 @@ class LayerNorm(_RowNorm):
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True,
                  dtype=np.float32):
         super().__init__()
+        _checks.nonneg_float(eps, "eps")  # LayerNorm has no default eps of None (RMSNorm has)
         self._init(normalized_shape, eps, elementwise_affine, bool(bias), dtype)
 
     def _forward(self, x):
