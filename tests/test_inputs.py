@@ -276,9 +276,6 @@ def assert_same_pattern(got, want, what):
 
 
 SPECIALS = pytest.mark.parametrize("special", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
-XFAIL_INF_RMS = pytest.mark.xfail(
-    strict=True, reason="C++ moments: an Inf in a row makes mean(x^2) NaN, not Inf, so the whole "
-    "RMSNorm row is NaN where torch gives 0 (and NaN at the Inf)")
 
 
 def torch_functional(torch, fn, kw):
@@ -289,10 +286,8 @@ def torch_functional(torch, fn, kw):
 @pytest.mark.parametrize("fn", FUNCTIONS)
 @SPECIALS
 @FLOATS
-def test_non_finite_input_propagates_like_torch(fn, special, dtype, rng, request):
+def test_non_finite_input_propagates_like_torch(fn, special, dtype, rng):
     torch = pytest.importorskip("torch")
-    if fn == "rms_norm" and np.isinf(special):
-        request.applymarker(XFAIL_INF_RMS)
     kw = function_args(fn, (4, 3, 5), dtype, rng)
     x = kw["input"]
     x[1, 0, 2] = special
@@ -302,18 +297,11 @@ def test_non_finite_input_propagates_like_torch(fn, special, dtype, rng, request
     assert_same_pattern(call(fn, ours), torch_functional(torch, fn, theirs).numpy(), f"{fn} output")
 
 
-XFAIL_INF_MEAN = pytest.mark.xfail(
-    strict=True, reason="C++ moments: the shifted two-pass mean of data holding an Inf is NaN "
-    "(Inf - Inf), torch's is +-Inf; only the running mean shows it (the output is NaN either way)")
-
-
 @pytest.mark.parametrize("fn", ["batch_norm", "instance_norm"])
 @SPECIALS
 @FLOATS
-def test_non_finite_input_reaches_the_running_statistics_like_torch(fn, special, dtype, rng, request):
+def test_non_finite_input_reaches_the_running_statistics_like_torch(fn, special, dtype, rng):
     torch = pytest.importorskip("torch")
-    if np.isinf(special):
-        request.applymarker(XFAIL_INF_MEAN)
     for shape in [(4, 3, 5), (2, 3, 3000)]:  # one chunk per plane, and several
         kw = function_args(fn, shape, dtype, rng)
         kw["input"][1, 0, 2] = special
@@ -364,12 +352,8 @@ TORCH_LAYERS = {
 
 @pytest.mark.parametrize("name", list(TORCH_LAYERS))
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_nan_input_propagates_through_backward_like_torch(name, training, rng, request):
+def test_nan_input_propagates_through_backward_like_torch(name, training, rng):
     torch = pytest.importorskip("torch")
-    if name == "BatchNorm1d" and not training:
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="C++ backward: with running statistics dx = dy*w*rstd does not "
-            "depend on x, but the kernel still adds c2*(x - shift) with c2 = 0, and 0*NaN is NaN"))
     make, make_torch = TORCH_LAYERS[name]
     layer, t = make().train(training), make_torch(torch).train(training)
     x = rng.standard_normal((4, 3, 5))

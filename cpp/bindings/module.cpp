@@ -43,6 +43,8 @@ T* data_of(const py::object& obj, int64_t size, const char* name, bool writable)
   if (dtype_of(arr) != dtype_name<T>() || !(arr.flags() & py::array::c_style))
     throw py::type_error(std::string(name) + ": expected a C-contiguous " + dtype_name<T>() + " array, got " +
                          dtype_of(arr));
+  if (reinterpret_cast<uintptr_t>(arr.data()) % alignof(T) != 0)
+    throw py::value_error(std::string(name) + ": array data is not aligned to its element size");
   if (arr.size() != size)
     throw py::value_error(std::string(name) + ": expected " + std::to_string(size) + " elements, got " +
                           std::to_string(arr.size()));
@@ -59,6 +61,7 @@ T* required(const py::object& obj, int64_t size, const char* name, bool writable
 
 template <class S>
 py::tuple moments_impl(const nk::Plan& plan, const py::array& x) {
+  nk::check_plan(plan);  // before any size is computed from it
   const S* px = required<S>(x, plan.planes() * plan.S, "x", false);
   py::array_t<double> mean(plan.num_groups()), var(plan.num_groups());
   double *pm = mean.mutable_data(), *pv = var.mutable_data();
@@ -73,6 +76,7 @@ template <class S>
 void normalize_impl(const nk::Plan& plan, const py::array& x, const py::object& mean,
                     const py::object& rstd, const py::object& weight, const py::object& bias,
                     const py::object& y, const py::object& residual, bool relu) {
+  nk::check_plan(plan);  // before any size is computed from it
   using T = nk::compute_t<S>;
   const int64_t n = plan.planes() * plan.S, G = plan.num_groups(), A = plan.affine_size();
   const S* px = required<S>(x, n, "x", false);
@@ -89,6 +93,7 @@ void backward_impl(const nk::Plan& plan, const py::array& x, const py::object& d
                    const py::object& mean, const py::object& rstd, const py::object& weight,
                    bool batch_stats, const py::object& dx, const py::object& dweight,
                    const py::object& dbias) {
+  nk::check_plan(plan);  // before any size is computed from it
   using T = nk::compute_t<S>;
   const int64_t n = plan.planes() * plan.S, G = plan.num_groups(), A = plan.affine_size();
   const S *px = required<S>(x, n, "x", false), *pdy = required<S>(dy, n, "dy", false);

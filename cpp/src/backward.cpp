@@ -120,18 +120,20 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
     c3[p] = T(-r * r * Pg * d - (plan.skip_mean ? 0.0 : r * Bg[g] / M));
   }
 
-  // Pass 2: dx = c1*dy*w + c2*(x - shift) + c3.
+  // Pass 2: dx = c1*dy*w + c2*(x - shift) + c3. With constant statistics dx does not depend on
+  // x (c2 = c3 = 0): skip reading it, which also keeps a NaN in x out of dx, as in torch.
+  const S* xs = batch_stats ? x : nullptr;
   if (plan.channels_last) {
     parallel_for(ch.items(), ch.step * C, [&](int64_t it) {
       const int64_t s = ch.start(it), p0 = ch.sample(it) * C;
-      k.rows_backward_apply(x + s, dy + s, dx + s, ch.length(ch.chunk(it)), C, &c1[p0], &c2[p0],
+      k.rows_backward_apply(xs ? xs + s : nullptr, dy + s, dx + s, ch.length(ch.chunk(it)), C, &c1[p0], &c2[p0],
                             &xhat.shift[p0], &c3[p0]);
     });
     return;
   }
   parallel_for(ch.items(), kChunk, [&](int64_t it) {
     const int64_t p = ch.plane(it), off = ch.chunk(it) * ch.step, s = ch.start(it);
-    k.backward_apply(x + s, dy + s, dx + s, ch.length(ch.chunk(it)), c1[p], c2[p], xhat.shift[p],
+    k.backward_apply(xs ? xs + s : nullptr, dy + s, dx + s, ch.length(ch.chunk(it)), c1[p], c2[p], xhat.shift[p],
                      c3[p], wcol ? wcol + off : nullptr);
   });
 }

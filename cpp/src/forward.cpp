@@ -41,7 +41,8 @@ void group_moments(const Plan& plan, const S* x, double* mean, double* var) {
       mean[g] = var[g] = std::numeric_limits<double>::quiet_NaN();
     } else if (plan.skip_mean) {
       mean[g] = 0;
-      var[g] = acc.m2 / acc.n + acc.mean * acc.mean;  // mean of x^2
+      // mean of x^2 (Inf when the group holds an Inf, so finite entries normalize to 0, as torch)
+      var[g] = std::isinf(acc.mean) ? acc.mean * acc.mean : acc.m2 / acc.n + acc.mean * acc.mean;
     } else {
       mean[g] = acc.mean;
       var[g] = acc.m2 / acc.n;

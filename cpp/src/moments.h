@@ -1,6 +1,8 @@
 // Chunk statistics and their merges, all in double and always in a caller-fixed order.
 #pragma once
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <cstdint>
 #include <vector>
 
@@ -18,7 +20,11 @@ struct Moments {
 inline Moments merge(const Moments& a, const Moments& b) {
   if (b.n == 0) return a;
   if (a.n == 0) return b;
-  const double n = a.n + b.n, delta = b.mean - a.mean;
+  const double n = a.n + b.n;
+  // An Inf in either side: the mean is that Inf (NaN for +Inf with -Inf), the spread unknown.
+  if (!std::isfinite(a.mean) || !std::isfinite(b.mean))
+    return {n, a.mean + b.mean, std::numeric_limits<double>::quiet_NaN()};
+  const double delta = b.mean - a.mean;
   return {n, a.mean + delta * (b.n / n), a.m2 + b.m2 + delta * delta * (a.n * b.n / n)};
 }
 

@@ -19,15 +19,8 @@ class Saved:
 
 
 def moments(plan, x):
-    """Per-group (mean, biased variance) as float64 arrays.
-
-    A group whose mean is NaN (it holds a NaN, or infinities) has a NaN variance, as in torch;
-    the core's one-chunk moments clamp a NaN sum of squares to 0, which would keep NaN out of
-    running_var (O(groups) bookkeeping here; the clamp belongs in cpp/src/kernels/reduce.cpp).
-    """
-    mean, var = _core.group_moments(plan, x)
-    var[np.isnan(mean)] = np.nan
-    return mean, var
+    """Per-group (mean, biased variance) as float64 arrays (NaN and Inf propagate as in torch)."""
+    return _core.group_moments(plan, x)
 
 
 def rstd_of(var, eps):

@@ -28,7 +28,7 @@ struct Plan {
   bool channels_last = false;  // memory order (N, S, C) instead of (N, C, S); planes are strided
 
   int64_t planes() const { return N * C; }
-  int64_t groups_per_set() const { return C / channels_per_group; }
+  int64_t groups_per_set() const { return channels_per_group > 0 ? C / channels_per_group : 0; }
   int64_t num_groups() const { return num_sample_sets * groups_per_set(); }
   int64_t group_of(int64_t n, int64_t c) const {
     return sample_group[n] * groups_per_set() + c / channels_per_group;

@@ -49,29 +49,31 @@ void affine(const S* x, S* y, int64_t n, T shift, T a, T b, const T* g, const T*
   else affine_epilogue<S, false, false>(x, y, n, shift, a, b, g, h, res, relu);
 }
 
-template <class S, bool Weighted, class T = compute_t<S>>
+template <class S, bool Weighted, bool HasX, class T = compute_t<S>>
 static void backward_apply_impl(const S* x, const S* dy, S* dx, int64_t n, T c1, T c2, T shift,
                                 T c3, const T* w) {
   constexpr int64_t L = lanes<T>;
-  // Scalar math: dx = c1*dy*w + c2*(x - shift) + c3
+  // Scalar math: dx = c1*dy*w + c2*(x - shift) + c3   (without x: dx = c1*dy*w + c3)
   const vec<T> v1 = splat(c1), v2 = splat(c2), v3 = splat(c3), vs = splat(shift);
   int64_t i = 0;
   for (; i + L <= n; i += L) {
     vec<T> g = load_as(dy + i);
     if (Weighted) g *= load(w + i);
-    store_as(dx + i, v1 * g + (v2 * (load_as(x + i) - vs) + v3));
+    store_as(dx + i, HasX ? v1 * g + (v2 * (load_as(x + i) - vs) + v3) : v1 * g + v3);
   }
   for (; i < n; ++i) {
     T g = Weighted ? to_compute(dy[i]) * w[i] : to_compute(dy[i]);
-    dx[i] = from_compute<S>(c1 * g + (c2 * (to_compute(x[i]) - shift) + c3));
+    dx[i] = from_compute<S>(HasX ? c1 * g + (c2 * (to_compute(x[i]) - shift) + c3) : c1 * g + c3);
   }
 }
 
 template <class S, class T>
 void backward_apply(const S* x, const S* dy, S* dx, int64_t n, T c1, T c2, T shift, T c3,
                     const T* w) {
-  if (w) backward_apply_impl<S, true>(x, dy, dx, n, c1, c2, shift, c3, w);
-  else backward_apply_impl<S, false>(x, dy, dx, n, c1, c2, shift, c3, w);
+  if (w && x) backward_apply_impl<S, true, true>(x, dy, dx, n, c1, c2, shift, c3, w);
+  else if (w) backward_apply_impl<S, true, false>(x, dy, dx, n, c1, c2, shift, c3, w);
+  else if (x) backward_apply_impl<S, false, true>(x, dy, dx, n, c1, c2, shift, c3, w);
+  else backward_apply_impl<S, false, false>(x, dy, dx, n, c1, c2, shift, c3, w);
 }
 
 #define NK_INSTANTIATE(S, T)                                                                    \

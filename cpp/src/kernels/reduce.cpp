@@ -3,6 +3,9 @@
 // in double. Stability comes from shifting: x - shift is exact when x is near the shift, so a
 // large mean (x = 1e4 + noise) costs no precision in the deviations.
 #include "convert.h"
+#include <cmath>
+#include <limits>
+
 #include "primitives.h"
 
 namespace nk {
@@ -22,6 +25,11 @@ void moments(const S* x, int64_t n, double* mean_out, double* m2_out) {
   double s = hsum<T>((s0 + s1) + (s2 + s3));
   for (; i < n; ++i) s += to_compute(x[i]);
   const T shift = T(s / double(n));
+  if (!std::isfinite(shift)) {  // an Inf (or NaN) in the chunk: mean +-Inf or NaN, variance NaN
+    *mean_out = s / double(n);
+    *m2_out = std::numeric_limits<double>::quiet_NaN();
+    return;
+  }
 
   // Pass 2, scalar math: d = x - shift; sd = sum d; sdd = sum d*d
   const vec<T> vs = splat(shift);
@@ -45,7 +53,7 @@ void moments(const S* x, int64_t n, double* mean_out, double* m2_out) {
   // Corrected two-pass: the rough shift's error leaves sd != 0; remove its share of sdd.
   *mean_out = double(shift) + sd / double(n);
   double m2 = sdd - sd * sd / double(n);
-  *m2_out = m2 > 0 ? m2 : 0;
+  *m2_out = m2 < 0 ? 0 : m2;  // rounding can dip below 0; NaN stays NaN
 }
 
 template <class S, bool Weighted, class T = compute_t<S>>

@@ -2,6 +2,8 @@
 // positions), every channel its own column. The same sums as reduce.cpp and apply.cpp, per
 // column: results for channel c go to out[c*stride], so they land in the slots the
 // channels-first passes use and the merges after them are shared.
+#include <cmath>
+#include <limits>
 #include <vector>
 
 #include "convert.h"
@@ -40,8 +42,13 @@ void rows_moments(const S* x, int64_t rows, int64_t C, double* mean, double* m2,
   }
   for (int64_t c = 0; c < C; ++c) {
     const double s = double(sd[c]), q = double(sdd[c]) - s * s / double(rows);
+    if (!std::isfinite(shift[c])) {  // an Inf (or NaN) in the column: mean +-Inf or NaN, variance NaN
+      mean[c * stride] = double(shift[c]);
+      m2[c * stride] = std::numeric_limits<double>::quiet_NaN();
+      continue;
+    }
     mean[c * stride] = double(shift[c]) + s / double(rows);
-    m2[c * stride] = q > 0 ? q : 0;
+    m2[c * stride] = q < 0 ? 0 : q;  // NaN stays NaN
   }
 }
 
@@ -105,21 +112,31 @@ void rows_affine(const S* x, S* y, int64_t rows, int64_t C, const T* shift, cons
   else rows_affine_impl<S, false, false>(x, y, rows, C, shift, a, b, res);
 }
 
-template <class S, class T>
-void rows_backward_apply(const S* x, const S* dy, S* dx, int64_t rows, int64_t C, const T* c1,
-                         const T* c2, const T* shift, const T* c3) {
+template <class S, bool HasX, class T = compute_t<S>>
+static void rows_backward_apply_impl(const S* x, const S* dy, S* dx, int64_t rows, int64_t C,
+                                     const T* c1, const T* c2, const T* shift, const T* c3) {
   constexpr int64_t L = lanes<T>;
-  // Scalar math: dx = c1[c]*dy + c2[c]*(x - shift[c]) + c3[c]
+  // Scalar math: dx = c1[c]*dy + c2[c]*(x - shift[c]) + c3[c]   (without x: c1[c]*dy + c3[c])
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t o = r * C;
     int64_t c = 0;
-    for (; c + L <= C; c += L)
-      store_as(dx + o + c, load(c1 + c) * load_as(dy + o + c) +
-                               (load(c2 + c) * (load_as(x + o + c) - load(shift + c)) + load(c3 + c)));
-    for (; c < C; ++c)
-      dx[o + c] = from_compute<S>(c1[c] * to_compute(dy[o + c]) +
-                                  (c2[c] * (to_compute(x[o + c]) - shift[c]) + c3[c]));
+    for (; c + L <= C; c += L) {
+      const vec<T> g = load(c1 + c) * load_as(dy + o + c);
+      store_as(dx + o + c, HasX ? g + (load(c2 + c) * (load_as(x + o + c) - load(shift + c)) + load(c3 + c))
+                                : g + load(c3 + c));
+    }
+    for (; c < C; ++c) {
+      const T g = c1[c] * to_compute(dy[o + c]);
+      dx[o + c] = from_compute<S>(HasX ? g + (c2[c] * (to_compute(x[o + c]) - shift[c]) + c3[c]) : g + c3[c]);
+    }
   }
+}
+
+template <class S, class T>
+void rows_backward_apply(const S* x, const S* dy, S* dx, int64_t rows, int64_t C, const T* c1,
+                         const T* c2, const T* shift, const T* c3) {
+  if (x) rows_backward_apply_impl<S, true>(x, dy, dx, rows, C, c1, c2, shift, c3);
+  else rows_backward_apply_impl<S, false>(x, dy, dx, rows, C, c1, c2, shift, c3);
 }
 
 #define NK_INSTANTIATE(S, T)                                                                      \

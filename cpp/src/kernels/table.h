@@ -25,7 +25,7 @@ struct Kernels {
   // element (null: 1, 0 and 0). The epilogue fuses an inference block's add and ReLU.
   void (*affine)(const S* x, S* y, int64_t n, T shift, T a, T b, const T* g, const T* h,
                  const S* residual, bool relu);
-  // dx = c1*dy*w + c2*(x - shift) + c3, w per element (null: 1).
+  // dx = c1*dy*w + c2*(x - shift) + c3, w per element (null: 1); x null: no x term (eval).
   void (*backward_apply)(const S* x, const S* dy, S* dx, int64_t n, T c1, T c2, T shift, T c3,
                          const T* w);
 
