@@ -9,8 +9,29 @@ import numbers
 
 import numpy as np
 
+try:  # bfloat16 arrays come from ml_dtypes (a test extra); without it, bfloat16 is unknown
+    import ml_dtypes
+    _BFLOAT16 = (np.dtype(ml_dtypes.bfloat16),)
+except ImportError:  # pragma: no cover
+    ml_dtypes, _BFLOAT16 = None, ()
+
+# Parameters, running statistics and their gradients are float32 or float64; inputs may also be
+# float16 or bfloat16, stored as such and computed in float32 (their parameters are float32).
 COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+HALF_DTYPES = (np.dtype(np.float16),) + _BFLOAT16
+INPUT_DTYPES = COMPUTE_DTYPES + HALF_DTYPES
 _FLOAT_NAMES = "float32 or float64"
+_INPUT_NAMES = "float32, float64, float16 or bfloat16"
+
+
+def param_dtype(input_dtype):
+    """The dtype of the parameters, statistics and gradients that go with an input dtype."""
+    return COMPUTE_DTYPES[0] if input_dtype in HALF_DTYPES else np.dtype(input_dtype)
+
+
+def machine_eps(dtype):
+    """finfo(dtype).eps, bfloat16 included (rms_norm's default eps, as torch)."""
+    return float(ml_dtypes.finfo(dtype).eps if dtype in _BFLOAT16 else np.finfo(dtype).eps)
 
 
 class StateError(ValueError, RuntimeError):
@@ -48,6 +69,16 @@ def float_dtype(x, name, dtype=None, whose="the input's"):
         raise TypeError(f"{name}: expected dtype {np.dtype(dtype)} ({whose}), got {x.dtype}")
 
 
+def input_dtype(x, name, param=None):
+    """An input's dtype is float32/64, float16 or bfloat16 in native byte order; with `param`
+    (a layer's dtype), one whose parameters are of that dtype (float32 takes the half types)."""
+    if x.dtype not in INPUT_DTYPES:
+        raise TypeError(f"{name}: expected dtype {_INPUT_NAMES}, got {x.dtype}")
+    if param is not None and param_dtype(x.dtype) != param:
+        also = ", float16 or bfloat16" if param == COMPUTE_DTYPES[0] else ""
+        raise TypeError(f"{name}: expected dtype {np.dtype(param)}{also} (the layer's dtype), got {x.dtype}")
+
+
 def contiguous(a, dtype=None):
     """a as an aligned, C-contiguous base-class ndarray: itself when it already is, else a copy
     (strided, negative-stride, Fortran-order, broadcast and misaligned arrays are copied; the core
@@ -56,9 +87,9 @@ def contiguous(a, dtype=None):
 
 
 def input_array(x, name="input", min_ndim=1):
-    """The input as a C-contiguous float32/float64 array (a copy only when it is not already)."""
+    """The input as a C-contiguous array of an input dtype (a copy only when it is not already)."""
     ndarray(x, name)
-    float_dtype(x, name)
+    input_dtype(x, name)
     if x.ndim < min_ndim:
         raise ValueError(f"{name}: expected at least {min_ndim} dimensions, got shape {x.shape}")
     return contiguous(x)
@@ -70,7 +101,7 @@ def layer_input(x, dtype, ndims=None, min_ndim=1, channels=None, channel_dim=1,
     `min_ndim`) and, when `channels` is given, with that many channels in `channel_dim`.
     Returns x unchanged (the functional call makes it contiguous)."""
     ndarray(x, name)
-    float_dtype(x, name)
+    input_dtype(x, name)
     if ndims is not None and x.ndim not in ndims:
         want = " or ".join(f"{d}D" for d in ndims)
         raise ValueError(f"{name}: expected {want} input{ranks}, got {x.ndim}D input of shape {x.shape}")
@@ -79,12 +110,13 @@ def layer_input(x, dtype, ndims=None, min_ndim=1, channels=None, channel_dim=1,
     if channels is not None and x.shape[channel_dim] != channels:
         raise ValueError(f"{name}: expected {channels} channels in dim {channel_dim} "
                          f"({channels_arg}), got shape {x.shape}")
-    float_dtype(x, name, dtype, "the layer's dtype")
+    input_dtype(x, name, dtype)
     return x
 
 
 def param_array(p, name, shape, dtype):
-    """An optional parameter (weight, bias) of exactly `shape` and `dtype`, contiguous."""
+    """An optional parameter (weight, bias) of exactly `shape` and `dtype` (param_dtype of the
+    input's), contiguous."""
     if p is None:
         return None
     ndarray(p, name)

@@ -50,12 +50,13 @@ def backward(saved, dy, want_weight, want_bias):
     x = saved.x
     dx = np.empty_like(x)
     n_aff = saved.plan.S if saved.plan.column_affine else saved.plan.C
+    pdt = _checks.param_dtype(x.dtype)  # float32 for half inputs
     if x.size == 0:  # sums over no elements: zero parameter gradients, as torch
-        dw = np.zeros(n_aff, x.dtype) if want_weight else None
-        db = np.zeros(n_aff, x.dtype) if want_bias else None
+        dw = np.zeros(n_aff, pdt) if want_weight else None
+        db = np.zeros(n_aff, pdt) if want_bias else None
         return dx.reshape(saved.shape), dw, db
-    dw = np.empty(n_aff, x.dtype) if want_weight else None
-    db = np.empty(n_aff, x.dtype) if want_bias else None
+    dw = np.empty(n_aff, pdt) if want_weight else None
+    db = np.empty(n_aff, pdt) if want_bias else None
     _core.normalize_backward(saved.plan, x, dy, saved.mean, saved.rstd, saved.weight,
                              saved.batch_stats, dx, dw, db)
     return dx.reshape(saved.shape), dw, db
