@@ -178,6 +178,67 @@ def more_than_one_value(count, what="channel", shape=None):
         raise ValueError(f"input: expected more than 1 value per {what} when training, got {got}")
 
 
+# -- layout and fused inference epilogue ----------------------------------------------------
+LAYOUTS = ("NCHW", "NHWC")
+
+
+def layout_arg(layout):
+    """"NCHW" (channels in dim 1) or "NHWC" (channels last); never guessed from strides."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected 'NCHW' or 'NHWC', got {layout!r}")
+    return layout
+
+
+class Epilogue:
+    """Where the output goes and what is fused into its pass: y (+ residual) (then ReLU)."""
+
+    __slots__ = ("out", "residual", "relu")
+
+    def __init__(self, out=None, residual=None, relu=False):
+        self.out, self.residual, self.relu = out, residual, relu
+
+
+PLAIN = Epilogue()
+
+
+def epilogue(input, x, out, residual, activation, others=()):
+    """Checks out=, residual= and activation= against the input (shape and dtype): out must be a
+    writable C-contiguous array, either the input itself (in place) or sharing no memory with it
+    or with the parameters and statistics in `others`; residual may be out itself."""
+    if out is None and residual is None and activation is None:
+        return PLAIN
+    if activation not in (None, "relu"):
+        raise ValueError(f"activation: expected None or 'relu', got {activation!r}")
+    for name, a in (("residual", residual), ("out", out)):
+        if a is None:
+            continue
+        ndarray(a, name)
+        if a.dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype} (the input's), got {a.dtype}")
+        if a.shape != x.shape:
+            raise ValueError(f"{name}: expected shape {x.shape} (the input's), got {a.shape}")
+    if residual is not None:
+        residual = contiguous(residual)
+    if out is not None:
+        if not out.flags.c_contiguous or not out.flags.aligned:
+            raise ValueError("out: expected a C-contiguous array, got a strided one")
+        if not out.flags.writeable:
+            raise ValueError("out: expected a writable array, got a read-only one")
+        for name, a in (("input", input), ("residual", residual)):
+            if a is not None and np.shares_memory(out, a) and not _same_memory(out, a):
+                raise ValueError(f"out: expected the {name} itself (in place) or an array sharing "
+                                 f"no memory with it, got a partial overlap")
+        for name, a in others:
+            if a is not None and np.shares_memory(out, a):
+                raise ValueError(f"out: expected an array sharing no memory with {name}")
+    return Epilogue(out, residual, activation == "relu")
+
+
+def _same_memory(a, b):
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+            and a.shape == b.shape and a.strides == b.strides)
+
+
 # -- scalars ----------------------------------------------------------------------------------
 def _real(v, name):
     if isinstance(v, bool) or not isinstance(v, numbers.Real):

@@ -29,20 +29,21 @@ def rstd_of(var, eps):
         return 1.0 / np.sqrt(np.asarray(var, dtype=np.float64) + eps)
 
 
-def apply(plan, x, mean, var, eps, weight, bias, batch_stats, shape):
+def apply(plan, x, mean, var, eps, weight, bias, batch_stats, shape, epilogue=_checks.PLAIN):
     """y = (x - mean)/sqrt(var + eps)*weight + bias; returns y (in `shape`) and a Saved.
 
     An empty x (a zero-size dimension) gets an empty y without a call into the core, so that
     plans which only exist for empty tensors (a GroupNorm of 0 channels) never reach a kernel;
     mean and var may then be None.
     """
+    y = np.empty_like(x) if epilogue.out is None else epilogue.out
     if x.size == 0:
-        return np.empty_like(x).reshape(shape), Saved(plan, x, None, None, weight, batch_stats, shape)
+        return (y.reshape(shape) if epilogue.out is None else y), Saved(plan, x, None, None, weight, batch_stats, shape)
     mean = _checks.contiguous(mean, np.float64)  # a caller's running_mean may be strided
     rstd = rstd_of(var, eps)
-    y = np.empty_like(x)
-    _core.normalize(plan, x, mean, rstd, weight, bias, y)
-    return y.reshape(shape), Saved(plan, x, mean, rstd, weight, batch_stats, shape)
+    _core.normalize(plan, x, mean, rstd, weight, bias, y, epilogue.residual, epilogue.relu)
+    y = y.reshape(shape) if epilogue.out is None else epilogue.out
+    return y, Saved(plan, x, mean, rstd, weight, batch_stats, shape)
 
 
 def backward(saved, dy, want_weight, want_bias):
@@ -62,10 +63,17 @@ def backward(saved, dy, want_weight, want_bias):
     return dx.reshape(saved.shape), dw, db
 
 
-def planes(x):
-    """(N, C, S) of an (N, C, *spatial) array."""
-    S = int(np.prod(x.shape[2:], dtype=np.int64)) if x.ndim > 2 else 1
-    return x.shape[0], x.shape[1], S
+def planes(x, layout="NCHW"):
+    """(N, C, S) of an (N, C, *spatial) array, or of an (N, *spatial, C) one for "NHWC"."""
+    spatial = x.shape[2:] if layout == "NCHW" else x.shape[1:-1]
+    S = int(np.prod(spatial, dtype=np.int64))
+    return x.shape[0], x.shape[1] if layout == "NCHW" else x.shape[-1], S
+
+
+def in_layout(plan, layout):
+    """The plan reading memory in `layout` (statistics groups are layout-free)."""
+    plan.channels_last = layout == "NHWC"
+    return plan
 
 
 def running_update(running, batch_value, factor):

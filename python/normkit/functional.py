@@ -13,7 +13,8 @@ def _unbiased(var, count):
     return var * (count / (count - 1)) if count > 1 else var * np.nan
 
 
-def batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps):
+def batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                    layout="NCHW", out=None, residual=None, activation=None):
     """batch_norm's body; returns (y, Saved) so that the layers can run backward.
 
     Everything is checked first; the running statistics are updated last, after y exists, so a
@@ -22,7 +23,8 @@ def batch_norm_impl(input, running_mean, running_var, weight, bias, training, mo
     """
     training = bool(training)
     x = _checks.input_array(input, "input", min_ndim=2)
-    N, C, S = _engine.planes(x)
+    layout = _checks.layout_arg(layout)
+    N, C, S = _engine.planes(x, layout)
     pdt = _checks.param_dtype(x.dtype)
     weight = _checks.param_array(weight, "weight", (C,), pdt)
     bias = _checks.param_array(bias, "bias", (C,), pdt)
@@ -39,13 +41,15 @@ def batch_norm_impl(input, running_mean, running_var, weight, bias, training, mo
         _checks.more_than_one_value(N * S, "channel", x.shape)
     if C == 0:
         _checks.no_affine_on_empty(weight, bias, x, "0 channels")
-    plan = _core.plan_per_channel(N, C, S)
+    ep = _checks.epilogue(input, x, out, residual, activation, (
+        ("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)))
+    plan = _engine.in_layout(_core.plan_per_channel(N, C, S), layout)
     if x.size == 0:
-        return _engine.apply(plan, x, None, None, eps, weight, bias, training, x.shape)
-    if not training:
-        return _engine.apply(plan, x, running_mean, running_var, eps, weight, bias, False, x.shape)
+        return _engine.apply(plan, x, None, None, eps, weight, bias, training, x.shape, ep)
+    if not training:  # one pass: the fold of the running statistics, then the fused apply
+        return _engine.apply(plan, x, running_mean, running_var, eps, weight, bias, False, x.shape, ep)
     mean, var = _engine.moments(plan, x)
-    result = _engine.apply(plan, x, mean, var, eps, weight, bias, True, x.shape)
+    result = _engine.apply(plan, x, mean, var, eps, weight, bias, True, x.shape, ep)
     if running_mean is not None:
         _engine.running_update(running_mean, mean, momentum)
     if running_var is not None:
@@ -53,20 +57,33 @@ def batch_norm_impl(input, running_mean, running_var, weight, bias, training, mo
     return result
 
 
+EXTRAS_DOC = """
+    Keyword-only extras (not in torch): layout="NHWC" reads channels-last input (N, *spatial, C);
+    out= writes the result into a given C-contiguous array (the input itself for in-place);
+    residual= adds an array of the input's shape to the result, and activation="relu" applies
+    ReLU after it, both fused into the output pass (inference blocks: norm + add + ReLU)."""
+
+
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5):
+               momentum=0.1, eps=1e-5, *, layout="NCHW", out=None, residual=None, activation=None):
     """Batch normalization over (N, *spatial) per channel of an (N, C, *spatial) input."""
-    return batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps)[0]
+    return batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                           layout, out, residual, activation)[0]
 
 
-def instance_norm_impl(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps):
+batch_norm.__doc__ += EXTRAS_DOC
+
+
+def instance_norm_impl(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps,
+                       layout="NCHW", out=None, residual=None, activation=None):
     """instance_norm's body; returns (y, Saved). Zero-size inputs follow torch (which runs
     batch_norm on the (1, N*C, *) view): an empty output; weight or bias with no (sample, channel)
     planes raises; running statistics are untouched when the planes are empty, and become NaN
     (the mean over no samples) when the batch is, as torch's do."""
     use_input_stats = bool(use_input_stats)
     x = _checks.input_array(input, "input", min_ndim=2)
-    N, C, S = _engine.planes(x)
+    layout = _checks.layout_arg(layout)
+    N, C, S = _engine.planes(x, layout)
     pdt = _checks.param_dtype(x.dtype)
     weight = _checks.param_array(weight, "weight", (C,), pdt)
     bias = _checks.param_array(bias, "bias", (C,), pdt)
@@ -83,19 +100,21 @@ def instance_norm_impl(input, running_mean, running_var, weight, bias, use_input
         _checks.more_than_one_value(S, "(sample, channel) plane", x.shape)
     if N * C == 0:
         _checks.no_affine_on_empty(weight, bias, x, "no (sample, channel) planes")
+    ep = _checks.epilogue(input, x, out, residual, activation, (
+        ("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)))
     if not use_input_stats:
-        plan = _core.plan_per_channel(N, C, S)
-        return _engine.apply(plan, x, running_mean, running_var, eps, weight, bias, False, x.shape)
-    plan = _core.plan_per_sample_group(N, C, S, C)
+        plan = _engine.in_layout(_core.plan_per_channel(N, C, S), layout)
+        return _engine.apply(plan, x, running_mean, running_var, eps, weight, bias, False, x.shape, ep)
+    plan = _engine.in_layout(_core.plan_per_sample_group(N, C, S, C), layout)
     if x.size == 0:
-        result = _engine.apply(plan, x, None, None, eps, weight, bias, True, x.shape)
+        result = _engine.apply(plan, x, None, None, eps, weight, bias, True, x.shape, ep)
         if N == 0:  # torch: the running statistics become the mean over no samples
             for s in (running_mean, running_var):
                 if s is not None:
                     s[...] = np.nan
         return result
     mean, var = _engine.moments(plan, x)
-    result = _engine.apply(plan, x, mean, var, eps, weight, bias, True, x.shape)
+    result = _engine.apply(plan, x, mean, var, eps, weight, bias, True, x.shape, ep)
     # torch: running stats move toward the batch average of the per-instance statistics.
     if running_mean is not None:
         _engine.running_update(running_mean, mean.reshape(N, C).mean(axis=0), momentum)
@@ -105,34 +124,46 @@ def instance_norm_impl(input, running_mean, running_var, weight, bias, use_input
 
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
-                  use_input_stats=True, momentum=0.1, eps=1e-5):
+                  use_input_stats=True, momentum=0.1, eps=1e-5, *, layout="NCHW", out=None,
+                  residual=None, activation=None):
     """Instance normalization: each (sample, channel) plane on its own statistics."""
     return instance_norm_impl(input, running_mean, running_var, weight, bias, use_input_stats,
-                              momentum, eps)[0]
+                              momentum, eps, layout, out, residual, activation)[0]
 
 
-def group_norm_impl(input, num_groups, weight, bias, eps):
+instance_norm.__doc__ += EXTRAS_DOC
+
+
+def group_norm_impl(input, num_groups, weight, bias, eps, layout="NCHW", out=None, residual=None,
+                    activation=None):
     x = _checks.input_array(input, "input", min_ndim=2)
-    N, C, S = _engine.planes(x)
+    layout = _checks.layout_arg(layout)
+    N, C, S = _engine.planes(x, layout)
     num_groups = _checks.positive_int(num_groups, "num_groups")
     _checks.divisor(num_groups, C)
     pdt = _checks.param_dtype(x.dtype)
     weight = _checks.param_array(weight, "weight", (C,), pdt)
     bias = _checks.param_array(bias, "bias", (C,), pdt)
     eps = _checks.nonneg_float(eps, "eps")
-    plan = _core.plan_per_sample_group(N, C, S, num_groups)
+    ep = _checks.epilogue(input, x, out, residual, activation, (("weight", weight), ("bias", bias)))
+    plan = _engine.in_layout(_core.plan_per_sample_group(N, C, S, num_groups), layout)
     if x.size == 0:  # torch: an empty output (0 channels included)
-        return _engine.apply(plan, x, None, None, eps, weight, bias, True, x.shape)
+        return _engine.apply(plan, x, None, None, eps, weight, bias, True, x.shape, ep)
     mean, var = _engine.moments(plan, x)
-    return _engine.apply(plan, x, mean, var, eps, weight, bias, True, x.shape)
+    return _engine.apply(plan, x, mean, var, eps, weight, bias, True, x.shape, ep)
 
 
-def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, layout="NCHW", out=None,
+               residual=None, activation=None):
     """Group normalization: each sample's channels in num_groups groups."""
-    return group_norm_impl(input, num_groups, weight, bias, eps)[0]
+    return group_norm_impl(input, num_groups, weight, bias, eps, layout, out, residual, activation)[0]
 
 
-def _row_norm(input, normalized_shape, weight, bias, eps, skip_mean):
+group_norm.__doc__ += EXTRAS_DOC
+
+
+def _row_norm(input, normalized_shape, weight, bias, eps, skip_mean, out=None, residual=None,
+              activation=None):
     shape = _checks.normalized_shape_tuple(normalized_shape)
     x = _checks.input_array(input, "input", min_ndim=len(shape))
     _checks.check_trailing_shape(x, shape)
@@ -142,30 +173,38 @@ def _row_norm(input, normalized_shape, weight, bias, eps, skip_mean):
     if eps is None and skip_mean:  # rms_norm's default: the dtype's machine epsilon, as torch
         eps = _checks.machine_eps(x.dtype)
     eps = _checks.nonneg_float(eps, "eps")
+    ep = _checks.epilogue(input, x, out, residual, activation, (("weight", weight), ("bias", bias)))
     M = int(np.prod(shape, dtype=np.int64))
     rows = x.size // M if M else int(np.prod(x.shape[:x.ndim - len(shape)], dtype=np.int64))
     plan = _core.plan_per_row(rows, M, skip_mean)
     w = None if weight is None else weight.reshape(-1)
     b = None if bias is None else bias.reshape(-1)
     if x.size == 0:  # torch: an empty output
-        return _engine.apply(plan, x, None, None, eps, w, b, True, x.shape)
+        return _engine.apply(plan, x, None, None, eps, w, b, True, x.shape, ep)
     mean, var = _engine.moments(plan, x)
-    return _engine.apply(plan, x, mean, var, eps, w, b, True, x.shape)
+    return _engine.apply(plan, x, mean, var, eps, w, b, True, x.shape, ep)
 
 
-def layer_norm_impl(input, normalized_shape, weight, bias, eps):
-    return _row_norm(input, normalized_shape, weight, bias, eps, skip_mean=False)
+def layer_norm_impl(input, normalized_shape, weight, bias, eps, out=None, residual=None,
+                    activation=None):
+    return _row_norm(input, normalized_shape, weight, bias, eps, False, out, residual, activation)
 
 
-def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
-    """Layer normalization over the trailing `normalized_shape` dimensions."""
-    return layer_norm_impl(input, normalized_shape, weight, bias, eps)[0]
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None,
+               residual=None, activation=None):
+    """Layer normalization over the trailing `normalized_shape` dimensions.
+
+    Keyword-only extras (not in torch): out=, residual=, activation="relu" as in batch_norm."""
+    return layer_norm_impl(input, normalized_shape, weight, bias, eps, out, residual, activation)[0]
 
 
-def rms_norm_impl(input, normalized_shape, weight, eps):
-    return _row_norm(input, normalized_shape, weight, None, eps, skip_mean=True)
+def rms_norm_impl(input, normalized_shape, weight, eps, out=None, residual=None, activation=None):
+    return _row_norm(input, normalized_shape, weight, None, eps, True, out, residual, activation)
 
 
-def rms_norm(input, normalized_shape, weight=None, eps=None):
-    """RMS normalization: x / sqrt(mean(x^2) + eps) * weight over `normalized_shape`."""
-    return rms_norm_impl(input, normalized_shape, weight, eps)[0]
+def rms_norm(input, normalized_shape, weight=None, eps=None, *, out=None, residual=None,
+             activation=None):
+    """RMS normalization: x / sqrt(mean(x^2) + eps) * weight over `normalized_shape`.
+
+    Keyword-only extras (not in torch): out=, residual=, activation="relu" as in batch_norm."""
+    return rms_norm_impl(input, normalized_shape, weight, eps, out, residual, activation)[0]

@@ -10,8 +10,9 @@ class _BatchNorm(NormLayer):
     _ranks = ""  # their layouts, for messages
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, dtype=np.float32):
+                 track_running_stats=True, dtype=np.float32, layout="NCHW"):
         super().__init__()
+        self.layout = _checks.layout_arg(layout)  # "NHWC": input is (N, *spatial, C)
         self.num_features = _checks.positive_int(num_features, "num_features")
         self.eps = _checks.nonneg_float(eps, "eps")
         self.momentum = _checks.momentum_value(momentum)
@@ -36,7 +37,7 @@ class _BatchNorm(NormLayer):
 
     def _check_input(self, x):
         _checks.layer_input(x, self.dtype, ndims=self._expected_ndims, channels=self.num_features,
-                            ranks=self._ranks)
+                            ranks=self._ranks, channel_dim=1 if self.layout == "NCHW" else -1)
 
     def _forward(self, x):
         self._check_input(x)
@@ -50,14 +51,15 @@ class _BatchNorm(NormLayer):
         track = not self.training or self.track_running_stats
         result = F.batch_norm_impl(x, self.running_mean if track else None,
                                    self.running_var if track else None, self.weight, self.bias,
-                                   use_batch_stats, factor, self.eps)
+                                   use_batch_stats, factor, self.eps, self.layout)
         if self.training and self.track_running_stats:
             self.num_batches_tracked += 1
         return result
 
     def extra_repr(self):
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-                f"track_running_stats={self.track_running_stats}")
+                f"track_running_stats={self.track_running_stats}"
+                + ("" if self.layout == "NCHW" else f", layout={self.layout!r}"))
 
 
 class BatchNorm1d(_BatchNorm):

@@ -8,8 +8,10 @@ from .base import NormLayer
 class GroupNorm(NormLayer):
     """Group normalization of (N, C, *) input: each sample's C channels in num_groups groups."""
 
-    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, dtype=np.float32):
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, dtype=np.float32,
+                 layout="NCHW"):
         super().__init__()
+        self.layout = _checks.layout_arg(layout)  # "NHWC": input is (N, *spatial, C)
         self.num_groups = _checks.positive_int(num_groups, "num_groups")
         self.num_channels = _checks.positive_int(num_channels, "num_channels")
         _checks.divisor(self.num_groups, self.num_channels, of="num_channels")
@@ -20,9 +22,11 @@ class GroupNorm(NormLayer):
         self._param("bias", np.zeros(num_channels, self.dtype) if affine else None)
 
     def _forward(self, x):
+        nhwc = self.layout == "NHWC"
         _checks.layer_input(x, self.dtype, min_ndim=2, channels=self.num_channels,
-                            ranks=f" (N, {self.num_channels}, *)", channels_arg="num_channels")
-        return F.group_norm_impl(x, self.num_groups, self.weight, self.bias, self.eps)
+                            ranks=f" (N, *, {self.num_channels})" if nhwc else f" (N, {self.num_channels}, *)",
+                            channels_arg="num_channels", channel_dim=-1 if nhwc else 1)
+        return F.group_norm_impl(x, self.num_groups, self.weight, self.bias, self.eps, self.layout)
 
     def extra_repr(self):
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"

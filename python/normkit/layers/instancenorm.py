@@ -11,25 +11,26 @@ class _InstanceNorm(_BatchNorm):
     _spatial_dims = 0
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False,
-                 track_running_stats=False, dtype=np.float32):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype)
+                 track_running_stats=False, dtype=np.float32, layout="NCHW"):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype, layout)
 
     def _forward(self, x):
         d = self._spatial_dims
         _checks.layer_input(x, self.dtype, ndims=(d + 1, d + 2), ranks=self._ranks)
         shape = x.shape
         xb = x[None] if x.ndim == d + 1 else x
-        if xb.shape[1] != self.num_features:
+        channel_dim = 1 if self.layout == "NCHW" else -1
+        if xb.shape[channel_dim] != self.num_features:
             if self.affine or self.track_running_stats:
                 # torch: the affine and the running statistics are per channel.
                 _checks.layer_input(x, self.dtype, channels=self.num_features,
-                                    channel_dim=x.ndim - d - 1)
-            warnings.warn(f"input has {xb.shape[1]} channels but num_features is {self.num_features}; "
+                                    channel_dim=x.ndim - d - 1 if self.layout == "NCHW" else -1)
+            warnings.warn(f"input has {xb.shape[channel_dim]} channels but num_features is {self.num_features}; "
                           "num_features is not used because affine=False", UserWarning)
         use_input_stats = self.training or not self.track_running_stats
         momentum = self.momentum if self.momentum is not None else 0.0  # as torch
         y, saved = F.instance_norm_impl(xb, self.running_mean, self.running_var, self.weight,
-                                        self.bias, use_input_stats, momentum, self.eps)
+                                        self.bias, use_input_stats, momentum, self.eps, self.layout)
         saved.shape = shape
         return y.reshape(shape), saved
 
