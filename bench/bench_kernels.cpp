@@ -5,6 +5,7 @@
 //   build/bench/normkit_bench --benchmark_filter=BatchNorm
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -36,7 +37,7 @@ struct Case {
 nk::Plan plan_of(int kind, int64_t N, int64_t C, int64_t S) {
   switch (kind) {
     case 0: return nk::plan_per_channel(N, C, S);             // BatchNorm
-    case 1: return nk::plan_per_sample_group(N, C, S, 32);    // GroupNorm(32)
+    case 1: return nk::plan_per_sample_group(N, C, S, std::min<int64_t>(32, C));  // GroupNorm(32)
     case 2: return nk::plan_per_sample_group(N, C, S, C);     // InstanceNorm
     case 3: { nk::Plan p = nk::plan_per_channel(N, C, S); p.channels_last = true; return p; }  // BN NHWC
     default: return nk::plan_per_row(N, C * S, false);        // LayerNorm
