@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <atomic>
 #include <string>
 
 #include "normkit/normkit.h"
@@ -20,17 +21,46 @@ template <> const char* dtype_name<double>() { return "float64"; }
 template <> const char* dtype_name<nk::f16>() { return "float16"; }
 template <> const char* dtype_name<nk::bf16>() { return "bfloat16"; }
 
+// NumPy type numbers identify the dtypes without a Python call per array (a dtype's name is a
+// Python property, and costs microseconds). ml_dtypes' bfloat16 gets its number at registration:
+// the first array whose dtype is named "bfloat16" teaches it.
+enum class Dt { f32, f64, f16, bf16, other };
+std::atomic<int> g_bf16_num{-1};
+
+Dt dt_of(const py::array& a) {
+  const int num = a.dtype().num();
+  switch (num) {
+    case 11: return Dt::f32;  // NPY_FLOAT
+    case 12: return Dt::f64;  // NPY_DOUBLE
+    case 23: return Dt::f16;  // NPY_HALF
+    default: break;
+  }
+  if (num == g_bf16_num.load()) return Dt::bf16;
+  if (a.dtype().itemsize() == 2 && std::string(py::str(a.dtype().attr("name"))) == "bfloat16") {
+    g_bf16_num.store(num);
+    return Dt::bf16;
+  }
+  return Dt::other;
+}
+
+template <class S> constexpr Dt dt_code();
+template <> constexpr Dt dt_code<float>() { return Dt::f32; }
+template <> constexpr Dt dt_code<double>() { return Dt::f64; }
+template <> constexpr Dt dt_code<nk::f16>() { return Dt::f16; }
+template <> constexpr Dt dt_code<nk::bf16>() { return Dt::bf16; }
+
 std::string dtype_of(const py::array& a) { return py::str(a.dtype().attr("name")); }
 
 // Calls f(S{}) for the storage type of x.
 template <class F>
 void dispatch(const py::array& x, F&& f) {
-  const std::string d = dtype_of(x);
-  if (d == "float32") f(float{});
-  else if (d == "float64") f(double{});
-  else if (d == "float16") f(nk::f16{});
-  else if (d == "bfloat16") f(nk::bf16{});
-  else throw py::type_error("x: expected float32, float64, float16 or bfloat16, got " + d);
+  switch (dt_of(x)) {
+    case Dt::f32: return f(float{});
+    case Dt::f64: return f(double{});
+    case Dt::f16: return f(nk::f16{});
+    case Dt::bf16: return f(nk::bf16{});
+    default: throw py::type_error("x: expected float32, float64, float16 or bfloat16, got " + dtype_of(x));
+  }
 }
 
 // The data of an optional array argument, checked to be C-contiguous, of dtype T and of `size`
@@ -40,7 +70,7 @@ T* data_of(const py::object& obj, int64_t size, const char* name, bool writable)
   if (obj.is_none()) return nullptr;
   if (!py::isinstance<py::array>(obj)) throw py::type_error(std::string(name) + ": expected a numpy.ndarray");
   auto arr = py::reinterpret_borrow<py::array>(obj);
-  if (dtype_of(arr) != dtype_name<T>() || !(arr.flags() & py::array::c_style))
+  if (dt_of(arr) != dt_code<T>() || !(arr.flags() & py::array::c_style))
     throw py::type_error(std::string(name) + ": expected a C-contiguous " + dtype_name<T>() + " array, got " +
                          dtype_of(arr));
   if (reinterpret_cast<uintptr_t>(arr.data()) % alignof(T) != 0)

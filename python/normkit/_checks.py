@@ -83,6 +83,9 @@ def contiguous(a, dtype=None):
     """a as an aligned, C-contiguous base-class ndarray: itself when it already is, else a copy
     (strided, negative-stride, Fortran-order, broadcast and misaligned arrays are copied; the core
     reads plain contiguous memory only)."""
+    if (type(a) is np.ndarray and a.flags.c_contiguous and a.flags.aligned
+            and (dtype is None or a.dtype == dtype)):
+        return a  # the common case, without np.require's per-call cost
     return np.require(a, dtype, ("C", "A", "E"))
 
 
