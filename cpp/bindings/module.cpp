@@ -150,7 +150,10 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("column_affine", &nk::Plan::column_affine)
       .def_readwrite("channels_last", &nk::Plan::channels_last)
       .def_property_readonly("num_groups", &nk::Plan::num_groups)
-      .def_property_readonly("group_counts", &nk::group_counts);
+      .def_property_readonly("group_counts", [](const nk::Plan& p) {
+        nk::check_plan(p);  // channels_last is writable from Python; the rest is checked already
+        return nk::group_counts(p);
+      });
 
   m.def("plan_per_channel", &nk::plan_per_channel, py::arg("N"), py::arg("C"), py::arg("S"));
   m.def("plan_per_channel_in_sets", &nk::plan_per_channel_in_sets, py::arg("N"), py::arg("C"),

@@ -1,0 +1,43 @@
+"""The raw core binding (normkit._core) refuses plans that would index out of bounds, so a
+direct caller gets a ValueError, never a crash (fuzzer findings, kept as regression tests)."""
+import numpy as np
+import pytest
+
+from normkit import _core
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: _core.plan_per_channel_in_sets(2, 2, 3, [0, -1]), "sample_group entry out of range"),
+    (lambda: _core.plan_per_channel(1, 2 ** 62, 4), "overflows int64"),
+    (lambda: _core.plan_per_channel(2 ** 40, 2 ** 20, 2 ** 10), "overflows int64"),
+    (lambda: _core.plan_per_sample_group(2, 4, 3, 3), "num_groups must divide C"),
+    (lambda: _core.plan_per_sample_group(2, 4, 3, 0), "num_groups must divide C"),
+    (lambda: _core.plan_per_channel(-1, 2, 3), "negative dimension"),
+], ids=["negative-set", "overflow-C", "overflow-NCS", "groups-not-dividing", "zero-groups", "negative-N"])
+def test_invalid_plans_raise(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_a_plan_made_invalid_from_python_is_refused_before_use():
+    plan = _core.plan_per_row(2, 3, False)
+    plan.channels_last = True  # a per-column affine needs channels-first memory
+    with pytest.raises(ValueError, match="channels-first"):
+        _core.group_moments(plan, np.ones(6, np.float32))
+    with pytest.raises(ValueError, match="channels-first"):
+        plan.group_counts
+
+
+def test_arrays_of_the_wrong_size_or_dtype_are_refused():
+    plan = _core.plan_per_channel(2, 3, 4)
+    with pytest.raises(ValueError, match="x: expected 24 elements"):
+        _core.group_moments(plan, np.ones(23, np.float32))
+    with pytest.raises(TypeError, match="x: expected float32, float64, float16 or bfloat16"):
+        _core.group_moments(plan, np.ones(24, np.int32))
+    mean, var = _core.group_moments(plan, np.ones(24, np.float32))
+    with pytest.raises(TypeError, match="out: expected a C-contiguous float32"):
+        _core.normalize(plan, np.ones(24, np.float32), mean, var, None, None, np.ones(24, np.float64))
+
+
+def test_zero_channel_group_plan_is_empty():
+    assert _core.plan_per_sample_group(2, 0, 3, 3).num_groups == 0
