@@ -14,7 +14,7 @@
 #     With GCC's libasan preloaded, libasan provides the coverage hooks, so atheris's Python
 #     coverage does not work in this phase (atheris warns); phase 1 supplies the guidance.
 # With a sanitizer build the time is split evenly; NORMKIT_FUZZ_ASAN=0 skips phase 2.
-# Environment: PYTHON (python3), NORMKIT_FUZZ_TARGETS (default functional,layer; add ,core for _core),
+# Environment: PYTHON (python3), NORMKIT_FUZZ_TARGETS (default functional,layer,core),
 # NORMKIT_FUZZ_CORPUS, NORMKIT_FUZZ_OUT, NORMKIT_FUZZ_NO_INSTALL=1.
 set -euo pipefail
 

@@ -21,7 +21,7 @@ and huge values, invalid eps / momentum / num_groups / normalized_shape / layout
 out= / residual= / activation= (in place, wrong shape or dtype, strided, read-only).
 
 Run:  python tests/fuzz/fuzz_api.py -max_total_time=60 [corpus_dir]   (see .ci/fuzz.sh)
-      NORMKIT_FUZZ_TARGETS=functional,layer,core adds the raw _core binding (default: the first two)
+      NORMKIT_FUZZ_TARGETS: a subset of functional,layer,core (default: all three, the raw _core binding included)
 Repro a finding:  python tests/fuzz/fuzz_api.py crash-<sha1>
 Without atheris:  python tests/fuzz/fuzz_api.py --random SECONDS   (random bytes, no coverage)
 """
@@ -858,11 +858,11 @@ def fuzz_core(src):
         pass
 
 
-# Which targets run, with weights: NORMKIT_FUZZ_TARGETS=functional,layer (the default: the public
-# API) or any comma-separated subset of functional,layer,core (core: the raw _core binding, which
-# promises that no wrong call reads or writes out of bounds).
+# Which targets run, with weights: NORMKIT_FUZZ_TARGETS, a comma-separated subset of
+# functional,layer,core (default: all; core is the raw _core binding, which promises that no wrong
+# call reads or writes out of bounds).
 TARGETS = {"functional": (fuzz_functional, 5), "layer": (fuzz_layer, 4), "core": (fuzz_core, 1)}
-_chosen = [t.strip() for t in os.environ.get("NORMKIT_FUZZ_TARGETS", "functional,layer").split(",") if t.strip()]
+_chosen = [t.strip() for t in os.environ.get("NORMKIT_FUZZ_TARGETS", "functional,layer,core").split(",") if t.strip()]
 if not _chosen or any(t not in TARGETS for t in _chosen):
     sys.exit(f"NORMKIT_FUZZ_TARGETS: expected a comma-separated subset of {list(TARGETS)}, got {_chosen}")
 SCHEDULE = [TARGETS[t][0] for t in _chosen for _ in range(TARGETS[t][1])]
