@@ -13,6 +13,29 @@ def _unbiased(var, count):
     return var * (count / (count - 1)) if count > 1 else var * np.nan
 
 
+def _channel_args(input, running_mean, running_var, weight, bias, batch_stats, momentum, eps,
+                  layout, flag):
+    """The checks batch_norm and instance_norm share: per-channel weight, bias and running
+    statistics of the input's parameter dtype; with batch statistics the running ones are updated
+    in place (writable, separate), without them (`flag`=False) they are required."""
+    x = _checks.input_array(input, "input", min_ndim=2)
+    layout = _checks.layout_arg(layout)
+    N, C, S = _engine.planes(x, layout)
+    pdt = _checks.param_dtype(x.dtype)
+    weight = _checks.param_array(weight, "weight", (C,), pdt)
+    bias = _checks.param_array(bias, "bias", (C,), pdt)
+    running_mean = _checks.stats_array(running_mean, "running_mean", C, batch_stats, pdt)
+    running_var = _checks.stats_array(running_var, "running_var", C, batch_stats, pdt)
+    if batch_stats:  # both are updated in place
+        _checks.separate(running_mean, "running_mean", running_var, "running_var")
+    momentum = _checks.momentum_value(momentum, allow_none=False)
+    eps = _checks.nonneg_float(eps, "eps")
+    if not batch_stats:
+        _checks.required(running_mean, "running_mean", f"{flag}=False")
+        _checks.required(running_var, "running_var", f"{flag}=False")
+    return x, layout, (N, C, S), weight, bias, running_mean, running_var, momentum, eps
+
+
 def batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps,
                     layout="NCHW", out=None, residual=None, activation=None):
     """batch_norm's body; returns (y, Saved) so that the layers can run backward.
@@ -22,22 +45,9 @@ def batch_norm_impl(input, running_mean, running_var, weight, bias, training, mo
     leaves the running statistics alone, as torch.
     """
     training = bool(training)
-    x = _checks.input_array(input, "input", min_ndim=2)
-    layout = _checks.layout_arg(layout)
-    N, C, S = _engine.planes(x, layout)
-    pdt = _checks.param_dtype(x.dtype)
-    weight = _checks.param_array(weight, "weight", (C,), pdt)
-    bias = _checks.param_array(bias, "bias", (C,), pdt)
-    running_mean = _checks.stats_array(running_mean, "running_mean", C, training, pdt)
-    running_var = _checks.stats_array(running_var, "running_var", C, training, pdt)
-    if training:  # both are updated in place
-        _checks.separate(running_mean, "running_mean", running_var, "running_var")
-    momentum = _checks.momentum_value(momentum, allow_none=False)
-    eps = _checks.nonneg_float(eps, "eps")
-    if not training:
-        _checks.required(running_mean, "running_mean", "training=False")
-        _checks.required(running_var, "running_var", "training=False")
-    else:
+    x, layout, (N, C, S), weight, bias, running_mean, running_var, momentum, eps = _channel_args(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, layout, "training")
+    if training:
         _checks.more_than_one_value(N * S, "channel", x.shape)
     if C == 0:
         _checks.no_affine_on_empty(weight, bias, x, "0 channels")
@@ -81,22 +91,10 @@ def instance_norm_impl(input, running_mean, running_var, weight, bias, use_input
     planes raises; running statistics are untouched when the planes are empty, and become NaN
     (the mean over no samples) when the batch is, as torch's do."""
     use_input_stats = bool(use_input_stats)
-    x = _checks.input_array(input, "input", min_ndim=2)
-    layout = _checks.layout_arg(layout)
-    N, C, S = _engine.planes(x, layout)
-    pdt = _checks.param_dtype(x.dtype)
-    weight = _checks.param_array(weight, "weight", (C,), pdt)
-    bias = _checks.param_array(bias, "bias", (C,), pdt)
-    running_mean = _checks.stats_array(running_mean, "running_mean", C, use_input_stats, pdt)
-    running_var = _checks.stats_array(running_var, "running_var", C, use_input_stats, pdt)
-    if use_input_stats:  # both are updated in place
-        _checks.separate(running_mean, "running_mean", running_var, "running_var")
-    momentum = _checks.momentum_value(momentum, allow_none=False)
-    eps = _checks.nonneg_float(eps, "eps")
-    if not use_input_stats:
-        _checks.required(running_mean, "running_mean", "use_input_stats=False")
-        _checks.required(running_var, "running_var", "use_input_stats=False")
-    else:
+    x, layout, (N, C, S), weight, bias, running_mean, running_var, momentum, eps = _channel_args(
+        input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps, layout,
+        "use_input_stats")
+    if use_input_stats:
         _checks.more_than_one_value(S, "(sample, channel) plane", x.shape)
     if N * C == 0:
         _checks.no_affine_on_empty(weight, bias, x, "no (sample, channel) planes")
