@@ -41,3 +41,26 @@ def test_arrays_of_the_wrong_size_or_dtype_are_refused():
 
 def test_zero_channel_group_plan_is_empty():
     assert _core.plan_per_sample_group(2, 0, 3, 3).num_groups == 0
+
+
+def test_output_buffers_are_never_shared_between_live_arrays():
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    a, b = _core.empty_like(x), _core.empty_like(x)
+    assert a.shape == x.shape and a.dtype == x.dtype and a.flags.c_contiguous and a.flags.writeable
+    assert not np.shares_memory(a, b)
+    a_addr = a.__array_interface__["data"][0]
+    del a  # its block goes back to the cache ...
+    c = _core.empty_like(x)  # ... and an output of the same size takes it
+    assert c.__array_interface__["data"][0] == a_addr
+    assert not np.shares_memory(b, c)
+
+
+def test_consecutive_outputs_stay_independent():
+    import normkit
+    layer = normkit.BatchNorm2d(3)
+    x1 = np.random.default_rng(0).standard_normal((4, 3, 5, 5)).astype(np.float32)
+    y1 = layer(x1)
+    kept = y1.copy()
+    for _ in range(3):
+        layer(x1 * 2)  # fresh outputs while y1 is alive must not reuse its memory
+    assert np.array_equal(y1, kept)

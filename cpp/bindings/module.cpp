@@ -7,6 +7,10 @@
 #include <pybind11/stl.h>
 
 #include <atomic>
+#include <map>
+#include <mutex>
+#include <cstdlib>
+#include <vector>
 #include <string>
 
 #include "normkit/normkit.h"
@@ -135,6 +139,70 @@ void backward_impl(const nk::Plan& plan, const py::array& x, const py::object& d
   nk::normalize_backward<S>(plan, px, pdy, pm, pr, pw, batch_stats, pdx, pdw, pdb);
 }
 
+// Output buffers. A fresh output per call from NumPy's allocator pays page faults on every call
+// (and compaction stalls when it asks for huge pages and memory is fragmented): more than the
+// kernel's own time on a large tensor. Freed output blocks therefore wait in a small cache, up to
+// kOutputCacheBytes, and a later output of exactly that size reuses one, already mapped.
+constexpr size_t kOutputCacheBytes = size_t(256) << 20;
+
+class OutputCache {
+ public:
+  void* take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = blocks_.find(bytes);
+      if (it != blocks_.end()) {
+        void* p = it->second;
+        blocks_.erase(it);
+        held_ -= bytes;
+        return p;
+      }
+    }
+    void* p = std::malloc(bytes > 0 ? bytes : 1);
+    if (!p) throw std::bad_alloc();
+    return p;
+  }
+  void give(void* p, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (held_ + bytes <= kOutputCacheBytes) {
+        blocks_.emplace(bytes, p);
+        held_ += bytes;
+        return;
+      }
+    }
+    std::free(p);
+  }
+
+ private:
+  std::mutex mutex_;
+  std::multimap<size_t, void*> blocks_;
+  size_t held_ = 0;
+};
+
+OutputCache& output_cache() {
+  static OutputCache* cache = new OutputCache();  // never destroyed: arrays may outlive teardown
+  return *cache;
+}
+
+struct Block {
+  void* data;
+  size_t bytes;
+};
+
+// A new uninitialized C-contiguous array of a's shape and dtype.
+py::array empty_like(const py::array& a) {
+  const size_t bytes = size_t(a.nbytes());
+  Block* block = new Block{output_cache().take(bytes), bytes};
+  py::capsule owner(block, [](void* b) {
+    Block* blk = static_cast<Block*>(b);
+    output_cache().give(blk->data, blk->bytes);
+    delete blk;
+  });
+  std::vector<py::ssize_t> shape(a.shape(), a.shape() + a.ndim());
+  return py::array(a.dtype(), shape, block->data, owner);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -187,6 +255,8 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("plan"), py::arg("x"), py::arg("dy"), py::arg("mean"), py::arg("rstd"),
      py::arg("weight"), py::arg("batch_stats"), py::arg("dx"), py::arg("dweight"), py::arg("dbias"));
 
+  m.def("empty_like", &empty_like, py::arg("a"),
+        "A new uninitialized C-contiguous array of a's shape and dtype, on the C heap.");
   m.def("set_num_threads", &nk::set_num_threads, py::arg("n"));
   m.def("get_num_threads", &nk::get_num_threads);
   m.def("isa_name", &nk::isa_name);

@@ -36,7 +36,7 @@ def apply(plan, x, mean, var, eps, weight, bias, batch_stats, shape, epilogue=_c
     plans which only exist for empty tensors (a GroupNorm of 0 channels) never reach a kernel;
     mean and var may then be None.
     """
-    y = np.empty_like(x) if epilogue.out is None else epilogue.out
+    y = _core.empty_like(x) if epilogue.out is None else epilogue.out
     if x.size == 0:
         return (y.reshape(shape) if epilogue.out is None else y), Saved(plan, x, None, None, weight, batch_stats, shape)
     mean = _checks.contiguous(mean, np.float64)  # a caller's running_mean may be strided
@@ -49,7 +49,7 @@ def apply(plan, x, mean, var, eps, weight, bias, batch_stats, shape, epilogue=_c
 def backward(saved, dy, want_weight, want_bias):
     """(dx, dweight, dbias) for the forward that made `saved`."""
     x = saved.x
-    dx = np.empty_like(x)
+    dx = _core.empty_like(x)  # outputs come from the core's reusable buffers
     n_aff = saved.plan.S if saved.plan.column_affine else saved.plan.C
     pdt = _checks.param_dtype(x.dtype)  # float32 for half inputs
     if x.size == 0:  # sums over no elements: zero parameter gradients, as torch
