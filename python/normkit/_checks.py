@@ -257,14 +257,6 @@ def nonneg_float(v, name):
     return f
 
 
-def positive_float(v, name, allow_zero=True):
-    """A finite number >= 0 (> 0 without allow_zero); nonneg_float is the usual spelling."""
-    f = nonneg_float(v, name)
-    if f == 0 and not allow_zero:
-        raise ValueError(f"{name}: expected a finite number > 0, got {v!r}")
-    return f
-
-
 def momentum_value(m, name="momentum", allow_none=True):
     """A momentum in [0, 1]; None (a cumulative average) where the caller allows it."""
     if m is None:
