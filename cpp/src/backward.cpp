@@ -40,7 +40,7 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
   if (col && (dweight || dbias)) {
     const int64_t blocks = (P + kRowBlock - 1) / kRowBlock;
     std::vector<T> gpart(blocks * Sp, T(0)), bpart(blocks * Sp, T(0));
-    parallel_for(blocks * ch.per_plane, kRowBlock * kChunk, [&](int64_t item) {
+    parallel_for(blocks * ch.per_plane, kRowBlock * ch.work(), [&](int64_t item) {
       const int64_t blk = item / ch.per_plane, off = (item % ch.per_plane) * kChunk;
       const int64_t len = std::min(kChunk, Sp - off);
       for (int64_t p = blk * kRowBlock; p < std::min(P, (blk + 1) * kRowBlock); ++p) {
@@ -60,13 +60,13 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
       if (dbias) dbias[s] = T(bs);
     });
   } else if (plan.channels_last) {
-    parallel_for(ch.items(), ch.step * C, [&](int64_t it) {
+    parallel_for(ch.items(), ch.work(), [&](int64_t it) {
       const int64_t j = ch.chunk(it), p0 = ch.sample(it) * C, slot = ch.slot(p0, j);
       k.rows_dot(x + ch.start(it), dy + ch.start(it), ch.length(j), C, &xhat.shift[p0], &A[slot],
                  &B[slot], ch.per_plane);
     });
   } else {
-    parallel_for(ch.items(), kChunk, [&](int64_t it) {
+    parallel_for(ch.items(), ch.work(), [&](int64_t it) {
       const int64_t p = ch.plane(it), off = ch.chunk(it) * ch.step, s = ch.start(it);
       k.dot(x + s, dy + s, wcol ? wcol + off : nullptr, ch.length(ch.chunk(it)), xhat.shift[p],
             &A[it], &B[it]);
@@ -124,14 +124,14 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
   // x (c2 = c3 = 0): skip reading it, which also keeps a NaN in x out of dx, as in torch.
   const S* xs = batch_stats ? x : nullptr;
   if (plan.channels_last) {
-    parallel_for(ch.items(), ch.step * C, [&](int64_t it) {
+    parallel_for(ch.items(), ch.work(), [&](int64_t it) {
       const int64_t s = ch.start(it), p0 = ch.sample(it) * C;
       k.rows_backward_apply(xs ? xs + s : nullptr, dy + s, dx + s, ch.length(ch.chunk(it)), C, &c1[p0], &c2[p0],
                             &xhat.shift[p0], &c3[p0]);
     });
     return;
   }
-  parallel_for(ch.items(), kChunk, [&](int64_t it) {
+  parallel_for(ch.items(), ch.work(), [&](int64_t it) {
     const int64_t p = ch.plane(it), off = ch.chunk(it) * ch.step, s = ch.start(it);
     k.backward_apply(xs ? xs + s : nullptr, dy + s, dx + s, ch.length(ch.chunk(it)), c1[p], c2[p], xhat.shift[p],
                      c3[p], wcol ? wcol + off : nullptr);

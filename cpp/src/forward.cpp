@@ -18,11 +18,11 @@ void group_moments(const Plan& plan, const S* x, double* mean, double* var) {
   const Chunks ch(plan);
   std::vector<double> cmean(ch.count), cm2(ch.count);
   if (!plan.channels_last) {
-    parallel_for(ch.items(), kChunk, [&](int64_t it) {
+    parallel_for(ch.items(), ch.work(), [&](int64_t it) {
       k.moments(x + ch.start(it), ch.length(ch.chunk(it)), &cmean[it], &cm2[it]);
     });
   } else {
-    parallel_for(ch.items(), ch.step * ch.C, [&](int64_t it) {
+    parallel_for(ch.items(), ch.work(), [&](int64_t it) {
       const int64_t j = ch.chunk(it), slot = ch.slot(ch.sample(it) * ch.C, j);
       k.rows_moments(x + ch.start(it), ch.length(j), ch.C, &cmean[slot], &cm2[slot], ch.per_plane);
     });
@@ -60,14 +60,14 @@ void normalize(const Plan& plan, const S* x, const double* mean, const double* r
   const PlaneAffine<compute_t<S>> f(plan, mean, rstd, weight, bias);
   const bool col = plan.column_affine;
   if (plan.channels_last) {
-    parallel_for(ch.items(), ch.step * ch.C, [&](int64_t it) {
+    parallel_for(ch.items(), ch.work(), [&](int64_t it) {
       const int64_t s = ch.start(it), p0 = ch.sample(it) * ch.C;
       k.rows_affine(x + s, y + s, ch.length(ch.chunk(it)), ch.C, &f.shift[p0], &f.a[p0], &f.b[p0],
                     residual ? residual + s : nullptr, relu);
     });
     return;
   }
-  parallel_for(ch.items(), kChunk, [&](int64_t it) {
+  parallel_for(ch.items(), ch.work(), [&](int64_t it) {
     const int64_t p = ch.plane(it), off = ch.chunk(it) * ch.step, s = ch.start(it);
     k.affine(x + s, y + s, ch.length(ch.chunk(it)), f.shift[p], f.a[p], f.b[p],
              col && weight ? weight + off : nullptr, col && bias ? bias + off : nullptr,

@@ -45,6 +45,8 @@ struct Chunks {
         C(plan.C),
         channels_last(plan.channels_last) {}
   int64_t length(int64_t j) const { return std::min(step, S - j * step); }  // positions in chunk j
+  // Elements of one work item at most (the parallel_for cost hint): a small plane is one short chunk.
+  int64_t work() const { return std::min(step, S) * (channels_last ? C : 1); }
   int64_t slot(int64_t p, int64_t j) const { return p * per_plane + j; }
   // Work items of a pass: (plane, chunk) channels-first, (sample, chunk) channels-last.
   int64_t items() const { return channels_last ? count / std::max<int64_t>(1, C) : count; }

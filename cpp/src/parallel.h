@@ -19,8 +19,11 @@ template <class F>
 void parallel_for(int64_t n, int64_t work_per_item, const F& f) {
 #ifdef _OPENMP
   const int threads = get_num_threads();
-  const bool par = threads > 1 && n > 1 && n * work_per_item >= kParallelMinWork;
-#pragma omp parallel for schedule(static) num_threads(threads) if (par)
+  if (threads <= 1 || n <= 1 || n * work_per_item < kParallelMinWork) {
+    for (int64_t i = 0; i < n; ++i) f(i);  // not even an OpenMP call: a 1-thread region costs ~1 us
+    return;
+  }
+#pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t i = 0; i < n; ++i) f(i);
 #else
   (void)work_per_item;

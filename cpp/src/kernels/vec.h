@@ -24,11 +24,24 @@ template <class T> inline vec<T> load(const T* p) { vec<T> v; std::memcpy(&v, p,
 template <class T> inline void store(T* p, vec<T> v) { std::memcpy(p, &v, sizeof v); }
 template <class T> inline vec<T> splat(T s) { return vec<T>{} + s; }
 
-// Horizontal sum in a fixed order (lane 0 first), in double.
+// Horizontal sum in double, as a fixed pairwise tree (lanes l and l + N/2 added, then halved
+// again): log2(L) dependent adds in registers instead of L, which matters on short chunks.
+template <int N> struct DoubleVec { typedef double type __attribute__((vector_size(N * 8))); };
+
+template <int N>
+inline double tree_sum(typename DoubleVec<N>::type v) {
+  if constexpr (N == 1) {
+    return v[0];
+  } else {
+    typename DoubleVec<N / 2>::type lo, hi;
+    std::memcpy(&lo, &v, sizeof lo);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+    return tree_sum<N / 2>(lo + hi);
+  }
+}
+
 template <class T> inline double hsum(vec<T> v) {
-  double s = 0;
-  for (int64_t l = 0; l < lanes<T>; ++l) s += v[l];
-  return s;
+  return tree_sum<int(lanes<T>)>(__builtin_convertvector(v, typename DoubleVec<int(lanes<T>)>::type));
 }
 
 }  // namespace NK_ISA_NS
