@@ -6,92 +6,15 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <atomic>
-#include <map>
-#include <mutex>
-#include <cstdlib>
-#include <vector>
-#include <string>
-
+#include "arrays.h"
+#include "forward_fast.h"
+#include "saved.h"
 #include "normkit/normkit.h"
 
 namespace py = pybind11;
+using namespace nkpy;
 
 namespace {
-
-template <class S> const char* dtype_name();
-template <> const char* dtype_name<float>() { return "float32"; }
-template <> const char* dtype_name<double>() { return "float64"; }
-template <> const char* dtype_name<nk::f16>() { return "float16"; }
-template <> const char* dtype_name<nk::bf16>() { return "bfloat16"; }
-
-// NumPy type numbers identify the dtypes without a Python call per array (a dtype's name is a
-// Python property, and costs microseconds). ml_dtypes' bfloat16 gets its number at registration:
-// the first array whose dtype is named "bfloat16" teaches it.
-enum class Dt { f32, f64, f16, bf16, other };
-std::atomic<int> g_bf16_num{-1};
-
-Dt dt_of(const py::array& a) {
-  const int num = a.dtype().num();
-  switch (num) {
-    case 11: return Dt::f32;  // NPY_FLOAT
-    case 12: return Dt::f64;  // NPY_DOUBLE
-    case 23: return Dt::f16;  // NPY_HALF
-    default: break;
-  }
-  if (num == g_bf16_num.load()) return Dt::bf16;
-  if (a.dtype().itemsize() == 2 && std::string(py::str(a.dtype().attr("name"))) == "bfloat16") {
-    g_bf16_num.store(num);
-    return Dt::bf16;
-  }
-  return Dt::other;
-}
-
-template <class S> constexpr Dt dt_code();
-template <> constexpr Dt dt_code<float>() { return Dt::f32; }
-template <> constexpr Dt dt_code<double>() { return Dt::f64; }
-template <> constexpr Dt dt_code<nk::f16>() { return Dt::f16; }
-template <> constexpr Dt dt_code<nk::bf16>() { return Dt::bf16; }
-
-std::string dtype_of(const py::array& a) { return py::str(a.dtype().attr("name")); }
-
-// Calls f(S{}) for the storage type of x.
-template <class F>
-void dispatch(const py::array& x, F&& f) {
-  switch (dt_of(x)) {
-    case Dt::f32: return f(float{});
-    case Dt::f64: return f(double{});
-    case Dt::f16: return f(nk::f16{});
-    case Dt::bf16: return f(nk::bf16{});
-    default: throw py::type_error("x: expected float32, float64, float16 or bfloat16, got " + dtype_of(x));
-  }
-}
-
-// The data of an optional array argument, checked to be C-contiguous, of dtype T and of `size`
-// elements (and writable when written), so a wrong call can never read or write out of bounds.
-template <class T>
-T* data_of(const py::object& obj, int64_t size, const char* name, bool writable) {
-  if (obj.is_none()) return nullptr;
-  if (!py::isinstance<py::array>(obj)) throw py::type_error(std::string(name) + ": expected a numpy.ndarray");
-  auto arr = py::reinterpret_borrow<py::array>(obj);
-  if (dt_of(arr) != dt_code<T>() || !(arr.flags() & py::array::c_style))
-    throw py::type_error(std::string(name) + ": expected a C-contiguous " + dtype_name<T>() + " array, got " +
-                         dtype_of(arr));
-  if (reinterpret_cast<uintptr_t>(arr.data()) % alignof(T) != 0)
-    throw py::value_error(std::string(name) + ": array data is not aligned to its element size");
-  if (arr.size() != size)
-    throw py::value_error(std::string(name) + ": expected " + std::to_string(size) + " elements, got " +
-                          std::to_string(arr.size()));
-  if (writable && !arr.writeable()) throw py::value_error(std::string(name) + ": array is read-only");
-  return static_cast<T*>(const_cast<void*>(arr.data()));
-}
-
-template <class T>
-T* required(const py::object& obj, int64_t size, const char* name, bool writable) {
-  T* p = data_of<T>(obj, size, name, writable);
-  if (!p) throw py::value_error(std::string(name) + " is required");
-  return p;
-}
 
 template <class S>
 py::tuple moments_impl(const nk::Plan& plan, const py::array& x) {
@@ -137,70 +60,6 @@ void backward_impl(const nk::Plan& plan, const py::array& x, const py::object& d
   T *pdw = data_of<T>(dweight, A, "dweight", true), *pdb = data_of<T>(dbias, A, "dbias", true);
   py::gil_scoped_release nogil;
   nk::normalize_backward<S>(plan, px, pdy, pm, pr, pw, batch_stats, pdx, pdw, pdb);
-}
-
-// Output buffers. A fresh output per call from NumPy's allocator pays page faults on every call
-// (and compaction stalls when it asks for huge pages and memory is fragmented): more than the
-// kernel's own time on a large tensor. Freed output blocks therefore wait in a small cache, up to
-// kOutputCacheBytes, and a later output of exactly that size reuses one, already mapped.
-constexpr size_t kOutputCacheBytes = size_t(256) << 20;
-
-class OutputCache {
- public:
-  void* take(size_t bytes) {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      auto it = blocks_.find(bytes);
-      if (it != blocks_.end()) {
-        void* p = it->second;
-        blocks_.erase(it);
-        held_ -= bytes;
-        return p;
-      }
-    }
-    void* p = std::malloc(bytes > 0 ? bytes : 1);
-    if (!p) throw std::bad_alloc();
-    return p;
-  }
-  void give(void* p, size_t bytes) {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (held_ + bytes <= kOutputCacheBytes) {
-        blocks_.emplace(bytes, p);
-        held_ += bytes;
-        return;
-      }
-    }
-    std::free(p);
-  }
-
- private:
-  std::mutex mutex_;
-  std::multimap<size_t, void*> blocks_;
-  size_t held_ = 0;
-};
-
-OutputCache& output_cache() {
-  static OutputCache* cache = new OutputCache();  // never destroyed: arrays may outlive teardown
-  return *cache;
-}
-
-struct Block {
-  void* data;
-  size_t bytes;
-};
-
-// A new uninitialized C-contiguous array of a's shape and dtype.
-py::array empty_like(const py::array& a) {
-  const size_t bytes = size_t(a.nbytes());
-  Block* block = new Block{output_cache().take(bytes), bytes};
-  py::capsule owner(block, [](void* b) {
-    Block* blk = static_cast<Block*>(b);
-    output_cache().give(blk->data, blk->bytes);
-    delete blk;
-  });
-  std::vector<py::ssize_t> shape(a.shape(), a.shape() + a.ndim());
-  return py::array(a.dtype(), shape, block->data, owner);
 }
 
 }  // namespace
@@ -255,6 +114,8 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("plan"), py::arg("x"), py::arg("dy"), py::arg("mean"), py::arg("rstd"),
      py::arg("weight"), py::arg("batch_stats"), py::arg("dx"), py::arg("dweight"), py::arg("dbias"));
 
+  def_saved(m);
+  def_forward_fast(m);
   m.def("empty_like", &empty_like, py::arg("a"),
         "A new uninitialized C-contiguous array of a's shape and dtype, on the C heap.");
   m.def("set_num_threads", &nk::set_num_threads, py::arg("n"));

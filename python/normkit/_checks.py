@@ -34,6 +34,20 @@ def machine_eps(dtype):
     return float(ml_dtypes.finfo(dtype).eps if dtype in _BFLOAT16 else np.finfo(dtype).eps)
 
 
+_MACHINE_EPS = {}
+
+
+def machine_eps_of(x):
+    """machine_eps of an array's dtype, cached per dtype (None for anything else)."""
+    if not isinstance(x, np.ndarray):
+        return None
+    try:
+        return _MACHINE_EPS[x.dtype]
+    except KeyError:
+        eps = _MACHINE_EPS[x.dtype] = machine_eps(x.dtype) if x.dtype in INPUT_DTYPES else None
+        return eps
+
+
 class StateError(ValueError, RuntimeError):
     """A call the layer's state does not allow (backward before any forward).
 

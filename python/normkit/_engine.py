@@ -8,14 +8,17 @@ import numpy as np
 from . import _checks, _core
 
 
-class Saved:
-    """What a backward needs from its forward."""
+# What a backward needs from its forward: Saved(plan, x, mean, rstd, weight, batch_stats, shape).
+Saved = _core.Saved
 
-    __slots__ = ("plan", "x", "mean", "rstd", "weight", "batch_stats", "shape")
 
-    def __init__(self, plan, x, mean, rstd, weight, batch_stats, shape):
-        self.plan, self.x, self.mean, self.rstd = plan, x, mean, rstd
-        self.weight, self.batch_stats, self.shape = weight, batch_stats, shape
+# forward_fast's rank masks: bit d set accepts d-dimensional input.
+ANY_RANK = (1 << 64) - 1
+RANK_2_UP = ANY_RANK & ~0b11
+
+
+def ranks_mask(ndims):
+    return sum(1 << d for d in ndims)
 
 
 def moments(plan, x):

@@ -9,6 +9,24 @@ from . import _checks, _core, _engine
 __all__ = ["batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm"]
 
 
+def _fast(kind, input, channels_last, weight, bias, running_mean, running_var, batch_stats,
+          momentum, eps, groups=0, normalized_shape=None, plain=True):
+    """The whole forward in one call for the common case (see _core.forward_fast); None when
+    the call is anything else (strided input, out=, an invalid argument): the Python path."""
+    if not plain:
+        return None
+    fast = _core.forward_fast(kind, input, -1, groups, normalized_shape, _engine.RANK_2_UP
+                              if normalized_shape is None else _engine.ANY_RANK, channels_last,
+                              weight, bias, running_mean, running_var, batch_stats, momentum, eps, 0)
+    return None if fast is None else fast[0]
+
+
+def _plain(layout, out, residual, activation):
+    """No epilogue and a valid layout: forward_fast's territory."""
+    return (out is None and residual is None and activation is None
+            and (layout == "NCHW" or layout == "NHWC"))
+
+
 def _unbiased(var, count):
     return var * (count / (count - 1)) if count > 1 else var * np.nan
 
@@ -77,6 +95,10 @@ EXTRAS_DOC = """
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
                momentum=0.1, eps=1e-5, *, layout="NCHW", out=None, residual=None, activation=None):
     """Batch normalization over (N, *spatial) per channel of an (N, C, *spatial) input."""
+    y = _fast(_core.FAST_BATCH, input, layout == "NHWC", weight, bias, running_mean, running_var,
+              bool(training), momentum, eps, plain=_plain(layout, out, residual, activation))
+    if y is not None:
+        return y
     return batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps,
                            layout, out, residual, activation)[0]
 
@@ -125,6 +147,10 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
                   use_input_stats=True, momentum=0.1, eps=1e-5, *, layout="NCHW", out=None,
                   residual=None, activation=None):
     """Instance normalization: each (sample, channel) plane on its own statistics."""
+    y = _fast(_core.FAST_INSTANCE, input, layout == "NHWC", weight, bias, running_mean, running_var,
+              bool(use_input_stats), momentum, eps, plain=_plain(layout, out, residual, activation))
+    if y is not None:
+        return y
     return instance_norm_impl(input, running_mean, running_var, weight, bias, use_input_stats,
                               momentum, eps, layout, out, residual, activation)[0]
 
@@ -154,6 +180,10 @@ def group_norm_impl(input, num_groups, weight, bias, eps, layout="NCHW", out=Non
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, layout="NCHW", out=None,
                residual=None, activation=None):
     """Group normalization: each sample's channels in num_groups groups."""
+    y = _fast(_core.FAST_GROUP, input, layout == "NHWC", weight, bias, None, None, True, 0.0, eps,
+              groups=num_groups, plain=_plain(layout, out, residual, activation))
+    if y is not None:
+        return y
     return group_norm_impl(input, num_groups, weight, bias, eps, layout, out, residual, activation)[0]
 
 
@@ -193,6 +223,10 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out
     """Layer normalization over the trailing `normalized_shape` dimensions.
 
     Keyword-only extras (not in torch): out=, residual=, activation="relu" as in batch_norm."""
+    y = _fast(_core.FAST_LAYER, input, False, weight, bias, None, None, True, 0.0, eps,
+              normalized_shape=normalized_shape, plain=_plain("NCHW", out, residual, activation))
+    if y is not None:
+        return y
     return layer_norm_impl(input, normalized_shape, weight, bias, eps, out, residual, activation)[0]
 
 
@@ -205,4 +239,9 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, out=None, residu
     """RMS normalization: x / sqrt(mean(x^2) + eps) * weight over `normalized_shape`.
 
     Keyword-only extras (not in torch): out=, residual=, activation="relu" as in batch_norm."""
+    y = _fast(_core.FAST_RMS, input, False, weight, None, None, None, True, 0.0,
+              _checks.machine_eps_of(input) if eps is None else eps,
+              normalized_shape=normalized_shape, plain=_plain("NCHW", out, residual, activation))
+    if y is not None:
+        return y
     return rms_norm_impl(input, normalized_shape, weight, eps, out, residual, activation)[0]

@@ -21,6 +21,11 @@ class NormLayer:
         self._buffer_names = []
         self._saved = None
 
+    def _set_dtype(self, dtype):
+        """The layer's parameter dtype, and its width in bits for forward_fast's check."""
+        self.dtype = _checks.float_dtype_arg(dtype)
+        self._param_bits = self.dtype.itemsize * 8
+
     # -- registration -------------------------------------------------------------------
     def _param(self, name, value):
         setattr(self, name, value)

@@ -1,12 +1,13 @@
 """BatchNorm1d/2d/3d: torch.nn.BatchNorm semantics over the shared kernels."""
 import numpy as np
 
-from .. import _checks, functional as F
+from .. import _checks, _core, _engine, functional as F
 from .base import NormLayer
 
 
 class _BatchNorm(NormLayer):
     _expected_ndims = ()  # input ranks this class accepts
+    _ranks_mask = 0  # the same, as forward_fast's bit mask
     _ranks = ""  # their layouts, for messages
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
@@ -18,7 +19,7 @@ class _BatchNorm(NormLayer):
         self.momentum = _checks.momentum_value(momentum)
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
-        self.dtype = _checks.float_dtype_arg(dtype)
+        self._set_dtype(dtype)
         C = self.num_features
         self._param("weight", np.ones(C, self.dtype) if affine else None)
         self._param("bias", np.zeros(C, self.dtype) if affine else None)
@@ -36,23 +37,29 @@ class _BatchNorm(NormLayer):
             self.num_batches_tracked[...] = 0
 
     def _check_input(self, x):
+        """The Python path's checks (forward_fast takes only inputs that pass them)."""
         _checks.layer_input(x, self.dtype, ndims=self._expected_ndims, channels=self.num_features,
                             ranks=self._ranks, channel_dim=1 if self.layout == "NCHW" else -1)
 
     def _forward(self, x):
-        self._check_input(x)
         # torch's _BatchNorm.forward: the factor, the counter, and when batch stats are used.
         factor = 0.0 if self.momentum is None else self.momentum
         use_batch_stats = self.training or self.running_mean is None
         if self.training and self.track_running_stats:
-            # Count only after the batch passes validation, so a rejected call changes nothing.
             count = int(self.num_batches_tracked) + 1
             factor = 1.0 / count if self.momentum is None else self.momentum
         track = not self.training or self.track_running_stats
-        result = F.batch_norm_impl(x, self.running_mean if track else None,
-                                   self.running_var if track else None, self.weight, self.bias,
-                                   use_batch_stats, factor, self.eps, self.layout)
-        if self.training and self.track_running_stats:
+        running_mean, running_var = (self.running_mean, self.running_var) if track else (None, None)
+        fast = _core.forward_fast(_core.FAST_BATCH, x, self.num_features, 0, None, self._ranks_mask,
+                                  self.layout == "NHWC", self.weight, self.bias, running_mean,
+                                  running_var, use_batch_stats, factor, self.eps,
+                                  self._param_bits)
+        result = fast  # (y, Saved), or None: the Python path
+        if result is None:
+            self._check_input(x)
+            result = F.batch_norm_impl(x, running_mean, running_var, self.weight, self.bias,
+                                       use_batch_stats, factor, self.eps, self.layout)
+        if self.training and self.track_running_stats:  # counted only once the batch is accepted
             self.num_batches_tracked += 1
         return result
 
@@ -65,16 +72,19 @@ class _BatchNorm(NormLayer):
 class BatchNorm1d(_BatchNorm):
     """Batch normalization of (N, C) or (N, C, L) input."""
     _expected_ndims = (2, 3)
+    _ranks_mask = _engine.ranks_mask(_expected_ndims)
     _ranks = " (N, C) or (N, C, L)"
 
 
 class BatchNorm2d(_BatchNorm):
     """Batch normalization of (N, C, H, W) input."""
     _expected_ndims = (4,)
+    _ranks_mask = _engine.ranks_mask(_expected_ndims)
     _ranks = " (N, C, H, W)"
 
 
 class BatchNorm3d(_BatchNorm):
     """Batch normalization of (N, C, D, H, W) input."""
     _expected_ndims = (5,)
+    _ranks_mask = _engine.ranks_mask(_expected_ndims)
     _ranks = " (N, C, D, H, W)"

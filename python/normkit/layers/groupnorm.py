@@ -1,7 +1,7 @@
 """GroupNorm: torch.nn.GroupNorm semantics."""
 import numpy as np
 
-from .. import _checks, functional as F
+from .. import _checks, _core, _engine, functional as F
 from .base import NormLayer
 
 
@@ -17,12 +17,17 @@ class GroupNorm(NormLayer):
         _checks.divisor(self.num_groups, self.num_channels, of="num_channels")
         self.eps = _checks.nonneg_float(eps, "eps")
         self.affine = bool(affine)
-        self.dtype = _checks.float_dtype_arg(dtype)
+        self._set_dtype(dtype)
         self._param("weight", np.ones(num_channels, self.dtype) if affine else None)
         self._param("bias", np.zeros(num_channels, self.dtype) if affine else None)
 
     def _forward(self, x):
         nhwc = self.layout == "NHWC"
+        fast = _core.forward_fast(_core.FAST_GROUP, x, self.num_channels, self.num_groups, None,
+                                  _engine.RANK_2_UP, nhwc, self.weight, self.bias, None, None, True,
+                                  0.0, self.eps, self._param_bits)
+        if fast is not None:
+            return fast  # (y, Saved)
         _checks.layer_input(x, self.dtype, min_ndim=2, channels=self.num_channels,
                             ranks=f" (N, *, {self.num_channels})" if nhwc else f" (N, {self.num_channels}, *)",
                             channels_arg="num_channels", channel_dim=-1 if nhwc else 1)

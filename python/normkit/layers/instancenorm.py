@@ -3,7 +3,7 @@ import warnings
 
 import numpy as np
 
-from .. import _checks, functional as F
+from .. import _checks, _core, functional as F
 from .batchnorm import _BatchNorm
 
 
@@ -16,6 +16,15 @@ class _InstanceNorm(_BatchNorm):
 
     def _forward(self, x):
         d = self._spatial_dims
+        use_input_stats = self.training or not self.track_running_stats
+        momentum = self.momentum if self.momentum is not None else 0.0  # as torch
+        # The common case in one call: batched input with num_features channels.
+        fast = _core.forward_fast(_core.FAST_INSTANCE, x, self.num_features, 0, None, 1 << (d + 2),
+                                  self.layout == "NHWC", self.weight, self.bias, self.running_mean,
+                                  self.running_var, use_input_stats, momentum, self.eps,
+                                  self._param_bits)
+        if fast is not None:
+            return fast  # (y, Saved)
         _checks.layer_input(x, self.dtype, ndims=(d + 1, d + 2), ranks=self._ranks)
         shape = x.shape
         xb = x[None] if x.ndim == d + 1 else x
@@ -27,8 +36,6 @@ class _InstanceNorm(_BatchNorm):
                                     channel_dim=x.ndim - d - 1 if self.layout == "NCHW" else -1)
             warnings.warn(f"input has {xb.shape[channel_dim]} channels but num_features is {self.num_features}; "
                           "num_features is not used because affine=False", UserWarning)
-        use_input_stats = self.training or not self.track_running_stats
-        momentum = self.momentum if self.momentum is not None else 0.0  # as torch
         y, saved = F.instance_norm_impl(xb, self.running_mean, self.running_var, self.weight,
                                         self.bias, use_input_stats, momentum, self.eps, self.layout)
         saved.shape = shape

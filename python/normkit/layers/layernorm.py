@@ -1,7 +1,7 @@
 """LayerNorm and RMSNorm: torch.nn semantics over the trailing normalized_shape."""
 import numpy as np
 
-from .. import _checks, functional as F
+from .. import _checks, _core, _engine, functional as F
 from .base import NormLayer
 
 
@@ -10,11 +10,16 @@ class _RowNorm(NormLayer):
         self.normalized_shape = _checks.normalized_shape_tuple(normalized_shape)
         self.eps = None if eps is None else _checks.nonneg_float(eps, "eps")
         self.elementwise_affine = bool(elementwise_affine)
-        self.dtype = _checks.float_dtype_arg(dtype)
+        self._set_dtype(dtype)
         shape = self.normalized_shape
         self._param("weight", np.ones(shape, self.dtype) if elementwise_affine else None)
         if bias is not None:
             self._param("bias", np.zeros(shape, self.dtype) if elementwise_affine and bias else None)
+
+    def _forward_fast(self, kind, x, bias, eps):
+        """The common case in one call: (y, Saved), or None to take the Python path."""
+        return _core.forward_fast(kind, x, 0, 0, self.normalized_shape, _engine.ANY_RANK, False,
+                                  self.weight, bias, None, None, True, 0.0, eps, self._param_bits)
 
     def _check_input(self, x):
         _checks.layer_input(x, self.dtype, min_ndim=0)
@@ -34,6 +39,9 @@ class LayerNorm(_RowNorm):
         self._init(normalized_shape, eps, elementwise_affine, bool(bias), dtype)
 
     def _forward(self, x):
+        fast = self._forward_fast(_core.FAST_LAYER, x, self.bias, self.eps)
+        if fast is not None:
+            return fast
         self._check_input(x)
         return F.layer_norm_impl(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
@@ -46,5 +54,9 @@ class RMSNorm(_RowNorm):
         self._init(normalized_shape, eps, elementwise_affine, None, dtype)
 
     def _forward(self, x):
+        eps = self.eps if self.eps is not None else _checks.machine_eps_of(x)
+        fast = self._forward_fast(_core.FAST_RMS, x, None, eps)
+        if fast is not None:
+            return fast
         self._check_input(x)
         return F.rms_norm_impl(x, self.normalized_shape, self.weight, self.eps)

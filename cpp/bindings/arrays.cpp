@@ -1,0 +1,102 @@
+// Array helpers of the binding: dtype identification and the output cache (arrays.h).
+#include "arrays.h"
+
+#include <map>
+#include <mutex>
+#include <cstdlib>
+#include <vector>
+
+namespace nkpy {
+
+namespace {
+std::atomic<int> g_bf16_num{-1};
+// The byte-order character of a dtype that is not in this machine's order.
+constexpr char kForeignOrder = __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ ? '>' : '<';
+}  // namespace
+
+Dt dt_of(const py::array& a) {
+  const py::dtype d = a.dtype();
+  if (d.byteorder() == kForeignOrder) return Dt::other;
+  const int num = d.num();
+  switch (num) {
+    case 11: return Dt::f32;  // NPY_FLOAT
+    case 12: return Dt::f64;  // NPY_DOUBLE
+    case 23: return Dt::f16;  // NPY_HALF
+    default: break;
+  }
+  if (num == g_bf16_num.load()) return Dt::bf16;
+  if (d.itemsize() == 2 && std::string(py::str(d.attr("name"))) == "bfloat16") {
+    g_bf16_num.store(num);
+    return Dt::bf16;
+  }
+  return Dt::other;
+}
+
+namespace {
+
+// Output buffers. A fresh output per call from NumPy's allocator pays page faults on every call
+// (and compaction stalls when it asks for huge pages and memory is fragmented): more than the
+// kernel's own time on a large tensor. Freed output blocks therefore wait in a small cache, up to
+// kOutputCacheBytes, and a later output of exactly that size reuses one, already mapped.
+constexpr size_t kOutputCacheBytes = size_t(256) << 20;
+
+class OutputCache {
+ public:
+  void* take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = blocks_.find(bytes);
+      if (it != blocks_.end()) {
+        void* p = it->second;
+        blocks_.erase(it);
+        held_ -= bytes;
+        return p;
+      }
+    }
+    void* p = std::malloc(bytes > 0 ? bytes : 1);
+    if (!p) throw std::bad_alloc();
+    return p;
+  }
+  void give(void* p, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (held_ + bytes <= kOutputCacheBytes) {
+        blocks_.emplace(bytes, p);
+        held_ += bytes;
+        return;
+      }
+    }
+    std::free(p);
+  }
+
+ private:
+  std::mutex mutex_;
+  std::multimap<size_t, void*> blocks_;
+  size_t held_ = 0;
+};
+
+OutputCache& output_cache() {
+  static OutputCache* cache = new OutputCache();  // never destroyed: arrays may outlive teardown
+  return *cache;
+}
+
+struct Block {
+  void* data;
+  size_t bytes;
+};
+
+}  // namespace
+
+py::array empty_like(const py::array& a) {
+  const size_t bytes = size_t(a.nbytes());
+  Block* block = new Block{output_cache().take(bytes), bytes};
+  py::capsule owner(block, [](void* b) {
+    Block* blk = static_cast<Block*>(b);
+    output_cache().give(blk->data, blk->bytes);
+    delete blk;
+  });
+  std::vector<py::ssize_t> shape(a.shape(), a.shape() + a.ndim());
+  return py::array(a.dtype(), shape, block->data, owner);
+}
+
+}  // namespace nkpy
