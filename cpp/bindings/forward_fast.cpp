@@ -184,13 +184,13 @@ py::object run(const Call& c, const py::array& x, py::handle weight, py::handle 
     std::unique_ptr<py::gil_scoped_release> nogil;
     if (x.size() >= kReleaseGilElements) nogil.reset(new py::gil_scoped_release());
     if (c.batch_stats) {
-      nk::group_moments<S>(plan, px, mean, var.data());
+      nk::normalize_batch_stats<S>(plan, px, c.eps, w, b, py_, mean, var.data(), rstd);
     } else {
       for (int64_t g = 0; g < G; ++g) mean[g] = double(rm[g]), var[g] = double(rv[g]);
+      // NaN, Inf and negative variances propagate, as in _engine.rstd_of.
+      for (int64_t g = 0; g < G; ++g) rstd[g] = 1.0 / std::sqrt(var[g] + c.eps);
+      nk::normalize<S>(plan, px, mean, rstd, w, b, py_, nullptr, false);
     }
-    // NaN, Inf and negative variances propagate, as in _engine.rstd_of.
-    for (int64_t g = 0; g < G; ++g) rstd[g] = 1.0 / std::sqrt(var[g] + c.eps);
-    nk::normalize<S>(plan, px, mean, rstd, w, b, py_, nullptr, false);
     if (update) {
       const double count = double(c.N * c.S);
       if (rm) running_update(rm, mean, 1.0, c.C, c.momentum);

@@ -46,6 +46,26 @@ void normalize_impl(const nk::Plan& plan, const py::array& x, const py::object& 
 }
 
 template <class S>
+py::tuple normalize_batch_stats_impl(const nk::Plan& plan, const py::array& x, double eps,
+                                     const py::object& weight, const py::object& bias,
+                                     const py::object& y, const py::object& residual, bool relu) {
+  nk::check_plan(plan);  // before any size is computed from it
+  using T = nk::compute_t<S>;
+  const int64_t n = plan.planes() * plan.S, G = plan.num_groups(), A = plan.affine_size();
+  const S* px = required<S>(x, n, "x", false);
+  const T *pw = data_of<T>(weight, A, "weight", false), *pb = data_of<T>(bias, A, "bias", false);
+  S* py_ = required<S>(y, n, "out", true);
+  const S* pres = data_of<S>(residual, n, "residual", false);
+  py::array_t<double> mean(G), var(G), rstd(G);
+  double *pm = mean.mutable_data(), *pv = var.mutable_data(), *pr = rstd.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    nk::normalize_batch_stats<S>(plan, px, eps, pw, pb, py_, pm, pv, pr, pres, relu);
+  }
+  return py::make_tuple(mean, var, rstd);
+}
+
+template <class S>
 void backward_impl(const nk::Plan& plan, const py::array& x, const py::object& dy,
                    const py::object& mean, const py::object& rstd, const py::object& weight,
                    bool batch_stats, const py::object& dx, const py::object& dweight,
@@ -103,6 +123,18 @@ PYBIND11_MODULE(_core, m) {
     });
   }, py::arg("plan"), py::arg("x"), py::arg("mean"), py::arg("rstd"), py::arg("weight"),
      py::arg("bias"), py::arg("out"), py::arg("residual") = py::none(), py::arg("relu") = false);
+
+  m.def("normalize_batch_stats", [](const nk::Plan& plan, const py::array& x, double eps,
+                                    const py::object& weight, const py::object& bias,
+                                    const py::object& out, const py::object& residual, bool relu) {
+    py::tuple stats;
+    dispatch(x, [&](auto s) {
+      stats = normalize_batch_stats_impl<decltype(s)>(plan, x, eps, weight, bias, out, residual, relu);
+    });
+    return stats;
+  }, py::arg("plan"), py::arg("x"), py::arg("eps"), py::arg("weight"), py::arg("bias"), py::arg("out"),
+     py::arg("residual") = py::none(), py::arg("relu") = false,
+     "Statistics from x and the normalization in one call; returns (mean, var, rstd).");
 
   m.def("normalize_backward", [](const nk::Plan& plan, const py::array& x, const py::object& dy,
                                  const py::object& mean, const py::object& rstd,

@@ -1,4 +1,5 @@
-// Backward: one pass of per-chunk sums, an O(planes) fold, one apply pass.
+// Backward: per-chunk sums, an O(planes) fold, one apply pass; group by group where the groups
+// allow (moments.h: group_major), so that x and dy come from memory once.
 //
 // Derivation (checked by tests/test_reference.py through finite differences). Per group: mean mu,
 // rstd r, M elements, xhat = (x - mu)*r, y = w*xhat + b, g = dy*w.
@@ -29,27 +30,153 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
   using T = compute_t<S>;  // shifts, coefficients, weights and their gradients
   check_plan(plan);
   const Kernels<S>& k = kernels().get<S>();
-  const Chunks ch(plan);
-  const int64_t P = plan.planes(), Sp = plan.S, C = plan.C;
+  const Chunks ch = Chunks::planes(plan);
+  const int64_t P = plan.planes(), Sp = plan.S, C = plan.C, G = plan.num_groups();
   const bool col = plan.column_affine;
   const T* wcol = col ? weight : nullptr;
   const PlaneAffine<T> xhat(plan, mean, rstd, nullptr, nullptr);  // xhat = (x - shift)*a + b
+  const std::vector<int64_t> count = group_counts(plan);
+  const GroupIndex index(plan);
+  // With constant statistics and no parameter gradients, dx needs no sums at all.
+  const bool sums = batch_stats || dweight || dbias;
+  const bool col_sums = col && (dweight || dbias);
+  auto plane_weight = [&](int64_t p) { return !col && weight ? double(weight[p % C]) : 1.0; };
 
-  // Pass 1: A = sum dy*w*(x - shift), B = sum dy*w per chunk; column sums for a column affine.
-  std::vector<double> A(ch.count), B(ch.count);
-  if (col && (dweight || dbias)) {
-    const int64_t blocks = (P + kRowBlock - 1) / kRowBlock;
-    std::vector<T> gpart(blocks * Sp, T(0)), bpart(blocks * Sp, T(0));
-    parallel_for(blocks * ch.per_plane, kRowBlock * ch.work(), [&](int64_t item) {
-      const int64_t blk = item / ch.per_plane, off = (item % ch.per_plane) * kChunk;
-      const int64_t len = std::min(kChunk, Sp - off);
-      for (int64_t p = blk * kRowBlock; p < std::min(P, (blk + 1) * kRowBlock); ++p) {
-        const int64_t it = p * ch.per_plane + item % ch.per_plane, s = p * Sp + off;
-        k.dot(x + s, dy + s, wcol ? wcol + off : nullptr, len, xhat.shift[p], &A[it], &B[it]);
-        k.col_accumulate(x + s, dy + s, len, xhat.shift[p], xhat.a[p], xhat.b[p],
-                         gpart.data() + blk * Sp + off, bpart.data() + blk * Sp + off);
+  // Per chunk of plane p: A = sum dy*w*(x - shift), B = sum dy*w (slot p*per_seg + j); then
+  // per plane, summed in chunk order. Chunks of one plane may run on different threads.
+  std::vector<double> A(ch.count), B(ch.count), Ap(P, 0.0), Bp(P, 0.0);
+  auto chunk_sums = [&](int64_t p, int64_t j) {
+    const int64_t off = j * ch.step, s = ch.start(p, j), slot = ch.slot(p, j);
+    k.dot(x + s, dy + s, wcol ? wcol + off : nullptr, ch.length(j), xhat.shift[p], &A[slot], &B[slot]);
+  };
+  auto plane_sums = [&](int64_t p) {
+    for (int64_t j = 0; j < ch.per_seg; ++j) Ap[p] += A[ch.slot(p, j)], Bp[p] += B[ch.slot(p, j)];
+  };
+  // Column sums of dy*xhat and dy into a block's partial (a per-column affine's gradients).
+  std::vector<T> gpart, bpart;
+  const int64_t blocks = (P + kRowBlock - 1) / kRowBlock;
+  if (col_sums) gpart.assign(blocks * Sp, T(0)), bpart.assign(blocks * Sp, T(0));
+  auto column_sums = [&](int64_t p, int64_t j) {
+    const int64_t off = j * ch.step, s = ch.start(p, j), part = (p / kRowBlock) * Sp + off;
+    k.col_accumulate(x + s, dy + s, ch.length(j), xhat.shift[p], xhat.a[p], xhat.b[p],
+                     gpart.data() + part, bpart.data() + part);
+  };
+  // dx = c1*dy*w + c2*(x - shift) + c3 for plane p of group g, given the group's sums.
+  struct Coef { T c1 = 0, c2 = 0, c3 = 0; };
+  auto coefficients = [&](int64_t p, int64_t g, double Ag, double Bg) {
+    const double r = rstd[g];
+    Coef c;
+    c.c1 = T(r * plane_weight(p));
+    if (!batch_stats) return c;
+    const double M = double(count[g]);
+    const double mu = plan.skip_mean ? 0.0 : mean[g], d = double(xhat.shift[p]) - mu;
+    const double Pg = r * (Ag + d * Bg) / M;
+    c.c2 = T(-r * r * Pg);
+    c.c3 = T(-r * r * Pg * d - (plan.skip_mean ? 0.0 : r * Bg / M));
+    return c;
+  };
+  // With constant statistics dx does not depend on x (c2 = c3 = 0): skip reading it, which also
+  // keeps a NaN in x out of dx, as in torch.
+  const S* xs = batch_stats ? x : nullptr;
+  auto apply_chunk = [&](int64_t p, int64_t j, const Coef& c) {
+    const int64_t off = j * ch.step, s = ch.start(p, j);
+    k.backward_apply(xs ? xs + s : nullptr, dy + s, dx + s, ch.length(j), c.c1, c.c2,
+                     xhat.shift[p], c.c3, wcol ? wcol + off : nullptr);
+  };
+  auto apply_plane = [&](int64_t p, const Coef& c) {
+    for (int64_t j = 0; j < ch.per_seg; ++j) apply_chunk(p, j, c);
+  };
+  auto group_sums = [&](int64_t g, double* Ag, double* Bg) {
+    *Ag = *Bg = 0;
+    if (batch_stats)
+      index.for_each_plane(g, [&](int64_t p) {
+        *Ag += plane_weight(p) * Ap[p];
+        *Bg += plane_weight(p) * Bp[p];
+      });
+  };
+
+  const int threads = get_num_threads();
+  const bool by_group = col ? threads <= 1 || blocks >= 4 * int64_t(threads) : group_major(plan, threads);
+  if (by_group && col) {
+    // Block by block of rows (each row its own group): sums, then dx while the rows are in cache.
+    parallel_for(blocks, kRowBlock * Sp, [&](int64_t blk) {
+      const int64_t p1 = std::min(P, (blk + 1) * kRowBlock);
+      for (int64_t p = blk * kRowBlock; p < p1; ++p) {
+        for (int64_t j = 0; j < ch.per_seg; ++j) {
+          if (sums) chunk_sums(p, j);
+          if (col_sums) column_sums(p, j);
+        }
+        plane_sums(p);
+      }
+      if (!dx) return;
+      for (int64_t p = blk * kRowBlock; p < p1; ++p) {
+        const int64_t g = plan.group_of(p / C, p % C);
+        double Ag, Bg;
+        group_sums(g, &Ag, &Bg);
+        apply_plane(p, coefficients(p, g, Ag, Bg));
       }
     });
+  } else if (by_group) {
+    // Group by group: its sums, then its dx while its planes are in cache.
+    parallel_for(G, G > 0 ? P * Sp / G : 0, [&](int64_t g) {
+      if (sums)
+        index.for_each_plane(g, [&](int64_t p) {
+          for (int64_t j = 0; j < ch.per_seg; ++j) chunk_sums(p, j);
+          plane_sums(p);
+        });
+      if (!dx) return;
+      double Ag, Bg;
+      group_sums(g, &Ag, &Bg);
+      index.for_each_plane(g, [&](int64_t p) { apply_plane(p, coefficients(p, g, Ag, Bg)); });
+    });
+  } else {
+    // Pass by pass: sums over the whole tensor, the fold, then dx over the whole tensor.
+    if (plan.channels_last && sums) {
+      parallel_for(ch.items(), ch.work(), [&](int64_t it) {
+        const int64_t j = ch.chunk(it), p0 = ch.sample(it) * C, slot = ch.slot(p0, j);
+        k.rows_dot(x + ch.start(it), dy + ch.start(it), ch.length(j), C, &xhat.shift[p0], &A[slot],
+                   &B[slot], ch.per_seg);
+      });
+    } else if (col_sums) {
+      // Items are (block, chunk): a block's rows write their own chunk columns of its partial.
+      parallel_for(blocks * ch.per_seg, kRowBlock * ch.work(), [&](int64_t item) {
+        const int64_t blk = item / ch.per_seg, j = item % ch.per_seg;
+        for (int64_t p = blk * kRowBlock; p < std::min(P, (blk + 1) * kRowBlock); ++p) {
+          chunk_sums(p, j);
+          column_sums(p, j);
+        }
+      });
+    } else if (sums) {
+      parallel_for(ch.items(), ch.work(), [&](int64_t it) { chunk_sums(ch.segment(it), ch.chunk(it)); });
+    }
+    if (sums)
+      for (int64_t p = 0; p < P; ++p) plane_sums(p);
+    if (dx) {
+      std::vector<double> Ag(G), Bg(G);
+      for (int64_t g = 0; g < G; ++g) group_sums(g, &Ag[g], &Bg[g]);
+      std::vector<Coef> coef(P);
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t g = plan.group_of(p / C, p % C);
+        coef[p] = coefficients(p, g, Ag[g], Bg[g]);
+      }
+      if (plan.channels_last) {
+        std::vector<T> c1(P), c2(P), c3(P);
+        for (int64_t p = 0; p < P; ++p) c1[p] = coef[p].c1, c2[p] = coef[p].c2, c3[p] = coef[p].c3;
+        parallel_for(ch.items(), ch.work(), [&](int64_t it) {
+          const int64_t s = ch.start(it), p0 = ch.sample(it) * C;
+          k.rows_backward_apply(xs ? xs + s : nullptr, dy + s, dx + s, ch.length(ch.chunk(it)), C,
+                                &c1[p0], &c2[p0], &xhat.shift[p0], &c3[p0]);
+        });
+      } else {
+        parallel_for(ch.items(), ch.work(), [&](int64_t it) {
+          apply_chunk(ch.segment(it), ch.chunk(it), coef[ch.segment(it)]);
+        });
+      }
+    }
+  }
+
+  // Parameter gradients, in a fixed order: per column from the block partials, or per channel.
+  if (col_sums) {
     parallel_for(Sp, blocks, [&](int64_t s) {
       double gs = 0, bs = 0;
       for (int64_t blk = 0; blk < blocks; ++blk) {
@@ -59,30 +186,7 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
       if (dweight) dweight[s] = T(gs);
       if (dbias) dbias[s] = T(bs);
     });
-  } else if (plan.channels_last) {
-    parallel_for(ch.items(), ch.work(), [&](int64_t it) {
-      const int64_t j = ch.chunk(it), p0 = ch.sample(it) * C, slot = ch.slot(p0, j);
-      k.rows_dot(x + ch.start(it), dy + ch.start(it), ch.length(j), C, &xhat.shift[p0], &A[slot],
-                 &B[slot], ch.per_plane);
-    });
-  } else {
-    parallel_for(ch.items(), ch.work(), [&](int64_t it) {
-      const int64_t p = ch.plane(it), off = ch.chunk(it) * ch.step, s = ch.start(it);
-      k.dot(x + s, dy + s, wcol ? wcol + off : nullptr, ch.length(ch.chunk(it)), xhat.shift[p],
-            &A[it], &B[it]);
-    });
-  }
-
-  // Fold: chunk sums -> plane sums -> group sums, each in a fixed order.
-  std::vector<double> Ap(P, 0.0), Bp(P, 0.0);
-  for (int64_t p = 0; p < P; ++p)
-    for (int64_t j = 0; j < ch.per_plane; ++j) {
-      Ap[p] += A[p * ch.per_plane + j];
-      Bp[p] += B[p * ch.per_plane + j];
-    }
-  auto plane_weight = [&](int64_t p) { return !col && weight ? double(weight[p % C]) : 1.0; };
-
-  if (!col && (dweight || dbias)) {
+  } else if (!col && (dweight || dbias)) {
     for (int64_t c = 0; c < C; ++c) {
       double gs = 0, bs = 0;
       for (int64_t n = 0; n < plan.N; ++n) {
@@ -94,48 +198,6 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
       if (dbias) dbias[c] = T(bs);
     }
   }
-  if (!dx) return;
-
-  const int64_t G = plan.num_groups();
-  std::vector<double> Ag(G, 0.0), Bg(G, 0.0);
-  if (batch_stats) {
-    const GroupIndex index(plan);
-    for (int64_t g = 0; g < G; ++g)
-      index.for_each_plane(g, [&](int64_t p) {
-        Ag[g] += plane_weight(p) * Ap[p];
-        Bg[g] += plane_weight(p) * Bp[p];
-      });
-  }
-  const std::vector<int64_t> count = group_counts(plan);
-  std::vector<T> c1(P), c2(P), c3(P);
-  for (int64_t p = 0; p < P; ++p) {
-    const int64_t g = plan.group_of(p / C, p % C);
-    const double r = rstd[g], w = plane_weight(p);
-    c1[p] = T(r * w);
-    if (!batch_stats) continue;
-    const double M = double(count[g]);
-    const double mu = plan.skip_mean ? 0.0 : mean[g], d = double(xhat.shift[p]) - mu;
-    const double Pg = r * (Ag[g] + d * Bg[g]) / M;
-    c2[p] = T(-r * r * Pg);
-    c3[p] = T(-r * r * Pg * d - (plan.skip_mean ? 0.0 : r * Bg[g] / M));
-  }
-
-  // Pass 2: dx = c1*dy*w + c2*(x - shift) + c3. With constant statistics dx does not depend on
-  // x (c2 = c3 = 0): skip reading it, which also keeps a NaN in x out of dx, as in torch.
-  const S* xs = batch_stats ? x : nullptr;
-  if (plan.channels_last) {
-    parallel_for(ch.items(), ch.work(), [&](int64_t it) {
-      const int64_t s = ch.start(it), p0 = ch.sample(it) * C;
-      k.rows_backward_apply(xs ? xs + s : nullptr, dy + s, dx + s, ch.length(ch.chunk(it)), C, &c1[p0], &c2[p0],
-                            &xhat.shift[p0], &c3[p0]);
-    });
-    return;
-  }
-  parallel_for(ch.items(), ch.work(), [&](int64_t it) {
-    const int64_t p = ch.plane(it), off = ch.chunk(it) * ch.step, s = ch.start(it);
-    k.backward_apply(xs ? xs + s : nullptr, dy + s, dx + s, ch.length(ch.chunk(it)), c1[p], c2[p], xhat.shift[p],
-                     c3[p], wcol ? wcol + off : nullptr);
-  });
 }
 
 #define NK_INSTANTIATE(S)                                                                    \

@@ -11,23 +11,34 @@ namespace nk {
 // shift is the group mean rounded to T, so x - shift is exact near the mean; b carries the
 // rounding: (x - mean)*a = (x - shift)*a + (shift - mean)*a.
 template <class T>
+struct PlaneCoef {
+  T shift, a, b;
+};
+
+template <class T>
+PlaneCoef<T> plane_coef(const Plan& plan, int64_t p, const double* mean, const double* rstd,
+                        const T* weight, const T* bias) {
+  const int64_t c = p % plan.C, g = plan.group_of(p / plan.C, c);
+  const double mu = plan.skip_mean ? 0.0 : mean[g];
+  const T sh = T(mu);
+  double scale = rstd[g], offset = 0;
+  if (!plan.column_affine) {
+    if (weight) scale *= double(weight[c]);
+    if (bias) offset = double(bias[c]);
+  }
+  return {sh, T(scale), T(offset + (double(sh) - mu) * scale)};
+}
+
+// plane_coef of every plane, as three arrays.
+template <class T>
 struct PlaneAffine {
   std::vector<T> shift, a, b;
   PlaneAffine(const Plan& plan, const double* mean, const double* rstd, const T* weight,
               const T* bias)
       : shift(plan.planes()), a(plan.planes()), b(plan.planes()) {
     for (int64_t p = 0; p < plan.planes(); ++p) {
-      const int64_t c = p % plan.C, g = plan.group_of(p / plan.C, c);
-      const double mu = plan.skip_mean ? 0.0 : mean[g];
-      const T sh = T(mu);
-      double scale = rstd[g], offset = 0;
-      if (!plan.column_affine) {
-        if (weight) scale *= double(weight[c]);
-        if (bias) offset = double(bias[c]);
-      }
-      shift[p] = sh;
-      a[p] = T(scale);
-      b[p] = T(offset + (double(sh) - mu) * scale);
+      const PlaneCoef<T> f = plane_coef(plan, p, mean, rstd, weight, bias);
+      shift[p] = f.shift, a[p] = f.a, b[p] = f.b;
     }
   }
 };

@@ -1,5 +1,7 @@
 // Forward: statistics per group, then one affine pass. The fold between them turns each
 // plane's (mean, rstd, weight, bias) into a shift and two scalars so the pass is one FMA.
+// With statistics from x, the two run group by group where that keeps a group in cache
+// (moments.h: group_major), so x comes from memory once.
 #include <cmath>
 #include <limits>
 
@@ -11,11 +13,26 @@
 
 namespace nk {
 
+namespace {
+
+// y over plane p's chunks: y = (x - shift)*a + b [* weight + bias per column] [+ residual] [relu].
+template <class S>
+void apply_plane(const Kernels<S>& k, const Plan& plan, const Chunks& pc, int64_t p, int64_t j,
+                 const PlaneCoef<compute_t<S>>& f, const S* x, S* y, const compute_t<S>* weight,
+                 const compute_t<S>* bias, const S* residual, bool relu) {
+  const bool col = plan.column_affine;
+  const int64_t off = j * pc.step, s = pc.start(p, j);
+  k.affine(x + s, y + s, pc.length(j), f.shift, f.a, f.b, col && weight ? weight + off : nullptr,
+           col && bias ? bias + off : nullptr, residual ? residual + s : nullptr, relu);
+}
+
+}  // namespace
+
 template <class S>
 void group_moments(const Plan& plan, const S* x, double* mean, double* var) {
   check_plan(plan);
   const Kernels<S>& k = kernels().get<S>();
-  const Chunks ch(plan);
+  const Chunks ch = Chunks::moments(plan);
   std::vector<double> cmean(ch.count), cm2(ch.count);
   if (!plan.channels_last) {
     parallel_for(ch.items(), ch.work(), [&](int64_t it) {
@@ -24,29 +41,17 @@ void group_moments(const Plan& plan, const S* x, double* mean, double* var) {
   } else {
     parallel_for(ch.items(), ch.work(), [&](int64_t it) {
       const int64_t j = ch.chunk(it), slot = ch.slot(ch.sample(it) * ch.C, j);
-      k.rows_moments(x + ch.start(it), ch.length(j), ch.C, &cmean[slot], &cm2[slot], ch.per_plane);
+      k.rows_moments(x + ch.start(it), ch.length(j), ch.C, &cmean[slot], &cm2[slot], ch.per_seg);
     });
   }
 
   const GroupIndex index(plan);
-  parallel_for(plan.num_groups(), ch.per_plane * plan.channels_per_group * 64, [&](int64_t g) {
-    Moments acc;
-    index.for_each_plane(g, [&](int64_t p) {
-      for (int64_t j = 0; j < ch.per_plane; ++j) {
-        const int64_t slot = ch.slot(p, j);
-        acc = merge(acc, Moments{double(ch.length(j)), cmean[slot], cm2[slot]});
-      }
+  parallel_for(plan.num_groups(), ch.per_seg * plan.channels_per_group * 64, [&](int64_t g) {
+    const Moments acc = merge_group(ch, index, g, [&](int64_t seg, int64_t j) {
+      const int64_t slot = ch.slot(seg, j);
+      return Moments{double(ch.length(j)), cmean[slot], cm2[slot]};
     });
-    if (acc.n == 0) {
-      mean[g] = var[g] = std::numeric_limits<double>::quiet_NaN();
-    } else if (plan.skip_mean) {
-      mean[g] = 0;
-      // mean of x^2 (Inf when the group holds an Inf, so finite entries normalize to 0, as torch)
-      var[g] = std::isinf(acc.mean) ? acc.mean * acc.mean : acc.m2 / acc.n + acc.mean * acc.mean;
-    } else {
-      mean[g] = acc.mean;
-      var[g] = acc.m2 / acc.n;
-    }
+    finish_group(plan, acc, &mean[g], &var[g]);
   });
 }
 
@@ -56,9 +61,8 @@ void normalize(const Plan& plan, const S* x, const double* mean, const double* r
                bool relu) {
   check_plan(plan);
   const Kernels<S>& k = kernels().get<S>();
-  const Chunks ch(plan);
+  const Chunks ch = Chunks::planes(plan);
   const PlaneAffine<compute_t<S>> f(plan, mean, rstd, weight, bias);
-  const bool col = plan.column_affine;
   if (plan.channels_last) {
     parallel_for(ch.items(), ch.work(), [&](int64_t it) {
       const int64_t s = ch.start(it), p0 = ch.sample(it) * ch.C;
@@ -68,17 +72,49 @@ void normalize(const Plan& plan, const S* x, const double* mean, const double* r
     return;
   }
   parallel_for(ch.items(), ch.work(), [&](int64_t it) {
-    const int64_t p = ch.plane(it), off = ch.chunk(it) * ch.step, s = ch.start(it);
-    k.affine(x + s, y + s, ch.length(ch.chunk(it)), f.shift[p], f.a[p], f.b[p],
-             col && weight ? weight + off : nullptr, col && bias ? bias + off : nullptr,
-             residual ? residual + s : nullptr, relu);
+    const int64_t p = ch.segment(it);
+    apply_plane(k, plan, ch, p, ch.chunk(it), {f.shift[p], f.a[p], f.b[p]}, x, y, weight, bias,
+                residual, relu);
+  });
+}
+
+template <class S>
+void normalize_batch_stats(const Plan& plan, const S* x, double eps, const compute_t<S>* weight,
+                           const compute_t<S>* bias, S* y, double* mean, double* var, double* rstd,
+                           const S* residual, bool relu) {
+  check_plan(plan);
+  const int64_t G = plan.num_groups();
+  if (!group_major(plan, get_num_threads())) {
+    group_moments(plan, x, mean, var);
+    for (int64_t g = 0; g < G; ++g) rstd[g] = 1.0 / std::sqrt(var[g] + eps);
+    normalize(plan, x, mean, rstd, weight, bias, y, residual, relu);
+    return;
+  }
+  const Kernels<S>& k = kernels().get<S>();
+  const Chunks mc = Chunks::moments(plan), pc = Chunks::planes(plan);
+  const GroupIndex index(plan);
+  parallel_for(G, G > 0 ? plan.planes() * plan.S / G : 0, [&](int64_t g) {
+    const Moments acc = merge_group(mc, index, g, [&](int64_t seg, int64_t j) {
+      Moments m{double(mc.length(j))};
+      k.moments(x + mc.start(seg, j), mc.length(j), &m.mean, &m.m2);
+      return m;
+    });
+    finish_group(plan, acc, &mean[g], &var[g]);
+    rstd[g] = 1.0 / std::sqrt(var[g] + eps);
+    index.for_each_plane(g, [&](int64_t p) {
+      const PlaneCoef<compute_t<S>> f = plane_coef(plan, p, mean, rstd, weight, bias);
+      for (int64_t j = 0; j < pc.per_seg; ++j) apply_plane(k, plan, pc, p, j, f, x, y, weight, bias, residual, relu);
+    });
   });
 }
 
 #define NK_INSTANTIATE(S)                                                                        \
   template void group_moments<S>(const Plan&, const S*, double*, double*);                       \
   template void normalize<S>(const Plan&, const S*, const double*, const double*,                \
-                             const compute_t<S>*, const compute_t<S>*, S*, const S*, bool);
+                             const compute_t<S>*, const compute_t<S>*, S*, const S*, bool);      \
+  template void normalize_batch_stats<S>(const Plan&, const S*, double, const compute_t<S>*,     \
+                                         const compute_t<S>*, S*, double*, double*, double*,     \
+                                         const S*, bool);
 NK_INSTANTIATE(float)
 NK_INSTANTIATE(double)
 NK_INSTANTIATE(f16)

@@ -28,54 +28,103 @@ inline Moments merge(const Moments& a, const Moments& b) {
   return {n, a.mean + delta * (b.n / n), a.m2 + b.m2 + delta * delta * (a.n * b.n / n)};
 }
 
-// How the passes split the tensor. Chunk j of plane p covers the plane's spatial positions
-// [j*step, min(S, (j+1)*step)) and its partial results live in slot p*per_plane + j, in either
+// How the passes split the tensor. A segment is `seg_planes` consecutive planes, contiguous in
+// channels-first memory: one plane for the per-plane passes (apply, backward), a whole run of a
+// group's channels for statistics (GroupNorm's group of C/G planes is contiguous, so its moments
+// need not be cut at every small plane). Chunk j of segment s covers its positions
+// [j*step, min(len, (j+1)*step)) and its partial results live in slot s*per_seg + j, in either
 // memory order, so everything after a pass is layout-free.
-//   channels-first (N, C, S): a chunk is contiguous; one work item per (plane, chunk).
-//   channels-last (N, S, C): chunk j of sample n's C planes is one block of `step` rows of C
-//   channels; one work item per (sample, chunk).
+//   channels-first (N, C, S): a chunk is contiguous; one work item per (segment, chunk).
+//   channels-last (N, S, C): segments are planes; chunk j of sample n's C planes is one block of
+//   `step` rows of C channels; one work item per (sample, chunk).
 struct Chunks {
-  int64_t step, per_plane, count, S, C;
+  int64_t seg_planes, len, step, per_seg, count, C;
   bool channels_last;
-  explicit Chunks(const Plan& plan)
-      : step(plan.channels_last ? std::max<int64_t>(1, kChunk / std::max<int64_t>(1, plan.C)) : kChunk),
-        per_plane(plan.S == 0 ? 0 : (plan.S + step - 1) / step),
-        count(plan.planes() * per_plane),
-        S(plan.S),
+  Chunks(const Plan& plan, int64_t planes_per_segment)
+      : seg_planes(plan.channels_last ? 1 : planes_per_segment),
+        len(seg_planes * plan.S),
+        step(plan.channels_last ? std::max<int64_t>(1, kChunk / std::max<int64_t>(1, plan.C)) : kChunk),
+        per_seg(len == 0 ? 0 : (len + step - 1) / step),
+        count(plan.planes() / std::max<int64_t>(1, seg_planes) * per_seg),
         C(plan.C),
         channels_last(plan.channels_last) {}
-  int64_t length(int64_t j) const { return std::min(step, S - j * step); }  // positions in chunk j
+  // The per-plane split (apply and backward passes).
+  static Chunks planes(const Plan& plan) { return Chunks(plan, 1); }
+  // The statistics split: segments are a group's runs of consecutive channels.
+  static Chunks moments(const Plan& plan) { return Chunks(plan, plan.channels_per_group); }
+
+  int64_t length(int64_t j) const { return std::min(step, len - j * step); }  // positions in chunk j
   // Elements of one work item at most (the parallel_for cost hint): a small plane is one short chunk.
-  int64_t work() const { return std::min(step, S) * (channels_last ? C : 1); }
-  int64_t slot(int64_t p, int64_t j) const { return p * per_plane + j; }
-  // Work items of a pass: (plane, chunk) channels-first, (sample, chunk) channels-last.
+  int64_t work() const { return std::min(step, len) * (channels_last ? C : 1); }
+  int64_t slot(int64_t seg, int64_t j) const { return seg * per_seg + j; }
+  // First element of chunk j of segment seg (channels-first).
+  int64_t start(int64_t seg, int64_t j) const { return seg * len + j * step; }
+  // Work items of a pass: (segment, chunk) channels-first, (sample, chunk) channels-last.
   int64_t items() const { return channels_last ? count / std::max<int64_t>(1, C) : count; }
-  int64_t chunk(int64_t item) const { return item % per_plane; }
-  int64_t plane(int64_t item) const { return item / per_plane; }   // channels-first
-  int64_t sample(int64_t item) const { return item / per_plane; }  // channels-last
+  int64_t chunk(int64_t item) const { return item % per_seg; }
+  int64_t segment(int64_t item) const { return item / per_seg; }  // channels-first
+  int64_t sample(int64_t item) const { return item / per_seg; }   // channels-last
   // First element of the item's data: a contiguous chunk, or the first of its rows.
   int64_t start(int64_t item) const {
-    return channels_last ? (sample(item) * S + chunk(item) * step) * C
-                         : plane(item) * S + chunk(item) * step;
+    return channels_last ? (sample(item) * len + chunk(item) * step) * C
+                         : start(segment(item), chunk(item));
   }
 };
 
-// The planes of each statistics group, visited in a fixed order (sample-major, then channel).
+// The planes (or segments of consecutive planes) of each statistics group, visited in a fixed
+// order: sample-major, then channel.
 class GroupIndex {
  public:
   explicit GroupIndex(const Plan& plan) : plan_(plan), samples_of_set_(plan.num_sample_sets) {
     for (int64_t n = 0; n < plan.N; ++n) samples_of_set_[plan.sample_group[n]].push_back(n);
   }
   template <class F>
-  void for_each_plane(int64_t g, const F& f) const {
+  void for_each_plane(int64_t g, const F& f) const { for_each_segment(g, 1, f); }
+  // Segments of seg_planes planes (a divisor of channels_per_group), by index.
+  template <class F>
+  void for_each_segment(int64_t g, int64_t seg_planes, const F& f) const {
     const int64_t set = g / plan_.groups_per_set(), c0 = (g % plan_.groups_per_set()) * plan_.channels_per_group;
     for (int64_t n : samples_of_set_[set])
-      for (int64_t c = c0; c < c0 + plan_.channels_per_group; ++c) f(n * plan_.C + c);
+      for (int64_t c = c0; c < c0 + plan_.channels_per_group; c += seg_planes) f((n * plan_.C + c) / seg_planes);
   }
 
  private:
   const Plan& plan_;
   std::vector<std::vector<int64_t>> samples_of_set_;
 };
+
+// Group g's moments from its chunks' moments, merged in the fixed order (segments as GroupIndex
+// visits them, then chunks): chunk(seg, j) returns one chunk's Moments.
+template <class F>
+Moments merge_group(const Chunks& ch, const GroupIndex& index, int64_t g, const F& chunk) {
+  Moments acc;
+  index.for_each_segment(g, ch.seg_planes, [&](int64_t seg) {
+    for (int64_t j = 0; j < ch.per_seg; ++j) acc = merge(acc, chunk(seg, j));
+  });
+  return acc;
+}
+
+// A group's (mean, biased variance) from its moments: NaN for no elements; with skip_mean (RMS)
+// 0 and the mean of x^2 (Inf when the group holds an Inf, so finite entries normalize to 0, as
+// torch).
+inline void finish_group(const Plan& plan, const Moments& acc, double* mean, double* var) {
+  if (acc.n == 0) {
+    *mean = *var = std::numeric_limits<double>::quiet_NaN();
+  } else if (plan.skip_mean) {
+    *mean = 0;
+    *var = std::isinf(acc.mean) ? acc.mean * acc.mean : acc.m2 / acc.n + acc.mean * acc.mean;
+  } else {
+    *mean = acc.mean;
+    *var = acc.m2 / acc.n;
+  }
+}
+
+// Traversal. Group by group (statistics, then the apply while the group's data is still in
+// cache: one read of x from memory instead of two) where memory is channels-first and there are
+// enough groups to keep every thread busy; pass by pass (each pass over the whole tensor in
+// parallel) otherwise. Both orders run the same chunks and merges: the same bits.
+inline bool group_major(const Plan& plan, int threads) {
+  return !plan.channels_last && (threads <= 1 || plan.num_groups() >= 4 * int64_t(threads));
+}
 
 }  // namespace nk

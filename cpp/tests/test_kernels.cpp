@@ -220,6 +220,59 @@ void test_channels_last(const std::string& isa) {
 
 }  // namespace
 
+// The two traversals (moments.h: group_major) run the same chunks and merges: 1 thread takes
+// group by group, 64 threads with fewer than 256 groups pass by pass. Their results, and the
+// fused normalize_batch_stats against its three steps, must be the same bits.
+template <class T>
+void test_traversals_agree(const std::string& isa) {
+  struct Case { const char* name; nk::Plan plan; };
+  std::vector<Case> cases = {
+      {"bn", nk::plan_per_channel(5, 7, 300)},
+      {"bn-big-planes", nk::plan_per_channel(3, 4, 5000)},
+      {"gn", nk::plan_per_sample_group(4, 12, 196, 3)},
+      {"gn-long", nk::plan_per_sample_group(2, 8, 3000, 2)},
+      {"in", nk::plan_per_sample_group(3, 5, 64, 5)},
+      {"ln", nk::plan_per_row(40, 300, false)},
+      {"ln-long-rows", nk::plan_per_row(20, 4500, false)},
+      {"rms", nk::plan_per_row(33, 96, true)},
+      {"sets", nk::plan_per_channel_in_sets(6, 3, 50, {0, 1, 0, 2, 1, 0})},
+  };
+  const int threads_before = nk::get_num_threads();
+  for (auto& cs : cases) {
+    const nk::Plan& plan = cs.plan;
+    const int64_t n = plan.planes() * plan.S, G = plan.num_groups(), A = plan.affine_size();
+    const std::string tag = isa + "/" + type_name<T>() + "/" + cs.name;
+    auto x = random_vector<T>(n, 3.0, 11), dy = random_vector<T>(n, 0.1, 12);
+    auto w = random_vector<T>(A, 1.0, 13), b = random_vector<T>(A, 0.0, 14);
+    struct Out { std::vector<T> y, dx, dw, db; std::vector<double> mean, var, rstd; };
+    auto run = [&](int threads, bool fused) {
+      nk::set_num_threads(threads);
+      Out o{std::vector<T>(n), std::vector<T>(n), std::vector<T>(A), std::vector<T>(A),
+            std::vector<double>(G), std::vector<double>(G), std::vector<double>(G)};
+      if (fused) {
+        nk::normalize_batch_stats<T>(plan, x.data(), 1e-5, w.data(), b.data(), o.y.data(),
+                                     o.mean.data(), o.var.data(), o.rstd.data());
+      } else {
+        nk::group_moments<T>(plan, x.data(), o.mean.data(), o.var.data());
+        for (int64_t g = 0; g < G; ++g) o.rstd[g] = 1.0 / std::sqrt(o.var[g] + 1e-5);
+        nk::normalize<T>(plan, x.data(), o.mean.data(), o.rstd.data(), w.data(), b.data(), o.y.data());
+      }
+      nk::normalize_backward<T>(plan, x.data(), dy.data(), o.mean.data(), o.rstd.data(), w.data(),
+                                true, o.dx.data(), o.dw.data(), o.db.data());
+      return o;
+    };
+    const Out ref = run(1, true);
+    for (auto [threads, fused] : {std::pair{64, true}, std::pair{1, false}, std::pair{64, false}}) {
+      const Out o = run(threads, fused);
+      const std::string t = tag + " threads=" + std::to_string(threads) + (fused ? " fused" : " steps");
+      check(o.mean == ref.mean && o.var == ref.var && o.rstd == ref.rstd, "statistics bitwise " + t);
+      check(o.y == ref.y, "y bitwise " + t);
+      check(o.dx == ref.dx && o.dw == ref.dw && o.db == ref.db, "gradients bitwise " + t);
+    }
+  }
+  nk::set_num_threads(threads_before);
+}
+
 int main() {
   for (const std::string& isa : nk::supported_isas()) {
     nk::set_isa(isa);
@@ -229,6 +282,8 @@ int main() {
     test_entry_points<double>(isa);
     test_channels_last<float>(isa);
     test_channels_last<double>(isa);
+    test_traversals_agree<float>(isa);
+    test_traversals_agree<double>(isa);
   }
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;

@@ -21,11 +21,6 @@ def ranks_mask(ndims):
     return sum(1 << d for d in ndims)
 
 
-def moments(plan, x):
-    """Per-group (mean, biased variance) as float64 arrays (NaN and Inf propagate as in torch)."""
-    return _core.group_moments(plan, x)
-
-
 def rstd_of(var, eps):
     # NaN, Inf and negative variances (a caller's running_var) propagate silently, as in torch.
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -47,6 +42,16 @@ def apply(plan, x, mean, var, eps, weight, bias, batch_stats, shape, epilogue=_c
     _core.normalize(plan, x, mean, rstd, weight, bias, y, epilogue.residual, epilogue.relu)
     y = y.reshape(shape) if epilogue.out is None else epilogue.out
     return y, Saved(plan, x, mean, rstd, weight, batch_stats, shape)
+
+
+def apply_batch_stats(plan, x, eps, weight, bias, shape, epilogue=_checks.PLAIN):
+    """Statistics from x, then y, in one core call (group by group where the tensor allows, so
+    x is read from memory once); returns (y in `shape`, Saved, var). x must not be empty."""
+    y = _core.empty_like(x) if epilogue.out is None else epilogue.out
+    mean, var, rstd = _core.normalize_batch_stats(plan, x, eps, weight, bias, y, epilogue.residual,
+                                                  epilogue.relu)
+    y = y.reshape(shape) if epilogue.out is None else epilogue.out
+    return y, Saved(plan, x, mean, rstd, weight, True, shape), var
 
 
 def backward(saved, dy, want_weight, want_bias):

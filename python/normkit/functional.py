@@ -76,13 +76,12 @@ def batch_norm_impl(input, running_mean, running_var, weight, bias, training, mo
         return _engine.apply(plan, x, None, None, eps, weight, bias, training, x.shape, ep)
     if not training:  # one pass: the fold of the running statistics, then the fused apply
         return _engine.apply(plan, x, running_mean, running_var, eps, weight, bias, False, x.shape, ep)
-    mean, var = _engine.moments(plan, x)
-    result = _engine.apply(plan, x, mean, var, eps, weight, bias, True, x.shape, ep)
+    y, saved, var = _engine.apply_batch_stats(plan, x, eps, weight, bias, x.shape, ep)
     if running_mean is not None:
-        _engine.running_update(running_mean, mean, momentum)
+        _engine.running_update(running_mean, saved.mean, momentum)
     if running_var is not None:
         _engine.running_update(running_var, _unbiased(var, N * S), momentum)
-    return result
+    return y, saved
 
 
 EXTRAS_DOC = """
@@ -133,14 +132,13 @@ def instance_norm_impl(input, running_mean, running_var, weight, bias, use_input
                 if s is not None:
                     s[...] = np.nan
         return result
-    mean, var = _engine.moments(plan, x)
-    result = _engine.apply(plan, x, mean, var, eps, weight, bias, True, x.shape, ep)
+    y, saved, var = _engine.apply_batch_stats(plan, x, eps, weight, bias, x.shape, ep)
     # torch: running stats move toward the batch average of the per-instance statistics.
     if running_mean is not None:
-        _engine.running_update(running_mean, mean.reshape(N, C).mean(axis=0), momentum)
+        _engine.running_update(running_mean, saved.mean.reshape(N, C).mean(axis=0), momentum)
     if running_var is not None:
         _engine.running_update(running_var, _unbiased(var, S).reshape(N, C).mean(axis=0), momentum)
-    return result
+    return y, saved
 
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
@@ -173,8 +171,7 @@ def group_norm_impl(input, num_groups, weight, bias, eps, layout="NCHW", out=Non
     plan = _engine.in_layout(_core.plan_per_sample_group(N, C, S, num_groups), layout)
     if x.size == 0:  # torch: an empty output (0 channels included)
         return _engine.apply(plan, x, None, None, eps, weight, bias, True, x.shape, ep)
-    mean, var = _engine.moments(plan, x)
-    return _engine.apply(plan, x, mean, var, eps, weight, bias, True, x.shape, ep)
+    return _engine.apply_batch_stats(plan, x, eps, weight, bias, x.shape, ep)[:2]
 
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, layout="NCHW", out=None,
@@ -209,8 +206,7 @@ def _row_norm(input, normalized_shape, weight, bias, eps, skip_mean, out=None, r
     b = None if bias is None else bias.reshape(-1)
     if x.size == 0:  # torch: an empty output
         return _engine.apply(plan, x, None, None, eps, w, b, True, x.shape, ep)
-    mean, var = _engine.moments(plan, x)
-    return _engine.apply(plan, x, mean, var, eps, w, b, True, x.shape, ep)
+    return _engine.apply_batch_stats(plan, x, eps, w, b, x.shape, ep)[:2]
 
 
 def layer_norm_impl(input, normalized_shape, weight, bias, eps, out=None, residual=None,

@@ -1,6 +1,7 @@
 // normkit's C++ entry points. Every normalization is three steps over a Plan:
 //   group_moments       statistics per group (one read of x)
 //   normalize           y = (x - mean) * rstd * weight + bias (one read of x, one write of y)
+//   normalize_batch_stats  both, fused group by group where the groups allow
 //   normalize_backward  dx, dweight, dbias (two reads of x and dy, one write of dx)
 // All arrays are contiguous in (N, C, S) order. S is the storage type of x, y, dy, dx: float,
 // double, f16 or bf16 (dtypes.h); weights, biases and their gradients are compute_t<S> (float
@@ -27,6 +28,15 @@ template <class S>
 void normalize(const Plan& plan, const S* x, const double* mean, const double* rstd,
                const compute_t<S>* weight, const compute_t<S>* bias, S* y,
                const S* residual = nullptr, bool relu = false);
+
+// Forward with statistics from x (training, and every layer without running statistics):
+// group_moments, rstd = 1/sqrt(var + eps) and normalize in one call, bitwise the same as those
+// three steps. It runs group by group where that keeps each group in cache between its
+// statistics and its apply, so x is read from memory once.
+template <class S>
+void normalize_batch_stats(const Plan& plan, const S* x, double eps, const compute_t<S>* weight,
+                           const compute_t<S>* bias, S* y, double* mean, double* var, double* rstd,
+                           const S* residual = nullptr, bool relu = false);
 
 // Gradients of normalize. batch_stats: mean/rstd were computed from this x (training), so the
 // gradient flows through them; otherwise they are constants (eval). dweight/dbias may be null;
