@@ -150,6 +150,16 @@ PYBIND11_MODULE(_core, m) {
   def_forward_fast(m);
   m.def("empty_like", &empty_like, py::arg("a"),
         "A new uninitialized C-contiguous array of a's shape and dtype, on the C heap.");
+  m.def("copy", [](py::array dst, const py::array& src) {
+    if (!(dst.flags() & py::array::c_style) || !(src.flags() & py::array::c_style) ||
+        dst.nbytes() != src.nbytes() || !dst.writeable())
+      throw py::value_error("copy: expected C-contiguous arrays of equal byte size, dst writable");
+    void* d = dst.mutable_data();
+    const void* s = src.data();
+    const int64_t n = dst.nbytes();
+    py::gil_scoped_release nogil;
+    nk::parallel_copy(d, s, n);
+  }, py::arg("dst"), py::arg("src"), "dst[...] = src bytewise on normkit's threads (the bench's yardstick).");
   m.def("set_num_threads", &nk::set_num_threads, py::arg("n"));
   m.def("get_num_threads", &nk::get_num_threads);
   m.def("isa_name", &nk::isa_name);

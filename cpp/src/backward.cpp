@@ -1,5 +1,5 @@
-// Backward: per-chunk sums, an O(planes) fold, one apply pass; group by group where the groups
-// allow (moments.h: group_major), so that x and dy come from memory once.
+// Backward: per-chunk sums, an O(planes) fold, one apply pass; block by block of groups where
+// the tensor allows (moments.h: GroupBlocks), so that x and dy come from memory once.
 //
 // Derivation (checked by tests/test_reference.py through finite differences). Per group: mean mu,
 // rstd r, M elements, xhat = (x - mu)*r, y = w*xhat + b, g = dy*w.
@@ -95,39 +95,24 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
       });
   };
 
-  const int threads = get_num_threads();
-  const bool by_group = col ? threads <= 1 || blocks >= 4 * int64_t(threads) : group_major(plan, threads);
-  if (by_group && col) {
-    // Block by block of rows (each row its own group): sums, then dx while the rows are in cache.
-    parallel_for(blocks, kRowBlock * Sp, [&](int64_t blk) {
-      const int64_t p1 = std::min(P, (blk + 1) * kRowBlock);
-      for (int64_t p = blk * kRowBlock; p < p1; ++p) {
-        for (int64_t j = 0; j < ch.per_seg; ++j) {
-          if (sums) chunk_sums(p, j);
-          if (col_sums) column_sums(p, j);
-        }
-        plane_sums(p);
-      }
-      if (!dx) return;
-      for (int64_t p = blk * kRowBlock; p < p1; ++p) {
-        const int64_t g = plan.group_of(p / C, p % C);
-        double Ag, Bg;
-        group_sums(g, &Ag, &Bg);
-        apply_plane(p, coefficients(p, g, Ag, Bg));
-      }
-    });
-  } else if (by_group) {
-    // Group by group: its sums, then its dx while its planes are in cache.
-    parallel_for(G, G > 0 ? P * Sp / G : 0, [&](int64_t g) {
-      if (sums)
+  std::vector<double> Ag(G), Bg(G);
+  const GroupBlocks gb(plan, col ? kRowBlock : 1);  // a column partial belongs to one block
+  if (gb.by_block(plan, get_num_threads())) {
+    // Block by block of groups: their sums, then their dx while their planes are in cache.
+    parallel_for(gb.count, kBlockElements, [&](int64_t b) {
+      const int64_t g0 = gb.first(b), g1 = gb.end(b);
+      for (int64_t g = g0; g < g1; ++g)
         index.for_each_plane(g, [&](int64_t p) {
-          for (int64_t j = 0; j < ch.per_seg; ++j) chunk_sums(p, j);
-          plane_sums(p);
+          for (int64_t j = 0; j < ch.per_seg; ++j) {
+            if (sums) chunk_sums(p, j);
+            if (col_sums) column_sums(p, j);
+          }
+          if (sums) plane_sums(p);
         });
       if (!dx) return;
-      double Ag, Bg;
-      group_sums(g, &Ag, &Bg);
-      index.for_each_plane(g, [&](int64_t p) { apply_plane(p, coefficients(p, g, Ag, Bg)); });
+      for (int64_t g = g0; g < g1; ++g) group_sums(g, &Ag[g], &Bg[g]);
+      for (int64_t g = g0; g < g1; ++g)
+        index.for_each_plane(g, [&](int64_t p) { apply_plane(p, coefficients(p, g, Ag[g], Bg[g])); });
     });
   } else {
     // Pass by pass: sums over the whole tensor, the fold, then dx over the whole tensor.
@@ -152,7 +137,6 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
     if (sums)
       for (int64_t p = 0; p < P; ++p) plane_sums(p);
     if (dx) {
-      std::vector<double> Ag(G), Bg(G);
       for (int64_t g = 0; g < G; ++g) group_sums(g, &Ag[g], &Bg[g]);
       std::vector<Coef> coef(P);
       for (int64_t p = 0; p < P; ++p) {

@@ -1,7 +1,7 @@
 // Forward: statistics per group, then one affine pass. The fold between them turns each
 // plane's (mean, rstd, weight, bias) into a shift and two scalars so the pass is one FMA.
-// With statistics from x, the two run group by group where that keeps a group in cache
-// (moments.h: group_major), so x comes from memory once.
+// With statistics from x, the two run block by block of groups where that keeps a block in
+// cache (moments.h: GroupBlocks), so x comes from memory once.
 #include <cmath>
 #include <limits>
 
@@ -83,28 +83,39 @@ void normalize_batch_stats(const Plan& plan, const S* x, double eps, const compu
                            const compute_t<S>* bias, S* y, double* mean, double* var, double* rstd,
                            const S* residual, bool relu) {
   check_plan(plan);
-  const int64_t G = plan.num_groups();
-  if (!group_major(plan, get_num_threads())) {
+  const GroupBlocks blocks(plan);
+  if (!blocks.by_block(plan, get_num_threads())) {
     group_moments(plan, x, mean, var);
-    for (int64_t g = 0; g < G; ++g) rstd[g] = 1.0 / std::sqrt(var[g] + eps);
+    for (int64_t g = 0; g < blocks.groups; ++g) rstd[g] = 1.0 / std::sqrt(var[g] + eps);
     normalize(plan, x, mean, rstd, weight, bias, y, residual, relu);
     return;
   }
   const Kernels<S>& k = kernels().get<S>();
   const Chunks mc = Chunks::moments(plan), pc = Chunks::planes(plan);
   const GroupIndex index(plan);
-  parallel_for(G, G > 0 ? plan.planes() * plan.S / G : 0, [&](int64_t g) {
-    const Moments acc = merge_group(mc, index, g, [&](int64_t seg, int64_t j) {
-      Moments m{double(mc.length(j))};
-      k.moments(x + mc.start(seg, j), mc.length(j), &m.mean, &m.m2);
-      return m;
-    });
-    finish_group(plan, acc, &mean[g], &var[g]);
-    rstd[g] = 1.0 / std::sqrt(var[g] + eps);
-    index.for_each_plane(g, [&](int64_t p) {
-      const PlaneCoef<compute_t<S>> f = plane_coef(plan, p, mean, rstd, weight, bias);
-      for (int64_t j = 0; j < pc.per_seg; ++j) apply_plane(k, plan, pc, p, j, f, x, y, weight, bias, residual, relu);
-    });
+  std::vector<double> cmean(mc.count), cm2(mc.count);
+  parallel_for(blocks.count, kBlockElements, [&](int64_t b) {
+    const int64_t g0 = blocks.first(b), g1 = blocks.end(b);
+    for (int64_t g = g0; g < g1; ++g)
+      index.for_each_segment(g, mc.seg_planes, [&](int64_t seg) {
+        for (int64_t j = 0; j < mc.per_seg; ++j) {
+          const int64_t slot = mc.slot(seg, j);
+          k.moments(x + mc.start(seg, j), mc.length(j), &cmean[slot], &cm2[slot]);
+        }
+      });
+    for (int64_t g = g0; g < g1; ++g) {
+      const Moments acc = merge_group(mc, index, g, [&](int64_t seg, int64_t j) {
+        const int64_t slot = mc.slot(seg, j);
+        return Moments{double(mc.length(j)), cmean[slot], cm2[slot]};
+      });
+      finish_group(plan, acc, &mean[g], &var[g]);
+      rstd[g] = 1.0 / std::sqrt(var[g] + eps);
+    }
+    for (int64_t g = g0; g < g1; ++g)
+      index.for_each_plane(g, [&](int64_t p) {
+        const PlaneCoef<compute_t<S>> f = plane_coef(plan, p, mean, rstd, weight, bias);
+        for (int64_t j = 0; j < pc.per_seg; ++j) apply_plane(k, plan, pc, p, j, f, x, y, weight, bias, residual, relu);
+      });
   });
 }
 

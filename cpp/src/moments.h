@@ -75,22 +75,28 @@ struct Chunks {
 // order: sample-major, then channel.
 class GroupIndex {
  public:
-  explicit GroupIndex(const Plan& plan) : plan_(plan), samples_of_set_(plan.num_sample_sets) {
-    for (int64_t n = 0; n < plan.N; ++n) samples_of_set_[plan.sample_group[n]].push_back(n);
+  // The samples of each set, sample-ordered, as one flat table (a counting sort): two
+  // allocations whatever N, which matters for LayerNorm's thousands of one-row "samples".
+  explicit GroupIndex(const Plan& plan) : plan_(plan), first_(plan.num_sample_sets + 1, 0), samples_(plan.N) {
+    for (int64_t n = 0; n < plan.N; ++n) ++first_[plan.sample_group[n] + 1];
+    for (int64_t s = 0; s < plan.num_sample_sets; ++s) first_[s + 1] += first_[s];
+    std::vector<int64_t> next(first_.begin(), first_.end() - 1);
+    for (int64_t n = 0; n < plan.N; ++n) samples_[next[plan.sample_group[n]]++] = n;
   }
   template <class F>
   void for_each_plane(int64_t g, const F& f) const { for_each_segment(g, 1, f); }
   // Segments of seg_planes planes (a divisor of channels_per_group), by index.
   template <class F>
   void for_each_segment(int64_t g, int64_t seg_planes, const F& f) const {
-    const int64_t set = g / plan_.groups_per_set(), c0 = (g % plan_.groups_per_set()) * plan_.channels_per_group;
-    for (int64_t n : samples_of_set_[set])
-      for (int64_t c = c0; c < c0 + plan_.channels_per_group; c += seg_planes) f((n * plan_.C + c) / seg_planes);
+    const int64_t gps = plan_.groups_per_set(), cpg = plan_.channels_per_group;
+    const int64_t set = g / gps, c0 = (g % gps) * cpg;
+    for (int64_t i = first_[set]; i < first_[set + 1]; ++i)
+      for (int64_t c = c0; c < c0 + cpg; c += seg_planes) f((samples_[i] * plan_.C + c) / seg_planes);
   }
 
  private:
   const Plan& plan_;
-  std::vector<std::vector<int64_t>> samples_of_set_;
+  std::vector<int64_t> first_, samples_;  // samples of set s: samples_[first_[s], first_[s+1])
 };
 
 // Group g's moments from its chunks' moments, merged in the fixed order (segments as GroupIndex
@@ -119,12 +125,35 @@ inline void finish_group(const Plan& plan, const Moments& acc, double* mean, dou
   }
 }
 
-// Traversal. Group by group (statistics, then the apply while the group's data is still in
-// cache: one read of x from memory instead of two) where memory is channels-first and there are
-// enough groups to keep every thread busy; pass by pass (each pass over the whole tensor in
-// parallel) otherwise. Both orders run the same chunks and merges: the same bits.
-inline bool group_major(const Plan& plan, int threads) {
-  return !plan.channels_last && (threads <= 1 || plan.num_groups() >= 4 * int64_t(threads));
-}
+// Traversal. Block by block of consecutive groups (statistics of the block's groups, then their
+// apply while their data is still in cache: one read of x from memory instead of two) where
+// memory is channels-first and there are enough blocks to keep every thread busy; pass by pass
+// (each pass over the whole tensor in parallel) otherwise. A block holds about kBlockElements
+// elements (at least one group), so that short groups (LayerNorm rows) share their fixed costs
+// and a block stays in L2. Within a block each step loops over all its groups, so independent
+// groups overlap in the CPU. Both orders run the same chunks and merges: the same bits.
+constexpr int64_t kBlockElements = 1 << 15;
+
+struct GroupBlocks {
+  int64_t groups, per_block, count;
+  // align: blocks hold a multiple of this many groups (column-affine backward partials).
+  GroupBlocks(const Plan& plan, int64_t align = 1)
+      : groups(plan.num_groups()),
+        per_block(round_up(std::max<int64_t>(1, kBlockElements / std::max<int64_t>(1, group_size(plan))), align)),
+        count((groups + per_block - 1) / per_block) {}
+  int64_t first(int64_t b) const { return b * per_block; }
+  int64_t end(int64_t b) const { return std::min(groups, (b + 1) * per_block); }
+  // Block by block, or pass by pass (see above).
+  bool by_block(const Plan& plan, int threads) const {
+    return !plan.channels_last && (threads <= 1 || count >= 4 * int64_t(threads));
+  }
+
+ private:
+  static int64_t group_size(const Plan& plan) {
+    const int64_t G = plan.num_groups();
+    return G > 0 ? plan.planes() * plan.S / G : 0;  // the average, for sets of unequal size
+  }
+  static int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+};
 
 }  // namespace nk

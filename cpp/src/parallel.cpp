@@ -1,6 +1,8 @@
 #include "parallel.h"
 
+#include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <stdexcept>
 
 #include "normkit/normkit.h"
@@ -25,5 +27,13 @@ void set_num_threads(int n) {
 }
 
 int get_num_threads() { return g_threads.load(); }
+
+void parallel_copy(void* dst, const void* src, int64_t bytes) {
+  constexpr int64_t kPiece = 64 << 10;
+  parallel_for((bytes + kPiece - 1) / kPiece, kPiece, [&](int64_t i) {
+    const int64_t off = i * kPiece;
+    std::memcpy(static_cast<char*>(dst) + off, static_cast<const char*>(src) + off, std::min(kPiece, bytes - off));
+  });
+}
 
 }  // namespace nk

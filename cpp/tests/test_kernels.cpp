@@ -220,8 +220,8 @@ void test_channels_last(const std::string& isa) {
 
 }  // namespace
 
-// The two traversals (moments.h: group_major) run the same chunks and merges: 1 thread takes
-// group by group, 64 threads with fewer than 256 groups pass by pass. Their results, and the
+// The two traversals (moments.h: GroupBlocks) run the same chunks and merges: 1 thread takes
+// block by block of groups, 64 threads with fewer than 256 blocks pass by pass. Their results, and the
 // fused normalize_batch_stats against its three steps, must be the same bits.
 template <class T>
 void test_traversals_agree(const std::string& isa) {
@@ -234,6 +234,8 @@ void test_traversals_agree(const std::string& isa) {
       {"in", nk::plan_per_sample_group(3, 5, 64, 5)},
       {"ln", nk::plan_per_row(40, 300, false)},
       {"ln-long-rows", nk::plan_per_row(20, 4500, false)},
+      {"ln-blocks", nk::plan_per_row(1000, 100, false)},
+      {"gn-blocks", nk::plan_per_sample_group(8, 16, 1000, 4)},
       {"rms", nk::plan_per_row(33, 96, true)},
       {"sets", nk::plan_per_channel_in_sets(6, 3, 50, {0, 1, 0, 2, 1, 0})},
   };

@@ -48,6 +48,9 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
 
 void set_num_threads(int n);
 int get_num_threads();
+// memcpy on the library's threads, in 64 KiB pieces: the copy bandwidth that `python -m normkit
+// bench` measures its roofline with, so that both run on the same number of cores.
+void parallel_copy(void* dst, const void* src, int64_t bytes);
 // The SIMD level chosen at load ("avx512", "avx2", "baseline"); NORMKIT_ISA forces a lower one.
 std::string isa_name();
 // The levels this CPU can run, lowest first; set_isa switches to one of them (for tests).
