@@ -78,10 +78,11 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
   // With constant statistics dx does not depend on x (c2 = c3 = 0): skip reading it, which also
   // keeps a NaN in x out of dx, as in torch.
   const S* xs = batch_stats ? x : nullptr;
+  const bool stream = stream_output(P * Sp * int64_t(sizeof(S)));
   auto apply_chunk = [&](int64_t p, int64_t j, const Coef& c) {
     const int64_t off = j * ch.step, s = ch.start(p, j);
     k.backward_apply(xs ? xs + s : nullptr, dy + s, dx + s, ch.length(j), c.c1, c.c2,
-                     xhat.shift[p], c.c3, wcol ? wcol + off : nullptr);
+                     xhat.shift[p], c.c3, wcol ? wcol + off : nullptr, stream);
   };
   auto apply_plane = [&](int64_t p, const Coef& c) {
     for (int64_t j = 0; j < ch.per_seg; ++j) apply_chunk(p, j, c);
@@ -96,23 +97,25 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
   };
 
   std::vector<double> Ag(G), Bg(G);
-  const GroupBlocks gb(plan, col ? kRowBlock : 1);  // a column partial belongs to one block
+  const GroupBlocks gb(plan, 2, col ? kRowBlock : 1);  // a column partial belongs to one block
   if (gb.by_block(plan, get_num_threads())) {
     // Block by block of groups: their sums, then their dx while their planes are in cache.
     parallel_for(gb.count, kBlockElements, [&](int64_t b) {
       const int64_t g0 = gb.first(b), g1 = gb.end(b);
-      for (int64_t g = g0; g < g1; ++g)
-        index.for_each_plane(g, [&](int64_t p) {
-          for (int64_t j = 0; j < ch.per_seg; ++j) {
-            if (sums) chunk_sums(p, j);
-            if (col_sums) column_sums(p, j);
-          }
-          if (sums) plane_sums(p);
-        });
+      const BlockParts parts(index, 1, g0, g1);
+      for (int64_t p : parts.planes) {
+        for (int64_t j = 0; j < ch.per_seg; ++j) {
+          if (sums) chunk_sums(p, j);
+          if (col_sums) column_sums(p, j);
+        }
+        if (sums) plane_sums(p);
+      }
       if (!dx) return;
       for (int64_t g = g0; g < g1; ++g) group_sums(g, &Ag[g], &Bg[g]);
-      for (int64_t g = g0; g < g1; ++g)
-        index.for_each_plane(g, [&](int64_t p) { apply_plane(p, coefficients(p, g, Ag[g], Bg[g])); });
+      for (int64_t p : parts.planes) {
+        const int64_t g = plan.group_of(p / C, p % C);
+        apply_plane(p, coefficients(p, g, Ag[g], Bg[g]));
+      }
     });
   } else {
     // Pass by pass: sums over the whole tensor, the fold, then dx over the whole tensor.

@@ -19,11 +19,16 @@ namespace {
 template <class S>
 void apply_plane(const Kernels<S>& k, const Plan& plan, const Chunks& pc, int64_t p, int64_t j,
                  const PlaneCoef<compute_t<S>>& f, const S* x, S* y, const compute_t<S>* weight,
-                 const compute_t<S>* bias, const S* residual, bool relu) {
+                 const compute_t<S>* bias, const S* residual, bool relu, bool stream) {
   const bool col = plan.column_affine;
   const int64_t off = j * pc.step, s = pc.start(p, j);
   k.affine(x + s, y + s, pc.length(j), f.shift, f.a, f.b, col && weight ? weight + off : nullptr,
-           col && bias ? bias + off : nullptr, residual ? residual + s : nullptr, relu);
+           col && bias ? bias + off : nullptr, residual ? residual + s : nullptr, relu, stream);
+}
+
+template <class S>
+bool large_output(const Plan& plan) {
+  return stream_output(plan.planes() * plan.S * int64_t(sizeof(S)));
 }
 
 }  // namespace
@@ -63,6 +68,7 @@ void normalize(const Plan& plan, const S* x, const double* mean, const double* r
   const Kernels<S>& k = kernels().get<S>();
   const Chunks ch = Chunks::planes(plan);
   const PlaneAffine<compute_t<S>> f(plan, mean, rstd, weight, bias);
+  const bool stream = large_output<S>(plan);
   if (plan.channels_last) {
     parallel_for(ch.items(), ch.work(), [&](int64_t it) {
       const int64_t s = ch.start(it), p0 = ch.sample(it) * ch.C;
@@ -74,7 +80,7 @@ void normalize(const Plan& plan, const S* x, const double* mean, const double* r
   parallel_for(ch.items(), ch.work(), [&](int64_t it) {
     const int64_t p = ch.segment(it);
     apply_plane(k, plan, ch, p, ch.chunk(it), {f.shift[p], f.a[p], f.b[p]}, x, y, weight, bias,
-                residual, relu);
+                residual, relu, stream);
   });
 }
 
@@ -83,7 +89,7 @@ void normalize_batch_stats(const Plan& plan, const S* x, double eps, const compu
                            const compute_t<S>* bias, S* y, double* mean, double* var, double* rstd,
                            const S* residual, bool relu) {
   check_plan(plan);
-  const GroupBlocks blocks(plan);
+  const GroupBlocks blocks(plan, 1);
   if (!blocks.by_block(plan, get_num_threads())) {
     group_moments(plan, x, mean, var);
     for (int64_t g = 0; g < blocks.groups; ++g) rstd[g] = 1.0 / std::sqrt(var[g] + eps);
@@ -94,15 +100,15 @@ void normalize_batch_stats(const Plan& plan, const S* x, double eps, const compu
   const Chunks mc = Chunks::moments(plan), pc = Chunks::planes(plan);
   const GroupIndex index(plan);
   std::vector<double> cmean(mc.count), cm2(mc.count);
+  const bool stream = large_output<S>(plan);
   parallel_for(blocks.count, kBlockElements, [&](int64_t b) {
     const int64_t g0 = blocks.first(b), g1 = blocks.end(b);
-    for (int64_t g = g0; g < g1; ++g)
-      index.for_each_segment(g, mc.seg_planes, [&](int64_t seg) {
-        for (int64_t j = 0; j < mc.per_seg; ++j) {
-          const int64_t slot = mc.slot(seg, j);
-          k.moments(x + mc.start(seg, j), mc.length(j), &cmean[slot], &cm2[slot]);
-        }
-      });
+    const BlockParts parts(index, mc.seg_planes, g0, g1);
+    for (int64_t seg : parts.segments)
+      for (int64_t j = 0; j < mc.per_seg; ++j) {
+        const int64_t slot = mc.slot(seg, j);
+        k.moments(x + mc.start(seg, j), mc.length(j), &cmean[slot], &cm2[slot]);
+      }
     for (int64_t g = g0; g < g1; ++g) {
       const Moments acc = merge_group(mc, index, g, [&](int64_t seg, int64_t j) {
         const int64_t slot = mc.slot(seg, j);
@@ -111,11 +117,10 @@ void normalize_batch_stats(const Plan& plan, const S* x, double eps, const compu
       finish_group(plan, acc, &mean[g], &var[g]);
       rstd[g] = 1.0 / std::sqrt(var[g] + eps);
     }
-    for (int64_t g = g0; g < g1; ++g)
-      index.for_each_plane(g, [&](int64_t p) {
-        const PlaneCoef<compute_t<S>> f = plane_coef(plan, p, mean, rstd, weight, bias);
-        for (int64_t j = 0; j < pc.per_seg; ++j) apply_plane(k, plan, pc, p, j, f, x, y, weight, bias, residual, relu);
-      });
+    for (int64_t p : parts.planes) {
+      const PlaneCoef<compute_t<S>> f = plane_coef(plan, p, mean, rstd, weight, bias);
+      for (int64_t j = 0; j < pc.per_seg; ++j) apply_plane(k, plan, pc, p, j, f, x, y, weight, bias, residual, relu, stream);
+    }
   });
 }
 

@@ -133,13 +133,21 @@ inline void finish_group(const Plan& plan, const Moments& acc, double* mean, dou
 // and a block stays in L2. Within a block each step loops over all its groups, so independent
 // groups overlap in the CPU. Both orders run the same chunks and merges: the same bits.
 constexpr int64_t kBlockElements = 1 << 15;
+// A group pooled over several samples (BatchNorm's channel) is strided in memory: a block then
+// takes enough channels that each sample's part of it, kRunElements or more, is one contiguous
+// run the hardware prefetcher can follow; but no more than kMaxBlockElements in all (over all
+// the tensors a pass reads: x, or x and dy), so that every thread's block stays in the
+// last-level cache between its two reads.
+constexpr int64_t kRunElements = 1 << 14;
+constexpr int64_t kMaxBlockElements = 1 << 20;
 
 struct GroupBlocks {
   int64_t groups, per_block, count;
-  // align: blocks hold a multiple of this many groups (column-affine backward partials).
-  GroupBlocks(const Plan& plan, int64_t align = 1)
+  // inputs: tensors the pass reads (1 forward, 2 backward); align: blocks hold a multiple of
+  // this many groups (column-affine backward partials).
+  GroupBlocks(const Plan& plan, int64_t inputs, int64_t align = 1)
       : groups(plan.num_groups()),
-        per_block(round_up(std::max<int64_t>(1, kBlockElements / std::max<int64_t>(1, group_size(plan))), align)),
+        per_block(round_up(groups_per_block(plan, inputs), align)),
         count((groups + per_block - 1) / per_block) {}
   int64_t first(int64_t b) const { return b * per_block; }
   int64_t end(int64_t b) const { return std::min(groups, (b + 1) * per_block); }
@@ -149,11 +157,30 @@ struct GroupBlocks {
   }
 
  private:
-  static int64_t group_size(const Plan& plan) {
+  static int64_t groups_per_block(const Plan& plan, int64_t inputs) {
     const int64_t G = plan.num_groups();
-    return G > 0 ? plan.planes() * plan.S / G : 0;  // the average, for sets of unequal size
+    const int64_t size = G > 0 ? std::max<int64_t>(1, plan.planes() * plan.S / G) : 1;  // average
+    int64_t k = std::max<int64_t>(1, kBlockElements / size);
+    const int64_t run = plan.channels_per_group * plan.S;  // one sample's part of one group
+    if (plan.N > plan.num_sample_sets && run > 0)       // groups span samples: strided
+      k = std::max(k, std::min((kRunElements + run - 1) / run, kMaxBlockElements / inputs / size));
+    return std::max<int64_t>(1, k);
   }
   static int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+};
+
+// The segments (of seg_planes planes) and planes of groups [g0, g1), each list in memory order:
+// a block's passes walk memory forward whatever its groups' order (merges keep theirs).
+struct BlockParts {
+  std::vector<int64_t> segments, planes;
+  BlockParts(const GroupIndex& index, int64_t seg_planes, int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      index.for_each_segment(g, seg_planes, [&](int64_t s) { segments.push_back(s); });
+      index.for_each_plane(g, [&](int64_t p) { planes.push_back(p); });
+    }
+    std::sort(segments.begin(), segments.end());
+    std::sort(planes.begin(), planes.end());
+  }
 };
 
 }  // namespace nk

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <unistd.h>
 #include <stdexcept>
 
 #include "normkit/normkit.h"
@@ -27,6 +28,19 @@ void set_num_threads(int n) {
 }
 
 int get_num_threads() { return g_threads.load(); }
+
+static int64_t stream_threshold() {
+  long l3 = 0;
+#ifdef _SC_LEVEL3_CACHE_SIZE
+  l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+  return l3 > 0 ? int64_t(l3) / 2 : int64_t(16) << 20;  // unknown: a 32 MiB cache's half
+}
+
+bool stream_output(int64_t bytes) {
+  static const int64_t threshold = stream_threshold();
+  return bytes >= threshold;
+}
 
 void parallel_copy(void* dst, const void* src, int64_t bytes) {
   constexpr int64_t kPiece = 64 << 10;

@@ -12,6 +12,11 @@ namespace nk {
 
 int get_num_threads();
 
+// Whether an output of `bytes` is written with streaming stores: when it is larger than half
+// the last-level cache, it cannot stay there for its reader anyway, and skipping the read for
+// ownership saves a third of the memory traffic of the pass that writes it.
+bool stream_output(int64_t bytes);
+
 // Below this many elements of work a job stays on one thread: waking a team costs more.
 constexpr int64_t kParallelMinWork = 1 << 15;
 

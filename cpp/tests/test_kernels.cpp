@@ -72,16 +72,27 @@ void test_primitives(const std::string& isa) {
 
     std::vector<T> y(n), g(n, T(0)), b(n, T(0));
     const T a = T(0.5), c = T(-0.25);
-    k.affine(x.data(), y.data(), n, shift, a, c, w.data(), dy.data(), nullptr, false);
+    k.affine(x.data(), y.data(), n, shift, a, c, w.data(), dy.data(), nullptr, false, false);
     const Arr yref = ((xd - double(shift)) * double(a) + double(c)) * wd + dyd;
     check(((as_double(y) - yref).abs() <= tol<T>() * (1 + yref.abs())).all(), "affine " + tag);
 
     // Inference epilogue: + residual, then ReLU (residual = -w makes about half the outputs negative).
     std::vector<T> neg_w(n);
     for (int64_t i = 0; i < n; ++i) neg_w[i] = -w[i];
-    k.affine(x.data(), y.data(), n, shift, a, c, nullptr, nullptr, neg_w.data(), true);
+    k.affine(x.data(), y.data(), n, shift, a, c, nullptr, nullptr, neg_w.data(), true, false);
     const Arr rref = ((xd - double(shift)) * double(a) + double(c) - wd).max(0.0);
     check(((as_double(y) - rref).abs() <= tol<T>() * (1 + rref.abs())).all(), "affine+residual+relu " + tag);
+
+    // Streaming stores write the same values, at every alignment of the output.
+    for (int64_t shift_out : {0, 1, 3}) {
+      std::vector<T> ys(n + 3), yp(n + 3);
+      k.affine(x.data(), ys.data() + shift_out, n, shift, a, c, w.data(), dy.data(), neg_w.data(), true, true);
+      k.affine(x.data(), yp.data() + shift_out, n, shift, a, c, w.data(), dy.data(), neg_w.data(), true, false);
+      check(ys == yp, "affine streamed = plain " + tag + " offset " + std::to_string(shift_out));
+      k.backward_apply(x.data(), dy.data(), ys.data() + shift_out, n, T(2), T(-0.5), shift, T(0.125), w.data(), true);
+      k.backward_apply(x.data(), dy.data(), yp.data() + shift_out, n, T(2), T(-0.5), shift, T(0.125), w.data(), false);
+      check(ys == yp, "backward_apply streamed = plain " + tag + " offset " + std::to_string(shift_out));
+    }
 
     k.col_accumulate(x.data(), dy.data(), n, shift, a, c, g.data(), b.data());
     const Arr gref = dyd * ((xd - double(shift)) * double(a) + double(c));
@@ -89,7 +100,7 @@ void test_primitives(const std::string& isa) {
     check(((as_double(b) - dyd).abs() == 0).all(), "col_accumulate b " + tag);
 
     std::vector<T> dx(n);
-    k.backward_apply(x.data(), dy.data(), dx.data(), n, T(2), T(-0.5), shift, T(0.125), w.data());
+    k.backward_apply(x.data(), dy.data(), dx.data(), n, T(2), T(-0.5), shift, T(0.125), w.data(), false);
     const Arr dxref = 2.0 * dyd * wd - 0.5 * (xd - double(shift)) + 0.125;
     check(((as_double(dx) - dxref).abs() <= tol<T>() * (1 + dxref.abs())).all(), "backward_apply " + tag);
   }
@@ -229,6 +240,7 @@ void test_traversals_agree(const std::string& isa) {
   std::vector<Case> cases = {
       {"bn", nk::plan_per_channel(5, 7, 300)},
       {"bn-big-planes", nk::plan_per_channel(3, 4, 5000)},
+      {"bn-channel-blocks", nk::plan_per_channel(4, 64, 3000)},
       {"gn", nk::plan_per_sample_group(4, 12, 196, 3)},
       {"gn-long", nk::plan_per_sample_group(2, 8, 3000, 2)},
       {"in", nk::plan_per_sample_group(3, 5, 64, 5)},

@@ -103,6 +103,13 @@ inline void store_as(bf16* p, vec<float> v) {
   narrow(&p->bits, v != v ? nan : rounded);
 }
 
+// Streaming stores (vec.h: stream) for float and double; the half types store plainly.
+inline void stream_as(float* p, vec<float> v) { stream(p, v); }
+inline void stream_as(double* p, vec<double> v) { stream(p, v); }
+inline void stream_as(f16* p, vec<float> v) { store_as(p, v); }
+inline void stream_as(bf16* p, vec<float> v) { store_as(p, v); }
+template <class S> constexpr bool streams() { return kStreams && (sizeof(S) == 4 || sizeof(S) == 8); }
+
 // Scalar versions for loop tails: through a one-element-at-a-time copy of the vector path,
 // so tails round exactly as the body does.
 template <class S> inline compute_t<S> to_compute(S s) { return s; }

@@ -23,11 +23,12 @@ struct Kernels {
   void (*col_accumulate)(const S* x, const S* dy, int64_t n, T shift, T a, T b, T* gsum, T* bsum);
   // y = ((x - shift)*a + b) * g + h [+ residual] [then max(y, 0)], g, h and residual per
   // element (null: 1, 0 and 0). The epilogue fuses an inference block's add and ReLU.
+  // stream: write y with streaming stores (a large output; same values either way).
   void (*affine)(const S* x, S* y, int64_t n, T shift, T a, T b, const T* g, const T* h,
-                 const S* residual, bool relu);
+                 const S* residual, bool relu, bool stream);
   // dx = c1*dy*w + c2*(x - shift) + c3, w per element (null: 1); x null: no x term (eval).
   void (*backward_apply)(const S* x, const S* dy, S* dx, int64_t n, T c1, T c2, T shift, T c3,
-                         const T* w);
+                         const T* w, bool stream);
 
   // Channels-last: the same four operations on `rows` rows of C channels, with per-channel
   // shifts and coefficients; per-channel sums go to out[c*stride].

@@ -6,6 +6,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
 #ifndef NK_VEC_BYTES
 #define NK_VEC_BYTES 16
 #endif
@@ -23,6 +27,46 @@ template <class T> constexpr int64_t lanes = NK_VEC_BYTES / sizeof(T);
 template <class T> inline vec<T> load(const T* p) { vec<T> v; std::memcpy(&v, p, sizeof v); return v; }
 template <class T> inline void store(T* p, vec<T> v) { std::memcpy(p, &v, sizeof v); }
 template <class T> inline vec<T> splat(T s) { return vec<T>{} + s; }
+
+// Non-temporal store of a whole vector to an address aligned to NK_VEC_BYTES (x86): the line
+// goes to memory without first being read into cache. An output too large to stay in cache is
+// then written with two thirds of the traffic of a plain store (no read for ownership). Other
+// targets: a plain store. stream_fence() orders the streamed stores before later ones.
+constexpr bool kStreams =
+#if defined(__SSE2__)
+    true;
+#else
+    false;
+#endif
+
+template <class T> inline void stream(T* p, vec<T> v) {
+#if NK_VEC_BYTES == 64 && defined(__AVX512F__)
+  __m512i r;
+  std::memcpy(&r, &v, sizeof r);
+  _mm512_stream_si512(reinterpret_cast<__m512i*>(p), r);
+#elif NK_VEC_BYTES == 32 && defined(__AVX__)
+  __m256i r;
+  std::memcpy(&r, &v, sizeof r);
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), r);
+#elif NK_VEC_BYTES == 16 && defined(__SSE2__)
+  __m128i r;
+  std::memcpy(&r, &v, sizeof r);
+  _mm_stream_si128(reinterpret_cast<__m128i*>(p), r);
+#else
+  store(p, v);
+#endif
+}
+
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+// Whether p sits on a vector boundary (where stream() may write).
+template <class T> inline bool vec_aligned(const T* p) {
+  return reinterpret_cast<uintptr_t>(p) % NK_VEC_BYTES == 0;
+}
 
 // Horizontal sum in double, as a fixed pairwise tree (lanes l and l + N/2 added, then halved
 // again): log2(L) dependent adds in registers instead of L, which matters on short chunks.
