@@ -1,0 +1,300 @@
+"""`python -m normkit bench`: its arguments, byte model and targets, that each other library's twin
+computes exactly what normkit computes (so the timings compare the same work), and the shape of
+what a run prints and writes. Nothing here asserts on a timing."""
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+import normkit
+from normkit import _bench, _bench_onnx
+from normkit.__main__ import main
+
+F32 = np.dtype(np.float32)
+BIG, BN_SHAPE = _bench.BIG_SHAPE, _bench.BN_TARGET_SHAPE
+SMALL = {"conv": (2, 64, 5, 6), "row": (6, 32)}  # 64 channels: GroupNorm's 32 groups of 2
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    _bench.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def small_shape(op):
+    return SMALL[_bench.OPS[op][1]]
+
+
+def randomized(layer, seed=1):
+    """The layer with non-trivial parameters and running statistics, so a twin that ignored
+    them would not match."""
+    rng = np.random.default_rng(seed)
+    for a in layer.parameters().values():
+        a[...] = rng.uniform(0.5, 1.5, a.shape)
+    if getattr(layer, "running_mean", None) is not None:
+        layer.running_mean[...] = rng.standard_normal(layer.running_mean.shape)
+        layer.running_var[...] = rng.uniform(0.5, 1.5, layer.running_var.shape)
+    return layer
+
+
+def close(got, want, what):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    scale = max(1.0, float(np.abs(want).max()))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * scale, err_msg=what)
+
+
+# -- arguments -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv", [["--ops", "bn,xx"], ["--ops", ","], ["--layouts", "NCWH"],
+                                  ["--layouts", ""], ["--dtypes", "float8"], ["--threads", "0"],
+                                  ["--threads", "two"], ["--shapes", "huge"]])
+def test_bad_arguments_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench"] + argv)
+    assert e.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_defaults_cover_every_target_and_quick_is_small():
+    layouts, dtypes, preset, skipped = _bench.plan(parse([]))
+    assert layouts == ["NCHW", "NHWC"] and dtypes == [F32] and preset == "all" and not skipped
+    assert BIG in _bench.SHAPES["all"][0] and BN_SHAPE in _bench.SHAPES["all"][0]
+    assert _bench.plan(parse(["--quick"]))[:3] == (["NCHW"], [F32], "standard")
+    assert BIG not in _bench.SHAPES["standard"][0]
+    explicit = parse(["--quick", "--layouts", "NHWC,NCHW,NHWC", "--shapes", "all", "--dtype", "float64"])
+    assert _bench.plan(explicit)[:3] == (["NHWC", "NCHW"], [np.dtype(np.float64)], "all")
+
+
+def test_row_ops_have_no_nhwc_table():
+    got = [(op, layout) for _, op, layout, _ in _bench.cases(["bn", "ln", "rms", "gn", "in"],
+                                                            ["NCHW", "NHWC"], [F32], "tiny")]
+    assert got == [("bn", "NCHW"), ("bn", "NHWC"), ("ln", "NCHW"), ("rms", "NCHW"),
+                   ("gn", "NCHW"), ("gn", "NHWC"), ("in", "NCHW"), ("in", "NHWC")]
+    assert main(["bench", "--ops", "ln,rms", "--layouts", "NHWC"]) == 2
+
+
+def test_inputs_are_stored_in_the_layout():
+    x, dy = _bench.inputs((2, 3, 4, 5), F32, "NCHW")
+    xt, _ = _bench.inputs((2, 3, 4, 5), np.float16, "NHWC")
+    assert x.shape == dy.shape == (2, 3, 4, 5) and x.dtype == F32 and not np.array_equal(x, dy)
+    assert xt.shape == (2, 4, 5, 3) and xt.dtype == np.float16 and xt.flags.c_contiguous
+
+
+# -- byte model, speedup, targets ----------------------------------------------------------------
+def test_byte_model_and_roofline():
+    assert _bench.BYTE_MODEL == {"fwd": 2, "bwd": 3, "fwd+bwd": 5, "infer": 2}
+    row = _bench.make_row("bn", (2, 16, 8, 8), "NCHW", F32, "bwd",
+                          {"normkit": 1e-3, "torch": None, "ort": None}, 8192, 50e9, 2)
+    assert row["bytes"] == 3 * 8192
+    assert row["normkit_gbps"] == pytest.approx(3 * 8192 / 1e-3 / 1e9)
+    assert row["roof_fraction"] == pytest.approx(3 * 8192 / 1e-3 / 50e9)
+    assert row["best"] is None and row["speedup"] is None and row["torch_speedup"] is None
+
+
+def test_speedup_is_against_the_fastest_other_library():
+    row = _bench.make_row("bn", (2, 16, 8, 8), "NCHW", F32, "infer",
+                          {"normkit": 1e-3, "torch": 2e-3, "ort": 1.5e-3}, 8192, 50e9, 2)
+    assert row["best"] == "ort" and row["speedup"] == pytest.approx(1.5)
+    assert row["torch_speedup"] == pytest.approx(2.0)
+    assert row["targets"] == [{"metric": "speedup", "threshold": 1.2}] and row["target_met"] is True
+    row = _bench.make_row("bn", (2, 16, 8, 8), "NCHW", F32, "infer",
+                          {"normkit": 1e-3, "torch": 1.1e-3, "ort": 5e-3}, 8192, 50e9, 2)
+    assert row["best"] == "torch" and row["target_met"] is False
+
+
+@pytest.mark.parametrize("op, shape, layout, dtype, mode, threads, want", [
+    ("bn", BN_SHAPE, "NCHW", "float32", "fwd+bwd", 2, [("torch_speedup", 4.0)]),
+    ("bn", BN_SHAPE, "NHWC", "float32", "fwd+bwd", 2, [("torch_speedup", 2.0)]),
+    ("gn", BN_SHAPE, "NCHW", "float32", "fwd+bwd", 2, [("torch_speedup", 2.0)]),
+    ("rms", (8192, 1024), "NCHW", "float32", "fwd+bwd", 2, [("torch_speedup", 2.0)]),
+    ("bn", BN_SHAPE, "NCHW", "float32", "fwd", 2, []),
+    ("ln", (8192, 1024), "NCHW", "float32", "bwd", 2, []),
+    ("ln", (8192, 1024), "NCHW", "float32", "infer", 2, [("speedup", 1.2)]),
+    ("bn", BIG, "NCHW", "float32", "fwd", 2, [("roof_fraction", 0.8)]),
+    ("in", BIG, "NHWC", "float32", "infer", 2, [("speedup", 1.2), ("roof_fraction", 0.8)]),
+    ("gn", BIG, "NCHW", "float32", "bwd", 2, [("roof_fraction", 0.7)]),
+    ("bn", BIG, "NCHW", "float32", "fwd+bwd", 2, [("torch_speedup", 2.0)]),
+    ("bn", BN_SHAPE, "NCHW", "float64", "fwd+bwd", 2, []),
+    ("bn", BIG, "NCHW", "float16", "fwd", 2, []),
+    ("bn", BN_SHAPE, "NCHW", "float32", "fwd", 1, [("torch_speedup", 1.0)]),
+    ("bn", BIG, "NCHW", "float32", "infer", 1, [("torch_speedup", 1.0)]),
+])
+def test_targets_follow_the_issue(op, shape, layout, dtype, mode, threads, want):
+    assert _bench.row_targets(op, shape, layout, dtype, mode, threads) == want
+
+
+def test_target_met():
+    targets = [("speedup", 1.2), ("roof_fraction", 0.8)]
+    assert _bench.target_met({"speedup": 1.2, "roof_fraction": 0.8}, targets) is True
+    assert _bench.target_met({"speedup": 1.19, "roof_fraction": 0.9}, targets) is False
+    assert _bench.target_met({"speedup": 2.0, "roof_fraction": 0.79}, targets) is False
+    assert _bench.target_met({"speedup": None, "roof_fraction": 0.9}, targets) is None
+    assert _bench.target_met({"speedup": 2.0}, []) is None
+    assert _bench.target_text(targets) == "1.2x best, 80% roof" and _bench.target_text([]) == "-"
+
+
+def test_summary_lists_each_miss():
+    rows = [_bench.make_row("gn", BIG, "NCHW", F32, mode, {"normkit": t, "torch": 1.0, "ort": None},
+                            1000, 1e6, 2) for mode, t in (("fwd", 2e-3), ("bwd", 3e-3), ("fwd+bwd", 1.0))]
+    overhead = [{"layer": "LayerNorm", "normkit_us": 2.5, "target_us": 3.0, "target_met": True},
+                {"layer": "RMSNorm", "normkit_us": 4.0, "target_us": 3.0, "target_met": False}]
+    s = _bench.summarize(rows, overhead)
+    assert (s["rows_with_targets"], s["met"], s["not_evaluated"]) == (5, 3, 0)
+    assert len(s["misses"]) == 2
+    assert "fwd+bwd" in s["misses"][0] and "1.00x torch (target 2x torch)" in s["misses"][0]
+    assert "RMSNorm" in s["misses"][1]
+    assert _bench.summary_lines(s)[0] == "targets: 3 of 5 met"
+
+
+def test_a_library_that_cannot_run_a_case_gives_n_a():
+    notes = []
+
+    def no_kernel():
+        raise NotImplementedError("no kernel for Half\nmore")
+
+    assert _bench.attempt(no_kernel, "torch", "bwd", notes) is None
+    assert notes == ["torch bwd: n/a (NotImplementedError: no kernel for Half)"]
+
+
+# -- the twins compute what normkit computes ------------------------------------------------------
+def torch_twin_cases():
+    return [(op, layout) for op, spec in _bench.OPS.items()
+            for layout in (("NCHW", "NHWC") if spec[1] == "conv" else ("NCHW",))]
+
+
+@pytest.mark.parametrize("op, layout", torch_twin_cases())
+def test_torch_twin_matches_normkit(op, layout):
+    torch = pytest.importorskip("torch")
+    _bench.import_torch()
+    shape = small_shape(op)
+    x, dy = _bench.inputs(shape, F32, layout, seed=3)
+    x += 2.0  # an offset: a twin that skipped the mean would differ
+    layer = randomized(_bench.normkit_layer(op, shape, F32, layout))
+    module = _bench.torch_module(op, shape, F32, layout)
+    module.load_state_dict({k: torch.from_numpy(v) for k, v in layer.state_dict().items()})
+    tx, tdy = _bench.to_torch(x, layout), _bench.to_torch(dy, layout)
+    assert tuple(tx.shape) == shape and tx.data_ptr() == x.ctypes.data  # the same memory, no copy
+    if layout == "NHWC":
+        assert tx.is_contiguous(memory_format=torch.channels_last)
+
+    def back(t):  # torch's NCHW-shaped result in the layout normkit returns
+        t = t.detach()
+        return (t.permute(0, *range(2, t.ndim), 1) if layout == "NHWC" else t).numpy()
+
+    gx = tx.detach().clone().requires_grad_(True)
+    ty = module.train()(gx)
+    close(back(ty), layer.train()(x), "training forward")
+    (tdx,) = torch.autograd.grad(ty, gx, tdy)
+    close(back(tdx), layer.backward(dy), "backward")
+    with torch.inference_mode():
+        close(back(module.eval()(tx)), layer.eval()(x), "inference")
+
+
+def test_bfloat16_reaches_torch_bit_for_bit():
+    torch = pytest.importorskip("torch")
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    _bench.import_torch()
+    x, _ = _bench.inputs((2, 3, 4, 5), np.dtype(ml_dtypes.bfloat16), "NHWC")
+    t = _bench.to_torch(x, "NHWC")
+    assert t.dtype == torch.bfloat16 and tuple(t.shape) == (2, 3, 4, 5)  # logical NCHW
+    assert np.array_equal(t.permute(0, 2, 3, 1).float().numpy(), x.astype(np.float32))
+
+
+@pytest.mark.parametrize("op", list(_bench_onnx.GRAPHS))
+def test_every_onnx_runtime_twin_matches_normkit_inference(op):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    assert _bench_onnx.import_onnx()
+    shape = small_shape(op)
+    x, _ = _bench.inputs(shape, F32, seed=4)
+    x += 2.0
+    layer = randomized(_bench.normkit_layer(op, shape, F32)).eval()
+    want = layer(x)
+    names = []
+    for sess, text in _bench_onnx.twins(op, layer, shape, threads=1):
+        call, y = _bench_onnx.runner(sess, x)
+        call()
+        close(y, want, f"{text}, io_binding into the preallocated y")
+        close(sess.run(None, {"x": x})[0], want, f"{text}, sess.run")
+        names.append(text)
+    # the last graph (the older opsets' form, or the only one) loads on any ORT the bench supports
+    assert names[-1] == _bench_onnx.graph_names(op)[-1]
+
+
+def test_a_graph_this_runtime_cannot_load_is_skipped(monkeypatch):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    assert _bench_onnx.import_onnx()
+
+    def unknown_op(layer, shape):
+        raise ValueError("No Op registered for GroupNormalization with domain_version of 21")
+
+    shape = small_shape("gn")
+    layer = _bench.normkit_layer("gn", shape, F32).eval()
+    subgraph = _bench_onnx.GRAPHS["gn"][1]
+    monkeypatch.setitem(_bench_onnx.GRAPHS, "gn", (("GroupNormalization-21", unknown_op), subgraph))
+    assert [text for _, text in _bench_onnx.twins("gn", layer, shape, 1)] == [subgraph[0]]
+    monkeypatch.setitem(_bench_onnx.GRAPHS, "gn", (("GroupNormalization-21", unknown_op),))
+    with pytest.raises(RuntimeError, match="domain_version of 21"):
+        list(_bench_onnx.twins("gn", layer, shape, 1))
+
+
+# -- a whole run -------------------------------------------------------------------------------
+@pytest.fixture
+def restore_threads():
+    """The run sets normkit's and torch's process-wide thread counts: put them back."""
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    before = normkit.get_num_threads(), torch.get_num_threads() if torch else None
+    yield
+    normkit.set_num_threads(before[0])
+    if torch is not None:
+        torch.set_num_threads(before[1])
+
+
+def test_quick_run_prints_tables_and_writes_json(tmp_path, monkeypatch, capsys, restore_threads):
+    monkeypatch.setattr(_bench, "QUICK", _bench.Timing(1, 0.0005, 0.0))  # structure, not timings
+    monkeypatch.setattr(_bench, "last_level_cache_bytes", lambda: 1 << 20)
+    path = tmp_path / "bench.json"
+    argv = ["bench", "--quick", "--shapes", "tiny", "--ops", "bn,ln", "--layouts", "NCHW,NHWC",
+            "--dtypes", "float32,bfloat16", "--threads", "1", "--json", str(path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for title in ("== BatchNorm2d  NCHW  float32", "== BatchNorm2d  NHWC  float32",
+                  "== LayerNorm  NCHW  float32", "per-call overhead", "targets:", "% roof"):
+        assert title in out, title
+    assert "== LayerNorm  NHWC" not in out
+    doc = json.loads(path.read_text())
+    assert doc["threads"] == 1 and doc["quick"] is True
+    assert doc["byte_model"] == _bench.BYTE_MODEL
+    for key in ("normkit_version", "torch_version", "onnxruntime_version", "cpu_info", "legend",
+                "ort_graphs", "notes"):
+        assert key in doc, key
+    assert all(int(n) > 0 and bw > 0 for n, bw in doc["copy_bandwidth_bytes_per_s"].items())
+    rows = doc["rows"]
+    dtypes = ["float32"] + (["bfloat16"] if _bench.ml_dtypes else [])
+    want = {(op, layout, dt, mode) for dt in dtypes for op, layout in (("bn", "NCHW"), ("bn", "NHWC"),
+                                                                        ("ln", "NCHW"))
+            for mode in _bench.MODES}
+    assert {(r["op"], r["layout"], r["dtype"], r["mode"]) for r in rows} == want and len(rows) == len(want)
+    keys = {"layer", "shape", "bytes", "normkit_s", "torch_s", "ort_s", "best", "speedup", "torch_speedup",
+            "normkit_gbps", "roof_fraction", "targets", "target", "target_met"}
+    for r in rows:
+        assert keys <= set(r), keys - set(r)
+        itemsize = 4 if r["dtype"] == "float32" else 2
+        assert r["normkit_s"] > 0
+        assert r["bytes"] == _bench.BYTE_MODEL[r["mode"]] * np.prod(r["shape"]) * itemsize
+        ort_row = (r["mode"], r["layout"], r["dtype"]) == ("infer", "NCHW", "float32")
+        assert (r["ort_s"] is not None) == (ort_row and _bench_onnx.ort is not None), r
+        # 1 thread: every float32 row is held to >= 1x torch; other dtypes have no target
+        one_thread = [{"metric": "torch_speedup", "threshold": 1.0}]
+        assert r["targets"] == (one_thread if r["dtype"] == "float32" else [])
+        if _bench.torch is not None and r["dtype"] == "float32":
+            assert r["torch_s"] is not None and r["target_met"] in (True, False)
+    assert [o["op"] for o in doc["overhead"]] == ["bn", "ln"]
+    assert all(o["normkit_us"] > 0 and o["target_us"] == 3.0 for o in doc["overhead"])
+    s = doc["summary"]
+    assert s["rows_with_targets"] == 2 * 4 + 4 + 2  # float32 rows, and the per-call overheads
+    assert len(s["misses"]) == s["rows_with_targets"] - s["met"] - s["not_evaluated"]
