@@ -100,22 +100,25 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
   const GroupBlocks gb(plan, 2, col ? kRowBlock : 1);  // a column partial belongs to one block
   if (gb.by_block(plan, get_num_threads())) {
     // Block by block of groups: their sums, then their dx while their planes are in cache.
-    parallel_for(gb.count, kBlockElements, [&](int64_t b) {
-      const int64_t g0 = gb.first(b), g1 = gb.end(b);
-      const BlockParts parts(index, 1, g0, g1);
-      for (int64_t p : parts.planes) {
-        for (int64_t j = 0; j < ch.per_seg; ++j) {
-          if (sums) chunk_sums(p, j);
-          if (col_sums) column_sums(p, j);
-        }
-        if (sums) plane_sums(p);
-      }
-      if (!dx) return;
-      for (int64_t g = g0; g < g1; ++g) group_sums(g, &Ag[g], &Bg[g]);
-      for (int64_t p : parts.planes) {
-        const int64_t g = plan.group_of(p / C, p % C);
-        apply_plane(p, coefficients(p, g, Ag[g], Bg[g]));
-      }
+    std::vector<Coef> coef(dx ? P : 0);
+    parallel_ranges(gb.count, kBlockElements, [&](int64_t b0, int64_t b1) {
+      auto chunks = [&](int64_t b) { return chunks_of(BlockParts(index, 1, gb.first(b), gb.end(b)).planes, ch.per_seg); };
+      run_pipelined(
+          b0, b1, chunks, [&](int64_t b) { return dx ? chunks(b) : std::vector<ChunkRef>{}; },
+          [&](const ChunkRef& u) {  // the sums of a chunk
+            if (sums) chunk_sums(u.part, u.j);
+            if (col_sums) column_sums(u.part, u.j);
+          },
+          [&](int64_t b) {  // per plane, per group, then each plane's coefficients
+            const int64_t g0 = gb.first(b), g1 = gb.end(b);
+            if (sums)
+              for (int64_t g = g0; g < g1; ++g) index.for_each_plane(g, plane_sums);
+            if (!dx) return;
+            for (int64_t g = g0; g < g1; ++g) group_sums(g, &Ag[g], &Bg[g]);
+            for (int64_t g = g0; g < g1; ++g)
+              index.for_each_plane(g, [&](int64_t p) { coef[p] = coefficients(p, g, Ag[g], Bg[g]); });
+          },
+          [&](const ChunkRef& u) { apply_chunk(u.part, u.j, coef[u.part]); });
     });
   } else {
     // Pass by pass: sums over the whole tensor, the fold, then dx over the whole tensor.

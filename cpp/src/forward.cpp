@@ -101,26 +101,31 @@ void normalize_batch_stats(const Plan& plan, const S* x, double eps, const compu
   const GroupIndex index(plan);
   std::vector<double> cmean(mc.count), cm2(mc.count);
   const bool stream = large_output<S>(plan);
-  parallel_for(blocks.count, kBlockElements, [&](int64_t b) {
-    const int64_t g0 = blocks.first(b), g1 = blocks.end(b);
-    const BlockParts parts(index, mc.seg_planes, g0, g1);
-    for (int64_t seg : parts.segments)
-      for (int64_t j = 0; j < mc.per_seg; ++j) {
-        const int64_t slot = mc.slot(seg, j);
-        k.moments(x + mc.start(seg, j), mc.length(j), &cmean[slot], &cm2[slot]);
-      }
-    for (int64_t g = g0; g < g1; ++g) {
-      const Moments acc = merge_group(mc, index, g, [&](int64_t seg, int64_t j) {
-        const int64_t slot = mc.slot(seg, j);
-        return Moments{double(mc.length(j)), cmean[slot], cm2[slot]};
-      });
-      finish_group(plan, acc, &mean[g], &var[g]);
-      rstd[g] = 1.0 / std::sqrt(var[g] + eps);
-    }
-    for (int64_t p : parts.planes) {
-      const PlaneCoef<compute_t<S>> f = plane_coef(plan, p, mean, rstd, weight, bias);
-      for (int64_t j = 0; j < pc.per_seg; ++j) apply_plane(k, plan, pc, p, j, f, x, y, weight, bias, residual, relu, stream);
-    }
+  std::vector<PlaneCoef<compute_t<S>>> coef(plan.planes());
+  parallel_ranges(blocks.count, kBlockElements, [&](int64_t b0, int64_t b1) {
+    auto parts = [&](int64_t b) { return BlockParts(index, mc.seg_planes, blocks.first(b), blocks.end(b)); };
+    run_pipelined(
+        b0, b1, [&](int64_t b) { return chunks_of(parts(b).segments, mc.per_seg); },
+        [&](int64_t b) { return chunks_of(parts(b).planes, pc.per_seg); },
+        [&](const ChunkRef& u) {  // moments of a chunk of a group's run
+          const int64_t slot = mc.slot(u.part, u.j);
+          k.moments(x + mc.start(u.part, u.j), mc.length(u.j), &cmean[slot], &cm2[slot]);
+        },
+        [&](int64_t b) {  // the block's statistics, then each plane's coefficients
+          for (int64_t g = blocks.first(b); g < blocks.end(b); ++g) {
+            const Moments acc = merge_group(mc, index, g, [&](int64_t seg, int64_t j) {
+              const int64_t slot = mc.slot(seg, j);
+              return Moments{double(mc.length(j)), cmean[slot], cm2[slot]};
+            });
+            finish_group(plan, acc, &mean[g], &var[g]);
+            rstd[g] = 1.0 / std::sqrt(var[g] + eps);
+          }
+          for (int64_t g = blocks.first(b); g < blocks.end(b); ++g)
+            index.for_each_plane(g, [&](int64_t p) { coef[p] = plane_coef(plan, p, mean, rstd, weight, bias); });
+        },
+        [&](const ChunkRef& u) {
+          apply_plane(k, plan, pc, u.part, u.j, coef[u.part], x, y, weight, bias, residual, relu, stream);
+        });
   });
 }
 
