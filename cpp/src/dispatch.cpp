@@ -1,7 +1,7 @@
 // Runtime ISA dispatch: every ISA level's kernels are compiled into the library (each in its
 // own namespace, so no AVX-512 symbol can stand in for a baseline one); one table is chosen
-// at first use from what the CPU and the OS support. NORMKIT_ISA=baseline|avx2|avx512 asks for
-// a lower level; set_isa() switches at run time so the tests can check every level.
+// at first use from what the CPU and the OS support. NORMKIT_ISA=baseline|avx2|avx512|avx512bf16
+// asks for a lower level; set_isa() switches at run time so the tests can check every level.
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
@@ -20,7 +20,10 @@ struct Level {
   KernelTable (*make)();
 };
 
-#if defined(NK_X86_LEVELS)
+#if defined(NK_X86_LEVELS) && defined(NK_X86_AVX512BF16)
+const Level kLevels[] = {{"baseline", &baseline::make_table}, {"avx2", &avx2::make_table},
+                         {"avx512", &avx512::make_table}, {"avx512bf16", &avx512bf16::make_table}};
+#elif defined(NK_X86_LEVELS)
 const Level kLevels[] = {{"baseline", &baseline::make_table}, {"avx2", &avx2::make_table},
                          {"avx512", &avx512::make_table}};
 #else
@@ -34,7 +37,7 @@ int supported_level() {
   // __builtin_cpu_supports also checks that the OS saves the vector state (XCR0).
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-    return 2;
+    return __builtin_cpu_supports("avx512bf16") ? 3 : 2;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
 #endif
   return 0;

@@ -1,6 +1,7 @@
 // Conversions between the half storage types and float32, one vector at a time. F16C (part
-// of the avx2 and avx512 levels) converts float16 in hardware; elsewhere, and for bfloat16,
-// integer vector ops do it exactly: round to nearest even, NaN stays NaN, Inf stays Inf.
+// of the avx2 and avx512 levels) converts float16 in hardware, AVX512-BF16 (the avx512bf16
+// level) float32 to bfloat16; elsewhere integer vector ops do it exactly: round to nearest
+// even, NaN stays NaN, Inf stays Inf.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -8,7 +9,7 @@
 #include "normkit/dtypes.h"
 #include "vec.h"
 
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
 
@@ -97,6 +98,13 @@ inline void store_as(f16* p, vec<float> v) {
 inline vec<float> load_as(const bf16* p) { return bit_cast<vec<float>>(widen(&p->bits) << 16); }
 
 inline void store_as(bf16* p, vec<float> v) {
+#if defined(__AVX512BF16__) && NK_VEC_BYTES == 64
+  // VCVTNEPS2BF16: the same round-to-nearest-even and quiet NaN as below, in one instruction,
+  // except that float32 denormal inputs become a signed zero (the instruction's DAZ).
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      bit_cast<__m256i>(_mm512_cvtneps_pbh(bit_cast<__m512>(v))));
+  return;
+#endif
   const vu32 u = bit_cast<vu32>(v);
   const vu32 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // nearest even
   const vu32 nan = (u >> 16) | 0x40u;                             // keep NaN quiet

@@ -1,5 +1,5 @@
 // The primitive kernels every normalization is built from, as a function table. Each ISA level
-// (baseline, avx2, avx512) compiles kernels/*.cpp into its own namespace and fills one table;
+// (baseline, avx2, avx512, avx512bf16) compiles kernels/*.cpp into its own namespace and fills one table;
 // dispatch.cpp picks a table once, at load. Each primitive works on one contiguous chunk.
 #pragma once
 #include <cstdint>
@@ -57,6 +57,7 @@ template <> inline const Kernels<bf16>& KernelTable::get<bf16>() const { return 
 namespace baseline { KernelTable make_table(); }
 namespace avx2 { KernelTable make_table(); }
 namespace avx512 { KernelTable make_table(); }
+namespace avx512bf16 { KernelTable make_table(); }  // avx512 plus hardware float -> bfloat16
 
 const KernelTable& kernels();  // the table chosen at load (dispatch.cpp)
 
