@@ -843,7 +843,9 @@ def fuzz_core(src):
     except ALLOWED:
         pass
     x = arr(n)
-    op = src.int(0, 2)
+    op = src.int(0, 4)
+    if op == 4:
+        return fuzz_forward_fast(src, dtype)
     calls = {
         0: lambda: _core.group_moments(plan, x),
         1: lambda: _core.normalize(plan, x, stats(G), stats(G), None if src.bool() else arr(max(C, S, 0)),
@@ -851,11 +853,49 @@ def fuzz_core(src):
         2: lambda: _core.normalize_backward(plan, x, arr(n), stats(G), stats(G),
                                             None if src.bool() else arr(max(C, S, 0)), src.bool(),
                                             None if src.chance(4) else arr(n), None, None),
+        3: lambda: _core.normalize_batch_stats(plan, x, src.pick((1e-5, 0.0, 1.0)),
+                                               None if src.bool() else arr(max(C, S, 0)), None, arr(n)),
     }
     try:
         expect_ok_or_rejected(calls[op])
     except MemoryError:  # an absurd but consistent request (2**62 groups): not a safety issue
         pass
+
+
+def fuzz_forward_fast(src, dtype):
+    """forward_fast promises to do a whole forward or return None, for any arguments: never an
+    out-of-bounds access, never a write before it accepts, and y of x's shape when it accepts.
+    Arguments are drawn consistent for their kind, then one of them is spoiled half the time."""
+    x = np.full(draw_shape(src, 2, 5), 0.5, dtype)
+    if src.chance(6):
+        x, _ = as_view(src, x)
+    kind = src.int(0, 4)
+    last = src.bool() and kind <= 2
+    C = x.shape[-1 if last else 1]
+    rows = kind >= 3
+    pdt = np.float64 if x.dtype == np.float64 else np.float32
+    norm = tuple(x.shape[-src.int(1, x.ndim):]) if rows else None
+    pshape = norm if rows else (C,)
+
+    def param(shape=pshape):
+        return None if src.chance(4) else np.full(shape, 1.5, pdt)
+
+    rm, rv = (param((C,)), param((C,))) if kind <= 1 else (None, None)
+    args = [kind, x, C if src.bool() else -1, src.pick([g for g in range(1, 5) if C % g == 0] or [1]),
+            norm, 2**64 - 1, last, param(), param(), rm, rv, src.bool(), 0.1, 1e-5, 0]
+    if src.bool():  # spoil one argument
+        k = src.int(0, len(args) - 1)
+        args[k] = src.pick((None, -1, 7, 2.0, True, np.float64(1e-5), float("nan"), [2], (0,),
+                            np.ones(3, np.float32), np.ones(C, np.float16), 2**63))
+    x, rm, rv = args[1], args[9], args[10]
+    before = snapshot({"x": x, "rm": rm, "rv": rv})
+    result, _ = expect_ok_or_rejected(lambda: _core.forward_fast(*args))
+    if result is None:
+        check_unchanged(before, {"x": x, "rm": rm, "rv": rv}, "forward_fast returned None")
+        return
+    y, saved = result
+    if y.shape != x.shape or y.dtype != x.dtype or saved.x is not x:
+        raise Finding(f"forward_fast: y {y.shape} {y.dtype} for x {x.shape} {x.dtype}")
 
 
 # Which targets run, with weights: NORMKIT_FUZZ_TARGETS, a comma-separated subset of
