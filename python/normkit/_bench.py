@@ -339,17 +339,21 @@ def bench_case(op, shape, layout, dtype, copy_bw, timing, threads, graphs):
 
 
 def bench_overhead(ops, timing):
-    """Per-call cost of eval-mode layer(x) from Python on a tiny float32 tensor, per op (the
-    row ops normalize its last dimension, as in their tables: 256 rows of 8)."""
+    """Per-call cost of eval-mode layer(x) from Python on a tiny float32 tensor, per op. The row
+    ops normalize each sample's (C, H, W), as torch's LayerNorm docs do for images: 2 rows of
+    1024 (256 rows of 8 would time per-row work, not the call's overhead)."""
     x, _ = inputs(OVERHEAD_SHAPE, np.float32)
     out = []
     for op in ops:
-        layer = normkit_layer(op, OVERHEAD_SHAPE, np.float32).eval()
+        row = OPS[op][1] == "row"
+        # the row factories normalize shape[-1]: here, the whole (C, H, W)
+        shape = (OVERHEAD_SHAPE[0], tuple(OVERHEAD_SHAPE[1:])) if row else OVERHEAD_SHAPE
+        layer = normkit_layer(op, shape, np.float32).eval()
         t_nk = time_call(lambda: layer(x), timing)
-        t_th, module = None, torch_module(op, OVERHEAD_SHAPE, np.float32)
+        t_th, module = None, torch_module(op, shape, np.float32)
         if module is not None:
             t_th = time_call(torch_calls(module.eval(), to_torch(x), None)["infer"](), timing)
-        name = label(op, OVERHEAD_SHAPE) + (f"({OVERHEAD_SHAPE[-1]})" if OPS[op][1] == "row" else "")
+        name = label(op, OVERHEAD_SHAPE) + ("(" + "x".join(map(str, OVERHEAD_SHAPE[1:])) + ")" if row else "")
         out.append({"op": op, "layer": name, "shape": list(OVERHEAD_SHAPE),
                     "dtype": "float32", "normkit_us": t_nk * 1e6,
                     "torch_us": None if t_th is None else t_th * 1e6,
