@@ -101,10 +101,11 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
   if (gb.by_block(plan, get_num_threads())) {
     // Block by block of groups: their sums, then their dx while their planes are in cache.
     std::vector<Coef> coef(dx ? P : 0);
-    parallel_ranges(gb.count, kBlockElements, [&](int64_t b0, int64_t b1) {
-      auto chunks = [&](int64_t b) { return chunks_of(BlockParts(index, 1, gb.first(b), gb.end(b)).planes, ch.per_seg); };
-      run_pipelined(
-          b0, b1, chunks, [&](int64_t b) { return dx ? chunks(b) : std::vector<ChunkRef>{}; },
+    parallel_for(gb.count, kBlockElements, [&](int64_t block) {
+      const std::vector<ChunkRef> chunks =
+          chunks_of(BlockParts(index, 1, gb.first(block), gb.end(block)).planes, ch.per_seg);
+      run_block(
+          block, [&](int64_t) { return chunks; }, [&](int64_t) { return dx ? chunks : std::vector<ChunkRef>{}; },
           [&](const ChunkRef& u) {  // the sums of a chunk
             if (sums) chunk_sums(u.part, u.j);
             if (col_sums) column_sums(u.part, u.j);

@@ -102,11 +102,11 @@ void normalize_batch_stats(const Plan& plan, const S* x, double eps, const compu
   std::vector<double> cmean(mc.count), cm2(mc.count);
   const bool stream = large_output<S>(plan);
   std::vector<PlaneCoef<compute_t<S>>> coef(plan.planes());
-  parallel_ranges(blocks.count, kBlockElements, [&](int64_t b0, int64_t b1) {
-    auto parts = [&](int64_t b) { return BlockParts(index, mc.seg_planes, blocks.first(b), blocks.end(b)); };
-    run_pipelined(
-        b0, b1, [&](int64_t b) { return chunks_of(parts(b).segments, mc.per_seg); },
-        [&](int64_t b) { return chunks_of(parts(b).planes, pc.per_seg); },
+  parallel_for(blocks.count, kBlockElements, [&](int64_t block) {
+    const BlockParts parts(index, mc.seg_planes, blocks.first(block), blocks.end(block));
+    run_block(
+        block, [&](int64_t) { return chunks_of(parts.segments, mc.per_seg); },
+        [&](int64_t) { return chunks_of(parts.planes, pc.per_seg); },
         [&](const ChunkRef& u) {  // moments of a chunk of a group's run
           const int64_t slot = mc.slot(u.part, u.j);
           k.moments(x + mc.start(u.part, u.j), mc.length(u.j), &cmean[slot], &cm2[slot]);

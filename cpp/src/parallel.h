@@ -37,23 +37,4 @@ void parallel_for(int64_t n, int64_t work_per_item, const F& f) {
 #endif
 }
 
-// f(begin, end) once per thread on its contiguous share of [0, n) (the static split
-// parallel_for uses), so that a thread can carry work from one item into the next.
-template <class F>
-void parallel_ranges(int64_t n, int64_t work_per_item, const F& f) {
-#ifdef _OPENMP
-  const int threads = int(std::min<int64_t>(get_num_threads(), n));
-  if (threads > 1 && n * work_per_item >= kParallelMinWork) {
-#pragma omp parallel num_threads(threads)
-    {
-      const int64_t i = omp_get_thread_num(), m = omp_get_num_threads();
-      f(n * i / m, n * (i + 1) / m);
-    }
-    return;
-  }
-#endif
-  (void)work_per_item;
-  f(0, n);
-}
-
 }  // namespace nk
