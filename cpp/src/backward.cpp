@@ -156,7 +156,7 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
         parallel_for(ch.items(), ch.work(), [&](int64_t it) {
           const int64_t s = ch.start(it), p0 = ch.sample(it) * C;
           k.rows_backward_apply(xs ? xs + s : nullptr, dy + s, dx + s, ch.length(ch.chunk(it)), C,
-                                &c1[p0], &c2[p0], &xhat.shift[p0], &c3[p0]);
+                                &c1[p0], &c2[p0], &xhat.shift[p0], &c3[p0], stream);
         });
       } else {
         parallel_for(ch.items(), ch.work(), [&](int64_t it) {

@@ -73,7 +73,7 @@ void normalize(const Plan& plan, const S* x, const double* mean, const double* r
     parallel_for(ch.items(), ch.work(), [&](int64_t it) {
       const int64_t s = ch.start(it), p0 = ch.sample(it) * ch.C;
       k.rows_affine(x + s, y + s, ch.length(ch.chunk(it)), ch.C, &f.shift[p0], &f.a[p0], &f.b[p0],
-                    residual ? residual + s : nullptr, relu);
+                    residual ? residual + s : nullptr, relu, stream);
     });
     return;
   }

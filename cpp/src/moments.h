@@ -24,8 +24,8 @@ inline Moments merge(const Moments& a, const Moments& b) {
   // An Inf in either side: the mean is that Inf (NaN for +Inf with -Inf), the spread unknown.
   if (!std::isfinite(a.mean) || !std::isfinite(b.mean))
     return {n, a.mean + b.mean, std::numeric_limits<double>::quiet_NaN()};
-  const double delta = b.mean - a.mean;
-  return {n, a.mean + delta * (b.n / n), a.m2 + b.m2 + delta * delta * (a.n * b.n / n)};
+  const double delta = b.mean - a.mean, wb = b.n / n;  // one division: merges are many
+  return {n, a.mean + delta * wb, a.m2 + b.m2 + delta * delta * (a.n * wb)};
 }
 
 // How the passes split the tensor. A segment is `seg_planes` consecutive planes, contiguous in
@@ -37,13 +37,18 @@ inline Moments merge(const Moments& a, const Moments& b) {
 //   channels-first (N, C, S): a chunk is contiguous; one work item per (segment, chunk).
 //   channels-last (N, S, C): segments are planes; chunk j of sample n's C planes is one block of
 //   `step` rows of C channels; one work item per (sample, chunk).
+// Channels-last chunks hold about this many elements: the per-column passes keep C accumulators
+// and read a chunk twice from L1/L2, and every chunk adds C moments to merge, so they are longer
+// than a channels-first chunk.
+constexpr int64_t kRowsChunk = 8192;
+
 struct Chunks {
   int64_t seg_planes, len, step, per_seg, count, C;
   bool channels_last;
   Chunks(const Plan& plan, int64_t planes_per_segment)
       : seg_planes(plan.channels_last ? 1 : planes_per_segment),
         len(seg_planes * plan.S),
-        step(plan.channels_last ? std::max<int64_t>(1, kChunk / std::max<int64_t>(1, plan.C)) : kChunk),
+        step(plan.channels_last ? std::max<int64_t>(1, kRowsChunk / std::max<int64_t>(1, plan.C)) : kChunk),
         per_seg(len == 0 ? 0 : (len + step - 1) / step),
         count(plan.planes() / std::max<int64_t>(1, seg_planes) * per_seg),
         C(plan.C),

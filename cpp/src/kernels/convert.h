@@ -118,6 +118,14 @@ inline void stream_as(f16* p, vec<float> v) { store_as(p, v); }
 inline void stream_as(bf16* p, vec<float> v) { store_as(p, v); }
 template <class S> constexpr bool streams() { return kStreams && (sizeof(S) == 4 || sizeof(S) == 8); }
 
+// A vector store: streamed when asked and p is on a vector boundary, plain otherwise (rows of
+// channels-last data start wherever C puts them).
+template <class S, class V>
+inline void put(S* p, V v, bool stream) {
+  if (stream && vec_aligned(p)) stream_as(p, v);
+  else store_as(p, v);
+}
+
 // Scalar versions for loop tails: through a one-element-at-a-time copy of the vector path,
 // so tails round exactly as the body does.
 template <class S> inline compute_t<S> to_compute(S s) { return s; }

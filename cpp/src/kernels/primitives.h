@@ -20,9 +20,10 @@ template <class S> void rows_moments(const S* x, int64_t rows, int64_t C, double
 template <class S> void rows_dot(const S* x, const S* dy, int64_t rows, int64_t C, const compute_t<S>* shift,
                                  double* A, double* B, int64_t stride);
 template <class S, class T> void rows_affine(const S* x, S* y, int64_t rows, int64_t C, const T* shift, const T* a,
-                                             const T* b, const S* residual, bool relu);
+                                             const T* b, const S* residual, bool relu, bool stream);
 template <class S, class T> void rows_backward_apply(const S* x, const S* dy, S* dx, int64_t rows, int64_t C,
-                                                     const T* c1, const T* c2, const T* shift, const T* c3);
+                                                     const T* c1, const T* c2, const T* shift, const T* c3,
+                                                     bool stream);
 template <class S, class T> void backward_apply(const S* x, const S* dy, S* dx, int64_t n, T c1, T c2, T shift, T c3, const T* w,
                                                 bool stream);
 

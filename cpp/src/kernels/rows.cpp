@@ -12,16 +12,26 @@
 namespace nk {
 namespace NK_ISA_NS {
 
+// Per-column accumulators: n zeroed arrays of C, reused by the calling thread (a chunk is a few
+// thousand elements, so an allocation per call would be a measurable share of it).
+template <class T>
+T* column_scratch(int64_t n, int64_t C) {
+  static thread_local std::vector<T> scratch;
+  scratch.assign(n * C, T(0));
+  return scratch.data();
+}
+
 template <class S>
 void rows_moments(const S* x, int64_t rows, int64_t C, double* mean, double* m2, int64_t stride) {
   using T = compute_t<S>;
   constexpr int64_t L = lanes<T>;
-  std::vector<T> shift(C, T(0)), sd(C, T(0)), sdd(C, T(0));
+  T* const shift = column_scratch<T>(3, C);
+  T *const sd = shift + C, *const sdd = sd + C;
   // Pass 1, scalar math: shift[c] = sum_r x[r, c] / rows (a rough mean, the shift of pass 2)
   for (int64_t r = 0; r < rows; ++r) {
     const S* row = x + r * C;
     int64_t c = 0;
-    for (; c + L <= C; c += L) store(shift.data() + c, load(shift.data() + c) + load_as(row + c));
+    for (; c + L <= C; c += L) store(shift + c, load(shift + c) + load_as(row + c));
     for (; c < C; ++c) shift[c] += to_compute(row[c]);
   }
   for (int64_t c = 0; c < C; ++c) shift[c] = T(double(shift[c]) / double(rows));
@@ -30,9 +40,9 @@ void rows_moments(const S* x, int64_t rows, int64_t C, double* mean, double* m2,
     const S* row = x + r * C;
     int64_t c = 0;
     for (; c + L <= C; c += L) {
-      const vec<T> d = load_as(row + c) - load(shift.data() + c);
-      store(sd.data() + c, load(sd.data() + c) + d);
-      store(sdd.data() + c, load(sdd.data() + c) + d * d);
+      const vec<T> d = load_as(row + c) - load(shift + c);
+      store(sd + c, load(sd + c) + d);
+      store(sdd + c, load(sdd + c) + d * d);
     }
     for (; c < C; ++c) {
       const T d = to_compute(row[c]) - shift[c];
@@ -57,15 +67,16 @@ void rows_dot(const S* x, const S* dy, int64_t rows, int64_t C, const compute_t<
               double* A, double* B, int64_t stride) {
   using T = compute_t<S>;
   constexpr int64_t L = lanes<T>;
-  std::vector<T> sa(C, T(0)), sb(C, T(0));
+  T* const sa = column_scratch<T>(2, C);
+  T* const sb = sa + C;
   // Scalar math: A[c] += dy*(x - shift[c]); B[c] += dy
   for (int64_t r = 0; r < rows; ++r) {
     const S *xr = x + r * C, *gr = dy + r * C;
     int64_t c = 0;
     for (; c + L <= C; c += L) {
       const vec<T> g = load_as(gr + c);
-      store(sa.data() + c, load(sa.data() + c) + g * (load_as(xr + c) - load(shift + c)));
-      store(sb.data() + c, load(sb.data() + c) + g);
+      store(sa + c, load(sa + c) + g * (load_as(xr + c) - load(shift + c)));
+      store(sb + c, load(sb + c) + g);
     }
     for (; c < C; ++c) {
       const T g = to_compute(gr[c]);
@@ -81,7 +92,7 @@ void rows_dot(const S* x, const S* dy, int64_t rows, int64_t C, const compute_t<
 
 template <class S, bool HasRes, bool Relu, class T = compute_t<S>>
 static void rows_affine_impl(const S* x, S* y, int64_t rows, int64_t C, const T* shift, const T* a,
-                             const T* b, const S* res) {
+                             const T* b, const S* res, bool stream) {
   constexpr int64_t L = lanes<T>;
   const vec<T> zero{};
   // Scalar math: y = (x - shift[c])*a[c] + b[c] + res; y = max(y, 0)
@@ -92,7 +103,7 @@ static void rows_affine_impl(const S* x, S* y, int64_t rows, int64_t C, const T*
       vec<T> v = (load_as(x + o + c) - load(shift + c)) * load(a + c) + load(b + c);
       if (HasRes) v += load_as(res + o + c);
       if (Relu) v = v < zero ? zero : v;
-      store_as(y + o + c, v);
+      put(y + o + c, v, stream);
     }
     for (; c < C; ++c) {
       T v = (to_compute(x[o + c]) - shift[c]) * a[c] + b[c];
@@ -101,20 +112,22 @@ static void rows_affine_impl(const S* x, S* y, int64_t rows, int64_t C, const T*
       y[o + c] = from_compute<S>(v);
     }
   }
+  if (stream) stream_fence();
 }
 
 template <class S, class T>
 void rows_affine(const S* x, S* y, int64_t rows, int64_t C, const T* shift, const T* a, const T* b,
-                 const S* res, bool relu) {
-  if (res && relu) rows_affine_impl<S, true, true>(x, y, rows, C, shift, a, b, res);
-  else if (res) rows_affine_impl<S, true, false>(x, y, rows, C, shift, a, b, res);
-  else if (relu) rows_affine_impl<S, false, true>(x, y, rows, C, shift, a, b, res);
-  else rows_affine_impl<S, false, false>(x, y, rows, C, shift, a, b, res);
+                 const S* res, bool relu, bool stream) {
+  stream = stream && streams<S>();
+  if (res && relu) rows_affine_impl<S, true, true>(x, y, rows, C, shift, a, b, res, stream);
+  else if (res) rows_affine_impl<S, true, false>(x, y, rows, C, shift, a, b, res, stream);
+  else if (relu) rows_affine_impl<S, false, true>(x, y, rows, C, shift, a, b, res, stream);
+  else rows_affine_impl<S, false, false>(x, y, rows, C, shift, a, b, res, stream);
 }
 
 template <class S, bool HasX, class T = compute_t<S>>
 static void rows_backward_apply_impl(const S* x, const S* dy, S* dx, int64_t rows, int64_t C,
-                                     const T* c1, const T* c2, const T* shift, const T* c3) {
+                                     const T* c1, const T* c2, const T* shift, const T* c3, bool stream) {
   constexpr int64_t L = lanes<T>;
   // Scalar math: dx = c1[c]*dy + c2[c]*(x - shift[c]) + c3[c]   (without x: c1[c]*dy + c3[c])
   for (int64_t r = 0; r < rows; ++r) {
@@ -122,8 +135,8 @@ static void rows_backward_apply_impl(const S* x, const S* dy, S* dx, int64_t row
     int64_t c = 0;
     for (; c + L <= C; c += L) {
       const vec<T> g = load(c1 + c) * load_as(dy + o + c);
-      store_as(dx + o + c, HasX ? g + (load(c2 + c) * (load_as(x + o + c) - load(shift + c)) + load(c3 + c))
-                                : g + load(c3 + c));
+      put(dx + o + c, HasX ? g + (load(c2 + c) * (load_as(x + o + c) - load(shift + c)) + load(c3 + c))
+                           : g + load(c3 + c), stream);
     }
     for (; c < C; ++c) {
       const T g = c1[c] * to_compute(dy[o + c]);
@@ -134,9 +147,11 @@ static void rows_backward_apply_impl(const S* x, const S* dy, S* dx, int64_t row
 
 template <class S, class T>
 void rows_backward_apply(const S* x, const S* dy, S* dx, int64_t rows, int64_t C, const T* c1,
-                         const T* c2, const T* shift, const T* c3) {
-  if (x) rows_backward_apply_impl<S, true>(x, dy, dx, rows, C, c1, c2, shift, c3);
-  else rows_backward_apply_impl<S, false>(x, dy, dx, rows, C, c1, c2, shift, c3);
+                         const T* c2, const T* shift, const T* c3, bool stream) {
+  stream = stream && streams<S>();
+  if (x) rows_backward_apply_impl<S, true>(x, dy, dx, rows, C, c1, c2, shift, c3, stream);
+  else rows_backward_apply_impl<S, false>(x, dy, dx, rows, C, c1, c2, shift, c3, stream);
+  if (stream) stream_fence();
 }
 
 #define NK_INSTANTIATE(S, T)                                                                      \
@@ -144,9 +159,9 @@ void rows_backward_apply(const S* x, const S* dy, S* dx, int64_t rows, int64_t C
   template void rows_dot<S>(const S*, const S*, int64_t, int64_t, const T*, double*, double*,     \
                             int64_t);                                                             \
   template void rows_affine<S, T>(const S*, S*, int64_t, int64_t, const T*, const T*, const T*,   \
-                                  const S*, bool);                                                \
+                                  const S*, bool, bool);                                          \
   template void rows_backward_apply<S, T>(const S*, const S*, S*, int64_t, int64_t, const T*,     \
-                                          const T*, const T*, const T*);
+                                          const T*, const T*, const T*, bool);
 NK_INSTANTIATE(float, float)
 NK_INSTANTIATE(double, double)
 NK_INSTANTIATE(f16, float)

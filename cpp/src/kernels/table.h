@@ -36,9 +36,9 @@ struct Kernels {
   void (*rows_dot)(const S* x, const S* dy, int64_t rows, int64_t C, const T* shift, double* A,
                    double* B, int64_t stride);
   void (*rows_affine)(const S* x, S* y, int64_t rows, int64_t C, const T* shift, const T* a,
-                      const T* b, const S* residual, bool relu);
+                      const T* b, const S* residual, bool relu, bool stream);
   void (*rows_backward_apply)(const S* x, const S* dy, S* dx, int64_t rows, int64_t C, const T* c1,
-                              const T* c2, const T* shift, const T* c3);
+                              const T* c2, const T* shift, const T* c3, bool stream);
 };
 
 struct KernelTable {
