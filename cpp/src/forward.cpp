@@ -26,6 +26,18 @@ void apply_plane(const Kernels<S>& k, const Plan& plan, const Chunks& pc, int64_
            col && bias ? bias + off : nullptr, residual ? residual + s : nullptr, relu, stream);
 }
 
+// One chunk's moments. A skip_mean (RMS) plan needs only the sum of squares, one pass: as
+// moments with mean 0 and m2 = sum x*x, which merge and finish_group treat alike.
+template <class S>
+void chunk_moments(const Kernels<S>& k, const Plan& plan, const S* x, int64_t n, double* mean, double* m2) {
+  if (plan.skip_mean) {
+    *mean = 0;
+    k.sum_squares(x, n, m2);
+  } else {
+    k.moments(x, n, mean, m2);
+  }
+}
+
 template <class S>
 bool large_output(const Plan& plan) {
   return stream_output(plan.planes() * plan.S * int64_t(sizeof(S)));
@@ -41,7 +53,7 @@ void group_moments(const Plan& plan, const S* x, double* mean, double* var) {
   std::vector<double> cmean(ch.count), cm2(ch.count);
   if (!plan.channels_last) {
     parallel_for(ch.items(), ch.work(), [&](int64_t it) {
-      k.moments(x + ch.start(it), ch.length(ch.chunk(it)), &cmean[it], &cm2[it]);
+      chunk_moments(k, plan, x + ch.start(it), ch.length(ch.chunk(it)), &cmean[it], &cm2[it]);
     });
   } else {
     parallel_for(ch.items(), ch.work(), [&](int64_t it) {
@@ -109,7 +121,7 @@ void normalize_batch_stats(const Plan& plan, const S* x, double eps, const compu
         [&](int64_t) { return chunks_of(parts.planes, pc.per_seg); },
         [&](const ChunkRef& u) {  // moments of a chunk of a group's run
           const int64_t slot = mc.slot(u.part, u.j);
-          k.moments(x + mc.start(u.part, u.j), mc.length(u.j), &cmean[slot], &cm2[slot]);
+          chunk_moments(k, plan, x + mc.start(u.part, u.j), mc.length(u.j), &cmean[slot], &cm2[slot]);
         },
         [&](int64_t b) {  // the block's statistics, then each plane's coefficients
           for (int64_t g = blocks.first(b); g < blocks.end(b); ++g) {

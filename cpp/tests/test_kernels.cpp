@@ -64,6 +64,10 @@ void test_primitives(const std::string& isa) {
     check(close(mean, ref_mean, tol<T>()), "moments mean " + tag);
     check(close(m2, ref_m2, sizeof(T) == 4 ? 1e-5 : 1e-12), "moments m2 " + tag);
 
+    double q;
+    k.sum_squares(x.data(), n, &q);
+    check(close(q, xd.square().sum(), tol<T>()), "sum_squares " + tag);
+
     const T shift = T(ref_mean);
     double A, B;
     k.dot(x.data(), dy.data(), w.data(), n, shift, &A, &B);

@@ -56,6 +56,29 @@ void moments(const S* x, int64_t n, double* mean_out, double* m2_out) {
   *m2_out = m2 < 0 ? 0 : m2;  // rounding can dip below 0; NaN stays NaN
 }
 
+template <class S>
+void sum_squares(const S* x, int64_t n, double* out) {
+  using T = compute_t<S>;
+  constexpr int64_t L = lanes<T>;
+  // Scalar math: q = sum x*x  (RMSNorm's statistic: positive terms, nothing to cancel)
+  vec<T> q0{}, q1{}, q2{}, q3{};
+  int64_t i = 0;
+  for (; i + 4 * L <= n; i += 4 * L) {
+    const vec<T> a = load_as(x + i), b = load_as(x + i + L), c = load_as(x + i + 2 * L), d = load_as(x + i + 3 * L);
+    q0 += a * a; q1 += b * b; q2 += c * c; q3 += d * d;
+  }
+  for (; i + L <= n; i += L) {
+    const vec<T> a = load_as(x + i);
+    q0 += a * a;
+  }
+  double q = hsum<T>((q0 + q1) + (q2 + q3));
+  for (; i < n; ++i) {
+    const double v = double(to_compute(x[i]));
+    q += v * v;
+  }
+  *out = q;
+}
+
 template <class S, bool Weighted, class T = compute_t<S>>
 static void dot_impl(const S* x, const S* dy, const T* w, int64_t n, T shift, double* A, double* B) {
   constexpr int64_t L = lanes<T>;
@@ -109,6 +132,7 @@ void col_accumulate(const S* x, const S* dy, int64_t n, T shift, T a, T b, T* gs
 
 #define NK_INSTANTIATE(S, T)                                                         \
   template void moments<S>(const S*, int64_t, double*, double*);                     \
+  template void sum_squares<S>(const S*, int64_t, double*);                          \
   template void dot<S>(const S*, const S*, const T*, int64_t, T, double*, double*);  \
   template void col_accumulate<S, T>(const S*, const S*, int64_t, T, T, T, T*, T*);
 NK_INSTANTIATE(float, float)

@@ -17,6 +17,8 @@ template <class S, class T = compute_t<S>>
 struct Kernels {
   // mean and sum of squared deviations of x[0, n), two passes over the chunk.
   void (*moments)(const S* x, int64_t n, double* mean, double* m2);
+  // q = sum x*x: the statistic of a skip_mean (RMS) plan, one pass.
+  void (*sum_squares)(const S* x, int64_t n, double* q);
   // A = sum dy*w*(x - shift), B = sum dy*w, with w[i] = 1 when w is null.
   void (*dot)(const S* x, const S* dy, const T* w, int64_t n, T shift, double* A, double* B);
   // gsum[i] += dy*((x - shift)*a + b), bsum[i] += dy: column sums for a per-column affine.
