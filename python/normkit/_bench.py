@@ -116,9 +116,23 @@ def calibrate(fn, min_sample_s):
 
 def time_call(fn, timing):
     """Median seconds per call over `timing.repeats` samples of a timed loop, after a warm-up."""
-    warm_up(fn, timing.warmup_s)
-    iters = calibrate(fn, timing.min_sample_s)
-    return statistics.median(seconds_per_call(fn, iters) for _ in range(timing.repeats))
+    return time_interleaved({"fn": fn}, timing)["fn"]
+
+
+def time_interleaved(fns, timing):
+    """Median seconds per call of each function in `fns` (name -> fn), after a warm-up and a
+    calibration each, their samples taken in turn (a, b, c, a, b, c, ...): a drift in the
+    machine's speed (other tenants' memory traffic, clocks) then hits every library alike, and
+    the ratios between them stay meaningful even when the absolute times move."""
+    iters = {}
+    for name, fn in fns.items():
+        warm_up(fn, timing.warmup_s)
+        iters[name] = calibrate(fn, timing.min_sample_s)
+    samples = {name: [] for name in fns}
+    for _ in range(timing.repeats):
+        for name, fn in fns.items():
+            samples[name].append(seconds_per_call(fn, iters[name]))
+    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 # -- the reference: a copy's bandwidth -----------------------------------------------------------
@@ -131,6 +145,15 @@ def last_level_cache_bytes(default=32 << 20):
         return default
 
 
+def copy_call(nbytes):
+    """A zero-argument copy of `nbytes` (read + write), on normkit's threads, whose source has
+    been evicted since it was last touched: slots of a pool three times the last-level cache."""
+    slots = max(3, math.ceil(3 * last_level_cache_bytes() / nbytes))
+    pool = np.ones((slots, nbytes), np.uint8)
+    pairs = itertools.cycle([(pool[(i + 1) % slots], pool[i]) for i in range(slots)])
+    return lambda: _core.copy(*next(pairs))
+
+
 def copy_bandwidth(nbytes, timing):
     """Bytes/s of a copy between arrays of `nbytes` each, counted as read + write, on normkit's
     threads (_core.copy: a parallel memcpy; np.copyto would use one core).
@@ -139,10 +162,7 @@ def copy_bandwidth(nbytes, timing):
     source of every copy has been evicted since it was last touched (out of cache). A copy moves
     bytes whatever their dtype, so one measurement per size serves every dtype.
     """
-    slots = max(3, math.ceil(3 * last_level_cache_bytes() / nbytes))
-    pool = np.ones((slots, nbytes), np.uint8)
-    pairs = itertools.cycle([(pool[(i + 1) % slots], pool[i]) for i in range(slots)])
-    return 2 * nbytes / time_call(lambda: _core.copy(*next(pairs)), timing)
+    return 2 * nbytes / time_call(copy_call(nbytes), timing)
 
 
 # -- the same data and layer in each library -----------------------------------------------------
@@ -321,19 +341,28 @@ def bench_case(op, shape, layout, dtype, copy_bw, timing, threads, graphs):
     th = torch_calls(module, to_torch(x, layout), to_torch(dy, layout)) if module is not None else None
     with_ort = _bench_onnx.ort is not None and layout == "NCHW" and dtype == np.float32
     rows, notes = [], []
+    # Out of cache, the roofline's copy is timed in turn with the ops (below), not once up front.
+    copy = copy_call(x.nbytes) if x.nbytes > last_level_cache_bytes() else None
     for mode in MODES:
         training = mode != "infer"
         layer.train(training)
-        times = {"normkit": time_call(nk[mode](), timing), "torch": None, "ort": None}
+        fns = {"normkit": nk[mode]()}
         if th:
             module.train(training)
-            times["torch"] = attempt(lambda: time_call(th[mode](), timing), "torch", mode, notes)
+            fn = attempt(lambda: th[mode](), "torch", mode, notes)  # set up, then one trial call
+            fn = fn and attempt(lambda: (fn(), fn)[1], "torch", mode, notes)
+            if fn is not None:
+                fns["torch"] = fn
+        if copy is not None:
+            fns["copy"] = copy
+        times = {"torch": None, "ort": None, **time_interleaved(fns, timing)}
+        row_copy_bw = 2 * x.nbytes / times.pop("copy") if copy is not None else copy_bw
         ort_graph = None
         if mode == "infer" and with_ort:  # after training: the twin takes the running statistics
             times["ort"], ort_graph = attempt(lambda: ort_time(op, layer, x, threads, timing),
                                               "ort", mode, notes) or (None, None)
             graphs.setdefault(OPS[op][0], {}).setdefault(ort_graph, []).append("x".join(map(str, shape)))
-        rows.append(make_row(op, shape, layout, dtype, mode, times, x.nbytes, copy_bw, threads))
+        rows.append(make_row(op, shape, layout, dtype, mode, times, x.nbytes, row_copy_bw, threads))
         rows[-1]["ort_graph"] = ort_graph
     return rows, notes
 
@@ -416,8 +445,10 @@ def header_lines(copy_bw, threads):
             BYTE_MODEL_TEXT,
             "modes: fwd = training forward; bwd = backward alone, repeated after one forward; "
             "fwd+bwd = both; infer = eval forward (torch under inference_mode)",
-            "time: median per call; speedup = fastest other library's time / normkit's (best = which); "
-            "GB/s = bytes / normkit time; % roof = that / copy bandwidth of x's size",
+            "time: median per call, normkit's and torch's samples taken in turn; speedup = fastest "
+            "other library's time / normkit's (best = which); GB/s = bytes / normkit time; % roof = "
+            "that / copy bandwidth of x's size (above the last-level cache: a copy timed in turn "
+            "with the row's ops, since a shared machine's memory bandwidth drifts)",
             "torch: same process and thread count; NCHW modules on NCHW tensors, NHWC = the same data "
             "as channels_last tensors; bwd = autograd.grad(retain_graph=True) on one graph; "
             "half dtypes: half modules",
