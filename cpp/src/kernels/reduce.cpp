@@ -24,9 +24,10 @@ void moments(const S* x, int64_t n, double* mean_out, double* m2_out) {
   for (; i + L <= n; i += L) s0 += load_as(x + i);
   double s = hsum<T>((s0 + s1) + (s2 + s3));
   for (; i < n; ++i) s += to_compute(x[i]);
-  const T shift = T(s / double(n));
+  const double inv_n = 1.0 / double(n);  // one division: short chunks are latency-bound
+  const T shift = T(s * inv_n);
   if (!std::isfinite(shift)) {  // an Inf (or NaN) in the chunk: mean +-Inf or NaN, variance NaN
-    *mean_out = s / double(n);
+    *mean_out = s * inv_n;
     *m2_out = std::numeric_limits<double>::quiet_NaN();
     return;
   }
@@ -51,8 +52,8 @@ void moments(const S* x, int64_t n, double* mean_out, double* m2_out) {
     sd += d; sdd += d * d;
   }
   // Corrected two-pass: the rough shift's error leaves sd != 0; remove its share of sdd.
-  *mean_out = double(shift) + sd / double(n);
-  double m2 = sdd - sd * sd / double(n);
+  *mean_out = double(shift) + sd * inv_n;
+  double m2 = sdd - sd * sd * inv_n;
   *m2_out = m2 < 0 ? 0 : m2;  // rounding can dip below 0; NaN stays NaN
 }
 
