@@ -98,7 +98,33 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
 
   std::vector<double> Ag(G), Bg(G);
   const GroupBlocks gb(plan, 2, col ? kRowBlock : 1);  // a column partial belongs to one block
-  if (gb.by_block(plan, get_num_threads())) {
+  if (by_sample(plan, get_num_threads())) {
+    // Channels-last, sample by sample: its sums, its coefficients, its dx while it is in cache.
+    std::vector<T> c1(P), c2(P), c3(P);
+    const int64_t gps = plan.groups_per_set();
+    parallel_for(plan.N, C * Sp, [&](int64_t n) {
+      const int64_t p0 = n * C;
+      if (sums) {
+        for (int64_t j = 0; j < ch.per_seg; ++j) {
+          const int64_t s = ch.start(n * ch.per_seg + j), slot = ch.slot(p0, j);
+          k.rows_dot(x + s, dy + s, ch.length(j), C, &xhat.shift[p0], &A[slot], &B[slot], ch.per_seg);
+        }
+        for (int64_t p = p0; p < p0 + C; ++p) plane_sums(p);
+      }
+      if (!dx) return;
+      for (int64_t g = n * gps; g < (n + 1) * gps; ++g) group_sums(g, &Ag[g], &Bg[g]);
+      for (int64_t p = p0; p < p0 + C; ++p) {
+        const int64_t g = plan.group_of(n, p - p0);
+        const Coef c = coefficients(p, g, Ag[g], Bg[g]);
+        c1[p] = c.c1, c2[p] = c.c2, c3[p] = c.c3;
+      }
+      for (int64_t j = 0; j < ch.per_seg; ++j) {
+        const int64_t s = ch.start(n * ch.per_seg + j);
+        k.rows_backward_apply(xs ? xs + s : nullptr, dy + s, dx + s, ch.length(j), C, &c1[p0], &c2[p0],
+                              &xhat.shift[p0], &c3[p0], stream);
+      }
+    });
+  } else if (gb.by_block(plan, get_num_threads())) {
     // Block by block of groups: their sums, then their dx while their planes are in cache.
     std::vector<Coef> coef(dx ? P : 0);
     parallel_for(gb.count, kBlockElements, [&](int64_t block) {

@@ -96,13 +96,53 @@ void normalize(const Plan& plan, const S* x, const double* mean, const double* r
   });
 }
 
+// normalize_batch_stats sample by sample, for channels-last per-sample plans (moments.h: by_sample).
+template <class S>
+void normalize_by_sample(const Plan& plan, const S* x, double eps, const compute_t<S>* weight,
+                         const compute_t<S>* bias, S* y, double* mean, double* var, double* rstd,
+                         const S* residual, bool relu) {
+  using T = compute_t<S>;
+  const Kernels<S>& k = kernels().get<S>();
+  const Chunks ch = Chunks::moments(plan);  // channels-last: one plane per segment
+  const GroupIndex index(plan);
+  const int64_t C = plan.C, gps = plan.groups_per_set();
+  std::vector<double> cmean(ch.count), cm2(ch.count);
+  std::vector<T> shift(plan.planes()), a(plan.planes()), b(plan.planes());
+  const bool stream = large_output<S>(plan);
+  parallel_for(plan.N, C * plan.S, [&](int64_t n) {
+    for (int64_t j = 0; j < ch.per_seg; ++j) {
+      const int64_t slot = ch.slot(n * C, j);
+      k.rows_moments(x + ch.start(n * ch.per_seg + j), ch.length(j), C, &cmean[slot], &cm2[slot], ch.per_seg);
+    }
+    for (int64_t g = n * gps; g < (n + 1) * gps; ++g) {
+      const Moments acc = merge_group(ch, index, g, [&](int64_t seg, int64_t j) {
+        const int64_t slot = ch.slot(seg, j);
+        return Moments{double(ch.length(j)), cmean[slot], cm2[slot]};
+      });
+      finish_group(plan, acc, &mean[g], &var[g]);
+      rstd[g] = 1.0 / std::sqrt(var[g] + eps);
+    }
+    for (int64_t p = n * C; p < (n + 1) * C; ++p) {
+      const PlaneCoef<T> f = plane_coef(plan, p, mean, rstd, weight, bias);
+      shift[p] = f.shift, a[p] = f.a, b[p] = f.b;
+    }
+    for (int64_t j = 0; j < ch.per_seg; ++j) {
+      const int64_t s = ch.start(n * ch.per_seg + j);
+      k.rows_affine(x + s, y + s, ch.length(j), C, &shift[n * C], &a[n * C], &b[n * C],
+                    residual ? residual + s : nullptr, relu, stream);
+    }
+  });
+}
+
 template <class S>
 void normalize_batch_stats(const Plan& plan, const S* x, double eps, const compute_t<S>* weight,
                            const compute_t<S>* bias, S* y, double* mean, double* var, double* rstd,
                            const S* residual, bool relu) {
   check_plan(plan);
+  const int threads = get_num_threads();
+  if (by_sample(plan, threads)) return normalize_by_sample(plan, x, eps, weight, bias, y, mean, var, rstd, residual, relu);
   const GroupBlocks blocks(plan, 1);
-  if (!blocks.by_block(plan, get_num_threads())) {
+  if (!blocks.by_block(plan, threads)) {
     group_moments(plan, x, mean, var);
     for (int64_t g = 0; g < blocks.groups; ++g) rstd[g] = 1.0 / std::sqrt(var[g] + eps);
     normalize(plan, x, mean, rstd, weight, bias, y, residual, relu);

@@ -188,6 +188,16 @@ struct BlockParts {
   }
 };
 
+// Channels-last with every sample its own statistics set (GroupNorm, InstanceNorm): a sample's
+// rows are contiguous and hold all its groups, so the work goes sample by sample (statistics,
+// then output, while the sample is in cache), where there are enough samples for the threads.
+inline bool by_sample(const Plan& plan, int threads) {
+  if (!plan.channels_last || plan.N == 0 || (threads > 1 && plan.N < 4 * int64_t(threads))) return false;
+  for (int64_t n = 0; n < plan.N; ++n)
+    if (plan.sample_group[n] != n) return false;
+  return true;
+}
+
 // One block: its first read chunk by chunk (statistics or sums), its fold, then its second read
 // with the output's write, chunk by chunk, while the block is in cache. first(b) and second(b)
 // list the block's chunks in memory order. (Interleaving one block's writes with the next

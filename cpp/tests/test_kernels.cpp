@@ -257,8 +257,14 @@ void test_rows_streaming(const std::string& isa) {
   }
 }
 
-// The two traversals (moments.h: GroupBlocks) run the same chunks and merges: 1 thread takes
-// block by block of groups, 64 threads with fewer than 256 blocks pass by pass. Their results, and the
+nk::Plan channels_last(nk::Plan p) {
+  p.channels_last = true;
+  return p;
+}
+
+// The traversals (moments.h: GroupBlocks, by_sample) run the same chunks and merges: 1 thread
+// takes block by block of groups (channels-last: sample by sample), 64 threads with fewer than
+// 256 blocks (samples) pass by pass. Their results, and the
 // fused normalize_batch_stats against its three steps, must be the same bits.
 template <class T>
 void test_traversals_agree(const std::string& isa) {
@@ -276,6 +282,9 @@ void test_traversals_agree(const std::string& isa) {
       {"gn-blocks", nk::plan_per_sample_group(8, 16, 1000, 4)},
       {"rms", nk::plan_per_row(33, 96, true)},
       {"sets", nk::plan_per_channel_in_sets(6, 3, 50, {0, 1, 0, 2, 1, 0})},
+      {"gn-nhwc", channels_last(nk::plan_per_sample_group(5, 12, 700, 3))},
+      {"in-nhwc", channels_last(nk::plan_per_sample_group(4, 7, 300, 7))},
+      {"bn-nhwc", channels_last(nk::plan_per_channel(4, 7, 300))},
   };
   const int threads_before = nk::get_num_threads();
   for (auto& cs : cases) {

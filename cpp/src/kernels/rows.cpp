@@ -4,6 +4,7 @@
 // channels-first passes use and the merges after them are shared.
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "convert.h"
@@ -21,35 +22,60 @@ T* column_scratch(int64_t n, int64_t C) {
   return scratch.data();
 }
 
+// Calls f(std::integral_constant<int, NV>, c0) for blocks of NV <= 4 whole vectors of columns
+// [c0, c0 + NV*L), covering the columns below C - C % L: a block's per-column sums then live in
+// registers across all rows instead of a store and a reload per row. Each column still adds
+// its rows in order, so the sums are those of the column-by-column loop.
+template <class T, class F>
+void column_blocks(int64_t C, const F& f) {
+  constexpr int64_t L = lanes<T>;
+  int64_t c0 = 0;
+  for (; c0 + 4 * L <= C; c0 += 4 * L) f(std::integral_constant<int, 4>{}, c0);
+  switch ((C - c0) / L) {
+    case 3: f(std::integral_constant<int, 3>{}, c0); break;
+    case 2: f(std::integral_constant<int, 2>{}, c0); break;
+    case 1: f(std::integral_constant<int, 1>{}, c0); break;
+    default: break;
+  }
+}
+
 template <class S>
 void rows_moments(const S* x, int64_t rows, int64_t C, double* mean, double* m2, int64_t stride) {
   using T = compute_t<S>;
   constexpr int64_t L = lanes<T>;
+  const int64_t cv = C - C % L;  // columns in whole vectors; the rest go one by one
   T* const shift = column_scratch<T>(3, C);
   T *const sd = shift + C, *const sdd = sd + C;
   // Pass 1, scalar math: shift[c] = sum_r x[r, c] / rows (a rough mean, the shift of pass 2)
-  for (int64_t r = 0; r < rows; ++r) {
-    const S* row = x + r * C;
-    int64_t c = 0;
-    for (; c + L <= C; c += L) store(shift + c, load(shift + c) + load_as(row + c));
-    for (; c < C; ++c) shift[c] += to_compute(row[c]);
-  }
+  column_blocks<T>(C, [&](auto nv, int64_t c0) {
+    constexpr int NV = decltype(nv)::value;
+    vec<T> acc[NV] = {};
+    for (int64_t r = 0; r < rows; ++r)
+      for (int v = 0; v < NV; ++v) acc[v] += load_as(x + r * C + c0 + v * L);
+    for (int v = 0; v < NV; ++v) store(shift + c0 + v * L, acc[v]);
+  });
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = cv; c < C; ++c) shift[c] += to_compute(x[r * C + c]);
   for (int64_t c = 0; c < C; ++c) shift[c] = T(double(shift[c]) / double(rows));
   // Pass 2, scalar math: d = x - shift[c]; sd[c] += d; sdd[c] += d*d
-  for (int64_t r = 0; r < rows; ++r) {
-    const S* row = x + r * C;
-    int64_t c = 0;
-    for (; c + L <= C; c += L) {
-      const vec<T> d = load_as(row + c) - load(shift + c);
-      store(sd + c, load(sd + c) + d);
-      store(sdd + c, load(sdd + c) + d * d);
-    }
-    for (; c < C; ++c) {
-      const T d = to_compute(row[c]) - shift[c];
+  column_blocks<T>(C, [&](auto nv, int64_t c0) {
+    constexpr int NV = decltype(nv)::value;
+    vec<T> vs[NV], d1[NV] = {}, d2[NV] = {};
+    for (int v = 0; v < NV; ++v) vs[v] = load(shift + c0 + v * L);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int v = 0; v < NV; ++v) {
+        const vec<T> d = load_as(x + r * C + c0 + v * L) - vs[v];
+        d1[v] += d;
+        d2[v] += d * d;
+      }
+    for (int v = 0; v < NV; ++v) store(sd + c0 + v * L, d1[v]), store(sdd + c0 + v * L, d2[v]);
+  });
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = cv; c < C; ++c) {
+      const T d = to_compute(x[r * C + c]) - shift[c];
       sd[c] += d;
       sdd[c] += d * d;
     }
-  }
   for (int64_t c = 0; c < C; ++c) {
     const double s = double(sd[c]), q = double(sdd[c]) - s * s / double(rows);
     if (!std::isfinite(shift[c])) {  // an Inf (or NaN) in the column: mean +-Inf or NaN, variance NaN
@@ -67,23 +93,29 @@ void rows_dot(const S* x, const S* dy, int64_t rows, int64_t C, const compute_t<
               double* A, double* B, int64_t stride) {
   using T = compute_t<S>;
   constexpr int64_t L = lanes<T>;
+  const int64_t cv = C - C % L;
   T* const sa = column_scratch<T>(2, C);
   T* const sb = sa + C;
   // Scalar math: A[c] += dy*(x - shift[c]); B[c] += dy
-  for (int64_t r = 0; r < rows; ++r) {
-    const S *xr = x + r * C, *gr = dy + r * C;
-    int64_t c = 0;
-    for (; c + L <= C; c += L) {
-      const vec<T> g = load_as(gr + c);
-      store(sa + c, load(sa + c) + g * (load_as(xr + c) - load(shift + c)));
-      store(sb + c, load(sb + c) + g);
-    }
-    for (; c < C; ++c) {
-      const T g = to_compute(gr[c]);
-      sa[c] += g * (to_compute(xr[c]) - shift[c]);
+  column_blocks<T>(C, [&](auto nv, int64_t c0) {
+    constexpr int NV = decltype(nv)::value;
+    vec<T> vs[NV], a[NV] = {}, b[NV] = {};
+    for (int v = 0; v < NV; ++v) vs[v] = load(shift + c0 + v * L);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int v = 0; v < NV; ++v) {
+        const int64_t o = r * C + c0 + v * L;
+        const vec<T> g = load_as(dy + o);
+        a[v] += g * (load_as(x + o) - vs[v]);
+        b[v] += g;
+      }
+    for (int v = 0; v < NV; ++v) store(sa + c0 + v * L, a[v]), store(sb + c0 + v * L, b[v]);
+  });
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = cv; c < C; ++c) {
+      const T g = to_compute(dy[r * C + c]);
+      sa[c] += g * (to_compute(x[r * C + c]) - shift[c]);
       sb[c] += g;
     }
-  }
   for (int64_t c = 0; c < C; ++c) {
     A[c * stride] = double(sa[c]);
     B[c * stride] = double(sb[c]);
