@@ -361,6 +361,25 @@ def test_every_isa_matches_reference(isa, name, shape, dtype):
                                    atol=TOL[dtype]["atol"] * scale, err_msg=f"{isa} dbias")
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_large_tensor_paths_give_the_same_bits(family, mode):
+    """With the assumed cache shrunk to 64 KiB, this small tensor takes the paths of a large one
+    (block by block of groups, sample by sample, streaming stores): the same bits as before."""
+    x, dy = make_inputs(np.float32, input_shape(family))
+    normkit.set_num_threads(2)
+    small = run_once(make_layer(family, mode, np.float32), x, dy)
+    try:
+        _core.set_cache_bytes(64 << 10)
+        for threads in (1, 2):
+            normkit.set_num_threads(threads)
+            large = run_once(make_layer(family, mode, np.float32), x, dy)
+            assert first_difference(small, large, np.float32) is None, f"threads={threads}"
+    finally:
+        _core.set_cache_bytes(0)
+        normkit.set_num_threads(2)
+
+
 @pytest.mark.parametrize("isa", list(_core.supported_isas()))
 def test_every_isa_bitwise_across_threads(isa):
     _core.set_isa(isa)

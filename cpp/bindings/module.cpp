@@ -161,6 +161,8 @@ PYBIND11_MODULE(_core, m) {
     nk::parallel_copy(d, s, n);
   }, py::arg("dst"), py::arg("src"), "dst[...] = src bytewise on normkit's threads (the bench's yardstick).");
   m.def("set_num_threads", &nk::set_num_threads, py::arg("n"));
+  m.def("set_cache_bytes", &nk::set_cache_bytes, py::arg("bytes"),
+        "The last-level cache size the traversal assumes (0: detect); speed only, never results.");
   m.def("get_num_threads", &nk::get_num_threads);
   m.def("isa_name", &nk::isa_name);
   m.def("supported_isas", &nk::supported_isas);

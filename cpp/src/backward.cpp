@@ -124,7 +124,7 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
                               &xhat.shift[p0], &c3[p0], stream);
       }
     });
-  } else if (gb.by_block(plan, get_num_threads())) {
+  } else if (gb.by_block(plan, get_num_threads(), 2 * P * Sp * int64_t(sizeof(S)))) {
     // Block by block of groups: their sums, then their dx while their planes are in cache.
     std::vector<Coef> coef(dx ? P : 0);
     parallel_for(gb.count, kBlockElements, [&](int64_t block) {

@@ -142,7 +142,7 @@ void normalize_batch_stats(const Plan& plan, const S* x, double eps, const compu
   const int threads = get_num_threads();
   if (by_sample(plan, threads)) return normalize_by_sample(plan, x, eps, weight, bias, y, mean, var, rstd, residual, relu);
   const GroupBlocks blocks(plan, 1);
-  if (!blocks.by_block(plan, threads)) {
+  if (!blocks.by_block(plan, threads, plan.planes() * plan.S * int64_t(sizeof(S)))) {
     group_moments(plan, x, mean, var);
     for (int64_t g = 0; g < blocks.groups; ++g) rstd[g] = 1.0 / std::sqrt(var[g] + eps);
     normalize(plan, x, mean, rstd, weight, bias, y, residual, relu);

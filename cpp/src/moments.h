@@ -8,6 +8,7 @@
 
 #include "kernels/table.h"
 #include "normkit/plan.h"
+#include "parallel.h"
 
 namespace nk {
 
@@ -156,9 +157,12 @@ struct GroupBlocks {
         count((groups + per_block - 1) / per_block) {}
   int64_t first(int64_t b) const { return b * per_block; }
   int64_t end(int64_t b) const { return std::min(groups, (b + 1) * per_block); }
-  // Block by block, or pass by pass (see above).
-  bool by_block(const Plan& plan, int threads) const {
-    return !plan.channels_last && (threads <= 1 || count >= 4 * int64_t(threads));
+  // Block by block, or pass by pass (see above). Blocks of strided groups (BatchNorm's channels)
+  // are walked as many short runs, which the prefetchers follow worse than one sequential pass:
+  // they pay only when the pass's inputs (`bytes`) do not fit in the last-level cache anyway.
+  bool by_block(const Plan& plan, int threads, int64_t bytes) const {
+    if (plan.channels_last || (threads > 1 && count < 4 * int64_t(threads))) return false;
+    return plan.N <= plan.num_sample_sets || bytes >= last_level_cache_bytes();
   }
 
  private:

@@ -34,7 +34,7 @@ int get_num_threads() { return g_threads.load(); }
 // The last-level cache this CPU uses: Linux's sysfs size of cpu0's level-3 cache (in a VM,
 // glibc's sysconf reports the host package's total, ten times too much on a 2-vCPU slice of an
 // EPYC), else sysconf, else 32 MiB.
-static int64_t last_level_cache_bytes() {
+static int64_t detect_last_level_cache() {
   if (FILE* f = std::fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r")) {
     long long n = 0;
     char unit = 0;
@@ -49,14 +49,20 @@ static int64_t last_level_cache_bytes() {
   return l3 > 0 ? int64_t(l3) : int64_t(32) << 20;
 }
 
-static int64_t stream_threshold() {
-  return last_level_cache_bytes() / 2;
+static std::atomic<int64_t> g_cache_bytes{0};  // 0: the detected size
+
+void set_cache_bytes(int64_t bytes) {
+  if (bytes < 0) throw std::invalid_argument("cache bytes must be >= 0 (0: detect)");
+  g_cache_bytes.store(bytes);
 }
 
-bool stream_output(int64_t bytes) {
-  static const int64_t threshold = stream_threshold();
-  return bytes >= threshold;
+int64_t last_level_cache_bytes() {
+  static const int64_t detected = detect_last_level_cache();
+  const int64_t set = g_cache_bytes.load();
+  return set > 0 ? set : detected;
 }
+
+bool stream_output(int64_t bytes) { return bytes >= last_level_cache_bytes() / 2; }
 
 void parallel_copy(void* dst, const void* src, int64_t bytes) {
   constexpr int64_t kPiece = 64 << 10;

@@ -13,6 +13,9 @@ namespace nk {
 
 int get_num_threads();
 
+// The last-level cache this CPU uses, in bytes (sysfs, else sysconf, else 32 MiB).
+int64_t last_level_cache_bytes();
+
 // Whether an output of `bytes` is written with streaming stores: when it is larger than half
 // the last-level cache, it cannot stay there for its reader anyway, and skipping the read for
 // ownership saves a third of the memory traffic of the pass that writes it.

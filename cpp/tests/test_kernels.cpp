@@ -287,6 +287,7 @@ void test_traversals_agree(const std::string& isa) {
       {"bn-nhwc", channels_last(nk::plan_per_channel(4, 7, 300))},
   };
   const int threads_before = nk::get_num_threads();
+  nk::set_cache_bytes(64 << 10);  // these small plans then take the large-tensor paths: blocks, streaming
   for (auto& cs : cases) {
     const nk::Plan& plan = cs.plan;
     const int64_t n = plan.planes() * plan.S, G = plan.num_groups(), A = plan.affine_size();
@@ -320,6 +321,7 @@ void test_traversals_agree(const std::string& isa) {
     }
   }
   nk::set_num_threads(threads_before);
+  nk::set_cache_bytes(0);
 }
 
 int main() {

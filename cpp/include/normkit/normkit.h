@@ -48,6 +48,10 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
 
 void set_num_threads(int n);
 int get_num_threads();
+// The last-level cache size the traversal and the streaming-store choice assume; 0 (the
+// default) detects it. Results never depend on it, only speed (the tests shrink it so that
+// small tensors take the paths large ones do).
+void set_cache_bytes(int64_t bytes);
 // memcpy on the library's threads, in 64 KiB pieces: the copy bandwidth that `python -m normkit
 // bench` measures its roofline with, so that both run on the same number of cores.
 void parallel_copy(void* dst, const void* src, int64_t bytes);
