@@ -126,26 +126,22 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
     });
   } else if (gb.by_block(plan, get_num_threads(), 2 * P * Sp * int64_t(sizeof(S)))) {
     // Block by block of groups: their sums, then their dx while their planes are in cache.
-    std::vector<Coef> coef(dx ? P : 0);
-    parallel_for(gb.count, kBlockElements, [&](int64_t block) {
-      const std::vector<ChunkRef> chunks =
-          chunks_of(BlockParts(index, 1, gb.first(block), gb.end(block)).planes, ch.per_seg);
-      run_block(
-          block, [&](int64_t) { return chunks; }, [&](int64_t) { return dx ? chunks : std::vector<ChunkRef>{}; },
-          [&](const ChunkRef& u) {  // the sums of a chunk
-            if (sums) chunk_sums(u.part, u.j);
-            if (col_sums) column_sums(u.part, u.j);
-          },
-          [&](int64_t b) {  // per plane, per group, then each plane's coefficients
-            const int64_t g0 = gb.first(b), g1 = gb.end(b);
-            if (sums)
-              for (int64_t g = g0; g < g1; ++g) index.for_each_plane(g, plane_sums);
-            if (!dx) return;
-            for (int64_t g = g0; g < g1; ++g) group_sums(g, &Ag[g], &Bg[g]);
-            for (int64_t g = g0; g < g1; ++g)
-              index.for_each_plane(g, [&](int64_t p) { coef[p] = coefficients(p, g, Ag[g], Bg[g]); });
-          },
-          [&](const ChunkRef& u) { apply_chunk(u.part, u.j, coef[u.part]); });
+    parallel_for(gb.count, kBlockElements, [&](int64_t b) {
+      const int64_t g0 = gb.first(b), g1 = gb.end(b);
+      const std::vector<int64_t> planes = BlockParts(index, 1, g0, g1).planes;  // memory order
+      for (int64_t p : planes)
+        for (int64_t j = 0; j < ch.per_seg; ++j) {
+          if (sums) chunk_sums(p, j);
+          if (col_sums) column_sums(p, j);
+        }
+      if (sums)
+        for (int64_t p : planes) plane_sums(p);
+      if (!dx) return;
+      for (int64_t g = g0; g < g1; ++g) group_sums(g, &Ag[g], &Bg[g]);
+      for (int64_t p : planes) {
+        const int64_t g = plan.group_of(p / C, p % C);
+        apply_plane(p, coefficients(p, g, Ag[g], Bg[g]));
+      }
     });
   } else {
     // Pass by pass: sums over the whole tensor, the fold, then dx over the whole tensor.

@@ -64,11 +64,7 @@ void group_moments(const Plan& plan, const S* x, double* mean, double* var) {
 
   const GroupIndex index(plan);
   parallel_for(plan.num_groups(), ch.per_seg * plan.channels_per_group * 64, [&](int64_t g) {
-    const Moments acc = merge_group(ch, index, g, [&](int64_t seg, int64_t j) {
-      const int64_t slot = ch.slot(seg, j);
-      return Moments{double(ch.length(j)), cmean[slot], cm2[slot]};
-    });
-    finish_group(plan, acc, &mean[g], &var[g]);
+    finish_group(plan, merge_stored(ch, index, g, cmean, cm2), &mean[g], &var[g]);
   });
 }
 
@@ -115,11 +111,7 @@ void normalize_by_sample(const Plan& plan, const S* x, double eps, const compute
       k.rows_moments(x + ch.start(n * ch.per_seg + j), ch.length(j), C, &cmean[slot], &cm2[slot], ch.per_seg);
     }
     for (int64_t g = n * gps; g < (n + 1) * gps; ++g) {
-      const Moments acc = merge_group(ch, index, g, [&](int64_t seg, int64_t j) {
-        const int64_t slot = ch.slot(seg, j);
-        return Moments{double(ch.length(j)), cmean[slot], cm2[slot]};
-      });
-      finish_group(plan, acc, &mean[g], &var[g]);
+      finish_group(plan, merge_stored(ch, index, g, cmean, cm2), &mean[g], &var[g]);
       rstd[g] = 1.0 / std::sqrt(var[g] + eps);
     }
     for (int64_t p = n * C; p < (n + 1) * C; ++p) {
@@ -153,31 +145,23 @@ void normalize_batch_stats(const Plan& plan, const S* x, double eps, const compu
   const GroupIndex index(plan);
   std::vector<double> cmean(mc.count), cm2(mc.count);
   const bool stream = large_output<S>(plan);
-  std::vector<PlaneCoef<compute_t<S>>> coef(plan.planes());
-  parallel_for(blocks.count, kBlockElements, [&](int64_t block) {
-    const BlockParts parts(index, mc.seg_planes, blocks.first(block), blocks.end(block));
-    run_block(
-        block, [&](int64_t) { return chunks_of(parts.segments, mc.per_seg); },
-        [&](int64_t) { return chunks_of(parts.planes, pc.per_seg); },
-        [&](const ChunkRef& u) {  // moments of a chunk of a group's run
-          const int64_t slot = mc.slot(u.part, u.j);
-          chunk_moments(k, plan, x + mc.start(u.part, u.j), mc.length(u.j), &cmean[slot], &cm2[slot]);
-        },
-        [&](int64_t b) {  // the block's statistics, then each plane's coefficients
-          for (int64_t g = blocks.first(b); g < blocks.end(b); ++g) {
-            const Moments acc = merge_group(mc, index, g, [&](int64_t seg, int64_t j) {
-              const int64_t slot = mc.slot(seg, j);
-              return Moments{double(mc.length(j)), cmean[slot], cm2[slot]};
-            });
-            finish_group(plan, acc, &mean[g], &var[g]);
-            rstd[g] = 1.0 / std::sqrt(var[g] + eps);
-          }
-          for (int64_t g = blocks.first(b); g < blocks.end(b); ++g)
-            index.for_each_plane(g, [&](int64_t p) { coef[p] = plane_coef(plan, p, mean, rstd, weight, bias); });
-        },
-        [&](const ChunkRef& u) {
-          apply_plane(k, plan, pc, u.part, u.j, coef[u.part], x, y, weight, bias, residual, relu, stream);
-        });
+  parallel_for(blocks.count, kBlockElements, [&](int64_t b) {
+    // The block's moments, its statistics and coefficients, then its output (memory order).
+    const int64_t g0 = blocks.first(b), g1 = blocks.end(b);
+    const BlockParts parts(index, mc.seg_planes, g0, g1);
+    for (int64_t seg : parts.segments)
+      for (int64_t j = 0; j < mc.per_seg; ++j) {
+        const int64_t slot = mc.slot(seg, j);
+        chunk_moments(k, plan, x + mc.start(seg, j), mc.length(j), &cmean[slot], &cm2[slot]);
+      }
+    for (int64_t g = g0; g < g1; ++g) {
+      finish_group(plan, merge_stored(mc, index, g, cmean, cm2), &mean[g], &var[g]);
+      rstd[g] = 1.0 / std::sqrt(var[g] + eps);
+    }
+    for (int64_t p : parts.planes) {
+      const PlaneCoef<compute_t<S>> f = plane_coef(plan, p, mean, rstd, weight, bias);
+      for (int64_t j = 0; j < pc.per_seg; ++j) apply_plane(k, plan, pc, p, j, f, x, y, weight, bias, residual, relu, stream);
+    }
   });
 }
 

@@ -116,6 +116,15 @@ Moments merge_group(const Chunks& ch, const GroupIndex& index, int64_t g, const 
   return acc;
 }
 
+// Group g's moments from its chunks' moments stored by slot (cmean, cm2).
+inline Moments merge_stored(const Chunks& ch, const GroupIndex& index, int64_t g,
+                            const std::vector<double>& cmean, const std::vector<double>& cm2) {
+  return merge_group(ch, index, g, [&](int64_t seg, int64_t j) {
+    const int64_t slot = ch.slot(seg, j);
+    return Moments{double(ch.length(j)), cmean[slot], cm2[slot]};
+  });
+}
+
 // A group's (mean, biased variance) from its moments: NaN for no elements; with skip_mean (RMS)
 // 0 and the mean of x^2 (Inf when the group holds an Inf, so finite entries normalize to 0, as
 // torch).
@@ -200,32 +209,6 @@ inline bool by_sample(const Plan& plan, int threads) {
   for (int64_t n = 0; n < plan.N; ++n)
     if (plan.sample_group[n] != n) return false;
   return true;
-}
-
-// One block: its first read chunk by chunk (statistics or sums), its fold, then its second read
-// with the output's write, chunk by chunk, while the block is in cache. first(b) and second(b)
-// list the block's chunks in memory order. (Interleaving one block's writes with the next
-// block's reads was measured slower: the hardware prefetchers follow one stream better.)
-template <class First, class Second, class Read, class Fold, class Write>
-void run_block(int64_t b, const First& first, const Second& second, const Read& read, const Fold& fold,
-               const Write& write) {
-  for (const auto& u : first(b)) read(u);
-  fold(b);
-  for (const auto& u : second(b)) write(u);
-}
-
-// A chunk of a segment or plane: (segment or plane, chunk index).
-struct ChunkRef {
-  int64_t part, j;
-};
-
-// The chunks of the given parts, part by part.
-inline std::vector<ChunkRef> chunks_of(const std::vector<int64_t>& parts, int64_t per_part) {
-  std::vector<ChunkRef> out;
-  out.reserve(parts.size() * per_part);
-  for (int64_t p : parts)
-    for (int64_t j = 0; j < per_part; ++j) out.push_back({p, j});
-  return out;
 }
 
 }  // namespace nk
