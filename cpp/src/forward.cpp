@@ -131,6 +131,23 @@ void normalize_batch_stats(const Plan& plan, const S* x, double eps, const compu
                            const compute_t<S>* bias, S* y, double* mean, double* var, double* rstd,
                            const S* residual, bool relu) {
   check_plan(plan);
+  if (const int64_t run = single_chunk_run(plan)) {
+    // Group by group, each one chunk: the same chunk moments, merge, fold and apply calls as the
+    // general paths below make, so the same bits.
+    const Kernels<S>& k = kernels().get<S>();
+    const Chunks pc = Chunks::planes(plan);
+    const bool stream = large_output<S>(plan);
+    parallel_for(plan.num_groups(), run, [&](int64_t g) {
+      Moments m{double(run)};
+      chunk_moments(k, plan, x + g * run, run, &m.mean, &m.m2);
+      finish_group(plan, merge(Moments{}, m), &mean[g], &var[g]);
+      rstd[g] = 1.0 / std::sqrt(var[g] + eps);
+      for (int64_t p = g * plan.channels_per_group; p < (g + 1) * plan.channels_per_group; ++p)
+        apply_plane(k, plan, pc, p, 0, plane_coef(plan, p, mean, rstd, weight, bias), x, y, weight,
+                    bias, residual, relu, stream);
+    });
+    return;
+  }
   const int threads = get_num_threads();
   if (by_sample(plan, threads)) return normalize_by_sample(plan, x, eps, weight, bias, y, mean, var, rstd, residual, relu);
   const GroupBlocks blocks(plan, 1);

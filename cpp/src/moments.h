@@ -201,6 +201,18 @@ struct BlockParts {
   }
 };
 
+// Channels-first with every sample its own statistics set, and every group's run of C/G planes
+// one chunk (small InstanceNorm planes, LayerNorm rows up to kChunk, small GroupNorm groups):
+// group g is then the contiguous elements [g*run, (g+1)*run), one chunk, and a group can go
+// from its moments to its output in one step, while it sits in L1, with nothing stored between.
+inline int64_t single_chunk_run(const Plan& plan) {
+  const int64_t run = plan.channels_per_group * plan.S;
+  if (plan.channels_last || run == 0 || run > kChunk) return 0;
+  for (int64_t n = 0; n < plan.N; ++n)
+    if (plan.sample_group[n] != n) return 0;
+  return run;
+}
+
 // Channels-last with every sample its own statistics set (GroupNorm, InstanceNorm): a sample's
 // rows are contiguous and hold all its groups, so the work goes sample by sample (statistics,
 // then output, while the sample is in cache), where there are enough samples for the threads.
