@@ -39,6 +39,18 @@ def test_arrays_of_the_wrong_size_or_dtype_are_refused():
         _core.normalize(plan, np.ones(24, np.float32), mean, var, None, None, np.ones(24, np.float64))
 
 
+@pytest.mark.parametrize("plan", [_core.plan_per_sample_group(0, 4, 8, 2), _core.plan_per_row(0, 5, True),
+                                  _core.plan_per_channel(0, 3, 2)], ids=["groups", "rows", "channels"])
+def test_a_batch_of_no_samples_reads_nothing(plan):
+    """A plan of N = 0 still has its groups (one statistics set): every entry point must see that
+    it has no elements to read (fuzzer finding: the one-chunk-per-group path read x[0, run))."""
+    x, y = np.ones(0, np.float32), np.ones(0, np.float32)
+    mean, var, rstd = _core.normalize_batch_stats(plan, x, 1e-5, None, None, y)
+    assert np.isnan(mean).all() and np.isnan(var).all()
+    m, v = _core.group_moments(plan, x)
+    assert np.isnan(m).all() and np.isnan(v).all()
+
+
 def test_zero_channel_group_plan_is_empty():
     assert _core.plan_per_sample_group(2, 0, 3, 3).num_groups == 0
 

@@ -205,11 +205,16 @@ struct BlockParts {
 // one chunk (small InstanceNorm planes, LayerNorm rows up to kChunk, small GroupNorm groups):
 // group g is then the contiguous elements [g*run, (g+1)*run), one chunk, and a group can go
 // from its moments to its output in one step, while it sits in L1, with nothing stored between.
+inline bool one_set_per_sample(const Plan& plan) {
+  if (plan.N == 0 || plan.num_sample_sets != plan.N) return false;  // N = 0 still has one set
+  for (int64_t n = 0; n < plan.N; ++n)
+    if (plan.sample_group[n] != n) return false;
+  return true;
+}
+
 inline int64_t single_chunk_run(const Plan& plan) {
   const int64_t run = plan.channels_per_group * plan.S;
-  if (plan.channels_last || run == 0 || run > kChunk) return 0;
-  for (int64_t n = 0; n < plan.N; ++n)
-    if (plan.sample_group[n] != n) return 0;
+  if (plan.channels_last || run == 0 || run > kChunk || !one_set_per_sample(plan)) return 0;
   return run;
 }
 
@@ -217,10 +222,8 @@ inline int64_t single_chunk_run(const Plan& plan) {
 // rows are contiguous and hold all its groups, so the work goes sample by sample (statistics,
 // then output, while the sample is in cache), where there are enough samples for the threads.
 inline bool by_sample(const Plan& plan, int threads) {
-  if (!plan.channels_last || plan.N == 0 || (threads > 1 && plan.N < 4 * int64_t(threads))) return false;
-  for (int64_t n = 0; n < plan.N; ++n)
-    if (plan.sample_group[n] != n) return false;
-  return true;
+  if (!plan.channels_last || (threads > 1 && plan.N < 4 * int64_t(threads))) return false;
+  return one_set_per_sample(plan);
 }
 
 }  // namespace nk
