@@ -29,38 +29,48 @@ py::tuple moments_impl(const nk::Plan& plan, const py::array& x) {
   return py::make_tuple(mean, var);
 }
 
+// The arrays of an affine pass (normalize, normalize_batch_stats), each checked against the plan.
+template <class S>
+struct ApplyArrays {
+  using T = nk::compute_t<S>;
+  const S* x;
+  const T *weight, *bias;
+  S* y;
+  const S* residual;
+  ApplyArrays(const nk::Plan& plan, const py::array& x_, const py::object& weight_,
+              const py::object& bias_, const py::object& y_, const py::object& residual_) {
+    nk::check_plan(plan);  // before any size is computed from it
+    const int64_t n = plan.planes() * plan.S, A = plan.affine_size();
+    x = required<S>(x_, n, "x", false);
+    weight = data_of<T>(weight_, A, "weight", false);
+    bias = data_of<T>(bias_, A, "bias", false);
+    y = required<S>(y_, n, "out", true);
+    residual = data_of<S>(residual_, n, "residual", false);
+  }
+};
+
 template <class S>
 void normalize_impl(const nk::Plan& plan, const py::array& x, const py::object& mean,
                     const py::object& rstd, const py::object& weight, const py::object& bias,
                     const py::object& y, const py::object& residual, bool relu) {
-  nk::check_plan(plan);  // before any size is computed from it
-  using T = nk::compute_t<S>;
-  const int64_t n = plan.planes() * plan.S, G = plan.num_groups(), A = plan.affine_size();
-  const S* px = required<S>(x, n, "x", false);
+  const ApplyArrays<S> a(plan, x, weight, bias, y, residual);
+  const int64_t G = plan.num_groups();
   const double *pm = required<double>(mean, G, "mean", false), *pr = required<double>(rstd, G, "rstd", false);
-  const T *pw = data_of<T>(weight, A, "weight", false), *pb = data_of<T>(bias, A, "bias", false);
-  S* py_ = required<S>(y, n, "out", true);
-  const S* pres = data_of<S>(residual, n, "residual", false);
   py::gil_scoped_release nogil;
-  nk::normalize<S>(plan, px, pm, pr, pw, pb, py_, pres, relu);
+  nk::normalize<S>(plan, a.x, pm, pr, a.weight, a.bias, a.y, a.residual, relu);
 }
 
 template <class S>
 py::tuple normalize_batch_stats_impl(const nk::Plan& plan, const py::array& x, double eps,
                                      const py::object& weight, const py::object& bias,
                                      const py::object& y, const py::object& residual, bool relu) {
-  nk::check_plan(plan);  // before any size is computed from it
-  using T = nk::compute_t<S>;
-  const int64_t n = plan.planes() * plan.S, G = plan.num_groups(), A = plan.affine_size();
-  const S* px = required<S>(x, n, "x", false);
-  const T *pw = data_of<T>(weight, A, "weight", false), *pb = data_of<T>(bias, A, "bias", false);
-  S* py_ = required<S>(y, n, "out", true);
-  const S* pres = data_of<S>(residual, n, "residual", false);
+  const ApplyArrays<S> a(plan, x, weight, bias, y, residual);
+  const int64_t G = plan.num_groups();
   py::array_t<double> mean(G), var(G), rstd(G);
   double *pm = mean.mutable_data(), *pv = var.mutable_data(), *pr = rstd.mutable_data();
   {
     py::gil_scoped_release nogil;
-    nk::normalize_batch_stats<S>(plan, px, eps, pw, pb, py_, pm, pv, pr, pres, relu);
+    nk::normalize_batch_stats<S>(plan, a.x, eps, a.weight, a.bias, a.y, pm, pv, pr, a.residual, relu);
   }
   return py::make_tuple(mean, var, rstd);
 }
