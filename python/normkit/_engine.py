@@ -1,7 +1,9 @@
 """The one bridge between the Python layer and the C++ core.
 
-Every layer calls `forward` and `backward` with a plan (how the tensor groups into statistics
-sets) and, for inference, given statistics. Everything tensor-sized happens in `_core`.
+The Python path of every layer and functional call goes through here with a plan (how the tensor
+groups into statistics sets): `apply_batch_stats` (statistics from x), `apply` (given statistics,
+e.g. running ones) and `backward`. The common case skips it: `_core.forward_fast` does a whole
+forward in one call and returns the same (y, Saved). Everything tensor-sized happens in `_core`.
 """
 import numpy as np
 

@@ -1,9 +1,10 @@
 // normkit's C++ entry points. Every normalization is three steps over a Plan:
-//   group_moments       statistics per group (one read of x)
-//   normalize           y = (x - mean) * rstd * weight + bias (one read of x, one write of y)
-//   normalize_batch_stats  both, fused group by group where the groups allow
-//   normalize_backward  dx, dweight, dbias (two reads of x and dy, one write of dx)
-// All arrays are contiguous in (N, C, S) order. S is the storage type of x, y, dy, dx: float,
+//   group_moments          statistics per group (one read of x)
+//   normalize              y = (x - mean) * rstd * weight + bias (one read of x, one write of y)
+//   normalize_batch_stats  both; x comes from memory once where the groups allow (block by block)
+//   normalize_backward     dx, dweight, dbias (x and dy from memory once where the groups allow,
+//                          else twice; one write of dx)
+// All arrays are contiguous, in (N, C, S) order, or (N, S, C) for a channels_last plan. S is the storage type of x, y, dy, dx: float,
 // double, f16 or bf16 (dtypes.h); weights, biases and their gradients are compute_t<S> (float
 // for the half types); statistics are double.
 // Results are bitwise identical for any thread count.
