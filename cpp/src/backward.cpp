@@ -40,7 +40,7 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
   // With constant statistics and no parameter gradients, dx needs no sums at all.
   const bool sums = batch_stats || dweight || dbias;
   const bool col_sums = col && (dweight || dbias);
-  auto plane_weight = [&](int64_t p) { return !col && weight ? double(weight[p % C]) : 1.0; };
+  auto channel_weight = [&](int64_t c) { return !col && weight ? double(weight[c]) : 1.0; };
 
   // Per chunk of plane p: A = sum dy*w*(x - shift), B = sum dy*w (slot p*per_seg + j); then
   // per plane, summed in chunk order. Chunks of one plane may run on different threads.
@@ -63,10 +63,10 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
   };
   // dx = c1*dy*w + c2*(x - shift) + c3 for plane p of group g, given the group's sums.
   struct Coef { T c1 = 0, c2 = 0, c3 = 0; };
-  auto coefficients = [&](int64_t p, int64_t g, double Ag, double Bg) {
+  auto coefficients = [&](int64_t p, int64_t ch_of_p, int64_t g, double Ag, double Bg) {
     const double r = rstd[g];
     Coef c;
-    c.c1 = T(r * plane_weight(p));
+    c.c1 = T(r * channel_weight(ch_of_p));
     if (!batch_stats) return c;
     const double M = double(count[g]);
     const double mu = plan.skip_mean ? 0.0 : mean[g], d = double(xhat.shift[p]) - mu;
@@ -91,14 +91,39 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
     *Ag = *Bg = 0;
     if (batch_stats)
       index.for_each_plane(g, [&](int64_t p) {
-        *Ag += plane_weight(p) * Ap[p];
-        *Bg += plane_weight(p) * Bp[p];
+        const double w = channel_weight(p % C);
+        *Ag += w * Ap[p];
+        *Bg += w * Bp[p];
       });
   };
 
   std::vector<double> Ag(G), Bg(G);
   const GroupBlocks gb(plan, 2, col ? kRowBlock : 1);  // a column partial belongs to one block
-  if (by_sample(plan, get_num_threads())) {
+  const int64_t run = col ? 0 : single_chunk_run(plan);
+  if (run) {
+    // Group by group, each one chunk of contiguous planes (moments.h: single_chunk_run): its
+    // sums, coefficients and dx while it sits in L1. The same calls and order as the block path.
+    const int64_t cpg = plan.channels_per_group, gps = plan.groups_per_set();
+    const GroupBatches batches(G, run);
+    parallel_for(batches.count, 2 * batches.per_batch * run, [&](int64_t b) {
+      // Group g is planes [g*cpg, (g+1)*cpg), channels [c0, c0 + cpg) of sample g/gps.
+      const int64_t g0 = batches.first(b), g1 = batches.end(b);
+      if (sums)
+        for (int64_t p = g0 * cpg; p < g1 * cpg; ++p) chunk_sums(p, 0), plane_sums(p);
+      if (!dx) return;
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t p0 = g * cpg, c0 = (g % gps) * cpg;
+        double Asum = 0, Bsum = 0;  // group_sums, without the index
+        if (batch_stats)
+          for (int64_t i = 0; i < cpg; ++i) {
+            const double w = channel_weight(c0 + i);
+            Asum += w * Ap[p0 + i];
+            Bsum += w * Bp[p0 + i];
+          }
+        for (int64_t i = 0; i < cpg; ++i) apply_chunk(p0 + i, 0, coefficients(p0 + i, c0 + i, g, Asum, Bsum));
+      }
+    });
+  } else if (by_sample(plan, get_num_threads())) {
     // Channels-last, sample by sample: its sums, its coefficients, its dx while it is in cache.
     std::vector<T> c1(P), c2(P), c3(P);
     const int64_t gps = plan.groups_per_set();
@@ -115,7 +140,7 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
       for (int64_t g = n * gps; g < (n + 1) * gps; ++g) group_sums(g, &Ag[g], &Bg[g]);
       for (int64_t p = p0; p < p0 + C; ++p) {
         const int64_t g = plan.group_of(n, p - p0);
-        const Coef c = coefficients(p, g, Ag[g], Bg[g]);
+        const Coef c = coefficients(p, p - p0, g, Ag[g], Bg[g]);
         c1[p] = c.c1, c2[p] = c.c2, c3[p] = c.c3;
       }
       for (int64_t j = 0; j < ch.per_seg; ++j) {
@@ -124,8 +149,11 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
                               &xhat.shift[p0], &c3[p0], stream);
       }
     });
-  } else if (gb.by_block(plan, get_num_threads(), 2 * P * Sp * int64_t(sizeof(S)))) {
-    // Block by block of groups: their sums, then their dx while their planes are in cache.
+  } else if (gb.by_block(plan, get_num_threads(), 2 * P * Sp * int64_t(sizeof(S))) &&
+             (!col_sums || one_set_per_sample(plan))) {
+    // Block by block of groups: their sums, then their dx while their planes are in cache. (A
+    // column partial belongs to kRowBlock consecutive rows, so rows numbered out of order, whose
+    // blocks would share partials, go pass by pass.)
     parallel_for(gb.count, kBlockElements, [&](int64_t b) {
       const int64_t g0 = gb.first(b), g1 = gb.end(b);
       const std::vector<int64_t> planes = BlockParts(index, 1, g0, g1).planes;  // memory order
@@ -140,7 +168,7 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
       for (int64_t g = g0; g < g1; ++g) group_sums(g, &Ag[g], &Bg[g]);
       for (int64_t p : planes) {
         const int64_t g = plan.group_of(p / C, p % C);
-        apply_plane(p, coefficients(p, g, Ag[g], Bg[g]));
+        apply_plane(p, coefficients(p, p % C, g, Ag[g], Bg[g]));
       }
     });
   } else {
@@ -170,7 +198,7 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
       std::vector<Coef> coef(P);
       for (int64_t p = 0; p < P; ++p) {
         const int64_t g = plan.group_of(p / C, p % C);
-        coef[p] = coefficients(p, g, Ag[g], Bg[g]);
+        coef[p] = coefficients(p, p % C, g, Ag[g], Bg[g]);
       }
       if (plan.channels_last) {
         std::vector<T> c1(P), c2(P), c3(P);

@@ -137,12 +137,19 @@ void normalize_batch_stats(const Plan& plan, const S* x, double eps, const compu
     const Kernels<S>& k = kernels().get<S>();
     const Chunks pc = Chunks::planes(plan);
     const bool stream = large_output<S>(plan);
-    parallel_for(plan.num_groups(), run, [&](int64_t g) {
-      Moments m{double(run)};
-      chunk_moments(k, plan, x + g * run, run, &m.mean, &m.m2);
-      finish_group(plan, merge(Moments{}, m), &mean[g], &var[g]);
-      rstd[g] = 1.0 / std::sqrt(var[g] + eps);
-      for (int64_t p = g * plan.channels_per_group; p < (g + 1) * plan.channels_per_group; ++p)
+    const GroupBatches gb(plan.num_groups(), run);
+    parallel_for(gb.count, gb.per_batch * run, [&](int64_t b) {
+      const int64_t g0 = gb.first(b), g1 = gb.end(b);
+      Moments m[GroupBatches::kMaxBatch];
+      for (int64_t g = g0; g < g1; ++g) {
+        m[g - g0].n = double(run);
+        chunk_moments(k, plan, x + g * run, run, &m[g - g0].mean, &m[g - g0].m2);
+      }
+      for (int64_t g = g0; g < g1; ++g) {
+        finish_group(plan, merge(Moments{}, m[g - g0]), &mean[g], &var[g]);
+        rstd[g] = 1.0 / std::sqrt(var[g] + eps);
+      }
+      for (int64_t p = g0 * plan.channels_per_group; p < g1 * plan.channels_per_group; ++p)
         apply_plane(k, plan, pc, p, 0, plane_coef(plan, p, mean, rstd, weight, bias), x, y, weight,
                     bias, residual, relu, stream);
     });

@@ -218,6 +218,21 @@ inline int64_t single_chunk_run(const Plan& plan) {
   return run;
 }
 
+// Consecutive one-chunk groups taken together, up to kChunk elements per batch (at least one
+// group, at most kMaxBatch): each step (moments or sums, then coefficients, then output) runs over the
+// whole batch, so the short dependent chains of independent groups overlap in the CPU instead
+// of each group waiting for its own. A batch stays in L1 between its steps.
+struct GroupBatches {
+  static constexpr int64_t kMaxBatch = 64;
+  int64_t groups, per_batch, count;
+  GroupBatches(int64_t num_groups, int64_t run)
+      : groups(num_groups),
+        per_batch(std::clamp<int64_t>(kChunk / std::max<int64_t>(1, run), 1, kMaxBatch)),
+        count((groups + per_batch - 1) / per_batch) {}
+  int64_t first(int64_t b) const { return b * per_batch; }
+  int64_t end(int64_t b) const { return std::min(groups, (b + 1) * per_batch); }
+};
+
 // Channels-last with every sample its own statistics set (GroupNorm, InstanceNorm): a sample's
 // rows are contiguous and hold all its groups, so the work goes sample by sample (statistics,
 // then output, while the sample is in cache), where there are enough samples for the threads.

@@ -295,7 +295,7 @@ void test_traversals_agree(const std::string& isa) {
     auto x = random_vector<T>(n, 3.0, 11), dy = random_vector<T>(n, 0.1, 12);
     auto w = random_vector<T>(A, 1.0, 13), b = random_vector<T>(A, 0.0, 14);
     struct Out { std::vector<T> y, dx, dw, db; std::vector<double> mean, var, rstd; };
-    auto run = [&](int threads, bool fused) {
+    auto run = [&](const nk::Plan& plan, int threads, bool fused) {
       nk::set_num_threads(threads);
       Out o{std::vector<T>(n), std::vector<T>(n), std::vector<T>(A), std::vector<T>(A),
             std::vector<double>(G), std::vector<double>(G), std::vector<double>(G)};
@@ -311,13 +311,32 @@ void test_traversals_agree(const std::string& isa) {
                                 true, o.dx.data(), o.dw.data(), o.db.data());
       return o;
     };
-    const Out ref = run(1, true);
+    const Out ref = run(plan, 1, true);
     for (auto [threads, fused] : {std::pair{64, true}, std::pair{1, false}, std::pair{64, false}}) {
-      const Out o = run(threads, fused);
+      const Out o = run(plan, threads, fused);
       const std::string t = tag + " threads=" + std::to_string(threads) + (fused ? " fused" : " steps");
       check(o.mean == ref.mean && o.var == ref.var && o.rstd == ref.rstd, "statistics bitwise " + t);
       check(o.y == ref.y, "y bitwise " + t);
       check(o.dx == ref.dx && o.dw == ref.dw && o.db == ref.db, "gradients bitwise " + t);
+    }
+    // One set per sample, numbered in reverse: the same statistics, but no longer sample n in
+    // set n, so not the one-chunk-per-group paths (moments.h: single_chunk_run, by_sample).
+    if (plan.num_sample_sets == plan.N && plan.N > 1) {
+      nk::Plan reversed = plan;
+      for (int64_t i = 0; i < plan.N; ++i) reversed.sample_group[i] = plan.N - 1 - i;
+      const int64_t gps = plan.groups_per_set();
+      for (int threads : {1, 64}) {
+        const Out o = run(reversed, threads, true);
+        const std::string t = tag + " reversed sets, threads=" + std::to_string(threads);
+        bool same_stats = true;
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t r = (plan.N - 1 - g / gps) * gps + g % gps;  // group g's number when reversed
+          same_stats = same_stats && o.mean[r] == ref.mean[g] && o.var[r] == ref.var[g];
+        }
+        check(same_stats, "statistics bitwise " + t);
+        check(o.y == ref.y, "y bitwise " + t);
+        check(o.dx == ref.dx && o.dw == ref.dw && o.db == ref.db, "gradients bitwise " + t);
+      }
     }
   }
   nk::set_num_threads(threads_before);
