@@ -231,3 +231,30 @@ def test_forward_fast_takes_the_common_case():
     assert y.shape == X.shape and y.dtype == X.dtype
     assert saved.x is X and saved.shape == X.shape and saved.batch_stats
     assert saved.mean.shape == saved.rstd.shape == (4,)
+
+
+def test_saved_statistics_are_a_read_only_snapshot():
+    """Saved keeps its statistics itself: views that outlive nothing and cannot be written."""
+    layer = normkit.BatchNorm2d(3, dtype=np.float64).eval()
+    layer.running_mean[:] = [1.0, 2.0, 3.0]
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 4))
+    layer(x)
+    saved = layer._saved
+    layer.running_mean[:] = 0.0  # the caller's buffer moves on; the forward's statistics do not
+    np.testing.assert_array_equal(saved.mean, [1.0, 2.0, 3.0])
+    mean = saved.mean
+    with pytest.raises(ValueError, match="read-only"):
+        mean[0] = 5.0
+    del saved, layer
+    np.testing.assert_array_equal(mean, [1.0, 2.0, 3.0])  # the view keeps its Saved alive
+
+
+def test_saved_checks_its_statistics_against_the_plan():
+    plan = _core.plan_per_channel(2, 3, 4)
+    x = np.zeros((2, 3, 4), np.float32)
+    with pytest.raises(ValueError, match="mean: expected 3 float64 values"):
+        _core.Saved(plan, x, np.zeros(2), np.ones(3), None, True, None)
+    empty = _core.Saved(plan, x, None, None, None, True, None)
+    assert empty.mean is None and empty.rstd is None
+    with pytest.raises(ValueError, match="no statistics"):
+        _core.backward(empty, x, np.empty_like(x), None, None)

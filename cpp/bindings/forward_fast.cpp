@@ -174,9 +174,8 @@ py::object run(const Call& c, const py::array& x, py::handle weight, py::handle 
 
   nk::Plan plan = plan_of(c);
   const int64_t G = plan.num_groups();
-  py::array_t<double> mean_arr(G), rstd_arr(G);
-  double *mean = mean_arr.mutable_data(), *rstd = rstd_arr.mutable_data();
-  std::vector<double> var(G);
+  std::vector<double> mean_v(G), rstd_v(G), var(G);
+  double *mean = mean_v.data(), *rstd = rstd_v.data();
   py::array y = empty_like(x);
   const S* px = static_cast<const S*>(x.data());
   S* py_ = static_cast<S*>(y.mutable_data());
@@ -197,8 +196,8 @@ py::object run(const Call& c, const py::array& x, py::handle weight, py::handle 
       if (rv) running_update(rv, var.data(), count / (count - 1), c.C, c.momentum);
     }
   }
-  Saved saved{std::move(plan), x, std::move(mean_arr), std::move(rstd_arr), py::reinterpret_borrow<py::object>(weight),
-              c.batch_stats, py::none()};
+  Saved saved{std::move(plan), x, std::move(mean_v), std::move(rstd_v), true,
+              py::reinterpret_borrow<py::object>(weight), c.batch_stats, py::none()};
   return py::make_tuple(std::move(y), py::cast(std::move(saved)));
 }
 

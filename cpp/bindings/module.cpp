@@ -76,15 +76,13 @@ py::tuple normalize_batch_stats_impl(const nk::Plan& plan, const py::array& x, d
 }
 
 template <class S>
-void backward_impl(const nk::Plan& plan, const py::array& x, const py::object& dy,
-                   const py::object& mean, const py::object& rstd, const py::object& weight,
-                   bool batch_stats, const py::object& dx, const py::object& dweight,
-                   const py::object& dbias) {
+void backward_impl(const nk::Plan& plan, const py::array& x, const py::object& dy, const double* pm,
+                   const double* pr, const py::object& weight, bool batch_stats, const py::object& dx,
+                   const py::object& dweight, const py::object& dbias) {
   nk::check_plan(plan);  // before any size is computed from it
   using T = nk::compute_t<S>;
-  const int64_t n = plan.planes() * plan.S, G = plan.num_groups(), A = plan.affine_size();
+  const int64_t n = plan.planes() * plan.S, A = plan.affine_size();
   const S *px = required<S>(x, n, "x", false), *pdy = required<S>(dy, n, "dy", false);
-  const double *pm = required<double>(mean, G, "mean", false), *pr = required<double>(rstd, G, "rstd", false);
   const T* pw = data_of<T>(weight, A, "weight", false);
   S* pdx = data_of<S>(dx, n, "dx", true);
   T *pdw = data_of<T>(dweight, A, "dweight", true), *pdb = data_of<T>(dbias, A, "dbias", true);
@@ -146,12 +144,30 @@ PYBIND11_MODULE(_core, m) {
      py::arg("residual") = py::none(), py::arg("relu") = false,
      "Statistics from x and the normalization in one call; returns (mean, var, rstd).");
 
+  m.def("backward", [](const Saved& saved, const py::object& dy, const py::object& dx,
+                       const py::object& dweight, const py::object& dbias) {
+    if (!saved.has_stats) throw py::value_error("saved: a forward of an empty input has no statistics");
+    if (!py::isinstance<py::array>(saved.x)) throw py::type_error("saved.x: expected a numpy.ndarray");
+    const auto x = py::reinterpret_borrow<py::array>(saved.x);
+    const int64_t G = saved.plan.num_groups();
+    if (int64_t(saved.mean.size()) != G || int64_t(saved.rstd.size()) != G)
+      throw py::value_error("saved: statistics do not match its plan");
+    dispatch(x, [&](auto s) {
+      backward_impl<decltype(s)>(saved.plan, x, dy, saved.mean.data(), saved.rstd.data(), saved.weight,
+                                 saved.batch_stats, dx, dweight, dbias);
+    });
+  }, py::arg("saved"), py::arg("dy"), py::arg("dx"), py::arg("dweight"), py::arg("dbias"),
+     "normalize_backward of the forward that made `saved`.");
+
   m.def("normalize_backward", [](const nk::Plan& plan, const py::array& x, const py::object& dy,
                                  const py::object& mean, const py::object& rstd,
                                  const py::object& weight, bool batch_stats, const py::object& dx,
                                  const py::object& dweight, const py::object& dbias) {
+    nk::check_plan(plan);  // before any size is computed from it
+    const int64_t G = plan.num_groups();
+    const double *pm = required<double>(mean, G, "mean", false), *pr = required<double>(rstd, G, "rstd", false);
     dispatch(x, [&](auto s) {
-      backward_impl<decltype(s)>(plan, x, dy, mean, rstd, weight, batch_stats, dx, dweight, dbias);
+      backward_impl<decltype(s)>(plan, x, dy, pm, pr, weight, batch_stats, dx, dweight, dbias);
     });
   }, py::arg("plan"), py::arg("x"), py::arg("dy"), py::arg("mean"), py::arg("rstd"),
      py::arg("weight"), py::arg("batch_stats"), py::arg("dx"), py::arg("dweight"), py::arg("dbias"));

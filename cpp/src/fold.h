@@ -15,10 +15,10 @@ struct PlaneCoef {
   T shift, a, b;
 };
 
+// Of a plane of channel c in group g.
 template <class T>
-PlaneCoef<T> plane_coef(const Plan& plan, int64_t p, const double* mean, const double* rstd,
-                        const T* weight, const T* bias) {
-  const int64_t c = p % plan.C, g = plan.group_of(p / plan.C, c);
+PlaneCoef<T> channel_coef(const Plan& plan, int64_t g, int64_t c, const double* mean,
+                          const double* rstd, const T* weight, const T* bias) {
   const double mu = plan.skip_mean ? 0.0 : mean[g];
   const T sh = T(mu);
   double scale = rstd[g], offset = 0;
@@ -27,6 +27,14 @@ PlaneCoef<T> plane_coef(const Plan& plan, int64_t p, const double* mean, const d
     if (bias) offset = double(bias[c]);
   }
   return {sh, T(scale), T(offset + (double(sh) - mu) * scale)};
+}
+
+// Of plane p.
+template <class T>
+PlaneCoef<T> plane_coef(const Plan& plan, int64_t p, const double* mean, const double* rstd,
+                        const T* weight, const T* bias) {
+  const int64_t c = p % plan.C;
+  return channel_coef(plan, plan.group_of(p / plan.C, c), c, mean, rstd, weight, bias);
 }
 
 // plane_coef of every plane, as three arrays.

@@ -140,18 +140,17 @@ void normalize_batch_stats(const Plan& plan, const S* x, double eps, const compu
     const GroupBatches gb(plan.num_groups(), run);
     parallel_for(gb.count, gb.per_batch * run, [&](int64_t b) {
       const int64_t g0 = gb.first(b), g1 = gb.end(b);
-      Moments m[GroupBatches::kMaxBatch];
+      double cmean[GroupBatches::kMaxBatch], cm2[GroupBatches::kMaxBatch];  // not zeroed: all written
+      for (int64_t g = g0; g < g1; ++g) chunk_moments(k, plan, x + g * run, run, &cmean[g - g0], &cm2[g - g0]);
       for (int64_t g = g0; g < g1; ++g) {
-        m[g - g0].n = double(run);
-        chunk_moments(k, plan, x + g * run, run, &m[g - g0].mean, &m[g - g0].m2);
-      }
-      for (int64_t g = g0; g < g1; ++g) {
-        finish_group(plan, merge(Moments{}, m[g - g0]), &mean[g], &var[g]);
+        finish_group(plan, merge(Moments{}, Moments{double(run), cmean[g - g0], cm2[g - g0]}), &mean[g], &var[g]);
         rstd[g] = 1.0 / std::sqrt(var[g] + eps);
       }
-      for (int64_t p = g0 * plan.channels_per_group; p < g1 * plan.channels_per_group; ++p)
-        apply_plane(k, plan, pc, p, 0, plane_coef(plan, p, mean, rstd, weight, bias), x, y, weight,
-                    bias, residual, relu, stream);
+      const int64_t cpg = plan.channels_per_group, gps = plan.groups_per_set();
+      for (int64_t g = g0; g < g1; ++g)  // group g: planes [g*cpg, (g+1)*cpg), from channel c0
+        for (int64_t i = 0, c0 = (g % gps) * cpg; i < cpg; ++i)
+          apply_plane(k, plan, pc, g * cpg + i, 0, channel_coef(plan, g, c0 + i, mean, rstd, weight, bias),
+                      x, y, weight, bias, residual, relu, stream);
     });
     return;
   }

@@ -68,8 +68,7 @@ def backward(saved, dy, want_weight, want_bias):
         return dx.reshape(saved.shape), dw, db
     dw = np.empty(n_aff, pdt) if want_weight else None
     db = np.empty(n_aff, pdt) if want_bias else None
-    _core.normalize_backward(saved.plan, x, dy, saved.mean, saved.rstd, saved.weight,
-                             saved.batch_stats, dx, dw, db)
+    _core.backward(saved, dy, dx, dw, db)
     return dx.reshape(saved.shape), dw, db
 
 

@@ -36,8 +36,10 @@ class NormLayer:
         self._buffer_names.append(name)
 
     # -- torch.nn.Module conventions ----------------------------------------------------
-    def __call__(self, *args, **kwargs):
-        return self.forward(*args, **kwargs)
+    def __call__(self, x, *args, **kwargs):
+        if args or kwargs:  # a variant's extra inputs (forward(x, modality), ...)
+            return self.forward(x, *args, **kwargs)
+        return self.forward(x)  # no argument packing: 0.15 us of a 2.5 us small-layer call
 
     def train(self, mode=True):
         self.training = bool(mode)
