@@ -896,6 +896,12 @@ def fuzz_forward_fast(src, dtype):
     y, saved = result
     if y.shape != x.shape or y.dtype != x.dtype or saved.x is not x:
         raise Finding(f"forward_fast: y {y.shape} {y.dtype} for x {x.shape} {x.dtype}")
+    # Its Saved into the backward binding, with a dy and gradient arrays that may be wrong.
+    n_aff = saved.plan.S if saved.plan.column_affine else saved.plan.C
+    dy = src.pick((y, x, np.ones(3, np.float32), y.astype(np.float64), None))
+    grads = [None if src.chance(2) else np.empty(n_aff + src.pick((0, 0, 1)), pdt) for _ in range(2)]
+    dx = src.pick((np.empty_like(x), None, np.empty(x.size + 1, x.dtype)))
+    expect_ok_or_rejected(lambda: _core.backward(saved, dy, dx, *grads))
 
 
 # Which targets run, with weights: NORMKIT_FUZZ_TARGETS, a comma-separated subset of
