@@ -98,10 +98,18 @@ void test_primitives(const std::string& isa) {
       check(ys == yp, "backward_apply streamed = plain " + tag + " offset " + std::to_string(shift_out));
     }
 
-    k.col_accumulate(x.data(), dy.data(), n, shift, a, c, g.data(), b.data());
-    const Arr gref = dyd * ((xd - double(shift)) * double(a) + double(c));
-    check(((as_double(g) - gref).abs() <= tol<T>() * (1 + gref.abs())).all(), "col_accumulate g " + tag);
-    check(((as_double(b) - dyd).abs() == 0).all(), "col_accumulate b " + tag);
+    // dot_columns: dot's A and B bit for bit, and the column sums added to what is there.
+    for (int64_t i = 0; i < n; ++i) g[i] = T(i % 3), b[i] = T(-(i % 5));
+    const Arr g0 = as_double(g), b0 = as_double(b);
+    double Ac, Bc;
+    k.dot_columns(x.data(), dy.data(), w.data(), n, shift, a, c, &Ac, &Bc, g.data(), b.data());
+    check(Ac == A && Bc == B, "dot_columns A, B = dot's " + tag);
+    const Arr gref = g0 + dyd * ((xd - double(shift)) * double(a) + double(c));
+    check(((as_double(g) - gref).abs() <= tol<T>() * (1 + gref.abs())).all(), "dot_columns g " + tag);
+    check(((as_double(b) - (b0 + dyd)).abs() <= tol<T>() * (1 + b0.abs())).all(), "dot_columns b " + tag);
+    k.dot(x.data(), dy.data(), nullptr, n, shift, &A, &B);
+    k.dot_columns(x.data(), dy.data(), nullptr, n, shift, a, c, &Ac, &Bc, g.data(), b.data());
+    check(Ac == A && Bc == B, "dot_columns A, B = dot's, unweighted " + tag);
 
     std::vector<T> dx(n);
     k.backward_apply(x.data(), dy.data(), dx.data(), n, T(2), T(-0.5), shift, T(0.125), w.data(), false);

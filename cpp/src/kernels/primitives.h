@@ -13,7 +13,8 @@ namespace NK_ISA_NS {
 template <class S> void moments(const S* x, int64_t n, double* mean, double* m2);
 template <class S> void sum_squares(const S* x, int64_t n, double* q);
 template <class S> void dot(const S* x, const S* dy, const compute_t<S>* w, int64_t n, compute_t<S> shift, double* A, double* B);
-template <class S, class T> void col_accumulate(const S* x, const S* dy, int64_t n, T shift, T a, T b, T* gsum, T* bsum);
+template <class S, class T> void dot_columns(const S* x, const S* dy, const T* w, int64_t n, T shift, T a, T b,
+                                             double* A, double* B, T* gsum, T* bsum);
 template <class S, class T> void affine(const S* x, S* y, int64_t n, T shift, T a, T b, const T* g, const T* h,
                                         const S* residual, bool relu, bool stream);
 // Channels-last: `rows` rows of C channels; per-channel results go to out[c*stride].

@@ -1,4 +1,5 @@
-// Reductions over one chunk: moments (forward statistics) and dot (backward sums).
+// Reductions over one chunk: moments (forward statistics), dot (backward sums) and dot_columns
+// (dot plus a per-column affine's gradient sums).
 // Accumulate in T with four independent vector accumulators, combine in a fixed order, finish
 // in double. Stability comes from shifting: x - shift is exact when x is near the shift, so a
 // large mean (x = 1e4 + noise) costs no precision in the deviations.
@@ -113,29 +114,58 @@ void dot(const S* x, const S* dy, const compute_t<S>* w, int64_t n, compute_t<S>
   else dot_impl<S, false>(x, dy, w, n, shift, A, B);
 }
 
-template <class S, class T>
-void col_accumulate(const S* x, const S* dy, int64_t n, T shift, T a, T b, T* gsum, T* bsum) {
+template <class S, bool Weighted, class T = compute_t<S>>
+static void dot_columns_impl(const S* x, const S* dy, const T* w, int64_t n, T shift, T a, T b,
+                             double* A, double* B, T* gsum, T* bsum) {
   constexpr int64_t L = lanes<T>;
-  // Scalar math: xhat = (x - shift)*a + b; gsum += dy*xhat; bsum += dy
+  // dot's sums (the same accumulators, so the same bits) and, in the same pass over x and dy:
+  // scalar math: xhat = (x - shift)*a + b; gsum += dy*xhat; bsum += dy
   const vec<T> vs = splat(shift), va = splat(a), vb = splat(b);
+  vec<T> a0{}, a1{}, b0{}, b1{};
+  auto columns = [&](int64_t i, vec<T> d, vec<T> xs) {
+    store(gsum + i, load(gsum + i) + d * (xs * va + vb));
+    store(bsum + i, load(bsum + i) + d);
+  };
   int64_t i = 0;
+  for (; i + 2 * L <= n; i += 2 * L) {
+    const vec<T> d0 = load_as(dy + i), d1 = load_as(dy + i + L);
+    const vec<T> x0 = load_as(x + i) - vs, x1 = load_as(x + i + L) - vs;
+    vec<T> g0 = d0, g1 = d1;
+    if (Weighted) { g0 *= load(w + i); g1 *= load(w + i + L); }
+    a0 += g0 * x0; a1 += g1 * x1;
+    b0 += g0; b1 += g1;
+    columns(i, d0, x0);
+    columns(i + L, d1, x1);
+  }
   for (; i + L <= n; i += L) {
-    vec<T> g = load_as(dy + i);
-    store(gsum + i, load(gsum + i) + g * ((load_as(x + i) - vs) * va + vb));
-    store(bsum + i, load(bsum + i) + g);
+    const vec<T> d0 = load_as(dy + i), x0 = load_as(x + i) - vs;
+    vec<T> g0 = d0;
+    if (Weighted) g0 *= load(w + i);
+    a0 += g0 * x0; b0 += g0;
+    columns(i, d0, x0);
   }
+  double sa = hsum<T>(a0 + a1), sb = hsum<T>(b0 + b1);
   for (; i < n; ++i) {
-    const T g = to_compute(dy[i]);
-    gsum[i] += g * ((to_compute(x[i]) - shift) * a + b);
-    bsum[i] += g;
+    const T d = to_compute(dy[i]), xs = to_compute(x[i]) - shift, g = Weighted ? d * w[i] : d;
+    sa += double(g * xs); sb += double(g);
+    gsum[i] += d * (xs * a + b);
+    bsum[i] += d;
   }
+  *A = sa; *B = sb;
+}
+
+template <class S, class T>
+void dot_columns(const S* x, const S* dy, const T* w, int64_t n, T shift, T a, T b, double* A,
+                 double* B, T* gsum, T* bsum) {
+  if (w) dot_columns_impl<S, true>(x, dy, w, n, shift, a, b, A, B, gsum, bsum);
+  else dot_columns_impl<S, false>(x, dy, w, n, shift, a, b, A, B, gsum, bsum);
 }
 
 #define NK_INSTANTIATE(S, T)                                                         \
   template void moments<S>(const S*, int64_t, double*, double*);                     \
   template void sum_squares<S>(const S*, int64_t, double*);                          \
   template void dot<S>(const S*, const S*, const T*, int64_t, T, double*, double*);  \
-  template void col_accumulate<S, T>(const S*, const S*, int64_t, T, T, T, T*, T*);
+  template void dot_columns<S, T>(const S*, const S*, const T*, int64_t, T, T, T, double*, double*, T*, T*);
 NK_INSTANTIATE(float, float)
 NK_INSTANTIATE(double, double)
 NK_INSTANTIATE(f16, float)

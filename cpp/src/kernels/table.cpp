@@ -6,7 +6,7 @@ namespace NK_ISA_NS {
 
 template <class S, class T = compute_t<S>>
 static Kernels<S> kernels_of() {
-  return Kernels<S>{&moments<S>,     &sum_squares<S>, &dot<S>, &col_accumulate<S, T>, &affine<S, T>,
+  return Kernels<S>{&moments<S>,     &sum_squares<S>, &dot<S>, &dot_columns<S, T>, &affine<S, T>,
                     &backward_apply<S, T>, &rows_moments<S>, &rows_dot<S>, &rows_affine<S, T>,
                     &rows_backward_apply<S, T>};
 }

@@ -21,8 +21,10 @@ struct Kernels {
   void (*sum_squares)(const S* x, int64_t n, double* q);
   // A = sum dy*w*(x - shift), B = sum dy*w, with w[i] = 1 when w is null.
   void (*dot)(const S* x, const S* dy, const T* w, int64_t n, T shift, double* A, double* B);
-  // gsum[i] += dy*((x - shift)*a + b), bsum[i] += dy: column sums for a per-column affine.
-  void (*col_accumulate)(const S* x, const S* dy, int64_t n, T shift, T a, T b, T* gsum, T* bsum);
+  // dot, and in the same pass the column sums of a per-column affine's gradients:
+  // gsum[i] += dy*((x - shift)*a + b), bsum[i] += dy. A and B are dot's, bit for bit.
+  void (*dot_columns)(const S* x, const S* dy, const T* w, int64_t n, T shift, T a, T b, double* A,
+                      double* B, T* gsum, T* bsum);
   // y = ((x - shift)*a + b) * g + h [+ residual] [then max(y, 0)], g, h and residual per
   // element (null: 1, 0 and 0). The epilogue fuses an inference block's add and ReLU.
   // stream: write y with streaming stores (a large output; same values either way).
