@@ -24,22 +24,16 @@ namespace nk {
 constexpr int64_t kRowBlock = 16;
 
 // The per-block column partials of a column-affine gradient (g: dy*xhat, b: dy), `cols` per
-// block. Kept by the calling thread between calls up to kKeepBytes, since a fresh allocation of
-// this size costs its page faults on every call (LayerNorm 8192x1024: 4 MB, 6% of its
-// backward); each pass zeroes the part it is about to sum into, while that part is in cache.
+// block, in kept storage (moments.h: kept_storage; LayerNorm 8192x1024 keeps 4 MB); each pass
+// zeroes the part it is about to sum into, while that part is in cache.
 template <class T>
 struct ColumnPartials {
-  static constexpr int64_t kKeepBytes = int64_t(64) << 20;
   std::vector<T> own;
   T *g = nullptr, *b = nullptr;
   int64_t cols = 0;
   ColumnPartials(int64_t blocks, int64_t cols_) : cols(cols_) {
-    const int64_t n = blocks * cols;
-    if (n == 0) return;
-    static thread_local std::vector<T> kept;
-    std::vector<T>& buf = 2 * n * int64_t(sizeof(T)) <= kKeepBytes ? kept : own;
-    if (int64_t(buf.size()) < 2 * n) buf.resize(2 * n);
-    g = buf.data(), b = g + n;
+    if (blocks * cols == 0) return;
+    g = kept_storage<kColumnPartials>(2 * blocks * cols, own), b = g + blocks * cols;
   }
   // Columns [c0, c0 + len) of blocks [blk0, blk1) to zero.
   void zero(int64_t blk0, int64_t blk1, int64_t c0, int64_t len) const {
@@ -69,11 +63,13 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
   const bool col_sums = col && (dweight || dbias);
   auto channel_weight = [&](int64_t c) { return !col && weight ? double(weight[c]) : 1.0; };
 
-  // Per chunk of plane p: A = sum dy*w*(x - shift), B = sum dy*w (slot p*per_seg + j); then
+  // Per chunk of plane p: A = sum dy*w*(x - shift), B = sum dy*w (slot(p, j)); then
   // per plane, summed in chunk order. Chunks of one plane may run on different threads. With a
   // per-column affine's gradients, the same pass adds the chunk's dy*xhat and dy into its row
   // block's column partial (rows [blk*kRowBlock, (blk+1)*kRowBlock) share one).
-  std::vector<double> A(ch.count), B(ch.count), Ap(P, 0.0), Bp(P, 0.0);
+  const ChunkResults sums_of_chunks(ch.count);
+  double *const A = sums_of_chunks.first, *const B = sums_of_chunks.second;
+  std::vector<double> Ap(P, 0.0), Bp(P, 0.0);
   const int64_t blocks = (P + kRowBlock - 1) / kRowBlock;
   const ColumnPartials<T> partials(col_sums ? blocks : 0, Sp);
   auto chunk_sums = [&](int64_t p, int64_t j) {
@@ -88,7 +84,8 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
     }
   };
   auto plane_sums = [&](int64_t p) {
-    for (int64_t j = 0; j < ch.per_seg; ++j) Ap[p] += A[ch.slot(p, j)], Bp[p] += B[ch.slot(p, j)];
+    for (int64_t j = 0, slot = ch.first_slot(p); j < ch.per_seg; ++j, slot += ch.slot_step())
+      Ap[p] += A[slot], Bp[p] += B[slot];
   };
   // dx = c1*dy*w + c2*(x - shift) + c3 for plane p of group g, given the group's sums.
   struct Coef { T c1 = 0, c2 = 0, c3 = 0; };
@@ -161,7 +158,7 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
       if (sums) {
         for (int64_t j = 0; j < ch.per_seg; ++j) {
           const int64_t s = ch.start(n * ch.per_seg + j), slot = ch.slot(p0, j);
-          k.rows_dot(x + s, dy + s, ch.length(j), C, &xhat.shift[p0], &A[slot], &B[slot], ch.per_seg);
+          k.rows_dot(x + s, dy + s, ch.length(j), C, &xhat.shift[p0], &A[slot], &B[slot], 1);
         }
         for (int64_t p = p0; p < p0 + C; ++p) plane_sums(p);
       }
@@ -206,7 +203,7 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
       parallel_for(ch.items(), ch.work(), [&](int64_t it) {
         const int64_t j = ch.chunk(it), p0 = ch.sample(it) * C, slot = ch.slot(p0, j);
         k.rows_dot(x + ch.start(it), dy + ch.start(it), ch.length(j), C, &xhat.shift[p0], &A[slot],
-                   &B[slot], ch.per_seg);
+                   &B[slot], 1);
       });
     } else if (col_sums) {
       // Items are (block, chunk): a block's rows write their own chunk columns of its partial.

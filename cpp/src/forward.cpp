@@ -50,7 +50,8 @@ void group_moments(const Plan& plan, const S* x, double* mean, double* var) {
   check_plan(plan);
   const Kernels<S>& k = kernels().get<S>();
   const Chunks ch = Chunks::moments(plan);
-  std::vector<double> cmean(ch.count), cm2(ch.count);
+  const ChunkResults cr(ch.count);
+  double *const cmean = cr.first, *const cm2 = cr.second;
   if (!plan.channels_last) {
     parallel_for(ch.items(), ch.work(), [&](int64_t it) {
       chunk_moments(k, plan, x + ch.start(it), ch.length(ch.chunk(it)), &cmean[it], &cm2[it]);
@@ -58,7 +59,7 @@ void group_moments(const Plan& plan, const S* x, double* mean, double* var) {
   } else {
     parallel_for(ch.items(), ch.work(), [&](int64_t it) {
       const int64_t j = ch.chunk(it), slot = ch.slot(ch.sample(it) * ch.C, j);
-      k.rows_moments(x + ch.start(it), ch.length(j), ch.C, &cmean[slot], &cm2[slot], ch.per_seg);
+      k.rows_moments(x + ch.start(it), ch.length(j), ch.C, &cmean[slot], &cm2[slot], 1);
     });
   }
 
@@ -102,13 +103,14 @@ void normalize_by_sample(const Plan& plan, const S* x, double eps, const compute
   const Chunks ch = Chunks::moments(plan);  // channels-last: one plane per segment
   const GroupIndex index(plan);
   const int64_t C = plan.C, gps = plan.groups_per_set();
-  std::vector<double> cmean(ch.count), cm2(ch.count);
+  const ChunkResults cr(ch.count);
+  double *const cmean = cr.first, *const cm2 = cr.second;
   std::vector<T> shift(plan.planes()), a(plan.planes()), b(plan.planes());
   const bool stream = large_output<S>(plan);
   parallel_for(plan.N, C * plan.S, [&](int64_t n) {
     for (int64_t j = 0; j < ch.per_seg; ++j) {
       const int64_t slot = ch.slot(n * C, j);
-      k.rows_moments(x + ch.start(n * ch.per_seg + j), ch.length(j), C, &cmean[slot], &cm2[slot], ch.per_seg);
+      k.rows_moments(x + ch.start(n * ch.per_seg + j), ch.length(j), C, &cmean[slot], &cm2[slot], 1);
     }
     for (int64_t g = n * gps; g < (n + 1) * gps; ++g) {
       finish_group(plan, merge_stored(ch, index, g, cmean, cm2), &mean[g], &var[g]);
@@ -166,7 +168,8 @@ void normalize_batch_stats(const Plan& plan, const S* x, double eps, const compu
   const Kernels<S>& k = kernels().get<S>();
   const Chunks mc = Chunks::moments(plan), pc = Chunks::planes(plan);
   const GroupIndex index(plan);
-  std::vector<double> cmean(mc.count), cm2(mc.count);
+  const ChunkResults cr(mc.count);
+  double *const cmean = cr.first, *const cm2 = cr.second;
   const bool stream = large_output<S>(plan);
   parallel_for(blocks.count, kBlockElements, [&](int64_t b) {
     // The block's moments, its statistics and coefficients, then its output (memory order).

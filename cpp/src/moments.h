@@ -12,6 +12,30 @@
 
 namespace nk {
 
+// Storage for n values of T, not zeroed: the calling thread's kept buffer (one per Tag and T)
+// when it is at most kKeptBytes, else `own`. A fresh allocation that large costs its page faults
+// on every call while the other threads wait: channels-last 64x128x56x56 keeps 6 MB of chunk
+// moments, and their allocation was a sixth of group_moments. A caller holds one per Tag.
+constexpr int64_t kKeptBytes = int64_t(16) << 20;
+enum KeptTag { kChunkResults, kColumnPartials };
+
+template <KeptTag Tag, class T>
+T* kept_storage(int64_t n, std::vector<T>& own) {
+  static thread_local std::vector<T> kept;
+  std::vector<T>& buf = n * int64_t(sizeof(T)) <= kKeptBytes ? kept : own;
+  if (int64_t(buf.size()) < n) buf.resize(n);
+  return buf.data();
+}
+
+// Two values per chunk slot (mean and m2, or a backward's A and B), each written by its chunk
+// before anything reads it.
+struct ChunkResults {
+  std::vector<double> own;
+  double *first, *second;
+  explicit ChunkResults(int64_t count)
+      : first(kept_storage<kChunkResults>(2 * count, own)), second(first + count) {}
+};
+
 // count, mean and sum of squared deviations of a set of elements.
 struct Moments {
   double n = 0, mean = 0, m2 = 0;
@@ -33,8 +57,8 @@ inline Moments merge(const Moments& a, const Moments& b) {
 // channels-first memory: one plane for the per-plane passes (apply, backward), a whole run of a
 // group's channels for statistics (GroupNorm's group of C/G planes is contiguous, so its moments
 // need not be cut at every small plane). Chunk j of segment s covers its positions
-// [j*step, min(len, (j+1)*step)) and its partial results live in slot s*per_seg + j, in either
-// memory order, so everything after a pass is layout-free.
+// [j*step, min(len, (j+1)*step)) and its partial results live in slot(s, j), so everything
+// after a pass is layout-free.
 //   channels-first (N, C, S): a chunk is contiguous; one work item per (segment, chunk).
 //   channels-last (N, S, C): segments are planes; chunk j of sample n's C planes is one block of
 //   `step` rows of C channels; one work item per (sample, chunk).
@@ -62,7 +86,14 @@ struct Chunks {
   int64_t length(int64_t j) const { return std::min(step, len - j * step); }  // positions in chunk j
   // Elements of one work item at most (the parallel_for cost hint): a small plane is one short chunk.
   int64_t work() const { return std::min(step, len) * (channels_last ? C : 1); }
-  int64_t slot(int64_t seg, int64_t j) const { return seg * per_seg + j; }
+  // Where chunk j of segment seg keeps its partial results. Channels-first: a segment's chunks
+  // side by side; channels-last: a chunk's C channels side by side, as its rows kernel writes
+  // them (a stride between them cost each chunk C scattered stores, each a line from memory).
+  int64_t slot(int64_t seg, int64_t j) const { return first_slot(seg) + j * slot_step(); }
+  int64_t first_slot(int64_t seg) const {
+    return channels_last ? ((seg / C) * per_seg * C + seg % C) : seg * per_seg;
+  }
+  int64_t slot_step() const { return channels_last ? C : 1; }
   // First element of chunk j of segment seg (channels-first).
   int64_t start(int64_t seg, int64_t j) const { return seg * len + j * step; }
   // Work items of a pass: (segment, chunk) channels-first, (sample, chunk) channels-last.
@@ -105,24 +136,16 @@ class GroupIndex {
   std::vector<int64_t> first_, samples_;  // samples of set s: samples_[first_[s], first_[s+1])
 };
 
-// Group g's moments from its chunks' moments, merged in the fixed order (segments as GroupIndex
-// visits them, then chunks): chunk(seg, j) returns one chunk's Moments.
-template <class F>
-Moments merge_group(const Chunks& ch, const GroupIndex& index, int64_t g, const F& chunk) {
+// Group g's moments from its chunks' moments stored by slot (cmean, cm2), merged in the fixed
+// order: segments as GroupIndex visits them, then chunks.
+inline Moments merge_stored(const Chunks& ch, const GroupIndex& index, int64_t g,
+                            const double* cmean, const double* cm2) {
   Moments acc;
   index.for_each_segment(g, ch.seg_planes, [&](int64_t seg) {
-    for (int64_t j = 0; j < ch.per_seg; ++j) acc = merge(acc, chunk(seg, j));
+    for (int64_t j = 0, slot = ch.first_slot(seg); j < ch.per_seg; ++j, slot += ch.slot_step())
+      acc = merge(acc, Moments{double(ch.length(j)), cmean[slot], cm2[slot]});
   });
   return acc;
-}
-
-// Group g's moments from its chunks' moments stored by slot (cmean, cm2).
-inline Moments merge_stored(const Chunks& ch, const GroupIndex& index, int64_t g,
-                            const std::vector<double>& cmean, const std::vector<double>& cm2) {
-  return merge_group(ch, index, g, [&](int64_t seg, int64_t j) {
-    const int64_t slot = ch.slot(seg, j);
-    return Moments{double(ch.length(j)), cmean[slot], cm2[slot]};
-  });
 }
 
 // A group's (mean, biased variance) from its moments: NaN for no elements; with skip_mean (RMS)

@@ -22,21 +22,29 @@ T* column_scratch(int64_t n, int64_t C) {
   return scratch.data();
 }
 
-// Calls f(std::integral_constant<int, NV>, c0) for blocks of NV <= 4 whole vectors of columns
-// [c0, c0 + NV*L), covering the columns below C - C % L: a block's per-column sums then live in
-// registers across all rows instead of a store and a reload per row. Each column still adds
-// its rows in order, so the sums are those of the column-by-column loop.
+// Calls f(std::integral_constant<int, NV>, c0) for blocks of NV <= kBlockVecs whole vectors of
+// columns [c0, c0 + NV*L), covering the columns below C - C % L: a block's per-column sums then
+// live in registers across all rows instead of a store and a reload per row. Each column still
+// adds its rows in order, so the sums are those of the column-by-column loop. With 32 vector
+// registers (AVX-512) a block is up to 8 vectors: three arrays of sums fit, and 128 float
+// channels are one block, so the first pass over a chunk reads memory in order instead of
+// half-rows at a stride.
+constexpr int kBlockVecs = NK_VEC_BYTES == 64 ? 8 : 4;
+
+template <int NV, class F>
+void column_tail(int64_t n, int64_t c0, const F& f) {  // a last block of n < kBlockVecs vectors
+  if constexpr (NV > 0) {
+    if (n == NV) return f(std::integral_constant<int, NV>{}, c0);
+    column_tail<NV - 1>(n, c0, f);
+  }
+}
+
 template <class T, class F>
 void column_blocks(int64_t C, const F& f) {
   constexpr int64_t L = lanes<T>;
   int64_t c0 = 0;
-  for (; c0 + 4 * L <= C; c0 += 4 * L) f(std::integral_constant<int, 4>{}, c0);
-  switch ((C - c0) / L) {
-    case 3: f(std::integral_constant<int, 3>{}, c0); break;
-    case 2: f(std::integral_constant<int, 2>{}, c0); break;
-    case 1: f(std::integral_constant<int, 1>{}, c0); break;
-    default: break;
-  }
+  for (; c0 + kBlockVecs * L <= C; c0 += kBlockVecs * L) f(std::integral_constant<int, kBlockVecs>{}, c0);
+  column_tail<kBlockVecs - 1>((C - c0) / L, c0, f);
 }
 
 template <class S>
