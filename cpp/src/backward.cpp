@@ -84,8 +84,7 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
     }
   };
   auto plane_sums = [&](int64_t p) {
-    for (int64_t j = 0, slot = ch.first_slot(p); j < ch.per_seg; ++j, slot += ch.slot_step())
-      Ap[p] += A[slot], Bp[p] += B[slot];
+    for (int64_t j = 0; j < ch.per_seg; ++j) Ap[p] += A[ch.slot(p, j)], Bp[p] += B[ch.slot(p, j)];
   };
   // dx = c1*dy*w + c2*(x - shift) + c3 for plane p of group g, given the group's sums.
   struct Coef { T c1 = 0, c2 = 0, c3 = 0; };
@@ -158,7 +157,7 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
       if (sums) {
         for (int64_t j = 0; j < ch.per_seg; ++j) {
           const int64_t s = ch.start(n * ch.per_seg + j), slot = ch.slot(p0, j);
-          k.rows_dot(x + s, dy + s, ch.length(j), C, &xhat.shift[p0], &A[slot], &B[slot], 1);
+          k.rows_dot(x + s, dy + s, ch.length(j), C, &xhat.shift[p0], &A[slot], &B[slot], ch.per_seg);
         }
         for (int64_t p = p0; p < p0 + C; ++p) plane_sums(p);
       }
@@ -203,7 +202,7 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
       parallel_for(ch.items(), ch.work(), [&](int64_t it) {
         const int64_t j = ch.chunk(it), p0 = ch.sample(it) * C, slot = ch.slot(p0, j);
         k.rows_dot(x + ch.start(it), dy + ch.start(it), ch.length(j), C, &xhat.shift[p0], &A[slot],
-                   &B[slot], 1);
+                   &B[slot], ch.per_seg);
       });
     } else if (col_sums) {
       // Items are (block, chunk): a block's rows write their own chunk columns of its partial.

@@ -59,7 +59,7 @@ void group_moments(const Plan& plan, const S* x, double* mean, double* var) {
   } else {
     parallel_for(ch.items(), ch.work(), [&](int64_t it) {
       const int64_t j = ch.chunk(it), slot = ch.slot(ch.sample(it) * ch.C, j);
-      k.rows_moments(x + ch.start(it), ch.length(j), ch.C, &cmean[slot], &cm2[slot], 1);
+      k.rows_moments(x + ch.start(it), ch.length(j), ch.C, &cmean[slot], &cm2[slot], ch.per_seg);
     });
   }
 
@@ -110,7 +110,7 @@ void normalize_by_sample(const Plan& plan, const S* x, double eps, const compute
   parallel_for(plan.N, C * plan.S, [&](int64_t n) {
     for (int64_t j = 0; j < ch.per_seg; ++j) {
       const int64_t slot = ch.slot(n * C, j);
-      k.rows_moments(x + ch.start(n * ch.per_seg + j), ch.length(j), C, &cmean[slot], &cm2[slot], 1);
+      k.rows_moments(x + ch.start(n * ch.per_seg + j), ch.length(j), C, &cmean[slot], &cm2[slot], ch.per_seg);
     }
     for (int64_t g = n * gps; g < (n + 1) * gps; ++g) {
       finish_group(plan, merge_stored(ch, index, g, cmean, cm2), &mean[g], &var[g]);

@@ -86,14 +86,10 @@ struct Chunks {
   int64_t length(int64_t j) const { return std::min(step, len - j * step); }  // positions in chunk j
   // Elements of one work item at most (the parallel_for cost hint): a small plane is one short chunk.
   int64_t work() const { return std::min(step, len) * (channels_last ? C : 1); }
-  // Where chunk j of segment seg keeps its partial results. Channels-first: a segment's chunks
-  // side by side; channels-last: a chunk's C channels side by side, as its rows kernel writes
-  // them (a stride between them cost each chunk C scattered stores, each a line from memory).
-  int64_t slot(int64_t seg, int64_t j) const { return first_slot(seg) + j * slot_step(); }
-  int64_t first_slot(int64_t seg) const {
-    return channels_last ? ((seg / C) * per_seg * C + seg % C) : seg * per_seg;
-  }
-  int64_t slot_step() const { return channels_last ? C : 1; }
+  // Where chunk j of segment seg keeps its partial results: a segment's chunks side by side, so
+  // that a merge reads a few lines per segment (a channels-last rows kernel writes its C
+  // results at a stride of per_seg).
+  int64_t slot(int64_t seg, int64_t j) const { return seg * per_seg + j; }
   // First element of chunk j of segment seg (channels-first).
   int64_t start(int64_t seg, int64_t j) const { return seg * len + j * step; }
   // Work items of a pass: (segment, chunk) channels-first, (sample, chunk) channels-last.
@@ -142,7 +138,7 @@ inline Moments merge_stored(const Chunks& ch, const GroupIndex& index, int64_t g
                             const double* cmean, const double* cm2) {
   Moments acc;
   index.for_each_segment(g, ch.seg_planes, [&](int64_t seg) {
-    for (int64_t j = 0, slot = ch.first_slot(seg); j < ch.per_seg; ++j, slot += ch.slot_step())
+    for (int64_t j = 0, slot = ch.slot(seg, 0); j < ch.per_seg; ++j, ++slot)
       acc = merge(acc, Moments{double(ch.length(j)), cmean[slot], cm2[slot]});
   });
   return acc;
