@@ -64,7 +64,8 @@ void rows_moments(const S* x, int64_t rows, int64_t C, double* mean, double* m2,
   });
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = cv; c < C; ++c) shift[c] += to_compute(x[r * C + c]);
-  for (int64_t c = 0; c < C; ++c) shift[c] = T(double(shift[c]) / double(rows));
+  const double inv_rows = 1.0 / double(rows);  // one division: a chunk has C columns to finish
+  for (int64_t c = 0; c < C; ++c) shift[c] = T(double(shift[c]) * inv_rows);
   // Pass 2, scalar math: d = x - shift[c]; sd[c] += d; sdd[c] += d*d
   column_blocks<T>(C, [&](auto nv, int64_t c0) {
     constexpr int NV = decltype(nv)::value;
@@ -85,13 +86,13 @@ void rows_moments(const S* x, int64_t rows, int64_t C, double* mean, double* m2,
       sdd[c] += d * d;
     }
   for (int64_t c = 0; c < C; ++c) {
-    const double s = double(sd[c]), q = double(sdd[c]) - s * s / double(rows);
+    const double s = double(sd[c]), q = double(sdd[c]) - s * s * inv_rows;
     if (!std::isfinite(shift[c])) {  // an Inf (or NaN) in the column: mean +-Inf or NaN, variance NaN
       mean[c * stride] = double(shift[c]);
       m2[c * stride] = std::numeric_limits<double>::quiet_NaN();
       continue;
     }
-    mean[c * stride] = double(shift[c]) + s / double(rows);
+    mean[c * stride] = double(shift[c]) + s * inv_rows;
     m2[c * stride] = q < 0 ? 0 : q;  // NaN stays NaN
   }
 }
