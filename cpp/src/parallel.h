@@ -8,6 +8,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 namespace nk {
 
@@ -24,19 +27,35 @@ bool stream_output(int64_t bytes);
 // Below this many elements of work a job stays on one thread: waking a team costs more.
 constexpr int64_t kParallelMinWork = 1 << 15;
 
+// Orders this thread's streaming (non-temporal) stores before its later stores, so that whoever
+// synchronizes with it afterwards sees them. The kernels stream without fencing: parallel_for
+// fences once per thread at the end of its share (a fence per 8 KB chunk waited for the
+// write-combining buffers to drain every time: a third of a one-thread streamed apply).
+inline void store_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
 template <class F>
 void parallel_for(int64_t n, int64_t work_per_item, const F& f) {
 #ifdef _OPENMP
   const int threads = get_num_threads();
   if (threads <= 1 || n <= 1 || n * work_per_item < kParallelMinWork) {
     for (int64_t i = 0; i < n; ++i) f(i);  // not even an OpenMP call: a 1-thread region costs ~1 us
+    store_fence();
     return;
   }
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t i = 0; i < n; ++i) f(i);
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static) nowait
+    for (int64_t i = 0; i < n; ++i) f(i);
+    store_fence();
+  }
 #else
   (void)work_per_item;
   for (int64_t i = 0; i < n; ++i) f(i);
+  store_fence();
 #endif
 }
 

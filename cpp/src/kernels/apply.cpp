@@ -37,7 +37,6 @@ static void affine_impl(const S* x, S* y, int64_t n, T shift, T a, T b, const T*
     else store_as(y + i, v);
   }
   for (; i < n; ++i) one(i);
-  if (stream) stream_fence();
 }
 
 template <class S, bool HasG, bool HasH, class T = compute_t<S>>
@@ -80,7 +79,6 @@ static void backward_apply_impl(const S* x, const S* dy, S* dx, int64_t n, T c1,
     else store_as(dx + i, v);
   }
   for (; i < n; ++i) one(i);
-  if (stream) stream_fence();
 }
 
 template <class S, class T>

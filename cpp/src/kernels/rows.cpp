@@ -153,7 +153,6 @@ static void rows_affine_impl(const S* x, S* y, int64_t rows, int64_t C, const T*
       y[o + c] = from_compute<S>(v);
     }
   }
-  if (stream) stream_fence();
 }
 
 template <class S, class T>
@@ -192,7 +191,6 @@ void rows_backward_apply(const S* x, const S* dy, S* dx, int64_t rows, int64_t C
   stream = stream && streams<S>();
   if (x) rows_backward_apply_impl<S, true>(x, dy, dx, rows, C, c1, c2, shift, c3, stream);
   else rows_backward_apply_impl<S, false>(x, dy, dx, rows, C, c1, c2, shift, c3, stream);
-  if (stream) stream_fence();
 }
 
 #define NK_INSTANTIATE(S, T)                                                                      \

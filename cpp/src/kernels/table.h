@@ -27,7 +27,8 @@ struct Kernels {
                       double* B, T* gsum, T* bsum);
   // y = ((x - shift)*a + b) * g + h [+ residual] [then max(y, 0)], g, h and residual per
   // element (null: 1, 0 and 0). The epilogue fuses an inference block's add and ReLU.
-  // stream: write y with streaming stores (a large output; same values either way).
+  // stream: write y with streaming stores (a large output; same values either way), unfenced:
+  // the caller fences before another thread reads y (parallel.h: parallel_for does).
   void (*affine)(const S* x, S* y, int64_t n, T shift, T a, T b, const T* g, const T* h,
                  const S* residual, bool relu, bool stream);
   // dx = c1*dy*w + c2*(x - shift) + c3, w per element (null: 1); x null: no x term (eval).

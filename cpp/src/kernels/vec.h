@@ -32,7 +32,8 @@ template <class T> inline vec<T> splat(T s) { return vec<T>{} + s; }
 // Non-temporal store of a whole vector to an address aligned to NK_VEC_BYTES (x86): the line
 // goes to memory without first being read into cache. An output too large to stay in cache is
 // then written with two thirds of the traffic of a plain store (no read for ownership). Other
-// targets: a plain store. stream_fence() orders the streamed stores before later ones.
+// targets: a plain store. The kernels do not fence: parallel_for does, once per thread
+// (parallel.h: store_fence).
 constexpr bool kStreams =
 #if defined(__SSE2__)
     true;
@@ -55,12 +56,6 @@ template <class T> inline void stream(T* p, vec<T> v) {
   _mm_stream_si128(reinterpret_cast<__m128i*>(p), r);
 #else
   store(p, v);
-#endif
-}
-
-inline void stream_fence() {
-#if defined(__SSE2__)
-  _mm_sfence();
 #endif
 }
 
