@@ -115,8 +115,8 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
   auto group_sums = [&](int64_t g, double* Ag, double* Bg) {
     *Ag = *Bg = 0;
     if (batch_stats)
-      index.for_each_plane(g, [&](int64_t p) {
-        const double w = channel_weight(p % C);
+      index.for_each_plane(g, [&](int64_t p, int64_t c) {
+        const double w = channel_weight(c);
         *Ag += w * Ap[p];
         *Bg += w * Bp[p];
       });
@@ -219,10 +219,9 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
     if (dx) {
       for (int64_t g = 0; g < G; ++g) group_sums(g, &Ag[g], &Bg[g]);
       std::vector<Coef> coef(P);
-      for (int64_t p = 0; p < P; ++p) {
-        const int64_t g = plan.group_of(p / C, p % C);
-        coef[p] = coefficients(p, p % C, g, Ag[g], Bg[g]);
-      }
+      for_each_plane_of_groups(plan, [&](int64_t p, int64_t c, int64_t g) {
+        coef[p] = coefficients(p, c, g, Ag[g], Bg[g]);
+      });
       if (plan.channels_last) {
         std::vector<T> c1(P), c2(P), c3(P);
         for (int64_t p = 0; p < P; ++p) c1[p] = coef[p].c1, c2[p] = coef[p].c2, c3[p] = coef[p].c3;

@@ -116,11 +116,18 @@ class GroupIndex {
     std::vector<int64_t> next(first_.begin(), first_.end() - 1);
     for (int64_t n = 0; n < plan.N; ++n) samples_[next[plan.sample_group[n]]++] = n;
   }
+  // f(p, c) for each plane p of group g and its channel c.
   template <class F>
-  void for_each_plane(int64_t g, const F& f) const { for_each_segment(g, 1, f); }
+  void for_each_plane(int64_t g, const F& f) const {
+    const int64_t gps = plan_.groups_per_set(), cpg = plan_.channels_per_group;
+    const int64_t set = g / gps, c0 = (g % gps) * cpg;
+    for (int64_t i = first_[set]; i < first_[set + 1]; ++i)
+      for (int64_t c = c0; c < c0 + cpg; ++c) f(samples_[i] * plan_.C + c, c);
+  }
   // Segments of seg_planes planes (a divisor of channels_per_group), by index.
   template <class F>
   void for_each_segment(int64_t g, int64_t seg_planes, const F& f) const {
+    if (seg_planes == 1) return for_each_plane(g, [&](int64_t p, int64_t) { f(p); });
     const int64_t gps = plan_.groups_per_set(), cpg = plan_.channels_per_group;
     const int64_t set = g / gps, c0 = (g % gps) * cpg;
     for (int64_t i = first_[set]; i < first_[set + 1]; ++i)
@@ -213,7 +220,7 @@ struct BlockParts {
   BlockParts(const GroupIndex& index, int64_t seg_planes, int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       index.for_each_segment(g, seg_planes, [&](int64_t s) { segments.push_back(s); });
-      index.for_each_plane(g, [&](int64_t p) { planes.push_back(p); });
+      index.for_each_plane(g, [&](int64_t p, int64_t) { planes.push_back(p); });
     }
     std::sort(segments.begin(), segments.end());
     std::sort(planes.begin(), planes.end());
