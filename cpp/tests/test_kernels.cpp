@@ -187,7 +187,7 @@ void test_entry_points(const std::string& isa) {
 // chunk tails, with the inference epilogue.
 template <class T>
 void test_channels_last(const std::string& isa) {
-  for (int64_t C : {1, 3, 33}) {
+  for (int64_t C : {1, 3, 33, 300}) {  // 300: several whole column blocks and a tail at every ISA
     for (int64_t S : {1, 17, 2049}) {
       const int64_t N = 2, G = C == 33 ? 3 : 1;
       const std::string tag = isa + "/" + type_name<T>() + "/C=" + std::to_string(C) + "/S=" + std::to_string(S);
@@ -248,7 +248,7 @@ void test_channels_last(const std::string& isa) {
 template <class T>
 void test_rows_streaming(const std::string& isa) {
   const nk::Kernels<T>& k = nk::kernels().get<T>();
-  for (int64_t C : {1, 7, 16, 33, 64}) {
+  for (int64_t C : {1, 7, 16, 33, 64, 300}) {
     const int64_t rows = 37, n = rows * C;
     auto x = random_vector<T>(n, 2.0, 21), dy = random_vector<T>(n, 0.0, 22), res = random_vector<T>(n, 0.0, 23);
     auto shift = random_vector<T>(C, 2.0, 24), a = random_vector<T>(C, 1.0, 25), b = random_vector<T>(C, 0.0, 26);

@@ -2,6 +2,7 @@
 // positions), every channel its own column. The same sums as reduce.cpp and apply.cpp, per
 // column: results for channel c go to out[c*stride], so they land in the slots the
 // channels-first passes use and the merges after them are shared.
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -39,13 +40,18 @@ void column_tail(int64_t n, int64_t c0, const F& f) {  // a last block of n < kB
   }
 }
 
-template <class T, class F>
+template <class T, int MaxNV = kBlockVecs, class F>
 void column_blocks(int64_t C, const F& f) {
   constexpr int64_t L = lanes<T>;
   int64_t c0 = 0;
-  for (; c0 + kBlockVecs * L <= C; c0 += kBlockVecs * L) f(std::integral_constant<int, kBlockVecs>{}, c0);
-  column_tail<kBlockVecs - 1>((C - c0) / L, c0, f);
+  for (; c0 + MaxNV * L <= C; c0 += MaxNV * L) f(std::integral_constant<int, MaxNV>{}, c0);
+  column_tail<MaxNV - 1>((C - c0) / L, c0, f);
 }
+
+// rows_affine holds its three per-column coefficient arrays in registers too, over groups of
+// kRowGroup rows: a load of every coefficient per element made it load-bound in cache (four
+// loads per vector of x), and up to 128 float channels are still read a whole row at a time.
+constexpr int64_t kRowGroup = 8;
 
 template <class S>
 void rows_moments(const S* x, int64_t rows, int64_t C, double* mean, double* m2, int64_t stride) {
@@ -135,23 +141,33 @@ template <class S, bool HasRes, bool Relu, class T = compute_t<S>>
 static void rows_affine_impl(const S* x, S* y, int64_t rows, int64_t C, const T* shift, const T* a,
                              const T* b, const S* res, bool stream) {
   constexpr int64_t L = lanes<T>;
+  const int64_t cv = C - C % L;
   const vec<T> zero{};
   // Scalar math: y = (x - shift[c])*a[c] + b[c] + res; y = max(y, 0)
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t o = r * C;
-    int64_t c = 0;
-    for (; c + L <= C; c += L) {
-      vec<T> v = (load_as(x + o + c) - load(shift + c)) * load(a + c) + load(b + c);
-      if (HasRes) v += load_as(res + o + c);
-      if (Relu) v = v < zero ? zero : v;
-      put(y + o + c, v, stream);
-    }
-    for (; c < C; ++c) {
-      T v = (to_compute(x[o + c]) - shift[c]) * a[c] + b[c];
-      if (HasRes) v += to_compute(res[o + c]);
-      if (Relu) v = v < T(0) ? T(0) : v;
-      y[o + c] = from_compute<S>(v);
-    }
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowGroup) {
+    const int64_t r1 = std::min(rows, r0 + kRowGroup);
+    column_blocks<T, kBlockVecs>(C, [&](auto nv, int64_t c0) {
+      constexpr int NV = decltype(nv)::value;
+      vec<T> vs[NV], va[NV], vb[NV];
+      for (int v = 0; v < NV; ++v)
+        vs[v] = load(shift + c0 + v * L), va[v] = load(a + c0 + v * L), vb[v] = load(b + c0 + v * L);
+      for (int64_t r = r0; r < r1; ++r)
+        for (int v = 0; v < NV; ++v) {
+          const int64_t o = r * C + c0 + v * L;
+          vec<T> e = (load_as(x + o) - vs[v]) * va[v] + vb[v];
+          if (HasRes) e += load_as(res + o);
+          if (Relu) e = e < zero ? zero : e;
+          put(y + o, e, stream);
+        }
+    });
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t c = cv; c < C; ++c) {
+        const int64_t o = r * C + c;
+        T e = (to_compute(x[o]) - shift[c]) * a[c] + b[c];
+        if (HasRes) e += to_compute(res[o]);
+        if (Relu) e = e < T(0) ? T(0) : e;
+        y[o] = from_compute<S>(e);
+      }
   }
 }
 
@@ -170,6 +186,8 @@ static void rows_backward_apply_impl(const S* x, const S* dy, S* dx, int64_t row
                                      const T* c1, const T* c2, const T* shift, const T* c3, bool stream) {
   constexpr int64_t L = lanes<T>;
   // Scalar math: dx = c1[c]*dy + c2[c]*(x - shift[c]) + c3[c]   (without x: c1[c]*dy + c3[c])
+  // Row by row, coefficients loaded per element: four arrays do not fit in registers beside a
+  // whole row's block, and half-row sweeps measured slower out of cache.
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t o = r * C;
     int64_t c = 0;
