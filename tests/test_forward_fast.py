@@ -1,9 +1,11 @@
-"""The one-call forward (_core.forward_fast) against the Python path it stands in for.
+"""The one-call forward and backward (_core.forward_fast, _core.backward_fast) against the Python
+paths they stand in for.
 
-Every layer and functional call first offers its arguments to forward_fast; it either does the
-whole forward (the common case: plain contiguous arrays) or returns None and the Python path runs.
-The two paths must be indistinguishable: bitwise the same outputs, running statistics, counters
-and gradients. An ndarray subclass view of the same data forces the Python path.
+Every layer and functional call first offers its arguments to forward_fast, and every layer's
+backward to backward_fast; each either does the whole call (the common case: plain contiguous
+arrays) or returns None and the Python path runs. The two paths must be indistinguishable:
+bitwise the same outputs, running statistics, counters and gradients. An ndarray subclass view of
+the same data forces the Python path.
 """
 import ml_dtypes
 import numpy as np
@@ -24,19 +26,30 @@ def slow(a):
     return a.view(Slow)
 
 
-@pytest.fixture
-def fast_calls(monkeypatch):
-    """Counts the calls that forward_fast took (returned a result for)."""
+def spy_on(monkeypatch, name):
+    """Replaces _core.<name> with a wrapper recording, per call, whether it returned a result."""
     taken = []
-    real = _core.forward_fast
+    real = getattr(_core, name)
 
     def spy(*args):
         result = real(*args)
         taken.append(result is not None)
         return result
 
-    monkeypatch.setattr(_core, "forward_fast", spy)
+    monkeypatch.setattr(_core, name, spy)
     return taken
+
+
+@pytest.fixture
+def fast_calls(monkeypatch):
+    """Counts the calls that forward_fast took (returned a result for)."""
+    return spy_on(monkeypatch, "forward_fast")
+
+
+@pytest.fixture
+def fast_backward_calls(monkeypatch):
+    """Counts the backward calls that backward_fast took."""
+    return spy_on(monkeypatch, "backward_fast")
 
 
 def data(shape, dtype, seed, offset=0.5):
@@ -91,7 +104,8 @@ def bitwise_equal(a, b, what):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("name, make, shape", LAYERS, ids=[n for n, _, _ in LAYERS])
-def test_layer_fast_and_python_paths_agree_bitwise(name, make, shape, dtype, fast_calls):
+def test_layer_fast_and_python_paths_agree_bitwise(name, make, shape, dtype, fast_calls,
+                                                   fast_backward_calls):
     pdt = param_dtype(dtype)
     fast, ref = make(pdt), make(pdt)
     randomize_parameters(fast, 1)
@@ -112,7 +126,15 @@ def test_layer_fast_and_python_paths_agree_bitwise(name, make, shape, dtype, fas
         bitwise_equal(y_fast, np.asarray(y_ref), f"{name} y, step {step}")
         for key, value in ref.state_dict().items():
             bitwise_equal(fast.state_dict()[key], value, f"{name} {key}, step {step}")
-        bitwise_equal(fast.backward(dy), ref.backward(dy), f"{name} dx, step {step}")
+        fast_backward_calls.clear()
+        dx_fast = fast.backward(dy)
+        # (The Python forward path of InstanceNorm2d-track records the output's shape in its
+        # Saved, which backward_fast leaves to the Python path.)
+        assert fast_backward_calls == [expect_fast], "a plain dy should take backward_fast"
+        fast_backward_calls.clear()
+        dx_ref = ref.backward(dy)  # its Saved holds the subclass x: the Python path
+        assert fast_backward_calls == [False]
+        bitwise_equal(dx_fast, dx_ref, f"{name} dx, step {step}")
         assert fast.grads.keys() == ref.grads.keys()
         for key in ref.grads:
             bitwise_equal(fast.grads[key], ref.grads[key], f"{name} d{key}, step {step}")
@@ -258,3 +280,26 @@ def test_saved_checks_its_statistics_against_the_plan():
     assert empty.mean is None and empty.rstd is None
     with pytest.raises(ValueError, match="no statistics"):
         _core.backward(empty, x, np.empty_like(x), None, None)
+
+
+@pytest.mark.parametrize("what", ["strided dy", "dy of another dtype", "dy of another shape",
+                                  "dy a subclass", "dy a list", "an unbatched forward"])
+def test_backward_fast_refuses_anything_but_the_common_case(what):
+    layer = normkit.InstanceNorm2d(3, affine=True) if what == "an unbatched forward" else normkit.GroupNorm(2, 4)
+    x = data((3, 5, 4) if what == "an unbatched forward" else (2, 4, 3, 5), np.float32, seed=1)
+    layer(x)
+    ones = np.ones_like(x)
+    dy = {"strided dy": lambda: np.ones(x.shape[:-1] + (2 * x.shape[-1],), np.float32)[..., ::2],
+          "dy of another dtype": lambda: ones.astype(np.float64),
+          "dy of another shape": lambda: ones.reshape(2, 4, 15),
+          "dy a subclass": lambda: slow(ones), "dy a list": ones.tolist}.get(what, lambda: ones)()
+    assert _core.backward_fast(layer._saved, dy, True, True) is None
+
+
+def test_backward_fast_errors_still_come_from_the_python_path():
+    layer = normkit.GroupNorm(2, 4)
+    layer(data((2, 4, 3, 5), np.float32, seed=1))
+    with pytest.raises(TypeError, match="dy: expected dtype float32"):
+        layer.backward(np.ones((2, 4, 3, 5)))
+    with pytest.raises(ValueError, match=r"dy: expected shape \(2, 4, 3, 5\)"):
+        layer.backward(np.ones((2, 4, 15), np.float32))

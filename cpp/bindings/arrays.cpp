@@ -14,6 +14,13 @@ std::atomic<int> g_bf16_num{-1};
 constexpr char kForeignOrder = __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ ? '>' : '<';
 }  // namespace
 
+bool plain(py::handle h) {
+  using py::detail::npy_api;
+  if (Py_TYPE(h.ptr()) != npy_api::get().PyArray_Type_) return false;
+  constexpr int need = npy_api::NPY_ARRAY_C_CONTIGUOUS_ | npy_api::NPY_ARRAY_ALIGNED_;
+  return (py::detail::array_proxy(h.ptr())->flags & need) == need;
+}
+
 Dt dt_of(const py::array& a) {
   const py::dtype d = a.dtype();
   if (d.byteorder() == kForeignOrder) return Dt::other;

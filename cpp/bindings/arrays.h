@@ -34,6 +34,10 @@ template <> constexpr Dt dt_code<double>() { return Dt::f64; }
 template <> constexpr Dt dt_code<nk::f16>() { return Dt::f16; }
 template <> constexpr Dt dt_code<nk::bf16>() { return Dt::bf16; }
 
+// A plain ndarray (not a subclass such as a masked array), C-contiguous and aligned: what the
+// one-call fast paths accept.
+bool plain(py::handle h);
+
 inline std::string dtype_of(const py::array& a) { return py::str(a.dtype().attr("name")); }
 
 // Calls f(S{}) for the storage type of x.

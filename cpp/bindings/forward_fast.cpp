@@ -32,13 +32,6 @@ enum Kind : int { kBatch = 0, kInstance = 1, kGroup = 2, kLayer = 3, kRms = 4 };
 // Below this many elements the GIL stays held: releasing it costs more than the work.
 constexpr int64_t kReleaseGilElements = int64_t(1) << 15;
 
-// A plain ndarray (not a subclass such as a masked array), C-contiguous and aligned.
-bool plain(py::handle h) {
-  if (Py_TYPE(h.ptr()) != npy_api::get().PyArray_Type_) return false;
-  constexpr int need = npy_api::NPY_ARRAY_C_CONTIGUOUS_ | npy_api::NPY_ARRAY_ALIGNED_;
-  return (py::detail::array_proxy(h.ptr())->flags & need) == need;
-}
-
 // A Python float or int (not bool, not a NumPy scalar: those take the Python path).
 bool real_scalar(py::handle h, double* v) {
   if (PyFloat_CheckExact(h.ptr())) {

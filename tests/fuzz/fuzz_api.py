@@ -902,6 +902,9 @@ def fuzz_forward_fast(src, dtype):
     grads = [None if src.chance(2) else np.empty(n_aff + src.pick((0, 0, 1)), pdt) for _ in range(2)]
     dx = src.pick((np.empty_like(x), None, np.empty(x.size + 1, x.dtype)))
     expect_ok_or_rejected(lambda: _core.backward(saved, dy, dx, *grads))
+    result, _ = expect_ok_or_rejected(lambda: _core.backward_fast(saved, dy, src.bool(), src.bool()))
+    if result is not None and (result[0].shape != x.shape or result[0].dtype != x.dtype):
+        raise Finding(f"backward_fast: dx {result[0].shape} {result[0].dtype} for x {x.shape} {x.dtype}")
 
 
 # Which targets run, with weights: NORMKIT_FUZZ_TARGETS, a comma-separated subset of
