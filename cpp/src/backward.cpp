@@ -83,22 +83,28 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
       k.dot(x + s, dy + s, w, ch.length(j), xhat.shift[p], &A[slot], &B[slot]);
     }
   };
-  auto plane_sums = [&](int64_t p) {
-    for (int64_t j = 0; j < ch.per_seg; ++j) Ap[p] += A[ch.slot(p, j)], Bp[p] += B[ch.slot(p, j)];
+  auto plane_sums = [&](int64_t p) {  // in registers: through Ap[p] each add waited on a store
+    double a = 0, b = 0;
+    for (int64_t j = 0, slot = ch.slot(p, 0); j < ch.per_seg; ++j, ++slot) a += A[slot], b += B[slot];
+    Ap[p] = a, Bp[p] = b;
   };
-  // dx = c1*dy*w + c2*(x - shift) + c3 for plane p of group g, given the group's sums.
+  // dx = c1*dy*w + c2*(x - shift) + c3. c2 and c3 belong to the group (its planes share its
+  // shift), so they are computed once per group; c1 is rstd times the plane's channel weight.
   struct Coef { T c1 = 0, c2 = 0, c3 = 0; };
-  auto coefficients = [&](int64_t p, int64_t ch_of_p, int64_t g, double Ag, double Bg) {
-    const double r = rstd[g];
-    Coef c;
-    c.c1 = T(r * channel_weight(ch_of_p));
+  struct GroupCoef { double r = 0; T c2 = 0, c3 = 0; };
+  auto group_coefficients = [&](int64_t g, double Ag, double Bg) {
+    GroupCoef c;
+    const double r = c.r = rstd[g];
     if (!batch_stats) return c;
     const double M = double(count[g]);
-    const double mu = plan.skip_mean ? 0.0 : mean[g], d = double(xhat.shift[p]) - mu;
+    const double mu = plan.skip_mean ? 0.0 : mean[g], d = double(T(mu)) - mu;  // T(mu): the shift
     const double Pg = r * (Ag + d * Bg) / M;
     c.c2 = T(-r * r * Pg);
     c.c3 = T(-r * r * Pg * d - (plan.skip_mean ? 0.0 : r * Bg / M));
     return c;
+  };
+  auto coefficients = [&](const GroupCoef& gc, int64_t c) {
+    return Coef{T(gc.r * channel_weight(c)), gc.c2, gc.c3};
   };
   // With constant statistics dx does not depend on x (c2 = c3 = 0): skip reading it, which also
   // keeps a NaN in x out of dx, as in torch.
@@ -145,7 +151,8 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
             Asum += w * Ap[p0 + i];
             Bsum += w * Bp[p0 + i];
           }
-        for (int64_t i = 0; i < cpg; ++i) apply_chunk(p0 + i, 0, coefficients(p0 + i, c0 + i, g, Asum, Bsum));
+        const GroupCoef gc = group_coefficients(g, Asum, Bsum);
+        for (int64_t i = 0; i < cpg; ++i) apply_chunk(p0 + i, 0, coefficients(gc, c0 + i));
       }
     });
   } else if (by_sample(plan, get_num_threads())) {
@@ -162,11 +169,15 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
         for (int64_t p = p0; p < p0 + C; ++p) plane_sums(p);
       }
       if (!dx) return;
-      for (int64_t g = n * gps; g < (n + 1) * gps; ++g) group_sums(g, &Ag[g], &Bg[g]);
-      for (int64_t p = p0; p < p0 + C; ++p) {
-        const int64_t g = plan.group_of(n, p - p0);
-        const Coef c = coefficients(p, p - p0, g, Ag[g], Bg[g]);
-        c1[p] = c.c1, c2[p] = c.c2, c3[p] = c.c3;
+      const int64_t cpg = plan.channels_per_group;
+      for (int64_t gi = 0; gi < gps; ++gi) {  // group n*gps + gi: channels [gi*cpg, (gi+1)*cpg)
+        const int64_t g = n * gps + gi;
+        group_sums(g, &Ag[g], &Bg[g]);
+        const GroupCoef gc = group_coefficients(g, Ag[g], Bg[g]);
+        for (int64_t c = gi * cpg; c < (gi + 1) * cpg; ++c) {
+          const Coef e = coefficients(gc, c);
+          c1[p0 + c] = e.c1, c2[p0 + c] = e.c2, c3[p0 + c] = e.c3;
+        }
       }
       for (int64_t j = 0; j < ch.per_seg; ++j) {
         const int64_t s = ch.start(n * ch.per_seg + j);
@@ -190,10 +201,14 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
       if (sums)
         for (int64_t p : planes) plane_sums(p);
       if (!dx) return;
-      for (int64_t g = g0; g < g1; ++g) group_sums(g, &Ag[g], &Bg[g]);
+      std::vector<GroupCoef> gcoef(g1 - g0);
+      for (int64_t g = g0; g < g1; ++g) {
+        group_sums(g, &Ag[g], &Bg[g]);
+        gcoef[g - g0] = group_coefficients(g, Ag[g], Bg[g]);
+      }
       for (int64_t p : planes) {
         const int64_t g = plan.group_of(p / C, p % C);
-        apply_plane(p, coefficients(p, p % C, g, Ag[g], Bg[g]));
+        apply_plane(p, coefficients(gcoef[g - g0], p % C));
       }
     });
   } else {
@@ -217,11 +232,13 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
     if (sums)
       for (int64_t p = 0; p < P; ++p) plane_sums(p);
     if (dx) {
-      for (int64_t g = 0; g < G; ++g) group_sums(g, &Ag[g], &Bg[g]);
+      std::vector<GroupCoef> gcoef(G);
+      for (int64_t g = 0; g < G; ++g) {
+        group_sums(g, &Ag[g], &Bg[g]);
+        gcoef[g] = group_coefficients(g, Ag[g], Bg[g]);
+      }
       std::vector<Coef> coef(P);
-      for_each_plane_of_groups(plan, [&](int64_t p, int64_t c, int64_t g) {
-        coef[p] = coefficients(p, c, g, Ag[g], Bg[g]);
-      });
+      for_each_plane_of_groups(plan, [&](int64_t p, int64_t c, int64_t g) { coef[p] = coefficients(gcoef[g], c); });
       if (plan.channels_last) {
         std::vector<T> c1(P), c2(P), c3(P);
         for (int64_t p = 0; p < P; ++p) c1[p] = coef[p].c1, c2[p] = coef[p].c2, c3[p] = coef[p].c3;
