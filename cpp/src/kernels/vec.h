@@ -77,7 +77,7 @@ template <int N> struct DoubleVec { typedef double type __attribute__((vector_si
 #endif
 
 template <int N, std::size_t... I>
-inline typename DoubleVec<N / 2>::type add_halves(typename DoubleVec<N>::type v, std::index_sequence<I...>) {
+inline typename DoubleVec<N / 2>::type add_halves(const typename DoubleVec<N>::type& v, std::index_sequence<I...>) {
 #ifdef NK_HAS_SHUFFLEVECTOR
   return __builtin_shufflevector(v, v, I...) + __builtin_shufflevector(v, v, (I + N / 2)...);
 #else
@@ -89,7 +89,7 @@ inline typename DoubleVec<N / 2>::type add_halves(typename DoubleVec<N>::type v,
 }
 
 template <int N>
-inline double tree_sum(typename DoubleVec<N>::type v) {
+inline double tree_sum(const typename DoubleVec<N>::type& v) {  // by reference: no psabi note
   if constexpr (N == 1) return v[0];
   else if constexpr (N == 2) return v[0] + v[1];
   else return tree_sum<N / 2>(add_halves<N>(v, std::make_index_sequence<N / 2>{}));
