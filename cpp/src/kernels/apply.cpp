@@ -1,5 +1,7 @@
 // Elementwise passes over one chunk: the forward affine and the backward apply.
 // Both subtract the group's shift first, so a large mean cancels exactly before any rounding.
+#include <type_traits>
+
 #include "convert.h"
 #include "primitives.h"
 
@@ -23,18 +25,29 @@ static void affine_impl(const S* x, S* y, int64_t n, T shift, T a, T b, const T*
     y[i] = from_compute<S>(v);
   };
   const vec<T> vs = splat(shift), va = splat(a), vb = splat(b), zero{};
+  auto body = [&](vec<T> xv, vec<T> gv, vec<T> hv, vec<T> rv) {
+    vec<T> v = (xv - vs) * va + vb;
+    if (HasG) v *= gv;
+    if (HasH) v += hv;
+    if (HasRes) v += rv;
+    if (Relu) v = v < zero ? zero : v;  // NaN compares false and stays NaN, as torch.relu
+    return v;
+  };
   stream = stream && streams<S>();
   int64_t i = 0;
   if (stream)
     for (; i < n && !vec_aligned(y + i); ++i) one(i);
   for (; i + L <= n; i += L) {
-    vec<T> v = (load_as(x + i) - vs) * va + vb;
-    if (HasG) v *= load(g + i);
-    if (HasH) v += load(h + i);
-    if (HasRes) v += load_as(res + i);
-    if (Relu) v = v < zero ? zero : v;  // NaN compares false and stays NaN, as torch.relu
+    const vec<T> v = body(load_as(x + i), HasG ? load(g + i) : zero, HasH ? load(h + i) : zero,
+                          HasRes ? load_as(res + i) : zero);
     if (stream) stream_as(y + i, v);
     else store_as(y + i, v);
+  }
+  if constexpr (kMaskedTails && std::is_same_v<S, T>) {  // float and double: the same math, masked
+    if (const int64_t r = n - i; r > 0)
+      store_tail(y + i, body(load_tail(x + i, r), HasG ? load_tail(g + i, r) : zero,
+                             HasH ? load_tail(h + i, r) : zero, HasRes ? load_tail(res + i, r) : zero), r);
+    return;
   }
   for (; i < n; ++i) one(i);
 }
@@ -67,16 +80,24 @@ static void backward_apply_impl(const S* x, const S* dy, S* dx, int64_t n, T c1,
     dx[i] = from_compute<S>(HasX ? c1 * g + (c2 * (to_compute(x[i]) - shift) + c3) : c1 * g + c3);
   };
   const vec<T> v1 = splat(c1), v2 = splat(c2), v3 = splat(c3), vs = splat(shift);
+  auto body = [&](vec<T> dyv, vec<T> wv, vec<T> xv) {
+    const vec<T> g = Weighted ? dyv * wv : dyv;
+    return HasX ? v1 * g + (v2 * (xv - vs) + v3) : v1 * g + v3;
+  };
   stream = stream && streams<S>();
   int64_t i = 0;
   if (stream)
     for (; i < n && !vec_aligned(dx + i); ++i) one(i);
   for (; i + L <= n; i += L) {
-    vec<T> g = load_as(dy + i);
-    if (Weighted) g *= load(w + i);
-    const vec<T> v = HasX ? v1 * g + (v2 * (load_as(x + i) - vs) + v3) : v1 * g + v3;
+    const vec<T> v = body(load_as(dy + i), Weighted ? load(w + i) : v1, HasX ? load_as(x + i) : v1);
     if (stream) stream_as(dx + i, v);
     else store_as(dx + i, v);
+  }
+  if constexpr (kMaskedTails && std::is_same_v<S, T>) {  // float and double: the same math, masked
+    if (const int64_t r = n - i; r > 0)
+      store_tail(dx + i, body(load_tail(dy + i, r), Weighted ? load_tail(w + i, r) : v1,
+                              HasX ? load_tail(x + i, r) : v1), r);
+    return;
   }
   for (; i < n; ++i) one(i);
 }

@@ -59,6 +59,39 @@ template <class T> inline void stream(T* p, vec<T> v) {
 #endif
 }
 
+// The last n < L elements of a chunk as one vector (lanes past n are zero) and back, through
+// AVX-512 masks: a 196-element plane then ends in one masked vector instead of four scalar
+// steps. Elsewhere kMaskedTails is false and the kernels take the tail one element at a time.
+#if NK_VEC_BYTES == 64 && defined(__AVX512F__)
+constexpr bool kMaskedTails = true;
+inline vec<float> load_tail(const float* p, int64_t n) {
+  const __m512 r = _mm512_maskz_loadu_ps(__mmask16((1u << n) - 1), p);
+  vec<float> v;
+  std::memcpy(&v, &r, sizeof v);
+  return v;
+}
+inline vec<double> load_tail(const double* p, int64_t n) {
+  const __m512d r = _mm512_maskz_loadu_pd(__mmask8((1u << n) - 1), p);
+  vec<double> v;
+  std::memcpy(&v, &r, sizeof v);
+  return v;
+}
+inline void store_tail(float* p, vec<float> v, int64_t n) {
+  __m512 r;
+  std::memcpy(&r, &v, sizeof r);
+  _mm512_mask_storeu_ps(p, __mmask16((1u << n) - 1), r);
+}
+inline void store_tail(double* p, vec<double> v, int64_t n) {
+  __m512d r;
+  std::memcpy(&r, &v, sizeof r);
+  _mm512_mask_storeu_pd(p, __mmask8((1u << n) - 1), r);
+}
+#else
+constexpr bool kMaskedTails = false;
+template <class T> inline vec<T> load_tail(const T*, int64_t) { return vec<T>{}; }
+template <class T> inline void store_tail(T*, vec<T>, int64_t) {}
+#endif
+
 // Whether p sits on a vector boundary (where stream() may write).
 template <class T> inline bool vec_aligned(const T* p) {
   return reinterpret_cast<uintptr_t>(p) % NK_VEC_BYTES == 0;
