@@ -253,9 +253,9 @@ inline int64_t single_chunk_run(const Plan& plan) {
 }
 
 // Consecutive one-chunk groups taken together, up to kChunk elements per batch (at least one
-// group, at most kMaxBatch): each step (moments or sums, then coefficients, then output) runs over the
-// whole batch, so the short dependent chains of independent groups overlap in the CPU instead
-// of each group waiting for its own. A batch stays in L1 between its steps.
+// group, at most kMaxBatch): each step (moments or sums, then coefficients, then output) runs
+// over the whole batch, so the short dependent chains of independent groups overlap in the CPU
+// instead of each group waiting for its own. A batch stays in L1 between its steps.
 struct GroupBatches {
   static constexpr int64_t kMaxBatch = 64;
   int64_t groups, per_batch, count;
