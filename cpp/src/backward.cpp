@@ -118,14 +118,15 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
   auto apply_plane = [&](int64_t p, const Coef& c) {
     for (int64_t j = 0; j < ch.per_seg; ++j) apply_chunk(p, j, c);
   };
+  // A group's sums: its planes' sums weighted by their channel's weight, in plane order.
+  auto add_plane = [&](int64_t p, int64_t c, double* Ag, double* Bg) {
+    const double w = channel_weight(c);
+    *Ag += w * Ap[p];
+    *Bg += w * Bp[p];
+  };
   auto group_sums = [&](int64_t g, double* Ag, double* Bg) {
     *Ag = *Bg = 0;
-    if (batch_stats)
-      index.for_each_plane(g, [&](int64_t p, int64_t c) {
-        const double w = channel_weight(c);
-        *Ag += w * Ap[p];
-        *Bg += w * Bp[p];
-      });
+    if (batch_stats) index.for_each_plane(g, [&](int64_t p, int64_t c) { add_plane(p, c, Ag, Bg); });
   };
 
   std::vector<double> Ag(G), Bg(G);
@@ -144,13 +145,9 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
       if (!dx) return;
       for (int64_t g = g0; g < g1; ++g) {
         const int64_t p0 = g * cpg, c0 = (g % gps) * cpg;
-        double Asum = 0, Bsum = 0;  // group_sums, without the index
+        double Asum = 0, Bsum = 0;  // group_sums over the known planes: no index divisions
         if (batch_stats)
-          for (int64_t i = 0; i < cpg; ++i) {
-            const double w = channel_weight(c0 + i);
-            Asum += w * Ap[p0 + i];
-            Bsum += w * Bp[p0 + i];
-          }
+          for (int64_t i = 0; i < cpg; ++i) add_plane(p0 + i, c0 + i, &Asum, &Bsum);
         const GroupCoef gc = group_coefficients(g, Asum, Bsum);
         for (int64_t i = 0; i < cpg; ++i) apply_chunk(p0 + i, 0, coefficients(gc, c0 + i));
       }
