@@ -2,6 +2,7 @@
 // plane's (mean, rstd, weight, bias) into a shift and two scalars so the pass is one FMA.
 // With statistics from x, the two run block by block of groups where that keeps a block in
 // cache (moments.h: GroupBlocks), so x comes from memory once.
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -26,16 +27,23 @@ void apply_plane(const Kernels<S>& k, const Plan& plan, const Chunks& pc, int64_
            col && bias ? bias + off : nullptr, residual ? residual + s : nullptr, relu, stream);
 }
 
-// One chunk's moments. A skip_mean (RMS) plan needs only the sum of squares, one pass: as
-// moments with mean 0 and m2 = sum x*x, which merge and finish_group treat alike.
+// The moments of `count` consecutive chunks of n elements from x, to mean[k] and m2[k]. A
+// skip_mean (RMS) plan needs only the sum of squares, one pass: as moments with mean 0 and
+// m2 = sum x*x, which merge and finish_group treat alike.
 template <class S>
-void chunk_moments(const Kernels<S>& k, const Plan& plan, const S* x, int64_t n, double* mean, double* m2) {
-  if (plan.skip_mean) {
-    *mean = 0;
-    k.sum_squares(x, n, m2);
-  } else {
-    k.moments(x, n, mean, m2);
+void chunk_moments(const Kernels<S>& k, const Plan& plan, const S* x, int64_t n, int64_t count,
+                   double* mean, double* m2) {
+  if (!plan.skip_mean) return k.moments(x, n, count, mean, m2);
+  for (int64_t i = 0; i < count; ++i) {
+    mean[i] = 0;
+    k.sum_squares(x + i * n, n, &m2[i]);
   }
+}
+
+// Chunks that are whole segments (one chunk per segment) go to the kernel in batches of
+// consecutive ones, up to kChunk elements: their short chains then overlap (reduce.cpp).
+inline int64_t segments_per_batch(const Chunks& ch) {
+  return ch.per_seg == 1 ? std::clamp<int64_t>(kChunk / std::max<int64_t>(1, ch.len), 1, 64) : 1;
 }
 
 template <class S>
@@ -52,9 +60,15 @@ void group_moments(const Plan& plan, const S* x, double* mean, double* var) {
   const Chunks ch = Chunks::moments(plan);
   const ChunkResults cr(ch.count);
   double *const cmean = cr.first, *const cm2 = cr.second;
-  if (!plan.channels_last) {
+  if (!plan.channels_last && segments_per_batch(ch) > 1) {
+    const int64_t per = segments_per_batch(ch), items = ch.items();
+    parallel_for((items + per - 1) / per, per * ch.len, [&](int64_t b) {
+      const int64_t it = b * per;
+      chunk_moments(k, plan, x + ch.start(it), ch.len, std::min(per, items - it), &cmean[it], &cm2[it]);
+    });
+  } else if (!plan.channels_last) {
     parallel_for(ch.items(), ch.work(), [&](int64_t it) {
-      chunk_moments(k, plan, x + ch.start(it), ch.length(ch.chunk(it)), &cmean[it], &cm2[it]);
+      chunk_moments(k, plan, x + ch.start(it), ch.length(ch.chunk(it)), 1, &cmean[it], &cm2[it]);
     });
   } else {
     parallel_for(ch.items(), ch.work(), [&](int64_t it) {
@@ -143,7 +157,7 @@ void normalize_batch_stats(const Plan& plan, const S* x, double eps, const compu
     parallel_for(gb.count, gb.per_batch * run, [&](int64_t b) {
       const int64_t g0 = gb.first(b), g1 = gb.end(b);
       double cmean[GroupBatches::kMaxBatch], cm2[GroupBatches::kMaxBatch];  // not zeroed: all written
-      for (int64_t g = g0; g < g1; ++g) chunk_moments(k, plan, x + g * run, run, &cmean[g - g0], &cm2[g - g0]);
+      chunk_moments(k, plan, x + g0 * run, run, g1 - g0, cmean, cm2);
       for (int64_t g = g0; g < g1; ++g) {
         finish_group(plan, merge(Moments{}, Moments{double(run), cmean[g - g0], cm2[g - g0]}), &mean[g], &var[g]);
         rstd[g] = 1.0 / std::sqrt(var[g] + eps);
@@ -175,11 +189,19 @@ void normalize_batch_stats(const Plan& plan, const S* x, double eps, const compu
     // The block's moments, its statistics and coefficients, then its output (memory order).
     const int64_t g0 = blocks.first(b), g1 = blocks.end(b);
     const BlockParts parts(index, mc.seg_planes, g0, g1);
-    for (int64_t seg : parts.segments)
-      for (int64_t j = 0; j < mc.per_seg; ++j) {
-        const int64_t slot = mc.slot(seg, j);
-        chunk_moments(k, plan, x + mc.start(seg, j), mc.length(j), &cmean[slot], &cm2[slot]);
+    const std::vector<int64_t>& segs = parts.segments;
+    if (const int64_t per = segments_per_batch(mc); per > 1) {
+      for (size_t i = 0, e; i < segs.size(); i = e) {  // runs of consecutive segments
+        for (e = i + 1; e < segs.size() && int64_t(e - i) < per && segs[e] == segs[e - 1] + 1;) ++e;
+        chunk_moments(k, plan, x + mc.start(segs[i], 0), mc.len, int64_t(e - i), &cmean[segs[i]], &cm2[segs[i]]);
       }
+    } else {
+      for (int64_t seg : segs)
+        for (int64_t j = 0; j < mc.per_seg; ++j) {
+          const int64_t slot = mc.slot(seg, j);
+          chunk_moments(k, plan, x + mc.start(seg, j), mc.length(j), 1, &cmean[slot], &cm2[slot]);
+        }
+    }
     for (int64_t g = g0; g < g1; ++g) {
       finish_group(plan, merge_stored(mc, index, g, cmean, cm2), &mean[g], &var[g]);
       rstd[g] = 1.0 / std::sqrt(var[g] + eps);

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdio>
 #include <functional>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -59,10 +60,27 @@ void test_primitives(const std::string& isa) {
     const Arr xd = as_double(x), dyd = as_double(dy), wd = as_double(w);
 
     double mean, m2;
-    k.moments(x.data(), n, &mean, &m2);
+    k.moments(x.data(), n, 1, &mean, &m2);
     const double ref_mean = xd.mean(), ref_m2 = (xd - ref_mean).square().sum();
     check(close(mean, ref_mean, tol<T>()), "moments mean " + tag);
     check(close(m2, ref_m2, sizeof(T) == 4 ? 1e-5 : 1e-12), "moments m2 " + tag);
+
+    // A batch of consecutive chunks (more than one kernel batch) gives each chunk's own bits;
+    // a chunk holding an Inf gives mean Inf and m2 NaN without touching its neighbours.
+    {
+      const int64_t count = 19;
+      auto xs = random_vector<T>(count * n, 5, 11);
+      xs[7 * n + n / 2] = std::numeric_limits<T>::infinity();
+      std::vector<double> bm(count), bm2(count);
+      k.moments(xs.data(), n, count, bm.data(), bm2.data());
+      bool same = std::isinf(bm[7]) && std::isnan(bm2[7]);
+      for (int64_t i = 0; i < count; ++i) {
+        double m1, q1;
+        k.moments(xs.data() + i * n, n, 1, &m1, &q1);
+        same &= (bm[i] == m1 || (std::isnan(bm[i]) && std::isnan(m1))) && (bm2[i] == q1 || (std::isnan(bm2[i]) && std::isnan(q1)));
+      }
+      check(same, "moments of a batch = each chunk's " + tag);
+    }
 
     double q;
     k.sum_squares(x.data(), n, &q);

@@ -10,7 +10,7 @@
 namespace nk {
 namespace NK_ISA_NS {
 
-template <class S> void moments(const S* x, int64_t n, double* mean, double* m2);
+template <class S> void moments(const S* x, int64_t n, int64_t count, double* mean, double* m2);
 template <class S> void sum_squares(const S* x, int64_t n, double* q);
 template <class S> void dot(const S* x, const S* dy, const compute_t<S>* w, int64_t n, compute_t<S> shift, double* A, double* B);
 template <class S, class T> void dot_columns(const S* x, const S* dy, const T* w, int64_t n, T shift, T a, T b,

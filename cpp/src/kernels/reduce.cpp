@@ -3,9 +3,14 @@
 // Accumulate in T with four independent vector accumulators, combine in a fixed order, finish
 // in double. Stability comes from shifting: x - shift is exact when x is near the shift, so a
 // large mean (x = 1e4 + noise) costs no precision in the deviations.
+// A float or double chunk that is not a whole number of vectors ends in one masked vector (its
+// lanes past the end add zero) where the ISA has masks: a 196-element plane's tail is then one
+// step of the reduction's chain, not four scalar ones.
 #include "convert.h"
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "primitives.h"
 
@@ -13,30 +18,34 @@ namespace nk {
 namespace NK_ISA_NS {
 
 template <class S>
-void moments(const S* x, int64_t n, double* mean_out, double* m2_out) {
+constexpr bool masked_tail = kMaskedTails && std::is_same_v<S, compute_t<S>>;
+
+// moments' pass 1, scalar math: s = sum x  (a rough mean, used only as the shift of pass 2)
+template <class S>
+static double moments_sum(const S* x, int64_t n) {
   using T = compute_t<S>;
   constexpr int64_t L = lanes<T>;
-  // Pass 1, scalar math: s = sum x  (a rough mean, used only as the shift of pass 2)
   vec<T> s0{}, s1{}, s2{}, s3{};
   int64_t i = 0;
   for (; i + 4 * L <= n; i += 4 * L) {
     s0 += load_as(x + i); s1 += load_as(x + i + L); s2 += load_as(x + i + 2 * L); s3 += load_as(x + i + 3 * L);
   }
   for (; i + L <= n; i += L) s0 += load_as(x + i);
+  if constexpr (masked_tail<S>)
+    if (i < n) s1 += load_tail(x + i, n - i), i = n;
   double s = hsum<T>((s0 + s1) + (s2 + s3));
   for (; i < n; ++i) s += to_compute(x[i]);
-  const double inv_n = 1.0 / double(n);  // one division: short chunks are latency-bound
-  const T shift = T(s * inv_n);
-  if (!std::isfinite(shift)) {  // an Inf (or NaN) in the chunk: mean +-Inf or NaN, variance NaN
-    *mean_out = s * inv_n;
-    *m2_out = std::numeric_limits<double>::quiet_NaN();
-    return;
-  }
+  return s;
+}
 
-  // Pass 2, scalar math: d = x - shift; sd = sum d; sdd = sum d*d
+// moments' pass 2, scalar math: d = x - shift; sd = sum d; sdd = sum d*d; then the corrected
+// two-pass result: the rough shift's error leaves sd != 0, and its share of sdd is removed.
+template <class S, class T = compute_t<S>>
+static void moments_deviations(const S* x, int64_t n, T shift, double inv_n, double* mean_out, double* m2_out) {
+  constexpr int64_t L = lanes<T>;
   const vec<T> vs = splat(shift);
   vec<T> d0{}, d1{}, d2{}, d3{}, q0{}, q1{}, q2{}, q3{};
-  i = 0;
+  int64_t i = 0;
   for (; i + 4 * L <= n; i += 4 * L) {
     vec<T> a = load_as(x + i) - vs, b = load_as(x + i + L) - vs;
     vec<T> c = load_as(x + i + 2 * L) - vs, e = load_as(x + i + 3 * L) - vs;
@@ -47,15 +56,45 @@ void moments(const S* x, int64_t n, double* mean_out, double* m2_out) {
     vec<T> a = load_as(x + i) - vs;
     d0 += a; q0 += a * a;
   }
+  if constexpr (masked_tail<S>)
+    if (i < n) {
+      const vec<T> a = zero_past(load_tail(x + i, n - i) - vs, n - i);
+      d1 += a; q1 += a * a; i = n;
+    }
   double sd = hsum<T>((d0 + d1) + (d2 + d3)), sdd = hsum<T>((q0 + q1) + (q2 + q3));
   for (; i < n; ++i) {
     double d = double(to_compute(x[i]) - shift);
     sd += d; sdd += d * d;
   }
-  // Corrected two-pass: the rough shift's error leaves sd != 0; remove its share of sdd.
   *mean_out = double(shift) + sd * inv_n;
   double m2 = sdd - sd * sd * inv_n;
   *m2_out = m2 < 0 ? 0 : m2;  // rounding can dip below 0; NaN stays NaN
+}
+
+// Each chunk's pass 1 for a batch of chunks, then each one's pass 2: a short chunk's passes are
+// one dependent chain (sum, mean, shift, deviations), and its neighbours' chains are independent,
+// so in this order the CPU overlaps them. Every chunk gets the same bits as alone.
+constexpr int64_t kMomentsBatch = 16;
+
+template <class S>
+void moments(const S* x, int64_t n, int64_t count, double* mean_out, double* m2_out) {
+  using T = compute_t<S>;
+  const double inv_n = 1.0 / double(n);  // one division: short chunks are latency-bound
+  for (int64_t k0 = 0; k0 < count; k0 += kMomentsBatch) {
+    const int64_t kn = std::min(kMomentsBatch, count - k0);
+    const S* xb = x + k0 * n;
+    double sums[kMomentsBatch];
+    for (int64_t k = 0; k < kn; ++k) sums[k] = moments_sum(xb + k * n, n);
+    for (int64_t k = 0; k < kn; ++k) {
+      const T shift = T(sums[k] * inv_n);
+      if (!std::isfinite(shift)) {  // an Inf (or NaN) in the chunk: mean +-Inf or NaN, variance NaN
+        mean_out[k0 + k] = sums[k] * inv_n;
+        m2_out[k0 + k] = std::numeric_limits<double>::quiet_NaN();
+      } else {
+        moments_deviations(xb + k * n, n, shift, inv_n, &mean_out[k0 + k], &m2_out[k0 + k]);
+      }
+    }
+  }
 }
 
 template <class S>
@@ -73,6 +112,11 @@ void sum_squares(const S* x, int64_t n, double* out) {
     const vec<T> a = load_as(x + i);
     q0 += a * a;
   }
+  if constexpr (masked_tail<S>)
+    if (i < n) {
+      const vec<T> a = load_tail(x + i, n - i);
+      q1 += a * a; i = n;
+    }
   double q = hsum<T>((q0 + q1) + (q2 + q3));
   for (; i < n; ++i) {
     const double v = double(to_compute(x[i]));
@@ -99,6 +143,12 @@ static void dot_impl(const S* x, const S* dy, const T* w, int64_t n, T shift, do
     if (Weighted) g0 *= load(w + i);
     a0 += g0 * (load_as(x + i) - vs); b0 += g0;
   }
+  if constexpr (masked_tail<S>)
+    if (const int64_t r = n - i; r > 0) {  // the same steps as dot_columns' tail
+      vec<T> g1 = load_tail(dy + i, r);
+      if (Weighted) g1 *= load_tail(w + i, r);
+      a1 += g1 * zero_past(load_tail(x + i, r) - vs, r); b1 += g1; i = n;
+    }
   double sa = hsum<T>(a0 + a1), sb = hsum<T>(b0 + b1);
   for (; i < n; ++i) {
     T g = Weighted ? to_compute(dy[i]) * w[i] : to_compute(dy[i]);
@@ -144,6 +194,16 @@ static void dot_columns_impl(const S* x, const S* dy, const T* w, int64_t n, T s
     a0 += g0 * x0; b0 += g0;
     columns(i, d0, x0);
   }
+  if constexpr (masked_tail<S>)
+    if (const int64_t r = n - i; r > 0) {
+      const vec<T> d1 = load_tail(dy + i, r), x1 = zero_past(load_tail(x + i, r) - vs, r);
+      vec<T> g1 = d1;
+      if (Weighted) g1 *= load_tail(w + i, r);
+      a1 += g1 * x1; b1 += g1;
+      store_tail(gsum + i, load_tail(gsum + i, r) + d1 * (x1 * va + vb), r);
+      store_tail(bsum + i, load_tail(bsum + i, r) + d1, r);
+      i = n;
+    }
   double sa = hsum<T>(a0 + a1), sb = hsum<T>(b0 + b1);
   for (; i < n; ++i) {
     const T d = to_compute(dy[i]), xs = to_compute(x[i]) - shift, g = Weighted ? d * w[i] : d;
@@ -162,7 +222,7 @@ void dot_columns(const S* x, const S* dy, const T* w, int64_t n, T shift, T a, T
 }
 
 #define NK_INSTANTIATE(S, T)                                                         \
-  template void moments<S>(const S*, int64_t, double*, double*);                     \
+  template void moments<S>(const S*, int64_t, int64_t, double*, double*);                     \
   template void sum_squares<S>(const S*, int64_t, double*);                          \
   template void dot<S>(const S*, const S*, const T*, int64_t, T, double*, double*);  \
   template void dot_columns<S, T>(const S*, const S*, const T*, int64_t, T, T, T, double*, double*, T*, T*);

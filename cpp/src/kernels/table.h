@@ -15,8 +15,9 @@ constexpr int64_t kChunk = 2048;
 // S: storage type of x, dy, y, dx; T: compute type of scalars, weights and column sums.
 template <class S, class T = compute_t<S>>
 struct Kernels {
-  // mean and sum of squared deviations of x[0, n), two passes over the chunk.
-  void (*moments)(const S* x, int64_t n, double* mean, double* m2);
+  // mean[k] and m2[k], the mean and sum of squared deviations of chunk k = x[k*n, (k+1)*n), for
+  // `count` consecutive chunks: two passes over each chunk, the same bits whatever the count.
+  void (*moments)(const S* x, int64_t n, int64_t count, double* mean, double* m2);
   // q = sum x*x: the statistic of a skip_mean (RMS) plan, one pass.
   void (*sum_squares)(const S* x, int64_t n, double* q);
   // A = sum dy*w*(x - shift), B = sum dy*w, with w[i] = 1 when w is null.

@@ -86,10 +86,26 @@ inline void store_tail(double* p, vec<double> v, int64_t n) {
   std::memcpy(&r, &v, sizeof r);
   _mm512_mask_storeu_pd(p, __mmask8((1u << n) - 1), r);
 }
+// v with lanes n and up set to zero: a reduction's masked tail adds nothing from them.
+inline vec<float> zero_past(vec<float> v, int64_t n) {
+  __m512 r;
+  std::memcpy(&r, &v, sizeof r);
+  r = _mm512_maskz_mov_ps(__mmask16((1u << n) - 1), r);
+  std::memcpy(&v, &r, sizeof v);
+  return v;
+}
+inline vec<double> zero_past(vec<double> v, int64_t n) {
+  __m512d r;
+  std::memcpy(&r, &v, sizeof r);
+  r = _mm512_maskz_mov_pd(__mmask8((1u << n) - 1), r);
+  std::memcpy(&v, &r, sizeof v);
+  return v;
+}
 #else
 constexpr bool kMaskedTails = false;
 template <class T> inline vec<T> load_tail(const T*, int64_t) { return vec<T>{}; }
 template <class T> inline void store_tail(T*, vec<T>, int64_t) {}
+template <class T> inline vec<T> zero_past(vec<T> v, int64_t) { return v; }
 #endif
 
 // Whether p sits on a vector boundary (where stream() may write).
