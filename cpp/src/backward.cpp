@@ -88,6 +88,16 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
     for (int64_t j = 0, slot = ch.slot(p, 0); j < ch.per_seg; ++j, ++slot) a += A[slot], b += B[slot];
     Ap[p] = a, Bp[p] = b;
   };
+  // Channels-last: sample n's plane sums, chunk after chunk of C sums side by side (the same
+  // order per plane as plane_sums).
+  auto sample_plane_sums = [&](int64_t n) {
+    double *const ap = &Ap[n * C], *const bp = &Bp[n * C];
+    std::fill_n(ap, C, 0.0), std::fill_n(bp, C, 0.0);
+    for (int64_t j = 0; j < ch.per_seg; ++j) {
+      const double *const a = &A[ch.slot(n * C, j)], *const b = &B[ch.slot(n * C, j)];
+      for (int64_t c = 0; c < C; ++c) ap[c] += a[c], bp[c] += b[c];
+    }
+  };
   // dx = c1*dy*w + c2*(x - shift) + c3. c2 and c3 belong to the group (its planes share its
   // shift), so they are computed once per group; c1 is rstd times the plane's channel weight.
   struct Coef { T c1 = 0, c2 = 0, c3 = 0; };
@@ -161,9 +171,9 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
       if (sums) {
         for (int64_t j = 0; j < ch.per_seg; ++j) {
           const int64_t s = ch.start(n * ch.per_seg + j), slot = ch.slot(p0, j);
-          k.rows_dot(x + s, dy + s, ch.length(j), C, &xhat.shift[p0], &A[slot], &B[slot], ch.per_seg);
+          k.rows_dot(x + s, dy + s, ch.length(j), C, &xhat.shift[p0], &A[slot], &B[slot]);
         }
-        for (int64_t p = p0; p < p0 + C; ++p) plane_sums(p);
+        sample_plane_sums(n);
       }
       if (!dx) return;
       const int64_t cpg = plan.channels_per_group;
@@ -213,8 +223,7 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
     if (plan.channels_last && sums) {
       parallel_for(ch.items(), ch.work(), [&](int64_t it) {
         const int64_t j = ch.chunk(it), p0 = ch.sample(it) * C, slot = ch.slot(p0, j);
-        k.rows_dot(x + ch.start(it), dy + ch.start(it), ch.length(j), C, &xhat.shift[p0], &A[slot],
-                   &B[slot], ch.per_seg);
+        k.rows_dot(x + ch.start(it), dy + ch.start(it), ch.length(j), C, &xhat.shift[p0], &A[slot], &B[slot]);
       });
     } else if (col_sums) {
       // Items are (block, chunk): a block's rows write their own chunk columns of its partial.
@@ -226,7 +235,9 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
     } else if (sums) {
       parallel_for(ch.items(), ch.work(), [&](int64_t it) { chunk_sums(ch.segment(it), ch.chunk(it)); });
     }
-    if (sums)
+    if (sums && plan.channels_last)
+      for (int64_t n = 0; n < plan.N; ++n) sample_plane_sums(n);
+    else if (sums)
       for (int64_t p = 0; p < P; ++p) plane_sums(p);
     if (dx) {
       std::vector<GroupCoef> gcoef(G);

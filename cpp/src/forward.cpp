@@ -73,13 +73,26 @@ void group_moments(const Plan& plan, const S* x, double* mean, double* var) {
   } else {
     parallel_for(ch.items(), ch.work(), [&](int64_t it) {
       const int64_t j = ch.chunk(it), slot = ch.slot(ch.sample(it) * ch.C, j);
-      k.rows_moments(x + ch.start(it), ch.length(j), ch.C, &cmean[slot], &cm2[slot], ch.per_seg);
+      k.rows_moments(x + ch.start(it), ch.length(j), ch.C, &cmean[slot], &cm2[slot]);
     });
   }
 
   const GroupIndex index(plan);
-  parallel_for(plan.num_groups(), ch.per_seg * plan.channels_per_group * 64, [&](int64_t g) {
-    finish_group(plan, merge_stored(ch, index, g, cmean, cm2), &mean[g], &var[g]);
+  if (!plan.channels_last) {
+    parallel_for(plan.num_groups(), ch.per_seg * plan.channels_per_group * 64, [&](int64_t g) {
+      finish_group(plan, merge_stored(ch, index, g, cmean, cm2), &mean[g], &var[g]);
+    });
+    return;
+  }
+  // Channels-last (moments.h): per plane, then per group.
+  std::vector<double> pmean(plan.planes()), pm2(plan.planes());
+  const int64_t col_blocks = (plan.C + kMergeColumns - 1) / kMergeColumns;
+  parallel_for(plan.N * col_blocks, ch.per_seg * kMergeColumns * 4, [&](int64_t it) {
+    const int64_t n = it / col_blocks, c0 = (it % col_blocks) * kMergeColumns;
+    merge_plane_chunks(ch, n, c0, std::min(plan.C, c0 + kMergeColumns), cmean, cm2, pmean.data(), pm2.data());
+  });
+  parallel_for(plan.num_groups(), plan.N * plan.channels_per_group * 16, [&](int64_t g) {
+    finish_group(plan, merge_planes(index, g, plan.S, pmean.data(), pm2.data()), &mean[g], &var[g]);
   });
 }
 
@@ -120,19 +133,23 @@ void normalize_by_sample(const Plan& plan, const S* x, double eps, const compute
   const ChunkResults cr(ch.count);
   double *const cmean = cr.first, *const cm2 = cr.second;
   std::vector<T> shift(plan.planes()), a(plan.planes()), b(plan.planes());
+  std::vector<double> pmean(plan.planes()), pm2(plan.planes());
   const bool stream = large_output<S>(plan);
   parallel_for(plan.N, C * plan.S, [&](int64_t n) {
     for (int64_t j = 0; j < ch.per_seg; ++j) {
       const int64_t slot = ch.slot(n * C, j);
-      k.rows_moments(x + ch.start(n * ch.per_seg + j), ch.length(j), C, &cmean[slot], &cm2[slot], ch.per_seg);
+      k.rows_moments(x + ch.start(n * ch.per_seg + j), ch.length(j), C, &cmean[slot], &cm2[slot]);
     }
-    for (int64_t g = n * gps; g < (n + 1) * gps; ++g) {
-      finish_group(plan, merge_stored(ch, index, g, cmean, cm2), &mean[g], &var[g]);
+    merge_plane_chunks(ch, n, 0, C, cmean, cm2, pmean.data(), pm2.data());  // moments.h: per plane,
+    const int64_t cpg = plan.channels_per_group;
+    for (int64_t gi = 0; gi < gps; ++gi) {  // then per group: channels [gi*cpg, (gi+1)*cpg)
+      const int64_t g = n * gps + gi;
+      finish_group(plan, merge_planes(index, g, plan.S, pmean.data(), pm2.data()), &mean[g], &var[g]);
       rstd[g] = 1.0 / std::sqrt(var[g] + eps);
-    }
-    for (int64_t p = n * C; p < (n + 1) * C; ++p) {
-      const PlaneCoef<T> f = plane_coef(plan, p, mean, rstd, weight, bias);
-      shift[p] = f.shift, a[p] = f.a, b[p] = f.b;
+      for (int64_t c = gi * cpg; c < (gi + 1) * cpg; ++c) {
+        const PlaneCoef<T> f = channel_coef(plan, g, c, mean, rstd, weight, bias);
+        shift[n * C + c] = f.shift, a[n * C + c] = f.a, b[n * C + c] = f.b;
+      }
     }
     for (int64_t j = 0; j < ch.per_seg; ++j) {
       const int64_t s = ch.start(n * ch.per_seg + j);

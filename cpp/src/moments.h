@@ -86,10 +86,13 @@ struct Chunks {
   int64_t length(int64_t j) const { return std::min(step, len - j * step); }  // positions in chunk j
   // Elements of one work item at most (the parallel_for cost hint): a small plane is one short chunk.
   int64_t work() const { return std::min(step, len) * (channels_last ? C : 1); }
-  // Where chunk j of segment seg keeps its partial results: a segment's chunks side by side, so
-  // that a merge reads a few lines per segment (a channels-last rows kernel writes its C
-  // results at a stride of per_seg).
-  int64_t slot(int64_t seg, int64_t j) const { return seg * per_seg + j; }
+  // Where chunk j of segment seg keeps its partial results. Channels-first: a segment's chunks
+  // side by side, so that a merge reads a few lines per segment. Channels-last: chunk j of
+  // sample n keeps its C planes' results side by side from slot(n*C, j), as a rows kernel writes
+  // them and merge_columns reads them.
+  int64_t slot(int64_t seg, int64_t j) const {
+    return channels_last ? ((seg / C) * per_seg + j) * C + seg % C : seg * per_seg + j;
+  }
   // First element of chunk j of segment seg (channels-first).
   int64_t start(int64_t seg, int64_t j) const { return seg * len + j * step; }
   // Work items of a pass: (segment, chunk) channels-first, (sample, chunk) channels-last.
@@ -139,24 +142,54 @@ class GroupIndex {
   std::vector<int64_t> first_, samples_;  // samples of set s: samples_[first_[s], first_[s+1])
 };
 
-// Group g's moments from its chunks' moments stored by slot (cmean, cm2), in a fixed order:
-// chunks as GroupIndex visits their segments, alternately into two accumulators, then the two.
-// Two chains, because each merge waits for the previous one of its chain: one chain made the
-// merges of a BatchNorm channel of 8 samples' 7 channels-last chunks most of its statistics at
-// one thread.
-inline Moments merge_stored(const Chunks& ch, const GroupIndex& index, int64_t g,
-                            const double* cmean, const double* cm2) {
+// Parts' moments merged in the order each(add) hands them to add, alternately into two
+// accumulators, then the two. Two chains, because each merge waits for the previous one of its
+// chain: one chain made the merges of a BatchNorm channel of 8 samples' 7 channels-last chunks
+// most of its statistics at one thread.
+template <class F>
+Moments merge_in_two_chains(const F& each) {
   Moments even, odd;
   bool to_odd = false;
-  index.for_each_segment(g, ch.seg_planes, [&](int64_t seg) {
-    for (int64_t j = 0, slot = ch.slot(seg, 0); j < ch.per_seg; ++j, ++slot) {
-      const Moments m{double(ch.length(j)), cmean[slot], cm2[slot]};
-      if (to_odd) odd = merge(odd, m);
-      else even = merge(even, m);
-      to_odd = !to_odd;
-    }
+  each([&](const Moments& m) {
+    if (to_odd) odd = merge(odd, m);
+    else even = merge(even, m);
+    to_odd = !to_odd;
   });
   return merge(even, odd);
+}
+
+// Channels-first: group g's moments from its chunks' moments stored by slot (cmean, cm2),
+// chunks as GroupIndex visits their segments.
+inline Moments merge_stored(const Chunks& ch, const GroupIndex& index, int64_t g,
+                            const double* cmean, const double* cm2) {
+  return merge_in_two_chains([&](const auto& add) {
+    index.for_each_segment(g, ch.seg_planes, [&](int64_t seg) {
+      for (int64_t j = 0, slot = ch.slot(seg, 0); j < ch.per_seg; ++j, ++slot)
+        add(Moments{double(ch.length(j)), cmean[slot], cm2[slot]});
+    });
+  });
+}
+
+// Channels-last statistics, in two steps that every channels-last path takes (so they give
+// the same bits). First each plane's chunks merge into the plane's moments: columns [c0, c1)
+// of sample n at once, C planes' chunk results lying side by side (KernelTable: merge_columns).
+// A chunk holds C moments, so chunk by chunk in scalar merges these were as costly as the
+// reduction itself. Columns from c0, a multiple of 64: the vectors are those of a whole-row call.
+constexpr int64_t kMergeColumns = 64;
+
+inline void merge_plane_chunks(const Chunks& ch, int64_t n, int64_t c0, int64_t c1, const double* cmean,
+                               const double* cm2, double* pmean, double* pm2) {
+  const int64_t s = ch.slot(n * ch.C, 0) + c0, last = ch.per_seg > 0 ? ch.length(ch.per_seg - 1) : 0;
+  kernels().merge_columns(cmean + s, cm2 + s, ch.C, c1 - c0, ch.per_seg, ch.step, last,
+                          pmean + n * ch.C + c0, pm2 + n * ch.C + c0);
+}
+
+// Then each group's planes (plane_n elements each) merge as GroupIndex visits them.
+inline Moments merge_planes(const GroupIndex& index, int64_t g, int64_t plane_n, const double* pmean,
+                            const double* pm2) {
+  return merge_in_two_chains([&](const auto& add) {
+    index.for_each_plane(g, [&](int64_t p, int64_t) { add(Moments{double(plane_n), pmean[p], pm2[p]}); });
+  });
 }
 
 // A group's (mean, biased variance) from its moments: NaN for no elements; with skip_mean (RMS)

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "kernels/table.h"
+#include "moments.h"
 #include "normkit/normkit.h"
 
 namespace {
@@ -283,6 +284,51 @@ void test_rows_streaming(const std::string& isa) {
   }
 }
 
+// merge_columns against moments.h's scalar merges in the same order (two alternating chains),
+// per column; a column's bits the same whatever columns a call covers; an Inf mean in one of
+// several parts of one column gives that column mean Inf and m2 NaN and leaves its neighbours
+// alone.
+void test_merge_columns(const std::string& isa) {
+  const nk::KernelTable& kt = nk::kernels();
+  for (int64_t C : {1, 5, 8, 13, 64, 67, 130}) {
+    for (int64_t parts : {0, 1, 2, 7}) {
+      const int64_t stride = C + 3, part_n = 11, last_n = 3;
+      const std::string tag = isa + " C=" + std::to_string(C) + " parts=" + std::to_string(parts);
+      auto mean = random_vector<double>(parts * stride + 1, 4.0, 31), m2 = random_vector<double>(parts * stride + 1, 20.0, 32);
+      std::vector<double> om(C), om2(C), pm(C), pm2(C);
+      kt.merge_columns(mean.data(), m2.data(), stride, C, parts, part_n, last_n, om.data(), om2.data());
+      bool ok = true;
+      for (int64_t c = 0; c < C; ++c) {
+        nk::Moments even, odd;
+        for (int64_t j = 0; j < parts; ++j) {
+          const nk::Moments m{double(j + 1 == parts ? last_n : part_n), mean[j * stride + c], m2[j * stride + c]};
+          (j % 2 ? odd : even) = nk::merge(j % 2 ? odd : even, m);
+        }
+        const nk::Moments want = nk::merge(even, odd);
+        ok &= parts == 0 ? om[c] == 0 && om2[c] == 0 : close(om[c], want.mean, 1e-14) && close(om2[c], want.m2, 1e-14);
+      }
+      check(ok, "merge_columns = scalar merges " + tag);
+      // Columns [64, C) alone, and [0, min(C, 64)) alone: the same bits as in the whole call.
+      for (int64_t c0 : {int64_t(0), int64_t(64)}) {
+        if (c0 >= C) continue;
+        const int64_t c1 = c0 == 0 ? std::min<int64_t>(C, 64) : C;
+        kt.merge_columns(mean.data() + c0, m2.data() + c0, stride, c1 - c0, parts, part_n, last_n, pm.data(), pm2.data());
+        bool same = true;
+        for (int64_t c = c0; c < c1; ++c) same &= pm[c - c0] == om[c] && pm2[c - c0] == om2[c];
+        check(same, "merge_columns of columns from " + std::to_string(c0) + " = whole call's " + tag);
+      }
+      if (parts > 1 && C > 2) {  // (one part passes through as it is: its own kernel set its m2)
+        mean[(parts - 1) * stride + 2] = std::numeric_limits<double>::infinity();
+        kt.merge_columns(mean.data(), m2.data(), stride, C, parts, part_n, last_n, pm.data(), pm2.data());
+        bool inf_ok = std::isinf(pm[2]) && std::isnan(pm2[2]);
+        for (int64_t c = 0; c < C; ++c)
+          if (c != 2) inf_ok &= pm[c] == om[c] && pm2[c] == om2[c];
+        check(inf_ok, "merge_columns Inf in one column " + tag);
+      }
+    }
+  }
+}
+
 nk::Plan channels_last(nk::Plan p) {
   p.channels_last = true;
   return p;
@@ -380,6 +426,7 @@ int main() {
     test_channels_last<double>(isa);
     test_rows_streaming<float>(isa);
     test_rows_streaming<double>(isa);
+    test_merge_columns(isa);
     test_traversals_agree<float>(isa);
     test_traversals_agree<double>(isa);
   }

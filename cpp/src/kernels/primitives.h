@@ -17,10 +17,10 @@ template <class S, class T> void dot_columns(const S* x, const S* dy, const T* w
                                              double* A, double* B, T* gsum, T* bsum);
 template <class S, class T> void affine(const S* x, S* y, int64_t n, T shift, T a, T b, const T* g, const T* h,
                                         const S* residual, bool relu, bool stream);
-// Channels-last: `rows` rows of C channels; per-channel results go to out[c*stride].
-template <class S> void rows_moments(const S* x, int64_t rows, int64_t C, double* mean, double* m2, int64_t stride);
+// Channels-last: `rows` rows of C channels; per-channel results go to out[c].
+template <class S> void rows_moments(const S* x, int64_t rows, int64_t C, double* mean, double* m2);
 template <class S> void rows_dot(const S* x, const S* dy, int64_t rows, int64_t C, const compute_t<S>* shift,
-                                 double* A, double* B, int64_t stride);
+                                 double* A, double* B);
 template <class S, class T> void rows_affine(const S* x, S* y, int64_t rows, int64_t C, const T* shift, const T* a,
                                              const T* b, const S* residual, bool relu, bool stream);
 template <class S, class T> void rows_backward_apply(const S* x, const S* dy, S* dx, int64_t rows, int64_t C,
@@ -28,6 +28,8 @@ template <class S, class T> void rows_backward_apply(const S* x, const S* dy, S*
                                                      bool stream);
 template <class S, class T> void backward_apply(const S* x, const S* dy, S* dx, int64_t n, T c1, T c2, T shift, T c3, const T* w,
                                                 bool stream);
+void merge_columns(const double* mean, const double* m2, int64_t stride, int64_t C, int64_t parts,
+                   int64_t part_n, int64_t last_n, double* out_mean, double* out_m2);
 
 }  // namespace NK_ISA_NS
 }  // namespace nk

@@ -1,7 +1,7 @@
 // Channels-last primitives: a block of `rows` rows of C channels (one sample's spatial
 // positions), every channel its own column. The same sums as reduce.cpp and apply.cpp, per
-// column: results for channel c go to out[c*stride], so they land in the slots the
-// channels-first passes use and the merges after them are shared.
+// column: results for channel c go to out[c], a chunk's C results side by side, and
+// merge_columns merges such rows of results C columns at a time.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -52,9 +52,10 @@ void column_blocks(int64_t C, const F& f) {
 // kRowGroup rows: a load of every coefficient per element made it load-bound in cache (four
 // loads per vector of x), and up to 128 float channels are still read a whole row at a time.
 constexpr int64_t kRowGroup = 8;
+constexpr int64_t kBackwardRows = 4;
 
 template <class S>
-void rows_moments(const S* x, int64_t rows, int64_t C, double* mean, double* m2, int64_t stride) {
+void rows_moments(const S* x, int64_t rows, int64_t C, double* mean, double* m2) {
   using T = compute_t<S>;
   constexpr int64_t L = lanes<T>;
   const int64_t cv = C - C % L;  // columns in whole vectors; the rest go one by one
@@ -94,18 +95,18 @@ void rows_moments(const S* x, int64_t rows, int64_t C, double* mean, double* m2,
   for (int64_t c = 0; c < C; ++c) {
     const double s = double(sd[c]), q = double(sdd[c]) - s * s * inv_rows;
     if (!std::isfinite(shift[c])) {  // an Inf (or NaN) in the column: mean +-Inf or NaN, variance NaN
-      mean[c * stride] = double(shift[c]);
-      m2[c * stride] = std::numeric_limits<double>::quiet_NaN();
+      mean[c] = double(shift[c]);
+      m2[c] = std::numeric_limits<double>::quiet_NaN();
       continue;
     }
-    mean[c * stride] = double(shift[c]) + s * inv_rows;
-    m2[c * stride] = q < 0 ? 0 : q;  // NaN stays NaN
+    mean[c] = double(shift[c]) + s * inv_rows;
+    m2[c] = q < 0 ? 0 : q;  // NaN stays NaN
   }
 }
 
 template <class S>
 void rows_dot(const S* x, const S* dy, int64_t rows, int64_t C, const compute_t<S>* shift,
-              double* A, double* B, int64_t stride) {
+              double* A, double* B) {
   using T = compute_t<S>;
   constexpr int64_t L = lanes<T>;
   const int64_t cv = C - C % L;
@@ -132,8 +133,8 @@ void rows_dot(const S* x, const S* dy, int64_t rows, int64_t C, const compute_t<
       sb[c] += g;
     }
   for (int64_t c = 0; c < C; ++c) {
-    A[c * stride] = double(sa[c]);
-    B[c * stride] = double(sb[c]);
+    A[c] = double(sa[c]);
+    B[c] = double(sb[c]);
   }
 }
 
@@ -186,21 +187,34 @@ static void rows_backward_apply_impl(const S* x, const S* dy, S* dx, int64_t row
                                      const T* c1, const T* c2, const T* shift, const T* c3, bool stream) {
   constexpr int64_t L = lanes<T>;
   // Scalar math: dx = c1[c]*dy + c2[c]*(x - shift[c]) + c3[c]   (without x: c1[c]*dy + c3[c])
-  // Row by row, coefficients loaded per element: four arrays do not fit in registers beside a
-  // whole row's block, and half-row sweeps measured slower out of cache.
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t o = r * C;
-    int64_t c = 0;
-    for (; c + L <= C; c += L) {
-      const vec<T> g = load(c1 + c) * load_as(dy + o + c);
-      put(dx + o + c, HasX ? g + (load(c2 + c) * (load_as(x + o + c) - load(shift + c)) + load(c3 + c))
-                           : g + load(c3 + c), stream);
+  // In cache, kBackwardRows rows at a time, each column vector's four coefficients loaded once
+  // for all of them: loaded per element, they made six loads per vector of dx, and the pass
+  // load-bound. A streamed (out-of-cache) output goes row by row, in memory order, which
+  // measured faster there than several rows' streams at once.
+  const int64_t cv = C - C % L;
+  int64_t r0 = 0;
+  auto group = [&](auto nrows) {
+    constexpr int64_t NR = decltype(nrows)::value;
+    for (int64_t c = 0; c < cv; c += L) {
+      const vec<T> v1 = load(c1 + c), v3 = load(c3 + c);
+      const vec<T> v2 = HasX ? load(c2 + c) : v1, vs = HasX ? load(shift + c) : v1;
+      for (int64_t r = r0; r < r0 + NR; ++r) {
+        const int64_t o = r * C + c;
+        const vec<T> g = v1 * load_as(dy + o);
+        put(dx + o, HasX ? g + (v2 * (load_as(x + o) - vs) + v3) : g + v3, stream);
+      }
     }
-    for (; c < C; ++c) {
-      const T g = c1[c] * to_compute(dy[o + c]);
-      dx[o + c] = from_compute<S>(HasX ? g + (c2[c] * (to_compute(x[o + c]) - shift[c]) + c3[c]) : g + c3[c]);
-    }
-  }
+    for (int64_t r = r0; r < r0 + NR; ++r)
+      for (int64_t c = cv; c < C; ++c) {
+        const int64_t o = r * C + c;
+        const T g = c1[c] * to_compute(dy[o]);
+        dx[o] = from_compute<S>(HasX ? g + (c2[c] * (to_compute(x[o]) - shift[c]) + c3[c]) : g + c3[c]);
+      }
+    r0 += NR;
+  };
+  if (!stream)
+    while (r0 + kBackwardRows <= rows) group(std::integral_constant<int64_t, kBackwardRows>{});
+  while (r0 < rows) group(std::integral_constant<int64_t, 1>{});
 }
 
 template <class S, class T>
@@ -211,10 +225,54 @@ void rows_backward_apply(const S* x, const S* dy, S* dx, int64_t rows, int64_t C
   else rows_backward_apply_impl<S, false>(x, dy, dx, rows, C, c1, c2, shift, c3, stream);
 }
 
+// Chan et al.'s merge (moments.h: merge) of the moments of L columns at once; both sides' counts
+// are shared by every column.
+struct ColumnMoments {
+  double n;
+  vec<double> mean, m2;
+};
+
+inline ColumnMoments merge_moments(const ColumnMoments& a, const ColumnMoments& b) {
+  if (b.n == 0) return a;
+  if (a.n == 0) return b;
+  const double n = a.n + b.n, wb = b.n / n;
+  const vec<double> delta = b.mean - a.mean;
+  const vec<double> mean = a.mean + delta * wb, m2 = a.m2 + b.m2 + delta * delta * (a.n * wb);
+  // Columns where either mean is an Inf or NaN: their sum, and an unknown (NaN) spread.
+  const auto finite = (a.mean - a.mean == 0) & (b.mean - b.mean == 0);
+  const vec<double> nan = splat(std::numeric_limits<double>::quiet_NaN());
+  return {n, finite ? mean : a.mean + b.mean, finite ? m2 : nan};
+}
+
+void merge_columns(const double* mean, const double* m2, int64_t stride, int64_t C, int64_t parts,
+                   int64_t part_n, int64_t last_n, double* out_mean, double* out_m2) {
+  constexpr int64_t L = lanes<double>;
+  // Parts in order, alternately into two chains (each merge waits on its chain's last), then
+  // the two: merge_stored's order.
+  auto columns = [&](int64_t c, auto load_cols, auto store_cols) {
+    ColumnMoments even{0, {}, {}}, odd{0, {}, {}};
+    for (int64_t j = 0; j < parts; ++j) {
+      const ColumnMoments m{double(j + 1 == parts ? last_n : part_n), load_cols(mean + j * stride + c),
+                            load_cols(m2 + j * stride + c)};
+      if (j % 2) odd = merge_moments(odd, m);
+      else even = merge_moments(even, m);
+    }
+    const ColumnMoments all = merge_moments(even, odd);
+    store_cols(out_mean + c, all.mean), store_cols(out_m2 + c, all.m2);
+  };
+  int64_t c = 0;
+  for (; c + L <= C; c += L)
+    columns(c, [](const double* p) { return load(p); }, [](double* p, vec<double> v) { store(p, v); });
+  // The last C % L columns through the same vector code, zero-padded: a column's bits do not
+  // depend on which columns a call covers.
+  if (const size_t bytes = size_t(C - c) * sizeof(double); bytes > 0)
+    columns(c, [&](const double* p) { vec<double> v{}; std::memcpy(&v, p, bytes); return v; },
+            [&](double* p, vec<double> v) { std::memcpy(p, &v, bytes); });
+}
+
 #define NK_INSTANTIATE(S, T)                                                                      \
-  template void rows_moments<S>(const S*, int64_t, int64_t, double*, double*, int64_t);           \
-  template void rows_dot<S>(const S*, const S*, int64_t, int64_t, const T*, double*, double*,     \
-                            int64_t);                                                             \
+  template void rows_moments<S>(const S*, int64_t, int64_t, double*, double*);                    \
+  template void rows_dot<S>(const S*, const S*, int64_t, int64_t, const T*, double*, double*);    \
   template void rows_affine<S, T>(const S*, S*, int64_t, int64_t, const T*, const T*, const T*,   \
                                   const S*, bool, bool);                                          \
   template void rows_backward_apply<S, T>(const S*, const S*, S*, int64_t, int64_t, const T*,     \

@@ -12,7 +12,8 @@ static Kernels<S> kernels_of() {
 }
 
 KernelTable make_table() {
-  return KernelTable{NK_ISA_NAME, kernels_of<float>(), kernels_of<double>(), kernels_of<f16>(), kernels_of<bf16>()};
+  return KernelTable{NK_ISA_NAME,        kernels_of<float>(), kernels_of<double>(), kernels_of<f16>(),
+                     kernels_of<bf16>(), &merge_columns};
 }
 
 }  // namespace NK_ISA_NS

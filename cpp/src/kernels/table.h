@@ -37,10 +37,10 @@ struct Kernels {
                          const T* w, bool stream);
 
   // Channels-last: the same four operations on `rows` rows of C channels, with per-channel
-  // shifts and coefficients; per-channel sums go to out[c*stride].
-  void (*rows_moments)(const S* x, int64_t rows, int64_t C, double* mean, double* m2, int64_t stride);
+  // shifts and coefficients; per-channel sums go to out[c].
+  void (*rows_moments)(const S* x, int64_t rows, int64_t C, double* mean, double* m2);
   void (*rows_dot)(const S* x, const S* dy, int64_t rows, int64_t C, const T* shift, double* A,
-                   double* B, int64_t stride);
+                   double* B);
   void (*rows_affine)(const S* x, S* y, int64_t rows, int64_t C, const T* shift, const T* a,
                       const T* b, const S* residual, bool relu, bool stream);
   void (*rows_backward_apply)(const S* x, const S* dy, S* dx, int64_t rows, int64_t C, const T* c1,
@@ -53,6 +53,12 @@ struct KernelTable {
   Kernels<double> f64;
   Kernels<f16> f16s;
   Kernels<bf16> bf16s;
+  // Per column c < C: the moments of `parts` parts, part j's (mean, m2) at mean[j*stride + c]
+  // with part_n elements (the last one last_n), merged (moments.h: merge) in part order,
+  // alternately into two chains and then the two, to out_mean[c], out_m2[c]. Columns go a
+  // vector at a time: a channels-last chunk's C moments are side by side.
+  void (*merge_columns)(const double* mean, const double* m2, int64_t stride, int64_t C,
+                        int64_t parts, int64_t part_n, int64_t last_n, double* out_mean, double* out_m2);
   template <class S> const Kernels<S>& get() const;
 };
 template <> inline const Kernels<float>& KernelTable::get<float>() const { return f32; }
