@@ -62,6 +62,7 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
   const bool sums = batch_stats || dweight || dbias;
   const bool col_sums = col && (dweight || dbias);
   auto channel_weight = [&](int64_t c) { return !col && weight ? double(weight[c]) : 1.0; };
+  const bool one_set = plan.num_sample_sets == 1;  // every sample's group c/cpg pools all samples
 
   // Per chunk of plane p: A = sum dy*w*(x - shift), B = sum dy*w (slot(p, j)); then
   // per plane, summed in chunk order. Chunks of one plane may run on different threads. With a
@@ -241,21 +242,34 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
       for (int64_t p = 0; p < P; ++p) plane_sums(p);
     if (dx) {
       std::vector<GroupCoef> gcoef(G);
-      for (int64_t g = 0; g < G; ++g) {
-        group_sums(g, &Ag[g], &Bg[g]);
-        gcoef[g] = group_coefficients(g, Ag[g], Bg[g]);
+      if (one_set && plan.channels_per_group == 1) {
+        // BatchNorm: group c is channel c of every sample. Sample after sample over all
+        // channels: each group's sum in group_sums' order, a row of planes at a time.
+        std::fill(Ag.begin(), Ag.end(), 0.0), std::fill(Bg.begin(), Bg.end(), 0.0);
+        if (batch_stats)
+          for (int64_t n = 0; n < plan.N; ++n)
+            for (int64_t c = 0; c < C; ++c) add_plane(n * C + c, c, &Ag[c], &Bg[c]);
+      } else {
+        for (int64_t g = 0; g < G; ++g) group_sums(g, &Ag[g], &Bg[g]);
       }
-      std::vector<Coef> coef(P);
-      for_each_plane_of_groups(plan, [&](int64_t p, int64_t c, int64_t g) { coef[p] = coefficients(gcoef[g], c); });
+      for (int64_t g = 0; g < G; ++g) gcoef[g] = group_coefficients(g, Ag[g], Bg[g]);
       if (plan.channels_last) {
-        std::vector<T> c1(P), c2(P), c3(P);
-        for (int64_t p = 0; p < P; ++p) c1[p] = coef[p].c1, c2[p] = coef[p].c2, c3[p] = coef[p].c3;
+        // Per plane of the samples whose coefficients differ: with one set, the first sample's
+        // serve every sample.
+        const int64_t samples = one_set ? std::min<int64_t>(plan.N, 1) : plan.N;
+        std::vector<T> c1(samples * C), c2(samples * C), c3(samples * C);
+        for_each_plane_of_groups(plan, [&](int64_t p, int64_t c, int64_t g) {
+          const Coef e = coefficients(gcoef[g], c);
+          c1[p] = e.c1, c2[p] = e.c2, c3[p] = e.c3;
+        }, samples);
         parallel_for(ch.items(), ch.work(), [&](int64_t it) {
-          const int64_t s = ch.start(it), p0 = ch.sample(it) * C;
+          const int64_t s = ch.start(it), p0 = ch.sample(it) * C, q0 = one_set ? 0 : p0;
           k.rows_backward_apply(xs ? xs + s : nullptr, dy + s, dx + s, ch.length(ch.chunk(it)), C,
-                                &c1[p0], &c2[p0], &xhat.shift[p0], &c3[p0], stream);
+                                &c1[q0], &c2[q0], &xhat.shift[p0], &c3[q0], stream);
         });
       } else {
+        std::vector<Coef> coef(P);
+        for_each_plane_of_groups(plan, [&](int64_t p, int64_t c, int64_t g) { coef[p] = coefficients(gcoef[g], c); });
         parallel_for(ch.items(), ch.work(), [&](int64_t it) {
           apply_chunk(ch.segment(it), ch.chunk(it), coef[ch.segment(it)]);
         });
@@ -281,15 +295,16 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
       }
     });
   } else if (!col && (dweight || dbias)) {
-    for (int64_t c = 0; c < C; ++c) {
-      double gs = 0, bs = 0;
-      for (int64_t n = 0; n < plan.N; ++n) {
-        const int64_t p = n * C + c;
-        gs += double(xhat.a[p]) * Ap[p] + double(xhat.b[p]) * Bp[p];
-        bs += Bp[p];
+    // Per channel, its planes in sample order; sample after sample over all channels.
+    std::vector<double> gs(C, 0.0), bs(C, 0.0);
+    for (int64_t n = 0; n < plan.N; ++n)
+      for (int64_t c = 0, p = n * C; c < C; ++c, ++p) {
+        gs[c] += double(xhat.a[p]) * Ap[p] + double(xhat.b[p]) * Bp[p];
+        bs[c] += Bp[p];
       }
-      if (dweight) dweight[c] = T(gs);
-      if (dbias) dbias[c] = T(bs);
+    for (int64_t c = 0; c < C; ++c) {
+      if (dweight) dweight[c] = T(gs[c]);
+      if (dbias) dbias[c] = T(bs[c]);
     }
   }
 }

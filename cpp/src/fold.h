@@ -1,6 +1,7 @@
 // The fold: per-group statistics and per-channel parameters become per-plane scalars, so the
 // passes over the tensor are one fused multiply-add per element. O(planes), in double.
 #pragma once
+#include <algorithm>
 #include <vector>
 
 #include "normkit/plan.h"
@@ -37,11 +38,12 @@ PlaneCoef<T> plane_coef(const Plan& plan, int64_t p, const double* mean, const d
   return channel_coef(plan, plan.group_of(p / plan.C, c), c, mean, rstd, weight, bias);
 }
 
-// f(p, c, g) for every plane p = n*C + c, in order, with its group g: no division per plane.
+// f(p, c, g) for every plane p = n*C + c of the first `samples` samples (all by default), in
+// order, with its group g: no division per plane.
 template <class F>
-void for_each_plane_of_groups(const Plan& plan, const F& f) {
+void for_each_plane_of_groups(const Plan& plan, const F& f, int64_t samples = -1) {
   const int64_t cpg = plan.channels_per_group, gps = plan.groups_per_set();
-  for (int64_t n = 0, p = 0; n < plan.N; ++n)
+  for (int64_t n = 0, p = 0; n < (samples < 0 ? plan.N : samples); ++n)
     for (int64_t gi = 0, c = 0; gi < gps; ++gi)
       for (int64_t i = 0; i < cpg; ++i, ++c, ++p) f(p, c, plan.sample_group[n] * gps + gi);
 }
@@ -54,11 +56,16 @@ struct PlaneAffine {
               const T* bias)
       : shift(plan.planes()), a(plan.planes()), b(plan.planes()) {
     // Without a division per plane: 2048 planes' worth of integer divisions was a tenth of a
-    // small GroupNorm backward, all of it before the threads start.
+    // small GroupNorm backward, all of it before the threads start. With one statistics set
+    // (BatchNorm) every sample's planes have the first sample's coefficients: copied, not
+    // recomputed.
+    const int64_t computed = plan.num_sample_sets == 1 ? std::min<int64_t>(plan.N, 1) : plan.N;
     for_each_plane_of_groups(plan, [&](int64_t p, int64_t c, int64_t g) {
       const PlaneCoef<T> f = channel_coef(plan, g, c, mean, rstd, weight, bias);
       shift[p] = f.shift, a[p] = f.a, b[p] = f.b;
-    });
+    }, computed);
+    for (std::vector<T>* v : {&shift, &a, &b})
+      for (int64_t p = computed * plan.C; p < plan.planes(); p += plan.C) std::copy_n(v->begin(), plan.C, v->begin() + p);
   }
 };
 

@@ -221,8 +221,11 @@ void test_channels_last(const std::string& isa) {
           }
       std::vector<T> w(C), b(C);
       for (int64_t c = 0; c < C; ++c) { w[c] = T(0.5 + 0.1 * c); b[c] = T(-0.2 * c); }
-      for (bool per_channel : {true, false}) {
-        nk::Plan plan = per_channel ? nk::plan_per_channel(N, C, S) : nk::plan_per_sample_group(N, C, S, G);
+      for (int kind : {0, 1, 2}) {  // per channel (BatchNorm), per sample group, per channel in sets
+        const bool per_channel = kind != 1;
+        nk::Plan plan = kind == 0 ? nk::plan_per_channel(N, C, S)
+                        : kind == 1 ? nk::plan_per_sample_group(N, C, S, G)
+                                    : nk::plan_per_channel_in_sets(N, C, S, {1, 0});
         if (per_channel && N * S == 1) continue;
         nk::Plan plan_t = plan;
         plan_t.channels_last = true;
@@ -357,6 +360,7 @@ void test_traversals_agree(const std::string& isa) {
       {"gn-nhwc", channels_last(nk::plan_per_sample_group(5, 12, 700, 3))},
       {"in-nhwc", channels_last(nk::plan_per_sample_group(4, 7, 300, 7))},
       {"bn-nhwc", channels_last(nk::plan_per_channel(4, 7, 300))},
+      {"sets-nhwc", channels_last(nk::plan_per_channel_in_sets(6, 3, 50, {0, 1, 0, 2, 1, 0}))},
   };
   const int threads_before = nk::get_num_threads();
   nk::set_cache_bytes(64 << 10);  // these small plans then take the large-tensor paths: blocks, streaming
