@@ -91,7 +91,8 @@ struct Chunks {
   // sample n keeps its C planes' results side by side from slot(n*C, j), as a rows kernel writes
   // them and merge_columns reads them.
   int64_t slot(int64_t seg, int64_t j) const {
-    return channels_last ? ((seg / C) * per_seg + j) * C + seg % C : seg * per_seg + j;
+    if (!channels_last) return seg * per_seg + j;
+    return C > 0 ? ((seg / C) * per_seg + j) * C + seg % C : 0;  // C = 0: no slots at all
   }
   // First element of chunk j of segment seg (channels-first).
   int64_t start(int64_t seg, int64_t j) const { return seg * len + j * step; }

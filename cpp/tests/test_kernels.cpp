@@ -337,6 +337,28 @@ nk::Plan channels_last(nk::Plan p) {
   return p;
 }
 
+// Plans with no channels (N > 0, S > 0, C = 0) in either layout run every entry point, at 1
+// and 64 threads, and write nothing: a channels-last chunk slot once divided by C.
+void test_no_channels(const std::string& isa) {
+  const int threads_before = nk::get_num_threads();
+  for (bool last : {false, true})
+    for (int kind : {0, 1})
+      for (int threads : {1, 64}) {
+        nk::Plan plan = kind == 0 ? nk::plan_per_channel(2, 0, 16) : nk::plan_per_sample_group(3, 0, 5000, 1);
+        plan.channels_last = last;
+        nk::set_num_threads(threads);
+        std::vector<float> x(1, 1.f), y(1, 7.f), w(1, 2.f), b(1, 3.f), dw(1, 5.f), db(1, 6.f);
+        std::vector<double> m(4, -1), v(4, -1), r(4, -1);
+        nk::group_moments<float>(plan, x.data(), m.data(), v.data());
+        nk::normalize_batch_stats<float>(plan, x.data(), 1e-5, w.data(), b.data(), y.data(), m.data(), v.data(), r.data());
+        nk::normalize_backward<float>(plan, x.data(), x.data(), m.data(), r.data(), w.data(), true, y.data(), dw.data(), db.data());
+        const bool untouched = y[0] == 7.f && dw[0] == 5.f && db[0] == 6.f && m[0] == -1 && v[0] == -1 && r[0] == -1;
+        check(untouched, isa + " no channels, " + (last ? "channels-last" : "channels-first") + " plan " +
+                             std::to_string(kind) + " threads=" + std::to_string(threads));
+      }
+  nk::set_num_threads(threads_before);
+}
+
 // The traversals (moments.h: GroupBlocks, by_sample) run the same chunks and merges: 1 thread
 // takes block by block of groups (channels-last: sample by sample), 64 threads with fewer than
 // 256 blocks (samples) pass by pass. Their results, and the
@@ -431,6 +453,7 @@ int main() {
     test_rows_streaming<float>(isa);
     test_rows_streaming<double>(isa);
     test_merge_columns(isa);
+    test_no_channels(isa);
     test_traversals_agree<float>(isa);
     test_traversals_agree<double>(isa);
   }
