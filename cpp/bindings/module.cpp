@@ -117,6 +117,57 @@ py::object backward_fast(const Saved& saved, py::handle dy_obj, bool want_weight
   return py::make_tuple(std::move(dx), std::move(dw), std::move(db));
 }
 
+// The steps a variant calls one by one (normkit.h: apply_coefficients): coefficient arrays of
+// num_sample_sets*C float64 values.
+const double* coefficients(const nk::Plan& plan, const py::object& a, const char* name) {
+  return required<double>(a, plan.num_sample_sets * plan.C, name, false);
+}
+
+template <class S>
+void apply_coefficients_impl(const nk::Plan& plan, const py::array& x, const py::object& mean,
+                             const py::object& scale, const py::object& offset, const py::object& y,
+                             const py::object& residual, bool relu) {
+  nk::check_step_plan(plan);  // before any size is computed from it
+  const int64_t n = plan.planes() * plan.S;
+  const S* px = required<S>(x, n, "x", false);
+  S* py_ = required<S>(y, n, "out", true);
+  const S* pr = data_of<S>(residual, n, "residual", false);
+  const double *pm = coefficients(plan, mean, "mean"), *ps = coefficients(plan, scale, "scale"),
+               *po = coefficients(plan, offset, "offset");
+  py::gil_scoped_release nogil;
+  nk::apply_coefficients<S>(plan, px, pm, ps, po, py_, pr, relu);
+}
+
+template <class S>
+py::tuple backward_sums_impl(const nk::Plan& plan, const py::array& x, const py::object& dy,
+                             const py::object& mean) {
+  nk::check_step_plan(plan);
+  const int64_t n = plan.planes() * plan.S;
+  const S *px = required<S>(x, n, "x", false), *pdy = required<S>(dy, n, "dy", false);
+  const double* pm = coefficients(plan, mean, "mean");
+  py::array_t<double> sum_dy(plan.num_sample_sets * plan.C), sum_dy_xmu(plan.num_sample_sets * plan.C);
+  double *pb = sum_dy.mutable_data(), *pa = sum_dy_xmu.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    nk::backward_sums<S>(plan, px, pdy, pm, pb, pa);
+  }
+  return py::make_tuple(sum_dy, sum_dy_xmu);
+}
+
+template <class S>
+void backward_apply_coefficients_impl(const nk::Plan& plan, const py::object& x, const py::array& dy,
+                                      const py::object& mean, const py::object& c1,
+                                      const py::object& c2, const py::object& c3, const py::object& dx) {
+  nk::check_step_plan(plan);
+  const int64_t n = plan.planes() * plan.S;
+  const S *px = data_of<S>(x, n, "x", false), *pdy = required<S>(dy, n, "dy", false);
+  S* pdx = required<S>(dx, n, "dx", true);
+  const double *pm = coefficients(plan, mean, "mean"), *p1 = coefficients(plan, c1, "c1"),
+               *p2 = coefficients(plan, c2, "c2"), *p3 = coefficients(plan, c3, "c3");
+  py::gil_scoped_release nogil;
+  nk::backward_apply_coefficients<S>(plan, px, pdy, pm, p1, p2, p3, pdx);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -128,6 +179,7 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("C", &nk::Plan::C)
       .def_readonly("S", &nk::Plan::S)
       .def_readonly("channels_per_group", &nk::Plan::channels_per_group)
+      .def_readonly("num_sample_sets", &nk::Plan::num_sample_sets)
       .def_readonly("skip_mean", &nk::Plan::skip_mean)
       .def_readonly("column_affine", &nk::Plan::column_affine)
       .def_readwrite("channels_last", &nk::Plan::channels_last)
@@ -139,7 +191,7 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("plan_per_channel", &nk::plan_per_channel, py::arg("N"), py::arg("C"), py::arg("S"));
   m.def("plan_per_channel_in_sets", &nk::plan_per_channel_in_sets, py::arg("N"), py::arg("C"),
-        py::arg("S"), py::arg("set_of_sample"));
+        py::arg("S"), py::arg("set_of_sample"), py::arg("channels_per_group") = 1);
   m.def("plan_per_sample_group", &nk::plan_per_sample_group, py::arg("N"), py::arg("C"),
         py::arg("S"), py::arg("num_groups"));
   m.def("plan_per_row", &nk::plan_per_row, py::arg("rows"), py::arg("M"), py::arg("skip_mean"));
@@ -203,6 +255,35 @@ PYBIND11_MODULE(_core, m) {
     });
   }, py::arg("plan"), py::arg("x"), py::arg("dy"), py::arg("mean"), py::arg("rstd"),
      py::arg("weight"), py::arg("batch_stats"), py::arg("dx"), py::arg("dweight"), py::arg("dbias"));
+
+  m.def("apply_coefficients", [](const nk::Plan& plan, const py::array& x, const py::object& mean,
+                                 const py::object& scale, const py::object& offset,
+                                 const py::object& out, const py::object& residual, bool relu) {
+    dispatch(x, [&](auto s) {
+      apply_coefficients_impl<decltype(s)>(plan, x, mean, scale, offset, out, residual, relu);
+    });
+  }, py::arg("plan"), py::arg("x"), py::arg("mean"), py::arg("scale"), py::arg("offset"),
+     py::arg("out"), py::arg("residual") = py::none(), py::arg("relu") = false,
+     "out = (x - mean[k])*scale[k] + offset[k], k = set*C + channel of each plane.");
+
+  m.def("backward_sums", [](const nk::Plan& plan, const py::array& x, const py::object& dy,
+                            const py::object& mean) {
+    py::tuple out;
+    dispatch(x, [&](auto s) { out = backward_sums_impl<decltype(s)>(plan, x, dy, mean); });
+    return out;
+  }, py::arg("plan"), py::arg("x"), py::arg("dy"), py::arg("mean"),
+     "(sum dy, sum dy*(x - mean[k])) per (set, channel) k, float64 arrays.");
+
+  m.def("backward_apply_coefficients", [](const nk::Plan& plan, const py::object& x,
+                                          const py::array& dy, const py::object& mean,
+                                          const py::object& c1, const py::object& c2,
+                                          const py::object& c3, const py::object& dx) {
+    dispatch(dy, [&](auto s) {
+      backward_apply_coefficients_impl<decltype(s)>(plan, x, dy, mean, c1, c2, c3, dx);
+    });
+  }, py::arg("plan"), py::arg("x"), py::arg("dy"), py::arg("mean"), py::arg("c1"), py::arg("c2"),
+     py::arg("c3"), py::arg("dx"),
+     "dx = c1[k]*dy + c2[k]*(x - mean[k]) + c3[k] per (set, channel) k; x may be None (no x term).");
 
   def_saved(m);
   def_forward_fast(m);

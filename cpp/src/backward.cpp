@@ -44,6 +44,32 @@ struct ColumnPartials {
   }
 };
 
+// Pass by pass, per plane p: Ap[p] = sum dy*(x - shift[p]), Bp[p] = sum dy, each chunk's sums
+// in its slot of (A, B) (scratch of ch.count), then each plane's chunks added in chunk order:
+// the order of every backward path, so the same bits whatever the traversal.
+template <class S>
+void plane_dot_sums(const Plan& plan, const Chunks& ch, const S* x, const S* dy,
+                    const compute_t<S>* shift, double* A, double* B, double* Ap, double* Bp) {
+  const Kernels<S>& k = kernels().get<S>();
+  const int64_t C = plan.C;
+  if (plan.channels_last) {
+    parallel_for(ch.items(), ch.work(), [&](int64_t it) {
+      const int64_t j = ch.chunk(it), p0 = ch.sample(it) * C, slot = ch.slot(p0, j);
+      k.rows_dot(x + ch.start(it), dy + ch.start(it), ch.length(j), C, &shift[p0], &A[slot], &B[slot]);
+    });
+  } else {
+    parallel_for(ch.items(), ch.work(), [&](int64_t it) {
+      const int64_t p = ch.segment(it), j = ch.chunk(it), s = ch.start(p, j), slot = ch.slot(p, j);
+      k.dot(x + s, dy + s, nullptr, ch.length(j), shift[p], &A[slot], &B[slot]);
+    });
+  }
+  parallel_for(plan.planes(), ch.per_seg * 4, [&](int64_t p) {
+    double a = 0, b = 0;
+    for (int64_t j = 0; j < ch.per_seg; ++j) a += A[ch.slot(p, j)], b += B[ch.slot(p, j)];
+    Ap[p] = a, Bp[p] = b;
+  });
+}
+
 template <class S>
 void normalize_backward(const Plan& plan, const S* x, const S* dy, const double* mean,
                         const double* rstd, const compute_t<S>* weight, bool batch_stats, S* dx,
@@ -221,25 +247,17 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
     });
   } else {
     // Pass by pass: sums over the whole tensor, the fold, then dx over the whole tensor.
-    if (plan.channels_last && sums) {
-      parallel_for(ch.items(), ch.work(), [&](int64_t it) {
-        const int64_t j = ch.chunk(it), p0 = ch.sample(it) * C, slot = ch.slot(p0, j);
-        k.rows_dot(x + ch.start(it), dy + ch.start(it), ch.length(j), C, &xhat.shift[p0], &A[slot], &B[slot]);
-      });
-    } else if (col_sums) {
+    if (col_sums) {
       // Items are (block, chunk): a block's rows write their own chunk columns of its partial.
       parallel_for(blocks * ch.per_seg, kRowBlock * ch.work(), [&](int64_t item) {
         const int64_t blk = item / ch.per_seg, j = item % ch.per_seg;
         partials.zero(blk, blk + 1, j * ch.step, ch.length(j));
         for (int64_t p = blk * kRowBlock; p < std::min(P, (blk + 1) * kRowBlock); ++p) chunk_sums(p, j);
       });
-    } else if (sums) {
-      parallel_for(ch.items(), ch.work(), [&](int64_t it) { chunk_sums(ch.segment(it), ch.chunk(it)); });
-    }
-    if (sums && plan.channels_last)
-      for (int64_t n = 0; n < plan.N; ++n) sample_plane_sums(n);
-    else if (sums)
       for (int64_t p = 0; p < P; ++p) plane_sums(p);
+    } else if (sums) {
+      plane_dot_sums(plan, ch, x, dy, xhat.shift.data(), A, B, Ap.data(), Bp.data());
+    }
     if (dx) {
       std::vector<GroupCoef> gcoef(G);
       if (one_set && plan.channels_per_group == 1) {
@@ -309,10 +327,72 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
   }
 }
 
+// The steps a variant calls one by one (normkit.h), coefficients per (set, channel) k.
+// sum_dy_xmu is about the caller's mean: the chunks sum about its rounding to T, the shift,
+// and the difference is added back in double: sum dy*(x - mean) = A + (shift - mean)*B.
+template <class S>
+void backward_sums(const Plan& plan, const S* x, const S* dy, const double* mean, double* sum_dy,
+                   double* sum_dy_xmu) {
+  using T = compute_t<S>;
+  check_step_plan(plan);
+  const int64_t P = plan.planes(), K = plan.num_sample_sets * plan.C;
+  const Chunks ch = Chunks::planes(plan);
+  std::vector<T> shift(P);
+  for (int64_t n = 0, p = 0; n < plan.N; ++n)
+    for (int64_t c = 0; c < plan.C; ++c, ++p) shift[p] = T(mean[set_channel(plan, n, c)]);
+  const ChunkResults scratch(ch.count);
+  std::vector<double> Ap(P), Bp(P);
+  plane_dot_sums(plan, ch, x, dy, shift.data(), scratch.first, scratch.second, Ap.data(), Bp.data());
+  std::fill_n(sum_dy, K, 0.0), std::fill_n(sum_dy_xmu, K, 0.0);
+  for (int64_t n = 0, p = 0; n < plan.N; ++n)  // sample order
+    for (int64_t c = 0; c < plan.C; ++c, ++p) {
+      const int64_t k = set_channel(plan, n, c);
+      sum_dy[k] += Bp[p];
+      sum_dy_xmu[k] += Ap[p] + (double(shift[p]) - mean[k]) * Bp[p];
+    }
+}
+
+// dx = c1*dy + c2*(x - mean) + c3 = c1*dy + c2*(x - shift) + (c3 + c2*(shift - mean)).
+template <class S>
+void backward_apply_coefficients(const Plan& plan, const S* x, const S* dy, const double* mean,
+                                 const double* c1, const double* c2, const double* c3, S* dx) {
+  using T = compute_t<S>;
+  check_step_plan(plan);
+  const Kernels<S>& k = kernels().get<S>();
+  const Chunks ch = Chunks::planes(plan);
+  const int64_t P = plan.planes(), C = plan.C;
+  std::vector<T> a(P), b(P), shift(P), c(P);  // c1, c2, shift, c3 per plane
+  for (int64_t n = 0, p = 0; n < plan.N; ++n)
+    for (int64_t ch_ = 0; ch_ < C; ++ch_, ++p) {
+      const int64_t q = set_channel(plan, n, ch_);
+      shift[p] = T(mean[q]), a[p] = T(c1[q]), b[p] = T(c2[q]);
+      c[p] = T(c3[q] + c2[q] * (double(shift[p]) - mean[q]));
+    }
+  const bool stream = stream_output(P * plan.S * int64_t(sizeof(S)));
+  if (plan.channels_last) {
+    parallel_for(ch.items(), ch.work(), [&](int64_t it) {
+      const int64_t s = ch.start(it), p0 = ch.sample(it) * C;
+      k.rows_backward_apply(x ? x + s : nullptr, dy + s, dx + s, ch.length(ch.chunk(it)), C, &a[p0],
+                            &b[p0], &shift[p0], &c[p0], stream);
+    });
+    return;
+  }
+  parallel_for(ch.items(), ch.work(), [&](int64_t it) {
+    const int64_t p = ch.segment(it), j = ch.chunk(it), s = ch.start(p, j);
+    k.backward_apply(x ? x + s : nullptr, dy + s, dx + s, ch.length(j), a[p], b[p], shift[p], c[p],
+                     nullptr, stream);
+  });
+}
+
 #define NK_INSTANTIATE(S)                                                                    \
   template void normalize_backward<S>(const Plan&, const S*, const S*, const double*,        \
                                       const double*, const compute_t<S>*, bool, S*,          \
-                                      compute_t<S>*, compute_t<S>*);
+                                      compute_t<S>*, compute_t<S>*);          \
+  template void backward_sums<S>(const Plan&, const S*, const S*, const double*, double*,    \
+                                 double*);                                                   \
+  template void backward_apply_coefficients<S>(const Plan&, const S*, const S*,              \
+                                               const double*, const double*, const double*,  \
+                                               const double*, S*);
 NK_INSTANTIATE(float)
 NK_INSTANTIATE(double)
 NK_INSTANTIATE(f16)

@@ -52,6 +52,7 @@ void for_each_plane_of_groups(const Plan& plan, const F& f, int64_t samples = -1
 template <class T>
 struct PlaneAffine {
   std::vector<T> shift, a, b;
+  explicit PlaneAffine(int64_t planes) : shift(planes), a(planes), b(planes) {}
   PlaneAffine(const Plan& plan, const double* mean, const double* rstd, const T* weight,
               const T* bias)
       : shift(plan.planes()), a(plan.planes()), b(plan.planes()) {
@@ -68,5 +69,24 @@ struct PlaneAffine {
       for (int64_t p = computed * plan.C; p < plan.planes(); p += plan.C) std::copy_n(v->begin(), plan.C, v->begin() + p);
   }
 };
+
+// The coefficient index of plane (n, c) for the steps a variant calls one by one (normkit.h:
+// apply_coefficients): its sample's set, then its channel, so sets*C coefficients.
+inline int64_t set_channel(const Plan& plan, int64_t n, int64_t c) { return plan.sample_group[n] * plan.C + c; }
+
+// Per plane, from per-(set, channel) coefficients: y = (x - mean)*scale + offset, as
+// channel_coef does it (the shift is the mean rounded to T; b carries the rounding).
+template <class T>
+PlaneAffine<T> set_channel_affine(const Plan& plan, const double* mean, const double* scale,
+                                  const double* offset) {
+  PlaneAffine<T> f(plan.planes());
+  for (int64_t n = 0, p = 0; n < plan.N; ++n)
+    for (int64_t c = 0; c < plan.C; ++c, ++p) {
+      const int64_t k = set_channel(plan, n, c);
+      const T sh = T(mean[k]);
+      f.shift[p] = sh, f.a[p] = T(scale[k]), f.b[p] = T(offset[k] + (double(sh) - mean[k]) * scale[k]);
+    }
+  return f;
+}
 
 }  // namespace nk

@@ -96,14 +96,14 @@ void group_moments(const Plan& plan, const S* x, double* mean, double* var) {
   });
 }
 
+// y over every plane with its coefficients f (per plane): the one output pass of normalize and
+// apply_coefficients.
 template <class S>
-void normalize(const Plan& plan, const S* x, const double* mean, const double* rstd,
-               const compute_t<S>* weight, const compute_t<S>* bias, S* y, const S* residual,
-               bool relu) {
-  check_plan(plan);
+void apply_planes(const Plan& plan, const S* x, const PlaneAffine<compute_t<S>>& f,
+                  const compute_t<S>* weight, const compute_t<S>* bias, S* y, const S* residual,
+                  bool relu) {
   const Kernels<S>& k = kernels().get<S>();
   const Chunks ch = Chunks::planes(plan);
-  const PlaneAffine<compute_t<S>> f(plan, mean, rstd, weight, bias);
   const bool stream = large_output<S>(plan);
   if (plan.channels_last) {
     parallel_for(ch.items(), ch.work(), [&](int64_t it) {
@@ -118,6 +118,23 @@ void normalize(const Plan& plan, const S* x, const double* mean, const double* r
     apply_plane(k, plan, ch, p, ch.chunk(it), {f.shift[p], f.a[p], f.b[p]}, x, y, weight, bias,
                 residual, relu, stream);
   });
+}
+
+template <class S>
+void normalize(const Plan& plan, const S* x, const double* mean, const double* rstd,
+               const compute_t<S>* weight, const compute_t<S>* bias, S* y, const S* residual,
+               bool relu) {
+  check_plan(plan);
+  apply_planes(plan, x, PlaneAffine<compute_t<S>>(plan, mean, rstd, weight, bias), weight, bias, y,
+               residual, relu);
+}
+
+template <class S>
+void apply_coefficients(const Plan& plan, const S* x, const double* mean, const double* scale,
+                        const double* offset, S* y, const S* residual, bool relu) {
+  check_step_plan(plan);
+  apply_planes<S>(plan, x, set_channel_affine<compute_t<S>>(plan, mean, scale, offset), nullptr,
+                  nullptr, y, residual, relu);
 }
 
 // normalize_batch_stats sample by sample, for channels-last per-sample plans (moments.h: by_sample).
@@ -236,7 +253,9 @@ void normalize_batch_stats(const Plan& plan, const S* x, double eps, const compu
                              const compute_t<S>*, const compute_t<S>*, S*, const S*, bool);      \
   template void normalize_batch_stats<S>(const Plan&, const S*, double, const compute_t<S>*,     \
                                          const compute_t<S>*, S*, double*, double*, double*,     \
-                                         const S*, bool);
+                                         const S*, bool);                             \
+  template void apply_coefficients<S>(const Plan&, const S*, const double*, const double*,       \
+                                      const double*, S*, const S*, bool);
 NK_INSTANTIATE(float)
 NK_INSTANTIATE(double)
 NK_INSTANTIATE(f16)

@@ -28,8 +28,10 @@ Plan plan_per_channel(int64_t N, int64_t C, int64_t S) {
   return checked(std::move(p));
 }
 
-Plan plan_per_channel_in_sets(int64_t N, int64_t C, int64_t S, std::vector<int64_t> set_of_sample) {
+Plan plan_per_channel_in_sets(int64_t N, int64_t C, int64_t S, std::vector<int64_t> set_of_sample,
+                              int64_t channels_per_group) {
   Plan p = base_plan(N, C, S);
+  p.channels_per_group = channels_per_group;
   int64_t sets = 0;
   for (int64_t s : set_of_sample) sets = s + 1 > sets ? s + 1 : sets;
   p.sample_group = std::move(set_of_sample);
@@ -69,6 +71,11 @@ void check_plan(const Plan& p) {
   if (p.channels_last && p.column_affine) fail("a per-column affine needs channels-first order");
   for (int64_t s : p.sample_group)
     if (s < 0 || s >= p.num_sample_sets) fail("sample_group entry out of range");
+}
+
+void check_step_plan(const Plan& p) {
+  check_plan(p);
+  if (p.column_affine) throw std::invalid_argument("invalid plan: the steps take per-(set, channel) coefficients, not a per-column affine");
 }
 
 std::vector<int64_t> group_counts(const Plan& p) {

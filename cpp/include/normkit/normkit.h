@@ -47,6 +47,25 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
                         const double* rstd, const compute_t<S>* weight, bool batch_stats, S* dx,
                         compute_t<S>* dweight, compute_t<S>* dbias);
 
+// The same steps one by one, for a research variant: statistics (group_moments of a plan whose
+// sets are the variant's sub-batches), then O(groups) arithmetic of the variant's own (the fold),
+// then one of these passes. Their coefficients are per (set, channel): entry
+// k = sample_group[n]*C + c serves plane (n, c), num_sample_sets*C entries, double. The plan
+// must not have a per-column affine. Bitwise identical for any thread count.
+//   apply_coefficients           y = (x - mean[k])*scale[k] + offset[k] [+ residual] [relu]
+//   backward_sums                sum_dy[k] = sum dy, sum_dy_xmu[k] = sum dy*(x - mean[k])
+//   backward_apply_coefficients  dx = c1[k]*dy + c2[k]*(x - mean[k]) + c3[k] (x may be null
+//                                when every c2 is 0)
+template <class S>
+void apply_coefficients(const Plan& plan, const S* x, const double* mean, const double* scale,
+                        const double* offset, S* y, const S* residual = nullptr, bool relu = false);
+template <class S>
+void backward_sums(const Plan& plan, const S* x, const S* dy, const double* mean, double* sum_dy,
+                   double* sum_dy_xmu);
+template <class S>
+void backward_apply_coefficients(const Plan& plan, const S* x, const S* dy, const double* mean,
+                                 const double* c1, const double* c2, const double* c3, S* dx);
+
 void set_num_threads(int n);
 int get_num_threads();
 // The last-level cache size the traversal and the streaming-store choice assume; 0 (the

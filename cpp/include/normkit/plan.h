@@ -38,8 +38,10 @@ struct Plan {
 
 // One statistics set per channel, pooled over the batch (BatchNorm).
 Plan plan_per_channel(int64_t N, int64_t C, int64_t S);
-// Sample n pooled with the samples whose id equals its id (ghost batches, modalities).
-Plan plan_per_channel_in_sets(int64_t N, int64_t C, int64_t S, std::vector<int64_t> set_of_sample);
+// Sample n pooled with the samples whose id equals its id (ghost batches, modalities), each
+// set's channels in groups of channels_per_group (ghost batches mixed with GroupNorm).
+Plan plan_per_channel_in_sets(int64_t N, int64_t C, int64_t S, std::vector<int64_t> set_of_sample,
+                              int64_t channels_per_group = 1);
 // Each sample's channels in groups of C/G (GroupNorm; G == C is InstanceNorm).
 Plan plan_per_sample_group(int64_t N, int64_t C, int64_t S, int64_t num_groups);
 // Each row of M elements is one group, affine per column (LayerNorm, RMSNorm with skip_mean).
@@ -48,5 +50,7 @@ Plan plan_per_row(int64_t rows, int64_t M, bool skip_mean);
 // Elements in each statistics group (the same for every group of one set).
 std::vector<int64_t> group_counts(const Plan& plan);
 void check_plan(const Plan& plan);  // throws std::invalid_argument
+// check_plan, and no per-column affine: the plan of the steps (normkit.h: apply_coefficients).
+void check_step_plan(const Plan& plan);
 
 }  // namespace nk
