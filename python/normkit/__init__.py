@@ -1,8 +1,10 @@
 """normkit: fast CPU normalization layers, forward and backward, on NumPy arrays."""
-from . import _core, functional
+from . import _core, data, functional
 from .fold import fold_batchnorm
-from .layers import (BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d,
-                     InstanceNorm2d, InstanceNorm3d, LayerNorm, NormLayer, RMSNorm)
+from .layers import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchRenorm2d, ExtendedBatchNorm2d,
+                     FrozenBatchNorm2d, GhostBatchNorm2d, GroupNorm, InstanceNorm1d,
+                     InstanceNorm2d, InstanceNorm3d, LayerNorm, ModalityBatchNorm2d, NormLayer,
+                     RMSNorm, renorm_schedule)
 
 __version__ = "0.1.0"
 
@@ -26,4 +28,6 @@ def cpu_info():
 
 __all__ = ["functional", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceNorm1d",
            "InstanceNorm2d", "InstanceNorm3d", "GroupNorm", "LayerNorm", "RMSNorm", "NormLayer",
+           "ExtendedBatchNorm2d", "ModalityBatchNorm2d", "GhostBatchNorm2d", "BatchRenorm2d",
+           "FrozenBatchNorm2d", "renorm_schedule", "data",
            "set_num_threads", "get_num_threads", "cpu_info", "fold_batchnorm", "__version__"]

@@ -29,6 +29,9 @@ class _BatchNorm(NormLayer):
             self._buffer("num_batches_tracked", np.array(0, dtype=np.int64))
         else:
             self.running_mean = self.running_var = self.num_batches_tracked = None
+        # After eval(): normalize with the batch's own statistics, leaving the running ones alone
+        # (arXiv 1802.07590; it couples the samples of a test batch).
+        self.use_batch_stats = False
 
     def reset_running_stats(self):
         if self.track_running_stats:
@@ -44,11 +47,12 @@ class _BatchNorm(NormLayer):
     def _forward(self, x):
         # torch's _BatchNorm.forward: the factor, the counter, and when batch stats are used.
         factor = 0.0 if self.momentum is None else self.momentum
-        use_batch_stats = self.training or self.running_mean is None
+        use_batch_stats = self.training or self.running_mean is None or self.use_batch_stats
         if self.training and self.track_running_stats:
             count = int(self.num_batches_tracked) + 1
             factor = 1.0 / count if self.momentum is None else self.momentum
-        track = not self.training or self.track_running_stats
+        # The running statistics go in when they normalize (eval) or are updated (training).
+        track = self.track_running_stats if self.training else not use_batch_stats
         running_mean, running_var = (self.running_mean, self.running_var) if track else (None, None)
         fast = _core.forward_fast(_core.FAST_BATCH, x, self.num_features, 0, None, self._ranks_mask,
                                   self.layout == "NHWC", self.weight, self.bias, running_mean,

@@ -16,12 +16,15 @@ class _InstanceNorm(_BatchNorm):
 
     def _forward(self, x):
         d = self._spatial_dims
-        use_input_stats = self.training or not self.track_running_stats
+        use_input_stats = self.training or not self.track_running_stats or self.use_batch_stats
         momentum = self.momentum if self.momentum is not None else 0.0  # as torch
+        # use_batch_stats in eval: the running statistics are neither used nor updated.
+        running_mean, running_var = ((None, None) if not self.training and self.use_batch_stats
+                                     else (self.running_mean, self.running_var))
         # The common case in one call: batched input with num_features channels.
         fast = _core.forward_fast(_core.FAST_INSTANCE, x, self.num_features, 0, None, 1 << (d + 2),
-                                  self.layout == "NHWC", self.weight, self.bias, self.running_mean,
-                                  self.running_var, use_input_stats, momentum, self.eps,
+                                  self.layout == "NHWC", self.weight, self.bias, running_mean,
+                                  running_var, use_input_stats, momentum, self.eps,
                                   self._param_bits)
         if fast is not None:
             return fast  # (y, Saved)
@@ -36,7 +39,7 @@ class _InstanceNorm(_BatchNorm):
                                     channel_dim=x.ndim - d - 1 if self.layout == "NCHW" else -1)
             warnings.warn(f"input has {xb.shape[channel_dim]} channels but num_features is {self.num_features}; "
                           "num_features is not used because affine=False", UserWarning)
-        y, saved = F.instance_norm_impl(xb, self.running_mean, self.running_var, self.weight,
+        y, saved = F.instance_norm_impl(xb, running_mean, running_var, self.weight,
                                         self.bias, use_input_stats, momentum, self.eps, self.layout)
         saved.shape = shape
         return y.reshape(shape), saved

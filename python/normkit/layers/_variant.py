@@ -1,0 +1,209 @@
+"""What every research variant shares: a variant is a plan plus two folds over the core's steps.
+
+The tensor is read as (N, C, S) planes. A variant's plan says which samples pool (its sets: ghost
+batches, modalities, or every sample on its own), and the core gives, per *cell* (set, channel),
+k = set*C + c:
+
+  statistics  _core.group_moments(plan, x)          mean_k, var_k over the cell's planes
+  apply       _core.apply_coefficients(...)         y = (x - mean_k)*scale_k + offset_k
+  sums        _core.backward_sums(...)              B_k = sum dy, A_k = sum dy*(x - mean_k)
+  backward    _core.backward_apply_coefficients()   dx = c1_k*dy + c2_k*(x - mean_k) + c3_k
+
+Between them sit the variant's two folds, NumPy on O(cells) arrays: statistics -> (mean, scale,
+offset), and sums -> (c1, c2, c3) and the parameter gradients. A cross-cell reduction (EBN's one
+variance, a ghost batch's channel group) is a sum over cells, never a pass over the tensor.
+Where a variant's backward is the standard one over its plan (ghost batches, modalities, Batch
+Renorm with its effective weight) it runs the fused core backward instead, which reads x and dy
+from memory once.
+"""
+import numpy as np
+
+from .. import _checks, _core, _engine
+from .base import NormLayer
+
+
+# -- pooled standardization: the fold that BatchNorm, ghost batches and modalities share ---------
+#
+# Cells k with n_k elements, mean m_k and biased variance v_k pool into groups G(k) (a channel of
+# a ghost batch, a channel group of it, a modality's channel). Per group, exactly (Chan):
+#   M_g = sum n_k,  mu_g = sum n_k m_k / M_g,  var_g = sum n_k (v_k + (m_k - mu_g)^2) / M_g.
+# Backward of y = w_k (x - mu_g) r_g + b_k with batch statistics, g = dy*w (tests/reference.py:
+# standardize_backward): dx = r w dy - r Bw_g/M_g - r^3 (x - mu_g) Aw_g/M_g, with
+# Bw_g = sum_k w_k B_k and Aw_g = sum_k w_k A_k over the group's cells; dw_k = r A_k, db_k = B_k.
+
+def pool(n, mean, var, group, num_groups):
+    """(M, mu, var) per group of the cells' (n, mean, var); empty cells count for nothing."""
+    n = np.asarray(n, np.float64)
+    has = n > 0
+    m = np.where(has, mean, 0.0)
+    M = np.bincount(group, n, num_groups)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mu = np.bincount(group, n * m, num_groups) / M
+        dev = np.where(has, var + (m - mu[group]) ** 2, 0.0)
+        return M, mu, np.bincount(group, n * dev, num_groups) / M
+
+
+def standard_backward_coefficients(B, A, w, r, M, group, num_groups):
+    """(c1, c2, c3) per cell for batch statistics pooled into groups (the derivation above)."""
+    Bw = np.bincount(group, w * B, num_groups)
+    Aw = np.bincount(group, w * A, num_groups)
+    rg = r[group]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return rg * w, (-rg ** 3 * Aw / M)[group], (-rg * Bw / M)[group]
+
+
+def per_channel(v, C):
+    """A per-cell array (sets*C) summed over the sets: the per-channel parameter gradient."""
+    return np.asarray(v).reshape(-1, C).sum(axis=0)
+
+
+# -- what a backward needs -------------------------------------------------------------------------
+
+class StepSaved:
+    """A step-path backward: the plan, x, the cells' centring means (the sums are about them)
+    and the variant's backward fold, sums -> (c1, c2, c3, grads)."""
+
+    __slots__ = ("plan", "x", "mean", "fold", "shape")
+
+    def __init__(self, plan, x, mean, fold, shape):
+        self.plan, self.x, self.mean, self.fold, self.shape = plan, x, mean, fold, shape
+
+    def backward(self, dy):
+        B, A = _core.backward_sums(self.plan, self.x, dy, self.mean)
+        c1, c2, c3, grads = self.fold(B, A)
+        c1, c2, c3 = (np.ascontiguousarray(np.broadcast_to(c, self.mean.shape), np.float64) for c in (c1, c2, c3))
+        dx = _core.empty_like(self.x)
+        _core.backward_apply_coefficients(self.plan, self.x if np.any(c2) else None, dy, self.mean,
+                                          c1, c2, c3, dx)
+        return dx.reshape(self.shape), grads
+
+
+class FusedSaved:
+    """A backward that is the core's standard one over the variant's plan (_engine.Saved), with
+    the parameter gradients then mapped by `grads(dweight, dbias)`."""
+
+    __slots__ = ("saved", "want_weight", "want_bias", "grads")
+
+    def __init__(self, saved, want_weight, want_bias, grads):
+        self.saved, self.want_weight, self.want_bias, self.grads = saved, want_weight, want_bias, grads
+
+    def backward(self, dy):
+        fast = _core.backward_fast(self.saved, dy, self.want_weight, self.want_bias)
+        dx, dw, db = fast if fast is not None else _engine.backward(self.saved, dy, self.want_weight, self.want_bias)
+        return dx.reshape(self.saved.shape), self.grads(dw, db)
+
+
+# -- the layer base -----------------------------------------------------------------------------------
+
+class VariantLayer(NormLayer):
+    """Base of the research variants over (N, C, H, W) input (or (N, H, W, C) with layout="NHWC").
+
+    Holds what the batch-statistics variants share: eps, the per-channel affine, the layout, the
+    input checks, `use_batch_stats`, and a backward that hands the saved forward its dy.
+    """
+
+    _ranks = " (N, C, H, W)"
+
+    def _setup(self, num_features, eps, affine, dtype, layout, affine_shape=None):
+        self.layout = _checks.layout_arg(layout)
+        self.num_features = _checks.positive_int(num_features, "num_features")
+        self.eps = _checks.nonneg_float(eps, "eps")
+        self.affine = bool(affine)
+        self._set_dtype(dtype)
+        shape = (self.num_features,) if affine_shape is None else affine_shape
+        self._param("weight", np.ones(shape, self.dtype) if self.affine else None)
+        self._param("bias", np.zeros(shape, self.dtype) if self.affine else None)
+        # After eval(): normalize with the batch's own statistics, leaving the running ones alone.
+        self.use_batch_stats = False
+
+    def _running_stats(self, momentum, track_running_stats, mean_shape, var_shape):
+        """momentum, and running_mean (zeros), running_var (ones) and num_batches_tracked as
+        torch's BatchNorm keeps them (None without track_running_stats)."""
+        self.momentum = _checks.momentum_value(momentum)
+        self.track_running_stats = bool(track_running_stats)
+        if self.track_running_stats:
+            self._buffer("running_mean", np.zeros(mean_shape, self.dtype))
+            self._buffer("running_var", np.ones(var_shape, self.dtype))
+            self._buffer("num_batches_tracked", np.array(0, dtype=np.int64))
+        else:
+            self.running_mean = self.running_var = self.num_batches_tracked = None
+
+    def _input(self, x):
+        """x checked (a 4-D array of the layer's dtype family with num_features channels), as a
+        contiguous array, and its (N, C, S) planes."""
+        nhwc = self.layout == "NHWC"
+        _checks.layer_input(x, self.dtype, ndims=(4,), channels=self.num_features,
+                            ranks=" (N, H, W, C)" if nhwc else self._ranks,
+                            channel_dim=-1 if nhwc else 1)
+        xc = _checks.contiguous(x)
+        return xc, _engine.planes(xc, self.layout)
+
+    def _plan(self, plan):
+        return _engine.in_layout(plan, self.layout)
+
+    def _batch_stats(self):
+        """Statistics from the batch: in training, and in eval with use_batch_stats."""
+        return self.training or self.use_batch_stats
+
+    def _channel_params(self, x):
+        """weight and bias as float64 arrays (ones and zeros without an affine)."""
+        shape = (self.num_features,) if self.weight is None else self.weight.shape
+        w = np.ones(shape) if self.weight is None else self.weight.astype(np.float64)
+        b = np.zeros(shape) if self.bias is None else self.bias.astype(np.float64)
+        return w, b
+
+    def _param_grads(self, dw, db):
+        """The grads dict of the affine parameters from float64 gradients of their shape."""
+        if self.weight is None:
+            return {}
+        return {"weight": np.asarray(dw).reshape(self.weight.shape).astype(self.weight.dtype),
+                "bias": np.asarray(db).reshape(self.bias.shape).astype(self.bias.dtype)}
+
+    def _apply(self, plan, x, mean, scale, offset):
+        """y = (x - mean_k)*scale_k + offset_k, in x's shape (empty x: no core call)."""
+        y = _core.empty_like(x)
+        if x.size:
+            K = plan.num_sample_sets * plan.C
+            _core.apply_coefficients(plan, x, *(np.ascontiguousarray(np.broadcast_to(a, (K,)), np.float64)
+                                                for a in (mean, scale, offset)), y)
+        return y
+
+    def _fused_saved(self, plan, x, mean, rstd, weight, grads):
+        """The core's standard backward over `plan` with per-channel `weight` (of the layer's
+        parameter dtype, or None); `grads(dw, db)` maps its gradients to the layer's."""
+        saved = _engine.Saved(plan, x, np.ascontiguousarray(mean, np.float64),
+                              np.ascontiguousarray(rstd, np.float64), weight, True, x.shape)
+        want = self.weight is not None
+        return FusedSaved(saved, want, want, grads)
+
+    def backward(self, dy):
+        """Gradient w.r.t. the input of the last forward; parameter gradients go to `grads`."""
+        saved = self._saved
+        if saved is None:
+            raise _checks.StateError(
+                f"backward: expected a forward call first, got none on this {type(self).__name__}")
+        shape = saved.saved.shape if isinstance(saved, FusedSaved) else saved.shape
+        x = saved.saved.x if isinstance(saved, FusedSaved) else saved.x
+        dy = _checks.grad_output(dy, shape, x.dtype)
+        if x.size == 0:
+            self.grads = self._param_grads(np.zeros(self.weight.shape), np.zeros(self.weight.shape)) \
+                if self.weight is not None else {}
+            return _core.empty_like(x).reshape(shape)
+        dx, self.grads = saved.backward(dy)
+        return dx
+
+    def _grad_names(self):
+        return [n for n in ("weight", "bias") if getattr(self, n, None) is not None]
+
+
+def running_factor(layer):
+    """The running-statistics factor of a training step: momentum, or 1/count for momentum=None
+    (a cumulative average), num_batches_tracked counting this step; as torch's _BatchNorm."""
+    count = int(layer.num_batches_tracked) + 1
+    return 1.0 / count if layer.momentum is None else layer.momentum
+
+
+def unbiased(var, count):
+    """var * count/(count - 1), NaN for a single value (torch's running_var of one element)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 1, var * count / np.maximum(count - 1, 1), np.nan)

@@ -1,0 +1,158 @@
+"""GhostBatchNorm2d: ghost batches, BN+GN mixing, and inference example weighing."""
+import numpy as np
+
+from .. import _checks, _core, _engine
+from ._variant import (StepSaved, VariantLayer, per_channel, pool, running_factor, unbiased)
+
+
+def example_weight_value(v):
+    f = _checks._real(v, "example_weight")
+    if not 0.0 <= f <= 1.0:
+        raise ValueError(f"example_weight: expected a number in [0, 1], got {v!r}")
+    return f
+
+
+class GhostBatchNorm2d(VariantLayer):
+    """Ghost batch normalization with the BN+GN combination and inference example weighing
+    (Summers and Dinneen, "Four Things Everyone Should Know to Improve Batch Normalization",
+    arXiv 1906.03548).
+
+    Training: the batch is cut into consecutive ghost batches of `ghost_batch_size` examples (the
+    last may be smaller); each ghost batch is normalized with its own statistics (mean, biased
+    variance) per group of `channels_per_group` channels over (examples, group channels, H, W),
+    then the per-channel affine. channels_per_group=1 is ghost BN; more is the paper's BN+GN
+    combination for very small batches. running_mean and running_var (C,) follow torch's
+    BatchNorm from the whole batch (mean, unbiased variance), one update per forward.
+
+    Inference with example weighing, alpha = example_weight (a plain attribute, tunable after
+    training): per sample i and channel group, with population moments P1 = mean of
+    running_mean, P2 = mean of (running_var + running_mean^2) over the group's channels and the
+    sample's own E1_i, E2_i = mean of x and of x^2 over the group's channels and (H, W):
+
+        mu_i = (1 - alpha) P1 + alpha E1_i,  var_i = max(0, (1 - alpha) P2 + alpha E2_i - mu_i^2),
+        y = weight (x - mu_i) / sqrt(var_i + eps) + bias.
+
+    alpha = 0 with channels_per_group = 1 is BatchNorm's inference. The backward in inference is
+    exact (through E1_i and E2_i when alpha > 0).
+    """
+
+    def __init__(self, num_features, ghost_batch_size, channels_per_group=1, example_weight=0.0,
+                 eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, dtype=np.float32,
+                 layout="NCHW"):
+        super().__init__()
+        self.ghost_batch_size = _checks.positive_int(ghost_batch_size, "ghost_batch_size")
+        self.channels_per_group = _checks.positive_int(channels_per_group, "channels_per_group")
+        C = _checks.positive_int(num_features, "num_features")
+        _checks.divisor(self.channels_per_group, C, "channels_per_group", "num_features")
+        self.example_weight = example_weight
+        self._setup(C, eps, affine, dtype, layout)
+        self._running_stats(momentum, track_running_stats, C, C)
+
+    @property
+    def example_weight(self):
+        return self._example_weight
+
+    @example_weight.setter
+    def example_weight(self, v):
+        self._example_weight = example_weight_value(v)
+
+    def _forward(self, x):
+        x, (N, C, S) = self._input(x)
+        if self._batch_stats() or self.running_mean is None:
+            return self._ghost_batches(x, N, C, S)
+        return self._weighted_inference(x, N, C, S)
+
+    def _ghost_batches(self, x, N, C, S):
+        cpg, gbs = self.channels_per_group, self.ghost_batch_size
+        sets = (np.arange(N) // gbs).tolist()
+        sizes = np.bincount(sets, minlength=1)  # examples per ghost batch
+        if self.training and N and sizes.min() * cpg * S == 1:
+            raise ValueError(f"input: expected more than 1 value per (ghost batch, channel group) when "
+                             f"training, got a ghost batch of {sizes.min()} example(s) in input of shape "
+                             f"{x.shape} with channels_per_group={cpg}")
+        plan = self._plan(_core.plan_per_channel_in_sets(N, C, S, sets, cpg))
+        if x.size == 0:
+            return self._apply(plan, x, 0.0, 1.0, 0.0), StepSaved(plan, x, np.zeros(C), None, x.shape)
+        y = _core.empty_like(x)
+        if cpg == 1:
+            # Cells are the groups: the standard fused forward over the plan.
+            mean, var, rstd = _core.normalize_batch_stats(plan, x, self.eps, self.weight, self.bias, y)
+            cell_mean, cell_var = mean, var
+        else:
+            # Per (ghost batch, channel) cells, pooled into the channel groups: the running
+            # statistics need the channels' own moments, which the groups' do not give.
+            cells = self._plan(_core.plan_per_channel_in_sets(N, C, S, sets))
+            cell_mean, cell_var = _core.group_moments(cells, x)
+            groups = np.arange(cell_mean.size) // cpg
+            _, mean, var = pool(np.repeat(sizes * S, C), cell_mean, cell_var, groups, groups[-1] + 1)
+            rstd = 1.0 / np.sqrt(var + self.eps)
+            w, b = self._channel_params(x)
+            y = self._apply(cells, x, mean[groups], rstd[groups] * np.tile(w, sizes.size), np.tile(b, sizes.size))
+        saved = self._fused_saved(plan, x, mean, rstd, self.weight, self._param_grads)
+        if self.training and self.track_running_stats:
+            # The whole batch's per-channel statistics, pooled from the ghost batches' cells.
+            channel = np.tile(np.arange(C), sizes.size)
+            _, bmean, bvar = pool(np.repeat(sizes * S, C), cell_mean, cell_var, channel, C)
+            factor = running_factor(self)
+            _engine.running_update(self.running_mean, bmean, factor)
+            _engine.running_update(self.running_var, unbiased(bvar, N * S), factor)
+            self.num_batches_tracked += 1
+        return y, saved
+
+    def _weighted_inference(self, x, N, C, S):
+        cpg, alpha = self.channels_per_group, self.example_weight
+        Gc = C // cpg
+        rm = self.running_mean.astype(np.float64)
+        rv = self.running_var.astype(np.float64)
+        w, b = self._channel_params(x)
+        group = np.arange(C) // cpg
+        if alpha == 0.0:
+            # The population's moments alone: a per-channel affine, one pass.
+            plan = self._plan(_core.plan_per_channel(N, C, S))
+            if cpg == 1:
+                mu, var = rm, rv
+            else:
+                P1 = np.bincount(group, rm, Gc) / cpg
+                P2 = np.bincount(group, rv + rm ** 2, Gc) / cpg
+                mu, var = P1[group], np.maximum(P2 - P1 ** 2, 0.0)[group]
+            r = 1.0 / np.sqrt(var + self.eps)
+            fold = lambda B, A: (r * w, 0.0, 0.0, self._param_grads(r * A, B))
+            return self._apply(plan, x, mu, r * w, b), StepSaved(plan, x, mu, fold, x.shape)
+        # Each sample's own moments per (sample, channel) cell, pooled into its channel groups.
+        plan = self._plan(_core.plan_per_channel_in_sets(N, C, S, list(range(N))))
+        if x.size == 0:
+            return self._apply(plan, x, 0.0, 1.0, 0.0), StepSaved(plan, x, np.zeros(N * C), None, x.shape)
+        m, v = _core.group_moments(plan, x)
+        m, v = m.reshape(N, C), v.reshape(N, C)
+        E1 = np.stack([np.bincount(group, m[n], Gc) for n in range(N)]) / cpg  # (N, Gc)
+        E2 = np.stack([np.bincount(group, v[n] + m[n] ** 2, Gc) for n in range(N)]) / cpg
+        P1 = np.bincount(group, rm, Gc) / cpg
+        P2 = np.bincount(group, rv + rm ** 2, Gc) / cpg
+        mu = (1 - alpha) * P1 + alpha * E1
+        raw = (1 - alpha) * P2 + alpha * E2 - mu ** 2
+        clamped = raw < 0
+        var = np.where(clamped, 0.0, raw)
+        rs = 1.0 / np.sqrt(var + self.eps)  # (N, Gc)
+        M = cpg * S
+        cell_mu, cell_rs = mu[:, group].reshape(-1), rs[:, group].reshape(-1)
+        wk, bk = np.tile(w, N), np.tile(b, N)
+
+        # dx = rs w dy + c2 (x - mu) + c3 with, per (sample, group), Aw = sum w A, Bw = sum w B:
+        #   c2 = -alpha rs^3 Aw / M (0 where var_i is clamped), c3 = -alpha rs Bw / M
+        # (docs/ghost_batch_norm.md; tests/reference.py: ghost_batch_norm_eval_backward).
+        def fold(B, A):
+            Aw = (wk * A).reshape(N, Gc, cpg).sum(axis=2)
+            Bw = (wk * B).reshape(N, Gc, cpg).sum(axis=2)
+            c2 = np.where(clamped, 0.0, -alpha * rs ** 3 * Aw / M)
+            c3 = -alpha * rs * Bw / M
+            return (cell_rs * wk, c2[:, group].reshape(-1), c3[:, group].reshape(-1),
+                    self._param_grads(per_channel(cell_rs * A, C), per_channel(B, C)))
+
+        y = self._apply(plan, x, cell_mu, cell_rs * wk, bk)
+        return y, StepSaved(plan, x, cell_mu, fold, x.shape)
+
+    def extra_repr(self):
+        return (f"{self.num_features}, ghost_batch_size={self.ghost_batch_size}, "
+                f"channels_per_group={self.channels_per_group}, example_weight={self.example_weight}, "
+                f"eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}")

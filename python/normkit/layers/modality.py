@@ -1,0 +1,133 @@
+"""ModalityBatchNorm2d: batch statistics per modality sub-batch (MBN, domain-specific BN)."""
+import numpy as np
+
+from .. import _checks, _core, _engine
+from ._variant import StepSaved, VariantLayer, per_channel, standard_backward_coefficients, unbiased
+
+
+class ModalityBatchNorm2d(VariantLayer):
+    """Modality batch normalization (arXiv 2103.04778): `layer(x, modality)`.
+
+    A batch mixes samples of `num_modalities` modalities (RGB and depth, two domains); each
+    modality's samples are normalized with their own statistics, per (modality, channel) over the
+    modality's samples and (H, W), whatever order the samples come in:
+
+        y_n = weight (x_n - mu_{m(n),c}) / sqrt(var_{m(n),c} + eps) + bias,
+
+    with one shared affine (weight, bias of shape (C,)) or, with separate_affine=True, one per
+    modality (shape (num_modalities, C): domain-specific batch normalization). running_mean and
+    running_var have shape (num_modalities, C), each row updated from its modality's samples as
+    torch's BatchNorm does; a modality absent from a batch keeps its running statistics.
+    Inference normalizes each sample with its own modality's running statistics. `modality` is an
+    integer array of shape (N,) in [0, num_modalities), in training and in eval.
+    """
+
+    def __init__(self, num_features, num_modalities=2, separate_affine=False, eps=1e-5,
+                 momentum=0.1, affine=True, track_running_stats=True, dtype=np.float32,
+                 layout="NCHW"):
+        super().__init__()
+        self.num_modalities = _checks.positive_int(num_modalities, "num_modalities")
+        self.separate_affine = bool(separate_affine)
+        M = self.num_modalities
+        C = _checks.positive_int(num_features, "num_features")
+        self._setup(C, eps, affine, dtype, layout, (M, C) if self.separate_affine else None)
+        self._running_stats(momentum, track_running_stats, (M, C), (M, C))
+        # momentum=None: each modality's cumulative average counts the batches it was in. The
+        # counts are not in state_dict (its keys are API.md's); load_state_dict sets each to
+        # num_batches_tracked, exact when every modality was in every batch.
+        self._batches_of_modality = np.zeros(M, np.int64)
+
+    def forward(self, x, modality):
+        y, self._saved = self._forward(x, modality)
+        return y
+
+    def _modality(self, modality, N):
+        """modality as int64 (N,) in [0, num_modalities), checked before anything changes."""
+        m = np.asarray(modality) if not isinstance(modality, np.ndarray) else modality
+        if m.dtype == np.bool_ or not np.issubdtype(m.dtype, np.integer):
+            raise TypeError(f"modality: expected an integer array of shape ({N},), got dtype {m.dtype}")
+        if m.shape != (N,):
+            raise ValueError(f"modality: expected shape ({N},) (one modality per sample), got {m.shape}")
+        if N and (m.min() < 0 or m.max() >= self.num_modalities):
+            raise ValueError(f"modality: expected values in [0, {self.num_modalities}), got values in "
+                             f"[{m.min()}, {m.max()}]")
+        return m.astype(np.int64)
+
+    def _forward(self, x, modality):
+        x, (N, C, S) = self._input(x)
+        mod = self._modality(modality, N)
+        M = self.num_modalities
+        samples = np.bincount(mod, minlength=M)  # per modality
+        # Cells are (modality, channel); the plan has as many sets as the largest modality + 1.
+        plan = self._plan(_core.plan_per_channel_in_sets(N, C, S, mod.tolist()))
+        K = plan.num_sample_sets * C
+        w, b = self._channel_params(x)
+        wk = np.broadcast_to(w, (M, C)).reshape(-1)[:K]  # per cell
+        bk = np.broadcast_to(b, (M, C)).reshape(-1)[:K]
+        cell_grads = lambda dw, db: self._param_grads(
+            *((np.pad(g, (0, M * C - K)).reshape(M, C) if self.separate_affine else per_channel(g, C))
+              for g in (dw, db)))
+        if not (self._batch_stats() or self.running_mean is None):
+            mean = self.running_mean.astype(np.float64).reshape(-1)[:K]
+            r = 1.0 / np.sqrt(self.running_var.astype(np.float64).reshape(-1)[:K] + self.eps)
+            fold = lambda B, A: (r * wk, 0.0, 0.0, cell_grads(r * A, B))
+            return self._apply(plan, x, mean, r * wk, bk), StepSaved(plan, x, mean, fold, x.shape)
+        if self.training:
+            present = samples[samples > 0]
+            if present.size and present.min() * S == 1:
+                raise ValueError(f"input: expected more than 1 value per (modality, channel) when "
+                                 f"training, got modality {int(np.argmax((samples * S) == 1))} with "
+                                 f"one value per channel in input of shape {x.shape}")
+        if x.size == 0:
+            return self._apply(plan, x, 0.0, 1.0, 0.0), StepSaved(plan, x, np.zeros(K), None, x.shape)
+        if not self.separate_affine:
+            # Statistics per (modality, channel) and the shared affine: the standard fused
+            # forward and backward over the plan.
+            y = _core.empty_like(x)
+            mean, var, rstd = _core.normalize_batch_stats(plan, x, self.eps, self.weight, self.bias, y)
+            saved = self._fused_saved(plan, x, mean, rstd, self.weight, lambda dw, db: self._param_grads(dw, db))
+        else:
+            mean, var = _core.group_moments(plan, x)
+            count = np.repeat(samples[:plan.num_sample_sets] * S, C)
+            # An absent modality's cells (NaN statistics) have no planes: zeros, not NaN, in
+            # its coefficients and gradients.
+            cmean = np.where(count > 0, mean, 0.0)
+            rstd = np.where(count > 0, 1.0 / np.sqrt(np.where(count > 0, var, 1.0) + self.eps), 0.0)
+            cell = np.arange(K)
+
+            def fold(B, A):
+                c1, c2, c3 = standard_backward_coefficients(B, A, wk, rstd, count, cell, K)
+                return c1, c2, c3, cell_grads(rstd * A, B)
+
+            y = self._apply(plan, x, cmean, rstd * wk, bk)
+            saved = StepSaved(plan, x, cmean, fold, x.shape)
+        if self.training and self.track_running_stats:
+            self._update_running(mean.reshape(-1, C), var.reshape(-1, C), samples, S)
+            self.num_batches_tracked += 1
+        return y, saved
+
+    def _update_running(self, mean, var, samples, S):
+        """Each present modality's row moves toward its batch statistics (unbiased variance)."""
+        for m in np.flatnonzero(samples[:mean.shape[0]]):
+            self._batches_of_modality[m] += 1
+            factor = 1.0 / self._batches_of_modality[m] if self.momentum is None else self.momentum
+            _engine.running_update(self.running_mean[m], mean[m], factor)
+            _engine.running_update(self.running_var[m], unbiased(var[m], samples[m] * S), factor)
+
+    def reset_running_stats(self):
+        if self.track_running_stats:
+            self.running_mean.fill(0)
+            self.running_var.fill(1)
+            self.num_batches_tracked[...] = 0
+            self._batches_of_modality[...] = 0
+
+    def load_state_dict(self, state_dict, strict=True):
+        super().load_state_dict(state_dict, strict)
+        if self.track_running_stats:
+            self._batches_of_modality[...] = int(self.num_batches_tracked)
+        return self
+
+    def extra_repr(self):
+        return (f"{self.num_features}, num_modalities={self.num_modalities}, "
+                f"separate_affine={self.separate_affine}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}")
