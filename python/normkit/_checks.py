@@ -271,6 +271,22 @@ def nonneg_float(v, name):
     return f
 
 
+def number_at_least(v, name, low):
+    """A real number >= low (r_max >= 1, d_max >= 0)."""
+    f = _real(v, name)
+    if not f >= low:
+        raise ValueError(f"{name}: expected a number >= {low:g}, got {v!r}")
+    return f
+
+
+def number_in(v, name, low, high):
+    """A real number in [low, high] (example_weight)."""
+    f = _real(v, name)
+    if not low <= f <= high:
+        raise ValueError(f"{name}: expected a number in [{low:g}, {high:g}], got {v!r}")
+    return f
+
+
 def momentum_value(m, name="momentum", allow_none=True):
     """A momentum in [0, 1]; None (a cumulative average) where the caller allows it."""
     if m is None:

@@ -93,6 +93,14 @@ class FusedSaved:
         return dx.reshape(self.saved.shape), self.grads(dw, db)
 
 
+def checked_attribute(name, check):
+    """A plain attribute (a hyperparameter the caller may change between steps) whose every
+    assignment is checked by check(value, name) first."""
+    private = "_" + name
+    return property(lambda self: getattr(self, private),
+                    lambda self, v: setattr(self, private, check(v, name)))
+
+
 # -- the layer base -----------------------------------------------------------------------------------
 
 class VariantLayer(NormLayer):

@@ -2,14 +2,8 @@
 import numpy as np
 
 from .. import _checks, _core, _engine
-from ._variant import (StepSaved, VariantLayer, per_channel, pool, running_factor, unbiased)
-
-
-def example_weight_value(v):
-    f = _checks._real(v, "example_weight")
-    if not 0.0 <= f <= 1.0:
-        raise ValueError(f"example_weight: expected a number in [0, 1], got {v!r}")
-    return f
+from ._variant import (StepSaved, VariantLayer, checked_attribute, per_channel, pool, running_factor,
+                       unbiased)
 
 
 class GhostBatchNorm2d(VariantLayer):
@@ -48,13 +42,7 @@ class GhostBatchNorm2d(VariantLayer):
         self._setup(C, eps, affine, dtype, layout)
         self._running_stats(momentum, track_running_stats, C, C)
 
-    @property
-    def example_weight(self):
-        return self._example_weight
-
-    @example_weight.setter
-    def example_weight(self, v):
-        self._example_weight = example_weight_value(v)
+    example_weight = checked_attribute("example_weight", lambda v, name: _checks.number_in(v, name, 0.0, 1.0))
 
     def _forward(self, x):
         x, (N, C, S) = self._input(x)

@@ -2,7 +2,7 @@
 import numpy as np
 
 from .. import _checks, _core, _engine
-from ._variant import StepSaved, VariantLayer
+from ._variant import StepSaved, VariantLayer, checked_attribute
 
 
 def renorm_schedule(step):
@@ -45,27 +45,8 @@ class BatchRenorm2d(VariantLayer):
         self._buffer("running_std", np.ones(C, self.dtype))
         self._buffer("num_batches_tracked", np.array(0, dtype=np.int64))
 
-    @property
-    def r_max(self):
-        return self._r_max
-
-    @r_max.setter
-    def r_max(self, v):
-        f = _checks._real(v, "r_max")
-        if not f >= 1.0:
-            raise ValueError(f"r_max: expected a number >= 1, got {v!r}")
-        self._r_max = f
-
-    @property
-    def d_max(self):
-        return self._d_max
-
-    @d_max.setter
-    def d_max(self, v):
-        f = _checks._real(v, "d_max")
-        if not f >= 0.0:
-            raise ValueError(f"d_max: expected a number >= 0, got {v!r}")
-        self._d_max = f
+    r_max = checked_attribute("r_max", lambda v, name: _checks.number_at_least(v, name, 1.0))
+    d_max = checked_attribute("d_max", lambda v, name: _checks.number_at_least(v, name, 0.0))
 
     def reset_running_stats(self):
         self.running_mean.fill(0)
