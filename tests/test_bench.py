@@ -3,6 +3,7 @@ computes exactly what normkit computes (so the timings compare the same work), a
 what a run prints and writes. Nothing here asserts on a timing."""
 import argparse
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -298,3 +299,75 @@ def test_quick_run_prints_tables_and_writes_json(tmp_path, monkeypatch, capsys, 
     s = doc["summary"]
     assert s["rows_with_targets"] == 2 * 4 + 4 + 2  # float32 rows, and the per-call overheads
     assert len(s["misses"]) == s["rows_with_targets"] - s["met"] - s["not_evaluated"]
+
+
+# -- `bench --variants`: the issue-10 variants beside BatchNorm2d --------------------------------
+def test_variant_row_ratio_roofline_and_target():
+    from normkit import _bench_variants as bv
+    row = bv.make_row("ebn", (8, 16, 8, 8), "fwd+bwd", 1.5e-3, 1e-3, 32768, 50e9)
+    assert row["ratio"] == pytest.approx(1.5) and row["target_met"] is True  # <= 1.5: met
+    assert row["bytes"] == 5 * 32768 and row["roof_fraction"] == pytest.approx(5 * 32768 / 1.5e-3 / 50e9)
+    assert row["batchnorm_roof_fraction"] == pytest.approx(5 * 32768 / 1e-3 / 50e9)
+    assert not row["one_pass_expected"]
+    row = bv.make_row("ebn", (8, 16, 8, 8), "infer", 1.51e-3, 1e-3, 32768, 50e9)
+    assert row["bytes"] == 2 * 32768 and row["target_met"] is False and row["one_pass_expected"]
+    row = bv.make_row("ghost_ew", (8, 16, 8, 8), "infer", 1e-3, 1e-3, 32768, 50e9)
+    assert row["path"] == "infer (per-sample)" and not row["one_pass_expected"]
+    assert bv.make_row("frozen", (8, 16, 8, 8), "fwd+bwd", 1e-3, 1e-3, 1, 1.0)["one_pass_expected"]
+
+
+def test_variant_shapes_and_configurations_follow_the_issue():
+    from normkit import _bench_variants as bv
+    assert bv.shapes_for(None) == bv.shapes_for("all") == [(32, 64, 56, 56), (8, 256, 14, 14)]
+    assert bv.shapes_for("tiny") == [(8, 16, 8, 8)]
+    assert not parse([]).variants and parse(["--variants"]).variants
+    assert [bv.ghost_size(s) for s in ((32, 1, 1, 1), (8, 1, 1, 1), (3, 1, 1, 1))] == [8, 2, 1]
+    shape = (32, 64, 56, 56)
+    layers = {k: spec[1](shape) for k, spec in bv.VARIANTS.items()}
+    assert [type(layers[k]).__name__ for k in bv.VARIANTS] == [
+        "ExtendedBatchNorm2d", "ModalityBatchNorm2d", "GhostBatchNorm2d", "GhostBatchNorm2d",
+        "GhostBatchNorm2d", "BatchRenorm2d", "FrozenBatchNorm2d"]
+    g = {k: (layers[k].ghost_batch_size, layers[k].channels_per_group, layers[k].example_weight)
+         for k in ("ghost", "ghost_gn", "ghost_ew")}
+    assert g == {"ghost": (8, 1, 0.0), "ghost_gn": (8, 4, 0.0), "ghost_ew": (8, 1, 0.5)}
+    assert list(bv.modality(5)) == [0, 1, 0, 1, 0]
+    assert set(bv.ONE_PASS_INFER) == set(bv.VARIANTS) - {"ghost_ew"}
+
+
+def test_variants_quick_run_needs_no_torch_and_writes_json(tmp_path, monkeypatch, capsys, restore_threads):
+    from normkit import _bench_variants as bv
+    monkeypatch.setattr(_bench, "QUICK", _bench.Timing(1, 0.0005, 0.0))  # structure, not timings
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    path = tmp_path / "variants.json"
+    assert main(["bench", "--variants", "--quick", "--shapes", "tiny", "--threads", "1",
+                 "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    title = next(line for line in out.splitlines() if line.startswith("variant "))
+    for column in ("shape", "mode", "normkit ms", "BN ms", "ratio", "% roof", "<=1.5x"):
+        assert column in title, column
+    shape = (8, 16, 8, 8)
+    lines = out.splitlines()
+    for key, spec in bv.VARIANTS.items():
+        for mode in bv.VARIANT_MODES:
+            want = [ln for ln in lines if ln.startswith(spec[0](shape) + " ")
+                    and f" {bv.mode_text(key, mode)} " in ln]
+            assert len(want) == 1, (key, mode)
+            assert want[0].split()[-1] in ("ok", "MISS") and "x " in want[0]
+    assert "infer (per-sample)" in out and "target ratio <= 1.5:" in out
+    notes = [ln for ln in lines if ln.startswith("note: ")]
+    assert len(notes) == len(bv.ONE_PASS_INFER) + 1
+    assert all("one pass" in n for n in notes)
+    doc = json.loads(path.read_text())
+    assert doc["threads"] == 1 and doc["quick"] is True and doc["target_ratio"] == 1.5
+    assert doc["byte_model"] == {"fwd+bwd": 5, "infer": 2}
+    rows = doc["variant_rows"]
+    assert {(r["variant"], r["mode"]) for r in rows} == {(k, m) for k in bv.VARIANTS for m in bv.VARIANT_MODES}
+    assert len(rows) == len(bv.VARIANTS) * len(bv.VARIANT_MODES)
+    for r in rows:
+        assert r["shape"] == list(shape) and r["dtype"] == "float32" and r["layout"] == "NCHW"
+        assert r["normkit_s"] > 0 and r["batchnorm_s"] > 0
+        assert r["ratio"] == pytest.approx(r["normkit_s"] / r["batchnorm_s"])
+        assert r["target_met"] == (r["ratio"] <= 1.5)
+        assert r["bytes"] == _bench.BYTE_MODEL[r["mode"]] * np.prod(shape) * 4 and r["roof_fraction"] > 0
+    assert doc["notes"] == [n[len("note: "):] for n in notes]

@@ -562,6 +562,11 @@ def add_arguments(parser):
                         help="fewer repeats and shorter samples, and unless given explicitly NCHW "
                              "only and --shapes standard: a smoke test, e.g. for CI")
     parser.add_argument("--json", metavar="PATH", help="also write every number as JSON to PATH")
+    parser.add_argument("--variants", action="store_true",
+                        help="instead: time the issue-10 variant layers beside BatchNorm2d (training "
+                             "fwd+bwd and inference, float32 NCHW, no torch needed); uses --threads, "
+                             "--quick, --json and --shapes tiny (a smoke test; any other: the issue's "
+                             "two shapes)")
 
 
 def plan(args):
@@ -587,6 +592,9 @@ def cases(ops, layouts, dtypes, preset):
 
 def run(args):
     """Entry point of `python -m normkit bench`; returns the exit status."""
+    if args.variants:
+        from . import _bench_variants
+        return _bench_variants.run(args)
     import_torch()
     _bench_onnx.import_onnx()
     if args.threads is not None:

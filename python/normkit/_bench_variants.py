@@ -1,0 +1,241 @@
+"""`python -m normkit bench --variants`: the variant layers of issue 10 timed beside BatchNorm2d.
+
+Every variant is timed in training forward+backward and in inference (eval forward), its samples
+taken in turn with those of a BatchNorm2d(C) on the same x and dy in the same process, so the
+ratio variant / BatchNorm2d is meaningful even when the machine's speed drifts. The issue's
+target: every ratio <= 1.5 in the same mode. PyTorch has none of these layers: the table needs
+neither torch nor ONNX Runtime.
+"""
+import json
+import math
+import platform
+
+import numpy as np
+
+import normkit
+
+from . import _bench
+
+# preset -> shapes (N, C, H, W), float32 NCHW. The issue's two shapes; tiny: a smoke test (N=8:
+# ghost batches of 2; C=16: groups of 4 channels).
+VARIANT_SHAPES = {"standard": [(32, 64, 56, 56), (8, 256, 14, 14)], "tiny": [(8, 16, 8, 8)]}
+VARIANT_MODES = ("fwd+bwd", "infer")
+TARGET_RATIO = 1.5  # the issue: each variant within 1.5x of BatchNorm2d's time in the same mode
+
+
+def ghost_size(shape):
+    return max(1, shape[0] // 4)
+
+
+# key -> (label(shape), factory(shape), takes the modality argument)
+VARIANTS = {
+    "ebn": (lambda s: "ExtendedBatchNorm2d",
+            lambda s: normkit.ExtendedBatchNorm2d(s[1]), False),
+    "mbn": (lambda s: "ModalityBatchNorm2d(m=0,1,..)",
+            lambda s: normkit.ModalityBatchNorm2d(s[1]), True),
+    "ghost": (lambda s: f"GhostBatchNorm2d(g={ghost_size(s)})",
+              lambda s: normkit.GhostBatchNorm2d(s[1], ghost_batch_size=ghost_size(s)), False),
+    "ghost_gn": (lambda s: f"GhostBatchNorm2d(g={ghost_size(s)},cpg=4) BN+GN",
+                 lambda s: normkit.GhostBatchNorm2d(s[1], ghost_batch_size=ghost_size(s),
+                                                    channels_per_group=4), False),
+    "ghost_ew": (lambda s: f"GhostBatchNorm2d(g={ghost_size(s)},ew=0.5)",
+                 lambda s: normkit.GhostBatchNorm2d(s[1], ghost_batch_size=ghost_size(s),
+                                                    example_weight=0.5), False),
+    "renorm": (lambda s: "BatchRenorm2d",
+               lambda s: normkit.BatchRenorm2d(s[1]), False),
+    "frozen": (lambda s: "FrozenBatchNorm2d",
+               lambda s: normkit.FrozenBatchNorm2d(s[1]), False),
+}
+# Inference paths that are a per-channel (per (modality, channel) for MBN) affine: one pass over
+# x, like BatchNorm2d's eval. Ghost's with example_weight=0 (BN+GN too: group moments of the
+# running statistics, still one scale and shift per channel).
+ONE_PASS_INFER = ("ebn", "mbn", "ghost", "ghost_gn", "renorm", "frozen")
+
+
+def mode_text(key, mode):
+    """The mode as the table prints it: the example-weighed inference is the per-sample path."""
+    return "infer (per-sample)" if (key, mode) == ("ghost_ew", "infer") else mode
+
+
+def modality(n):
+    """Modality 0, 1, 0, 1, ... over the batch."""
+    return np.arange(n, dtype=np.int64) % 2
+
+
+def calls(layer, x, dy, extra):
+    """mode -> the timed zero-argument call (the caller sets train/eval)."""
+    def fwd_bwd():
+        layer(x, *extra)
+        layer.backward(dy)
+
+    return {"fwd+bwd": fwd_bwd, "infer": lambda: layer(x, *extra)}
+
+
+def time_interleaved_min(fns, timing):
+    """The fastest seconds per call of each function in `fns` (name -> fn) over
+    `timing.repeats` samples, after a warm-up and a calibration each (the bench's helpers), their
+    samples taken in turn (a, b, a, b, ...)."""
+    iters = {}
+    for name, fn in fns.items():
+        _bench.warm_up(fn, timing.warmup_s)
+        iters[name] = _bench.calibrate(fn, timing.min_sample_s)
+    samples = {name: [] for name in fns}
+    for _ in range(timing.repeats):
+        for name, fn in fns.items():
+            samples[name].append(_bench.seconds_per_call(fn, iters[name]))
+    return {name: min(v) for name, v in samples.items()}
+
+
+def make_row(key, shape, mode, t_variant, t_bn, x_nbytes, copy_bw):
+    nbytes = _bench.BYTE_MODEL[mode] * x_nbytes
+    ratio = t_variant / t_bn
+    return {"variant": key, "layer": VARIANTS[key][0](shape), "shape": list(shape), "layout": "NCHW",
+            "dtype": "float32", "mode": mode, "path": mode_text(key, mode), "bytes": nbytes,
+            "normkit_s": t_variant, "batchnorm_s": t_bn, "ratio": ratio,
+            "normkit_gbps": nbytes / t_variant / 1e9, "roof_fraction": nbytes / t_variant / copy_bw,
+            "batchnorm_roof_fraction": nbytes / t_bn / copy_bw,
+            "one_pass_expected": (mode == "infer" and key in ONE_PASS_INFER) or key == "frozen",
+            "target_ratio": TARGET_RATIO, "target_met": ratio <= TARGET_RATIO}
+
+
+def bench_shape(shape, copy_bw, timing, on_row):
+    """The rows of one shape: per mode, per variant, timed in turn with a BatchNorm2d."""
+    x, dy = _bench.inputs(shape, np.float32)
+    bn = normkit.BatchNorm2d(shape[1])
+    bn_calls = calls(bn, x, dy, ())
+    layers = {}
+    for key, (_, factory, takes_modality) in VARIANTS.items():
+        layer = factory(shape)
+        layers[key] = (layer, calls(layer, x, dy, (modality(shape[0]),) if takes_modality else ()))
+    rows = []
+    for mode in VARIANT_MODES:  # training first: inference then uses trained running statistics
+        training = mode != "infer"
+        bn.train(training)
+        for key, (layer, fns) in layers.items():
+            layer.train(training)
+            times = time_interleaved_min({"variant": fns[mode], "bn": bn_calls[mode]}, timing)
+            rows.append(make_row(key, shape, mode, times["variant"], times["bn"], x.nbytes, copy_bw))
+            on_row(rows[-1])
+    return rows
+
+
+# -- output --------------------------------------------------------------------------------------
+def columns():
+    """(title, width, row -> text); the first three are left-aligned, the last one too."""
+    num = _bench.number
+    return [("variant", 38, lambda r: r["layer"]),
+            ("shape", 13, lambda r: "x".join(map(str, r["shape"]))),
+            ("mode", 18, lambda r: r["path"]),
+            ("normkit ms", 10, lambda r: num(r["normkit_s"], ".3f", 1e3)),
+            ("BN ms", 8, lambda r: num(r["batchnorm_s"], ".3f", 1e3)),
+            ("ratio", 6, lambda r: num(r["ratio"], ".2f", suffix="x")),
+            ("% roof", 6, lambda r: num(r["roof_fraction"], ".0f", 100, "%")),
+            ("<=1.5x", 6, lambda r: _bench.mark(r["target_met"]))]
+
+
+def format_line(cols, texts):
+    return "  ".join(t.ljust(w) if i < 3 or i == len(cols) - 1 else t.rjust(w)
+                     for i, ((_, w, _), t) in enumerate(zip(cols, texts))).rstrip()
+
+
+def header_lines(copy_bw, threads, timing):
+    info = normkit.cpu_info()
+    copies = ",  ".join(f"{_bench.format_bytes(n)}: {bw / 1e9:.1f} GB/s" for n, bw in sorted(copy_bw.items()))
+    return [f"normkit {normkit.__version__} (isa {info.get('isa')})  |  threads {threads}  |  "
+            f"numpy {np.__version__}  |  python {platform.python_version()}  |  {_bench.machine_load()}",
+            f"copy bandwidth (parallel memcpy on the same threads, same size as x, out of cache, "
+            f"read + write): {copies}",
+            "bytes = fwd+bwd: 5|x| (read x, write y; read x, read dy, write dx);  infer: read x + write y "
+            "= 2|x|  (parameters and statistics ignored);  % roof = bytes / variant time / copy bandwidth",
+            "modes: fwd+bwd = training forward then backward; infer = eval forward; float32 NCHW",
+            f"time: min per call over {timing.repeats} samples, each variant's samples taken in turn with "
+            "those of a BatchNorm2d(C) on the same x and dy (BN ms: that BatchNorm2d, re-timed for "
+            "every row); ratio = variant / BatchNorm2d in the same mode",
+            "variants: ModalityBatchNorm2d(C) with modality 0,1,0,1,.. over the batch; "
+            "GhostBatchNorm2d(C, ghost_batch_size=g=N//4) (cpg=4: channels_per_group=4, the BN+GN "
+            "combination; ew=0.5: example_weight=0.5); the others (C) with defaults",
+            f"target (issue 10): ratio <= {TARGET_RATIO:g} in the same mode: ok / MISS"]
+
+
+def note_lines(rows):
+    def ratios(key, mode):
+        return ", ".join(f"{r['ratio']:.2f}x on {'x'.join(map(str, r['shape']))}"
+                         for r in rows if (r["variant"], r["mode"]) == (key, mode))
+
+    shape = [r["shape"] for r in rows][0]
+    label = {key: VARIANTS[key][0](shape) for key in VARIANTS}
+    lines = []
+    for key in ONE_PASS_INFER:
+        if key == "frozen":
+            lines.append(f"{label[key]}: a per-channel affine in train and eval, one pass like "
+                         f"BatchNorm2d's eval; infer: {ratios(key, 'infer')};  fwd+bwd = one fused "
+                         f"forward pass and an input-only backward (dx = scale * dy: no reduction, "
+                         f"4|x| moved, % roof counts 5|x|): {ratios(key, 'fwd+bwd')}")
+        else:
+            lines.append(f"{label[key]} infer: a per-channel affine, must be one pass like "
+                         f"BatchNorm2d's eval (ratio ~1): {ratios(key, 'infer')}")
+    lines.append(f"{label['ghost_ew']} infer (per-sample): each sample's moments E1_i, E2_i are "
+                 f"reduced first, then its own scale and shift: not a per-channel affine, not "
+                 f"expected to be one pass: {ratios('ghost_ew', 'infer')}")
+    return lines
+
+
+def summary_lines(rows):
+    misses = [r for r in rows if not r["target_met"]]
+    lines = [f"target ratio <= {TARGET_RATIO:g}: {len(rows) - len(misses)} of {len(rows)} met"]
+    if misses:
+        lines.append("misses:")
+        lines += [f"  {r['layer']} {'x'.join(map(str, r['shape']))} {r['path']}: {r['ratio']:.2f}x "
+                  f"BatchNorm2d ({r['normkit_s'] * 1e3:.3f} ms vs {r['batchnorm_s'] * 1e3:.3f} ms)"
+                  for r in misses]
+    return lines
+
+
+# -- entry point ---------------------------------------------------------------------------------
+def shapes_for(preset):
+    """--shapes tiny: the smoke-test shape; any other preset (or none): the issue's two shapes."""
+    return VARIANT_SHAPES["tiny" if preset == "tiny" else "standard"]
+
+
+def run(args):
+    """`python -m normkit bench --variants`; returns the exit status. Uses --threads, --quick,
+    --shapes (tiny or not) and --json; --ops, --layouts and --dtypes do not apply."""
+    if args.threads is not None:
+        normkit.set_num_threads(args.threads)
+    threads = normkit.get_num_threads()
+    timing = _bench.QUICK if args.quick else _bench.FULL
+    shapes = shapes_for(args.shapes)
+    sizes = sorted({math.prod(s) * 4 for s in shapes})
+    copy_bw = {n: _bench.copy_bandwidth(n, timing) for n in sizes}
+    for line in header_lines(copy_bw, threads, timing):
+        print(line)
+    cols = columns()
+    title = format_line(cols, [t for t, _, _ in cols])
+    print(f"\n== variants beside BatchNorm2d  NCHW  float32\n{title}\n{'-' * len(title)}", flush=True)
+    rows = []
+    for shape in shapes:
+        rows += bench_shape(shape, copy_bw[math.prod(shape) * 4], timing,
+                            lambda r: print(format_line(cols, [f(r) for _, _, f in cols]), flush=True))
+    notes = note_lines(rows)
+    for line in notes:
+        print(f"note: {line}")
+    print()
+    for line in summary_lines(rows):
+        print(line)
+    if args.json:
+        write_json(args.json, threads, copy_bw, rows, notes, timing, args.quick)
+    return 0
+
+
+def write_json(path, threads, copy_bw, rows, notes, timing, quick):
+    doc = {"normkit_version": normkit.__version__, "cpu_info": normkit.cpu_info(), "threads": threads,
+           "numpy_version": np.__version__, "python_version": platform.python_version(),
+           "quick": quick, "machine": _bench.machine_load(),
+           "legend": header_lines(copy_bw, threads, timing)[2:],
+           "byte_model": {m: _bench.BYTE_MODEL[m] for m in VARIANT_MODES},
+           "copy_bandwidth_bytes_per_s": {str(n): bw for n, bw in sorted(copy_bw.items())},
+           "target_ratio": TARGET_RATIO, "variant_rows": rows, "notes": notes,
+           "summary": summary_lines(rows)}
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
