@@ -17,6 +17,7 @@ import pytest
 
 import normkit
 import reference as ref
+from variant_checks import assert_state_unchanged, bind_extra, make_input, snapshot
 
 MODALITY = np.array([1, 0, 1, 1, 0])
 
@@ -78,13 +79,6 @@ LAYERS = dict([
 NAMES = pytest.mark.parametrize("name", list(LAYERS))
 
 
-def make_input(rng, shape, dtype):
-    C = shape[1]
-    bshape = (1, C) + (1,) * (len(shape) - 2)
-    return (rng.uniform(-2, 2, C).reshape(bshape)
-            + rng.uniform(0.5, 2, C).reshape(bshape) * rng.standard_normal(shape)).astype(dtype)
-
-
 def trained_in_eval(name, dtype, rng):
     """The layer after two training steps (running statistics that are not the next batch's,
     and, but for InstanceNorm (torch's never counts), num_batches_tracked = 2), put in eval mode
@@ -96,15 +90,6 @@ def trained_in_eval(name, dtype, rng):
     for _ in range(2):
         layer(make_input(rng, shape, dtype) + 3.0, *extra)
     return layer.eval()
-
-
-def snapshot(layer):
-    return {k: np.array(v, copy=True) for k, v in layer.state_dict().items()}
-
-
-def assert_unchanged(layer, before):
-    for key, value in layer.state_dict().items():
-        assert value.tobytes() == before[key].tobytes(), f"{key} changed"
 
 
 @NAMES
@@ -134,7 +119,7 @@ def test_eval_with_batch_stats_normalizes_like_training_and_leaves_the_state(nam
     assert_close(layer.grads["weight"], want_dw, dtype, count=count, what="dweight")
     assert_close(layer.grads["bias"], want_db, dtype, count=count, what="dbias")
     assert layer.training is False and layer.use_batch_stats is True
-    assert_unchanged(layer, before)  # running statistics and num_batches_tracked
+    assert_state_unchanged(layer, before)  # running statistics and num_batches_tracked
     for key in buffers:
         assert getattr(layer, key) is not None
 
@@ -180,18 +165,11 @@ def test_float64_backward_through_batch_statistics_equals_finite_differences(
     layer = trained_in_eval(name, np.float64, rng)
     layer.use_batch_stats = True
     shape = SMALL[name]
-
-    class Bound:  # the check calls layer(x): bind the extra inputs (modality)
-        def __call__(self, x):
-            return layer(x, *extra)
-
-        def __getattr__(self, attr):
-            return getattr(layer, attr)
-
     before = snapshot(layer)
-    check_gradients_by_finite_differences(Bound(), make_input(rng, shape, np.float64),
+    check_gradients_by_finite_differences(bind_extra(layer, *extra),
+                                          make_input(rng, shape, np.float64),
                                           rng.standard_normal(shape))
-    assert_unchanged(layer, before)  # hundreds of forwards, no statistics moved
+    assert_state_unchanged(layer, before)  # hundreds of forwards, no statistics moved
 
 
 @pytest.mark.parametrize("name, torch_name, shape", [

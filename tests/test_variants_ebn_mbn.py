@@ -23,45 +23,12 @@ import pytest
 
 import normkit
 import reference as ref
-
-
-def shape_id(shape):
-    n, c, *spatial = shape
-    return f"N{n}-C{c}-{'x'.join(map(str, spatial))}"
-
-
-def shapes(*items):
-    return [pytest.param(s, id=shape_id(s)) for s in items]
-
-
-def make_input(rng, shape, dtype):
-    """Per-channel offsets and spreads, so that every channel has statistics of its own (and
-    EBN's one variance differs from BatchNorm's per-channel ones)."""
-    C = shape[1]
-    loc = rng.uniform(-2, 2, C).reshape(1, C, 1, 1)
-    scale = rng.uniform(0.5, 2, C).reshape(1, C, 1, 1)
-    return (loc + scale * rng.standard_normal(shape)).astype(dtype)
-
-
-def to_nhwc(a):
-    return np.ascontiguousarray(np.moveaxis(a, 1, -1))
-
-
-AFFINE = pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
-MODE = pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-
-
-def check_backward(layer, dx, want, dtype, count, assert_close, dx_scale=None):
-    """dx and every parameter gradient of the last backward against the reference's."""
-    want_dx, want_dw, want_db = want
-    assert dx.dtype == dtype
-    assert_close(dx, want_dx, dtype, count=count, what="dx", scale=dx_scale)
-    if layer.weight is None:
-        assert layer.grads == {}
-        return
-    assert set(layer.grads) == {"weight", "bias"}
-    assert_close(layer.grads["weight"], want_dw, dtype, count=count, what="dweight")
-    assert_close(layer.grads["bias"], want_db, dtype, count=count, what="dbias")
+from variant_checks import (AFFINE, FLOAT_DTYPES, HALF_EPS, MODE, VIEWS,
+                            assert_bitwise_same_for_1_and_2_threads, assert_same_state,
+                            assert_state_dict_round_trip, assert_state_unchanged, bind_extra,
+                            check_backward, check_channels_last, check_half_input,
+                            check_view_matches_copy, half_dtype, make_input, planes,
+                            randomize_affine_or_none, shape_id, shapes, snapshot)
 
 
 # =================================================================================================
@@ -93,14 +60,6 @@ def ebn_eval_reference(layer, x, dy=None):
               running_mean=layer.running_mean,
               running_var=np.full(C, float(np.asarray(layer.running_var).reshape(-1)[0])))
     return ref.batch_norm(x, **kw) if dy is None else ref.batch_norm_backward(x, dy, **kw)
-
-
-def randomize_affine_or_none(layer, affine, randomize_affine):
-    if affine:
-        randomize_affine(layer)
-    else:
-        assert layer.weight is None and layer.bias is None and layer.parameters() == {}
-    return layer
 
 
 def set_ebn_running_stats(layer, rng):
@@ -310,10 +269,6 @@ def mbn_eval_reference(layer, x, modality, dy=None):
     return dx, dw, db
 
 
-def planes(shape):
-    return shape[0] * shape[2] * shape[3]
-
-
 @pytest.mark.parametrize("shape, num_modalities, modality", MBN_CASES)
 @SEPARATE
 def test_mbn_training_forward_and_backward_match_the_reference(shape, num_modalities, modality,
@@ -458,8 +413,7 @@ def test_mbn_cumulative_average_continues_after_a_state_dict_round_trip(rng):
     x = make_input(rng, (5, 3, 4, 5), np.float64) + 3
     trained(x, modality)
     fresh(x, modality)
-    for key, value in trained.state_dict().items():
-        np.testing.assert_array_equal(fresh.state_dict()[key], value, err_msg=key)
+    assert_same_state(fresh, trained)
 
 
 @MODE
@@ -499,30 +453,12 @@ def test_mbn_float64_backward_equals_finite_differences(shape, num_modalities, m
     randomize_affine(layer)
     set_mbn_running_stats(layer, rng)
     layer.train(training)
-
-    class WithModality:  # the finite-difference check calls layer(x): bind the modality
-        def __call__(self, x):
-            return layer(x, modality)
-
-        def __getattr__(self, name):
-            return getattr(layer, name)
-
     x = make_input(rng, shape, np.float64)
-    check_gradients_by_finite_differences(WithModality(), x, rng.standard_normal(shape))
+    check_gradients_by_finite_differences(bind_extra(layer, modality), x,
+                                          rng.standard_normal(shape))
 
 
 # -- what MBN rejects -----------------------------------------------------------------------------
-
-def mbn_state(layer):
-    return {k: np.array(v, copy=True) for k, v in layer.state_dict().items()}
-
-
-def assert_state_unchanged(layer, before):
-    after = layer.state_dict()
-    assert list(after) == list(before)
-    for key, value in after.items():
-        assert value.tobytes() == before[key].tobytes(), f"{key} changed in a rejected call"
-
 
 BAD_MODALITIES = {
     "too-short": lambda: np.array([0, 1, 0, 1]),
@@ -543,7 +479,7 @@ def test_mbn_rejects_a_wrong_modality_naming_it_and_changes_nothing(bad, trainin
     layer(x, np.array([1, 0, 1, 1, 0]))
     dy = rng.standard_normal(x.shape).astype(np.float32)
     dx = layer.backward(dy)
-    before = mbn_state(layer)
+    before = snapshot(layer)
     layer.train(training)
     exc = (TypeError, ValueError) if bad == "float" else ValueError
     with pytest.raises(exc, match="modality"):
@@ -557,7 +493,7 @@ def test_mbn_training_with_a_single_value_per_channel_in_a_modality_raises(rng):
     # Modality 1 has one sample of 1x1 planes: one value per channel, no variance to take.
     layer = mbn(2, 2, np.float32)
     layer(make_input(rng, (4, 2, 1, 1), np.float32), np.array([0, 1, 1, 0]))
-    before = mbn_state(layer)
+    before = snapshot(layer)
     x = make_input(rng, (3, 2, 1, 1), np.float32)
     with pytest.raises(ValueError):
         layer(x, np.array([0, 1, 0]))
@@ -637,63 +573,25 @@ def test_state_dict_keys_and_shapes_follow_the_api_table(name):
 
 
 @LAYER_NAMES
-@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@FLOAT_DTYPES
 def test_state_dict_round_trip_reproduces_the_layer(name, dtype, rng):
     make, extra, shape, _ = LAYERS[name]
-    trained = make(dtype)
-    for _ in range(3):  # training steps with an SGD update: every array of the state moves
-        trained(make_input(rng, shape, dtype), *extra)
-        trained.backward(rng.standard_normal(shape).astype(dtype))
-        for key, p in trained.parameters().items():
-            p -= 0.1 * trained.grads[key]
-    fresh = make(dtype)
-    assert fresh.load_state_dict(trained.state_dict()) is fresh
-    for key, value in trained.state_dict().items():
-        np.testing.assert_array_equal(fresh.state_dict()[key], value, err_msg=key)
-    x = make_input(rng, shape, dtype)
-    for mode in (False, True, True):  # eval, then further training steps
-        trained.train(mode)
-        fresh.train(mode)
-        np.testing.assert_array_equal(fresh(x, *extra), trained(x, *extra))
-    for key, value in trained.state_dict().items():
-        np.testing.assert_array_equal(fresh.state_dict()[key], value, err_msg=key)
-
-
-# Outputs and input gradients are rounded once to the half type (computed in float32 from the
-# exact half inputs), so they are within one unit in the last place of the half type (2^-10,
-# 2^-7) at the array's scale of the float64 reference evaluated on those same half inputs;
-# float32 parameter gradients (315-term sums per channel here) are within float32's 1e-5.
-HALF_EPS = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7}
-
-
-def close_at_scale(got, want, tol, what):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    scale = max(1.0, float(np.abs(want).max()))
-    err = float(np.abs(got - want).max())
-    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:.3g} x scale {scale:.3g}"
+    assert_state_dict_round_trip(make(dtype), make(dtype), rng, shape, dtype, extra)
 
 
 @LAYER_NAMES
 @pytest.mark.parametrize("half", list(HALF_EPS))
 @MODE
 def test_half_input_is_computed_in_float32(name, half, training):
-    ml_dtypes = pytest.importorskip("ml_dtypes")
-    hdt = np.dtype(np.float16) if half == "float16" else np.dtype(ml_dtypes.bfloat16)
+    hdt = half_dtype(half)
     _, extra, shape, _ = LAYERS[name]
     layer = prepared(name, np.float32).train(training)
     rng = np.random.default_rng(1)
     x = (3.0 + rng.standard_normal(shape)).astype(hdt)
     dy = rng.standard_normal(shape).astype(hdt)
-    y = layer(x, *extra)
-    dx = layer.backward(dy)
-    assert y.dtype == hdt and dx.dtype == hdt
-    assert all(g.dtype == np.float32 for g in layer.grads.values())
+    want_y, want = reference_of(name, layer, x, dy, training)
+    check_half_input(layer, x, dy, want_y, want, half, extra)
     assert layer.running_mean.dtype == np.float32
-    want_y, (want_dx, want_dw, want_db) = reference_of(name, layer, x, dy, training)
-    close_at_scale(y, want_y, HALF_EPS[half], "y")
-    close_at_scale(dx, want_dx, HALF_EPS[half], "dx")
-    close_at_scale(layer.grads["weight"], want_dw, 1e-5, "dweight")
-    close_at_scale(layer.grads["bias"], want_db, 1e-5, "dbias")
 
 
 @LAYER_NAMES
@@ -701,34 +599,13 @@ def test_half_input_is_computed_in_float32(name, half, training):
 def test_channels_last_matches_channels_first_and_the_reference(name, training, dtype,
                                                                 assert_close):
     _, extra, shape, _ = LAYERS[name]
-    first, last = prepared(name, dtype), prepared(name, dtype, layout="NHWC")
+    first = prepared(name, dtype).train(training)
+    last = prepared(name, dtype, layout="NHWC").train(training)
     rng = np.random.default_rng(2)
     x = make_input(rng, shape, dtype)
     dy = rng.standard_normal(shape).astype(dtype)
-    for layer in (first, last):
-        layer.train(training)
-    y, y_t = first(x, *extra), last(to_nhwc(x), *extra)
     want_y, want = reference_of(name, first, x, dy, training)
-    assert y_t.shape == (shape[0], shape[2], shape[3], shape[1])
-    assert_close(y_t, to_nhwc(want_y), dtype, count=x.size, what="NHWC y")
-    assert_close(y_t, to_nhwc(y), dtype, count=x.size, what="NHWC y vs NCHW y")
-    dx, dx_t = first.backward(dy), last.backward(to_nhwc(dy))
-    assert_close(dx_t, to_nhwc(want[0]), dtype, count=x.size, what="NHWC dx")
-    assert_close(dx_t, to_nhwc(dx), dtype, count=x.size, what="NHWC dx vs NCHW dx")
-    for key in first.grads:
-        assert_close(last.grads[key], want[1 if key == "weight" else 2], dtype, count=x.size,
-                     what=f"NHWC d{key}")
-    for key in ("running_mean", "running_var"):
-        assert_close(getattr(last, key), getattr(first, key), dtype, count=x.size, what=key)
-
-
-# Non-contiguous (N, 6, H, W) views cut from inputs of the shape each needs.
-VIEWS = {
-    "transposed-HW": lambda rng, dt: make_input(rng, (5, 6, 5, 7), dt).transpose(0, 1, 3, 2),
-    "step-sliced": lambda rng, dt: make_input(rng, (5, 6, 14, 15), dt)[:, :, ::2, 1::3],
-    "negative-stride": lambda rng, dt: make_input(rng, (5, 6, 7, 5), dt)[::-1, :, :, ::-1],
-    "channel-sliced": lambda rng, dt: make_input(rng, (5, 13, 7, 5), dt)[:, 1::2],
-}
+    check_channels_last(first, last, x, dy, want_y, want, dtype, assert_close, extra)
 
 
 @LAYER_NAMES
@@ -737,26 +614,9 @@ VIEWS = {
 def test_non_contiguous_input_gives_the_result_of_its_copy(name, view, training, dtype, rng,
                                                            assert_close):
     _, extra, _, _ = LAYERS[name]
-    x = VIEWS[view](rng, dtype)
-    assert not x.flags.c_contiguous and x.shape == (5, 6, 7, 5)
-    x_before = x.copy()
-    strided, contiguous = (prepared(name, dtype).train(training) for _ in range(2))
-    dy = rng.standard_normal(x.shape).astype(dtype)
-    assert_close(strided(x, *extra), contiguous(np.ascontiguousarray(x), *extra), dtype, what="y")
-    assert_close(strided.backward(np.flip(np.flip(dy, 3).copy(), 3)), contiguous.backward(dy),
-                 dtype, what="dx")
-    for key in contiguous.grads:
-        assert_close(strided.grads[key], contiguous.grads[key], dtype, what=f"d{key}")
-    for key in ("running_mean", "running_var"):
-        assert_close(getattr(strided, key), getattr(contiguous, key), dtype, what=key)
-    np.testing.assert_array_equal(x, x_before)  # the input is never written
-
-
-@pytest.fixture
-def restore_threads():
-    threads = normkit.get_num_threads()
-    yield
-    normkit.set_num_threads(threads)
+    check_view_matches_copy(VIEWS[view](rng, dtype),
+                            lambda: prepared(name, dtype).train(training), rng, dtype,
+                            assert_close, extra)
 
 
 # Large enough to go parallel: planes of 55*57 = 3135 entries (a chunk and a ragged tail).
@@ -766,21 +626,8 @@ THREAD_SHAPE = (5, 6, 55, 57)
 @LAYER_NAMES
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @MODE
-def test_bitwise_identical_for_one_and_two_threads(name, layout, training, dtype, restore_threads):
+def test_bitwise_identical_for_one_and_two_threads(name, layout, training, dtype):
     _, extra, _, _ = LAYERS[name]
-    rng = np.random.default_rng(3)
-    x = (3.0 + 2.0 * rng.standard_normal(THREAD_SHAPE)).astype(dtype)
-    dy = rng.standard_normal(THREAD_SHAPE).astype(dtype)
-    if layout == "NHWC":
-        x, dy = to_nhwc(x), to_nhwc(dy)
-    results = []
-    for threads in (1, 2):
-        normkit.set_num_threads(threads)
-        layer = prepared(name, dtype, layout=layout).train(training)
-        out = {"y": layer(x, *extra), "dx": layer.backward(dy)}
-        out.update({f"d{k}": v for k, v in layer.grads.items()})
-        out.update(running_mean=layer.running_mean, running_var=layer.running_var)
-        results.append({k: np.ascontiguousarray(v).tobytes() for k, v in out.items()})
-    assert results[0].keys() == results[1].keys()
-    for key in results[0]:
-        assert results[0][key] == results[1][key], f"{key} differs between 1 and 2 threads"
+    assert_bitwise_same_for_1_and_2_threads(
+        lambda: prepared(name, dtype, layout=layout).train(training), THREAD_SHAPE, dtype,
+        layout, extra)

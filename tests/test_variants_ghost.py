@@ -20,22 +20,11 @@ import pytest
 
 import normkit
 import reference as ref
-
-
-def shape_id(shape):
-    n, c, *spatial = shape
-    return f"N{n}-C{c}-{'x'.join(map(str, spatial))}"
-
-
-def make_input(rng, shape, dtype):
-    C = shape[1]
-    loc = rng.uniform(-2, 2, C).reshape(1, C, 1, 1)
-    scale = rng.uniform(0.5, 2, C).reshape(1, C, 1, 1)
-    return (loc + scale * rng.standard_normal(shape)).astype(dtype)
-
-
-def to_nhwc(a):
-    return np.ascontiguousarray(np.moveaxis(a, 1, -1))
+from variant_checks import (AFFINE, FLOAT_DTYPES, HALF_EPS, MODE, VIEWS,
+                            assert_bitwise_same_for_1_and_2_threads, assert_state_dict_round_trip,
+                            check_backward, check_channels_last, check_half_input,
+                            check_view_matches_copy, half_dtype, make_input,
+                            randomize_affine_or_none, shape_id)
 
 
 def ghost(C, ghost_batch_size, dtype=np.float64, **kw):
@@ -45,22 +34,6 @@ def ghost(C, ghost_batch_size, dtype=np.float64, **kw):
 def set_running_stats(layer, rng):
     layer.running_mean[...] = rng.uniform(-1, 1, layer.num_features)
     layer.running_var[...] = rng.uniform(0.5, 2.0, layer.num_features)
-
-
-AFFINE = pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
-MODE = pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-
-
-def check_backward(layer, dx, want, dtype, count, assert_close, dx_scale=None):
-    want_dx, want_dw, want_db = want
-    assert dx.dtype == dtype
-    assert_close(dx, want_dx, dtype, count=count, what="dx", scale=dx_scale)
-    if layer.weight is None:
-        assert layer.grads == {}
-        return
-    assert set(layer.grads) == {"weight", "bias"}
-    assert_close(layer.grads["weight"], want_dw, dtype, count=count, what="dweight")
-    assert_close(layer.grads["bias"], want_db, dtype, count=count, what="dbias")
 
 
 def training_dx_scale(layer, x, dy):
@@ -127,10 +100,7 @@ def test_training_forward_and_backward_match_the_reference(shape, ghost_batch_si
                                                            randomize_affine, assert_close):
     layer = ghost(shape[1], ghost_batch_size, dtype, channels_per_group=channels_per_group,
                   affine=affine)
-    if affine:
-        randomize_affine(layer)
-    else:
-        assert layer.weight is None and layer.parameters() == {}
+    randomize_affine_or_none(layer, affine, randomize_affine)
     x = make_input(rng, shape, dtype)
     dy = rng.standard_normal(shape).astype(dtype)
     count = reduction_count(layer, shape)
@@ -390,58 +360,23 @@ def test_state_dict_keys_and_shapes_follow_the_api_table():
     assert set(layer.parameters()) == {"weight", "bias"}
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@FLOAT_DTYPES
 def test_state_dict_round_trip_reproduces_the_layer(dtype, rng):
-    shape = (5, 6, 4, 5)
-    trained = prepared(dtype)
-    for _ in range(3):
-        trained(make_input(rng, shape, dtype))
-        trained.backward(rng.standard_normal(shape).astype(dtype))
-        for key, p in trained.parameters().items():
-            p -= 0.1 * trained.grads[key]
     fresh = ghost(6, 2, dtype, channels_per_group=2, example_weight=0.4)
-    assert fresh.load_state_dict(trained.state_dict()) is fresh
-    x = make_input(rng, shape, dtype)
-    for mode in (False, True, True):
-        trained.train(mode)
-        fresh.train(mode)
-        np.testing.assert_array_equal(fresh(x), trained(x))
-    for key, value in trained.state_dict().items():
-        np.testing.assert_array_equal(fresh.state_dict()[key], value, err_msg=key)
-
-
-# Outputs and input gradients are rounded once to the half type (computed in float32 from the
-# exact half inputs): within one unit in the last place (2^-10, 2^-7) at the array's scale of the
-# float64 reference on those same inputs; float32 parameter gradients within float32's 1e-5.
-HALF_EPS = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7}
-
-
-def close_at_scale(got, want, tol, what):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    scale = max(1.0, float(np.abs(want).max()))
-    err = float(np.abs(got - want).max())
-    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:.3g} x scale {scale:.3g}"
+    assert_state_dict_round_trip(prepared(dtype), fresh, rng, (5, 6, 4, 5), dtype)
 
 
 @pytest.mark.parametrize("half", list(HALF_EPS))
 @pytest.mark.parametrize("channels_per_group", [1, 2], ids=["cpg1", "cpg2"])
 @MODE
 def test_half_input_is_computed_in_float32(half, channels_per_group, training):
-    ml_dtypes = pytest.importorskip("ml_dtypes")
-    hdt = np.dtype(np.float16) if half == "float16" else np.dtype(ml_dtypes.bfloat16)
+    hdt = half_dtype(half)
     layer = prepared(np.float32, channels_per_group=channels_per_group).train(training)
     rng = np.random.default_rng(1)
     x = (3.0 + rng.standard_normal((5, 6, 7, 9))).astype(hdt)
     dy = rng.standard_normal(x.shape).astype(hdt)
-    y = layer(x)
-    dx = layer.backward(dy)
-    assert y.dtype == hdt and dx.dtype == hdt
-    assert all(g.dtype == np.float32 for g in layer.grads.values())
-    want_y, (want_dx, want_dw, want_db) = reference_of(layer, x, dy, training)
-    close_at_scale(y, want_y, HALF_EPS[half], "y")
-    close_at_scale(dx, want_dx, HALF_EPS[half], "dx")
-    close_at_scale(layer.grads["weight"], want_dw, 1e-5, "dweight")
-    close_at_scale(layer.grads["bias"], want_db, 1e-5, "dbias")
+    want_y, want = reference_of(layer, x, dy, training)
+    check_half_input(layer, x, dy, want_y, want, half)
 
 
 @pytest.mark.parametrize("channels_per_group", [1, 3], ids=["cpg1", "cpg3"])
@@ -454,51 +389,18 @@ def test_channels_last_matches_channels_first_and_the_reference(channels_per_gro
     x = make_input(rng, (5, 6, 7, 5), dtype)
     dy = rng.standard_normal(x.shape).astype(dtype)
     want_y, want = reference_of(first, x, dy, training)
-    y, y_t = first(x), last(to_nhwc(x))
-    assert_close(y_t, to_nhwc(want_y), dtype, count=x.size, what="NHWC y")
-    assert_close(y_t, to_nhwc(y), dtype, count=x.size, what="NHWC y vs NCHW y")
-    dx, dx_t = first.backward(dy), last.backward(to_nhwc(dy))
-    assert_close(dx_t, to_nhwc(want[0]), dtype, count=x.size, what="NHWC dx")
-    assert_close(dx_t, to_nhwc(dx), dtype, count=x.size, what="NHWC dx vs NCHW dx")
-    assert_close(last.grads["weight"], want[1], dtype, count=x.size, what="NHWC dweight")
-    assert_close(last.grads["bias"], want[2], dtype, count=x.size, what="NHWC dbias")
-    for key in ("running_mean", "running_var"):
-        assert_close(getattr(last, key), getattr(first, key), dtype, what=key)
+    check_channels_last(first, last, x, dy, want_y, want, dtype, assert_close)
 
 
-VIEWS = {
-    "transposed-HW": lambda rng, dt: make_input(rng, (5, 6, 5, 7), dt).transpose(0, 1, 3, 2),
-    "step-sliced": lambda rng, dt: make_input(rng, (5, 6, 14, 15), dt)[:, :, ::2, 1::3],
-    "negative-stride": lambda rng, dt: make_input(rng, (5, 6, 7, 5), dt)[::-1, :, :, ::-1],
-    "channel-sliced": lambda rng, dt: make_input(rng, (5, 13, 7, 5), dt)[:, 1::2],
-    "sample-sliced": lambda rng, dt: make_input(rng, (10, 6, 7, 5), dt)[::2],
-}
+VIEWS = {**VIEWS, "sample-sliced": lambda rng, dt: make_input(rng, (10, 6, 7, 5), dt)[::2]}
 
 
 @pytest.mark.parametrize("view", list(VIEWS))
 @MODE
 def test_non_contiguous_input_gives_the_result_of_its_copy(view, training, dtype, rng,
                                                            assert_close):
-    x = VIEWS[view](rng, dtype)
-    assert not x.flags.c_contiguous and x.shape == (5, 6, 7, 5)
-    x_before = x.copy()
-    strided, contiguous = (prepared(dtype).train(training) for _ in range(2))
-    dy = rng.standard_normal(x.shape).astype(dtype)
-    assert_close(strided(x), contiguous(np.ascontiguousarray(x)), dtype, what="y")
-    assert_close(strided.backward(np.flip(np.flip(dy, 3).copy(), 3)), contiguous.backward(dy),
-                 dtype, what="dx")
-    for key in ("weight", "bias"):
-        assert_close(strided.grads[key], contiguous.grads[key], dtype, what=f"d{key}")
-    for key in ("running_mean", "running_var"):
-        assert_close(getattr(strided, key), getattr(contiguous, key), dtype, what=key)
-    np.testing.assert_array_equal(x, x_before)
-
-
-@pytest.fixture
-def restore_threads():
-    threads = normkit.get_num_threads()
-    yield
-    normkit.set_num_threads(threads)
+    check_view_matches_copy(VIEWS[view](rng, dtype), lambda: prepared(dtype).train(training),
+                            rng, dtype, assert_close)
 
 
 THREAD_SHAPE = (5, 6, 55, 57)  # planes of 3135 = 2048 + 1087 entries; ghost batches 2, 2, 1
@@ -507,21 +409,7 @@ THREAD_SHAPE = (5, 6, 55, 57)  # planes of 3135 = 2048 + 1087 entries; ghost bat
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("channels_per_group", [1, 2], ids=["cpg1", "cpg2"])
 @MODE
-def test_bitwise_identical_for_one_and_two_threads(layout, channels_per_group, training, dtype,
-                                                   restore_threads):
-    rng = np.random.default_rng(3)
-    x = (3.0 + 2.0 * rng.standard_normal(THREAD_SHAPE)).astype(dtype)
-    dy = rng.standard_normal(THREAD_SHAPE).astype(dtype)
-    if layout == "NHWC":
-        x, dy = to_nhwc(x), to_nhwc(dy)
-    results = []
-    for threads in (1, 2):
-        normkit.set_num_threads(threads)
-        layer = prepared(dtype, channels_per_group=channels_per_group, layout=layout)
-        layer.train(training)
-        out = {"y": layer(x), "dx": layer.backward(dy)}
-        out.update({f"d{k}": v for k, v in layer.grads.items()})
-        out.update(running_mean=layer.running_mean, running_var=layer.running_var)
-        results.append({k: np.ascontiguousarray(v).tobytes() for k, v in out.items()})
-    for key in results[0]:
-        assert results[0][key] == results[1][key], f"{key} differs between 1 and 2 threads"
+def test_bitwise_identical_for_one_and_two_threads(layout, channels_per_group, training, dtype):
+    assert_bitwise_same_for_1_and_2_threads(
+        lambda: prepared(dtype, channels_per_group=channels_per_group, layout=layout)
+        .train(training), THREAD_SHAPE, dtype, layout)

@@ -21,47 +21,12 @@ import pytest
 
 import normkit
 import reference as ref
+from variant_checks import (AFFINE, FLOAT_DTYPES, HALF_EPS, MODE, VIEWS,
+                            assert_bitwise_same_for_1_and_2_threads, assert_state_dict_round_trip,
+                            check_backward, check_channels_last, check_half_input,
+                            check_view_matches_copy, half_dtype, make_input, planes, shapes)
 
-
-def shape_id(shape):
-    n, c, *spatial = shape
-    return f"N{n}-C{c}-{'x'.join(map(str, spatial))}"
-
-
-def shapes(*items):
-    return [pytest.param(s, id=shape_id(s)) for s in items]
-
-
-def make_input(rng, shape, dtype):
-    C = shape[1]
-    loc = rng.uniform(-2, 2, C).reshape(1, C, 1, 1)
-    scale = rng.uniform(0.5, 2, C).reshape(1, C, 1, 1)
-    return (loc + scale * rng.standard_normal(shape)).astype(dtype)
-
-
-def to_nhwc(a):
-    return np.ascontiguousarray(np.moveaxis(a, 1, -1))
-
-
-AFFINE = pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
-MODE = pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 AXES = (0, 2, 3)
-
-
-def check_backward(layer, dx, want, dtype, count, assert_close, dx_scale=None):
-    want_dx, want_dw, want_db = want
-    assert dx.dtype == dtype
-    assert_close(dx, want_dx, dtype, count=count, what="dx", scale=dx_scale)
-    if layer.weight is None:
-        assert layer.grads == {}
-        return
-    assert set(layer.grads) == {"weight", "bias"}
-    assert_close(layer.grads["weight"], want_dw, dtype, count=count, what="dweight")
-    assert_close(layer.grads["bias"], want_db, dtype, count=count, what="dbias")
-
-
-def planes(shape):
-    return shape[0] * shape[2] * shape[3]
 
 
 # =================================================================================================
@@ -430,69 +395,24 @@ def reference_of(name, layer, x, dy, training):
 NAMES = pytest.mark.parametrize("name", ["BatchRenorm", "FrozenBN"])
 
 
-def buffers(layer):
-    return ("running_mean", "running_std") if hasattr(layer, "running_std") else (
-        "running_mean", "running_var")
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@FLOAT_DTYPES
 @NAMES
 def test_state_dict_round_trip_reproduces_the_layer(name, dtype, rng):
-    shape = (4, 6, 4, 5)
-    trained = prepared(name, dtype)
-    for _ in range(3):
-        trained(make_input(rng, shape, dtype))
-        trained.backward(rng.standard_normal(shape).astype(dtype))
-        for key, p in trained.parameters().items():
-            p -= 0.1 * trained.grads[key]
-    fresh = prepared(name, dtype, seed=9)
-    assert fresh.load_state_dict(trained.state_dict()) is fresh
-    for key, value in trained.state_dict().items():
-        np.testing.assert_array_equal(fresh.state_dict()[key], value, err_msg=key)
-    x = make_input(rng, shape, dtype)
-    for mode in (False, True, True):
-        trained.train(mode)
-        fresh.train(mode)
-        np.testing.assert_array_equal(fresh(x), trained(x))
-    for key, value in trained.state_dict().items():
-        np.testing.assert_array_equal(fresh.state_dict()[key], value, err_msg=key)
-
-
-# Outputs and input gradients are rounded once to the half type (computed in float32 from the
-# exact half inputs): within one unit in the last place (2^-10, 2^-7) at the array's scale of the
-# float64 reference on those same inputs; float32 parameter gradients within float32's 1e-5.
-HALF_EPS = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7}
-
-
-def close_at_scale(got, want, tol, what):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    scale = max(1.0, float(np.abs(want).max()))
-    err = float(np.abs(got - want).max())
-    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:.3g} x scale {scale:.3g}"
+    assert_state_dict_round_trip(prepared(name, dtype), prepared(name, dtype, seed=9), rng,
+                                 (4, 6, 4, 5), dtype)
 
 
 @NAMES
 @pytest.mark.parametrize("half", list(HALF_EPS))
 @MODE
 def test_half_input_is_computed_in_float32(name, half, training):
-    ml_dtypes = pytest.importorskip("ml_dtypes")
-    hdt = np.dtype(np.float16) if half == "float16" else np.dtype(ml_dtypes.bfloat16)
+    hdt = half_dtype(half)
     layer = prepared(name, np.float32).train(training)
     rng = np.random.default_rng(1)
     x = (1.0 + rng.standard_normal((5, 6, 7, 9))).astype(hdt)
     dy = rng.standard_normal(x.shape).astype(hdt)
-    want_y, (want_dx, want_dw, want_db) = reference_of(name, layer, x, dy, training)
-    y = layer(x)
-    dx = layer.backward(dy)
-    assert y.dtype == hdt and dx.dtype == hdt
-    assert all(g.dtype == np.float32 for g in layer.grads.values())
-    close_at_scale(y, want_y, HALF_EPS[half], "y")
-    close_at_scale(dx, want_dx, HALF_EPS[half], "dx")
-    if want_dw is not None:
-        close_at_scale(layer.grads["weight"], want_dw, 1e-5, "dweight")
-        close_at_scale(layer.grads["bias"], want_db, 1e-5, "dbias")
-    else:
-        assert layer.grads == {}
+    want_y, want = reference_of(name, layer, x, dy, training)
+    check_half_input(layer, x, dy, want_y, want, half)
 
 
 @NAMES
@@ -505,25 +425,7 @@ def test_channels_last_matches_channels_first_and_the_reference(name, training, 
     x = make_input(rng, (5, 6, 7, 5), dtype)
     dy = rng.standard_normal(x.shape).astype(dtype)
     want_y, want = reference_of(name, first, x, dy, training)
-    y, y_t = first(x), last(to_nhwc(x))
-    assert_close(y_t, to_nhwc(want_y), dtype, count=x.size, what="NHWC y")
-    assert_close(y_t, to_nhwc(y), dtype, count=x.size, what="NHWC y vs NCHW y")
-    dx, dx_t = first.backward(dy), last.backward(to_nhwc(dy))
-    assert_close(dx_t, to_nhwc(want[0]), dtype, count=x.size, what="NHWC dx")
-    assert_close(dx_t, to_nhwc(dx), dtype, count=x.size, what="NHWC dx vs NCHW dx")
-    assert last.grads.keys() == first.grads.keys()
-    for key, g in last.grads.items():
-        assert_close(g, want[1 if key == "weight" else 2], dtype, count=x.size, what=f"d{key}")
-    for key in buffers(first):
-        assert_close(getattr(last, key), getattr(first, key), dtype, what=key)
-
-
-VIEWS = {
-    "transposed-HW": lambda rng, dt: make_input(rng, (5, 6, 5, 7), dt).transpose(0, 1, 3, 2),
-    "step-sliced": lambda rng, dt: make_input(rng, (5, 6, 14, 15), dt)[:, :, ::2, 1::3],
-    "negative-stride": lambda rng, dt: make_input(rng, (5, 6, 7, 5), dt)[::-1, :, :, ::-1],
-    "channel-sliced": lambda rng, dt: make_input(rng, (5, 13, 7, 5), dt)[:, 1::2],
-}
+    check_channels_last(first, last, x, dy, want_y, want, dtype, assert_close)
 
 
 @NAMES
@@ -531,27 +433,9 @@ VIEWS = {
 @MODE
 def test_non_contiguous_input_gives_the_result_of_its_copy(name, view, training, dtype, rng,
                                                            assert_close):
-    x = VIEWS[view](rng, dtype)
-    assert not x.flags.c_contiguous and x.shape == (5, 6, 7, 5)
-    x_before = x.copy()
-    strided, contiguous = (prepared(name, dtype).train(training) for _ in range(2))
-    dy = rng.standard_normal(x.shape).astype(dtype)
-    assert_close(strided(x), contiguous(np.ascontiguousarray(x)), dtype, what="y")
-    assert_close(strided.backward(np.flip(np.flip(dy, 3).copy(), 3)), contiguous.backward(dy),
-                 dtype, what="dx")
-    assert strided.grads.keys() == contiguous.grads.keys()
-    for key in contiguous.grads:
-        assert_close(strided.grads[key], contiguous.grads[key], dtype, what=f"d{key}")
-    for key in buffers(strided):
-        assert_close(getattr(strided, key), getattr(contiguous, key), dtype, what=key)
-    np.testing.assert_array_equal(x, x_before)
-
-
-@pytest.fixture
-def restore_threads():
-    threads = normkit.get_num_threads()
-    yield
-    normkit.set_num_threads(threads)
+    check_view_matches_copy(VIEWS[view](rng, dtype),
+                            lambda: prepared(name, dtype).train(training), rng, dtype,
+                            assert_close)
 
 
 THREAD_SHAPE = (4, 6, 55, 57)  # planes of 3135 = 2048 + 1087 entries
@@ -560,20 +444,7 @@ THREAD_SHAPE = (4, 6, 55, 57)  # planes of 3135 = 2048 + 1087 entries
 @NAMES
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @MODE
-def test_bitwise_identical_for_one_and_two_threads(name, layout, training, dtype,
-                                                   restore_threads):
-    rng = np.random.default_rng(3)
-    x = (3.0 + 2.0 * rng.standard_normal(THREAD_SHAPE)).astype(dtype)
-    dy = rng.standard_normal(THREAD_SHAPE).astype(dtype)
-    if layout == "NHWC":
-        x, dy = to_nhwc(x), to_nhwc(dy)
-    results = []
-    for threads in (1, 2):
-        normkit.set_num_threads(threads)
-        layer = prepared(name, dtype, layout=layout).train(training)
-        out = {"y": layer(x), "dx": layer.backward(dy)}
-        out.update({f"d{k}": v for k, v in layer.grads.items()})
-        out.update({k: getattr(layer, k) for k in buffers(layer)})
-        results.append({k: np.ascontiguousarray(v).tobytes() for k, v in out.items()})
-    for key in results[0]:
-        assert results[0][key] == results[1][key], f"{key} differs between 1 and 2 threads"
+def test_bitwise_identical_for_one_and_two_threads(name, layout, training, dtype):
+    assert_bitwise_same_for_1_and_2_threads(
+        lambda: prepared(name, dtype, layout=layout).train(training), THREAD_SHAPE, dtype,
+        layout)

@@ -117,11 +117,33 @@ py::object backward_fast(const Saved& saved, py::handle dy_obj, bool want_weight
   return py::make_tuple(std::move(dx), std::move(dw), std::move(db));
 }
 
-// The steps a variant calls one by one (normkit.h: apply_coefficients): coefficient arrays of
-// num_sample_sets*C float64 values.
-const double* coefficients(const nk::Plan& plan, const py::object& a, const char* name) {
-  return required<double>(a, plan.num_sample_sets * plan.C, name, false);
-}
+// A coefficient argument of the steps a variant calls one by one (normkit.h:
+// apply_coefficients): K = num_sample_sets*C float64 values, one per (set, channel) cell, or
+// C (the same for every set) or 1 (for every cell), or a Python number, broadcast here so that
+// a variant's fold hands over its per-channel arrays as they are (a NumPy broadcast and copy
+// cost more than a small layer's whole call).
+struct Coefficients {
+  std::vector<double> own;
+  const double* data = nullptr;
+  Coefficients(const nk::Plan& plan, const py::object& a, const char* name) {
+    const int64_t K = plan.num_sample_sets * plan.C;
+    if (PyFloat_Check(a.ptr()) || PyLong_Check(a.ptr())) {
+      own.assign(K, a.cast<double>());
+    } else {
+      const py::array arr = py::isinstance<py::array>(a) ? py::reinterpret_borrow<py::array>(a) : py::array();
+      const int64_t n = arr ? int64_t(arr.size()) : -1;
+      const int64_t size = n == K || n == plan.C || n == 1 ? n : K;  // anything else: data_of says why
+      const double* p = required<double>(a, size, name, false);
+      if (size == K) {
+        data = p;
+        return;
+      }
+      own.resize(K);
+      for (int64_t k = 0; k < K; ++k) own[k] = p[size == 1 ? 0 : k % plan.C];
+    }
+    data = own.data();
+  }
+};
 
 template <class S>
 void apply_coefficients_impl(const nk::Plan& plan, const py::array& x, const py::object& mean,
@@ -132,10 +154,9 @@ void apply_coefficients_impl(const nk::Plan& plan, const py::array& x, const py:
   const S* px = required<S>(x, n, "x", false);
   S* py_ = required<S>(y, n, "out", true);
   const S* pr = data_of<S>(residual, n, "residual", false);
-  const double *pm = coefficients(plan, mean, "mean"), *ps = coefficients(plan, scale, "scale"),
-               *po = coefficients(plan, offset, "offset");
+  const Coefficients m(plan, mean, "mean"), sc(plan, scale, "scale"), o(plan, offset, "offset");
   py::gil_scoped_release nogil;
-  nk::apply_coefficients<S>(plan, px, pm, ps, po, py_, pr, relu);
+  nk::apply_coefficients<S>(plan, px, m.data, sc.data, o.data, py_, pr, relu);
 }
 
 template <class S>
@@ -144,7 +165,8 @@ py::tuple backward_sums_impl(const nk::Plan& plan, const py::array& x, const py:
   nk::check_step_plan(plan);
   const int64_t n = plan.planes() * plan.S;
   const S *px = required<S>(x, n, "x", false), *pdy = required<S>(dy, n, "dy", false);
-  const double* pm = coefficients(plan, mean, "mean");
+  const Coefficients m(plan, mean, "mean");
+  const double* pm = m.data;
   py::array_t<double> sum_dy(plan.num_sample_sets * plan.C), sum_dy_xmu(plan.num_sample_sets * plan.C);
   double *pb = sum_dy.mutable_data(), *pa = sum_dy_xmu.mutable_data();
   {
@@ -162,10 +184,9 @@ void backward_apply_coefficients_impl(const nk::Plan& plan, const py::object& x,
   const int64_t n = plan.planes() * plan.S;
   const S *px = data_of<S>(x, n, "x", false), *pdy = required<S>(dy, n, "dy", false);
   S* pdx = required<S>(dx, n, "dx", true);
-  const double *pm = coefficients(plan, mean, "mean"), *p1 = coefficients(plan, c1, "c1"),
-               *p2 = coefficients(plan, c2, "c2"), *p3 = coefficients(plan, c3, "c3");
+  const Coefficients m(plan, mean, "mean"), a(plan, c1, "c1"), b(plan, c2, "c2"), c(plan, c3, "c3");
   py::gil_scoped_release nogil;
-  nk::backward_apply_coefficients<S>(plan, px, pdy, pm, p1, p2, p3, pdx);
+  nk::backward_apply_coefficients<S>(plan, px, pdy, m.data, a.data, b.data, c.data, pdx);
 }
 
 }  // namespace
@@ -264,7 +285,8 @@ PYBIND11_MODULE(_core, m) {
     });
   }, py::arg("plan"), py::arg("x"), py::arg("mean"), py::arg("scale"), py::arg("offset"),
      py::arg("out"), py::arg("residual") = py::none(), py::arg("relu") = false,
-     "out = (x - mean[k])*scale[k] + offset[k], k = set*C + channel of each plane.");
+     "out = (x - mean[k])*scale[k] + offset[k], k = set*C + channel of each plane; each "
+     "coefficient is K = sets*C float64 values, or C, or 1, or a number (broadcast).");
 
   m.def("backward_sums", [](const nk::Plan& plan, const py::array& x, const py::object& dy,
                             const py::object& mean) {
@@ -283,7 +305,8 @@ PYBIND11_MODULE(_core, m) {
     });
   }, py::arg("plan"), py::arg("x"), py::arg("dy"), py::arg("mean"), py::arg("c1"), py::arg("c2"),
      py::arg("c3"), py::arg("dx"),
-     "dx = c1[k]*dy + c2[k]*(x - mean[k]) + c3[k] per (set, channel) k; x may be None (no x term).");
+     "dx = c1[k]*dy + c2[k]*(x - mean[k]) + c3[k] per (set, channel) k (coefficients as "
+     "apply_coefficients'); x may be None (no x term).");
 
   def_saved(m);
   def_forward_fast(m);

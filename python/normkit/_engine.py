@@ -5,6 +5,8 @@ groups into statistics sets): `apply_batch_stats` (statistics from x), `apply` (
 e.g. running ones) and `backward`. The common case skips it: `_core.forward_fast` does a whole
 forward in one call and returns the same (y, Saved). Everything tensor-sized happens in `_core`.
 """
+import math
+
 import numpy as np
 
 from . import _checks, _core
@@ -75,7 +77,7 @@ def backward(saved, dy, want_weight, want_bias):
 def planes(x, layout="NCHW"):
     """(N, C, S) of an (N, C, *spatial) array, or of an (N, *spatial, C) one for "NHWC"."""
     spatial = x.shape[2:] if layout == "NCHW" else x.shape[1:-1]
-    S = int(np.prod(spatial, dtype=np.int64))
+    S = math.prod(spatial)  # a Python int: the core checks N*C*S for overflow
     return x.shape[0], x.shape[1] if layout == "NCHW" else x.shape[-1], S
 
 

@@ -24,23 +24,21 @@ from .base import NormLayer
 
 # -- pooled standardization: the fold that BatchNorm, ghost batches and modalities share ---------
 #
-# Cells k with n_k elements, mean m_k and biased variance v_k pool into groups G(k) (a channel of
-# a ghost batch, a channel group of it, a modality's channel). Per group, exactly (Chan):
-#   M_g = sum n_k,  mu_g = sum n_k m_k / M_g,  var_g = sum n_k (v_k + (m_k - mu_g)^2) / M_g.
+# Cells k with n_k elements, mean m_k and biased variance v_k pool into groups (a channel over
+# the ghost batches, a channel group of one ghost batch). Per group, exactly (Chan):
+#   M = sum n_k,  mu = sum n_k m_k / M,  var = sum n_k (v_k + (m_k - mu)^2) / M.
 # Backward of y = w_k (x - mu_g) r_g + b_k with batch statistics, g = dy*w (tests/reference.py:
 # standardize_backward): dx = r w dy - r Bw_g/M_g - r^3 (x - mu_g) Aw_g/M_g, with
 # Bw_g = sum_k w_k B_k and Aw_g = sum_k w_k A_k over the group's cells; dw_k = r A_k, db_k = B_k.
 
-def pool(n, mean, var, group, num_groups):
-    """(M, mu, var) per group of the cells' (n, mean, var); empty cells count for nothing."""
+def pool(n, mean, var, axis):
+    """(mu, var) of the cells along `axis` of mean and var; n: their element counts, a number
+    (the same for every cell) or an array of mean's rank with size 1 off `axis`."""
     n = np.asarray(n, np.float64)
-    has = n > 0
-    m = np.where(has, mean, 0.0)
-    M = np.bincount(group, n, num_groups)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mu = np.bincount(group, n * m, num_groups) / M
-        dev = np.where(has, var + (m - mu[group]) ** 2, 0.0)
-        return M, mu, np.bincount(group, n * dev, num_groups) / M
+    M = n.sum(axis=axis, keepdims=True) if n.ndim else n * mean.shape[axis]
+    mu = (n * mean).sum(axis=axis, keepdims=True) / M
+    pooled = (n * (var + (mean - mu) ** 2)).sum(axis=axis, keepdims=True) / M
+    return mu.squeeze(axis), pooled.squeeze(axis)
 
 
 def standard_backward_coefficients(B, A, w, r, M, group, num_groups):
@@ -57,6 +55,12 @@ def per_channel(v, C):
     return np.asarray(v).reshape(-1, C).sum(axis=0)
 
 
+def coefficient(a):
+    """A coefficient for the core's steps: a number, or a float64 array of one value per cell,
+    per channel, or one value (the core broadcasts)."""
+    return float(a) if isinstance(a, (float, int)) else np.ascontiguousarray(a, np.float64).reshape(-1)
+
+
 # -- what a backward needs -------------------------------------------------------------------------
 
 class StepSaved:
@@ -71,10 +75,10 @@ class StepSaved:
     def backward(self, dy):
         B, A = _core.backward_sums(self.plan, self.x, dy, self.mean)
         c1, c2, c3, grads = self.fold(B, A)
-        c1, c2, c3 = (np.ascontiguousarray(np.broadcast_to(c, self.mean.shape), np.float64) for c in (c1, c2, c3))
+        c1, c2, c3 = (coefficient(c) for c in (c1, c2, c3))
         dx = _core.empty_like(self.x)
-        _core.backward_apply_coefficients(self.plan, self.x if np.any(c2) else None, dy, self.mean,
-                                          c1, c2, c3, dx)
+        x = self.x if isinstance(c2, np.ndarray) or c2 != 0 else None  # no x term: skip reading x
+        _core.backward_apply_coefficients(self.plan, x, dy, self.mean, c1, c2, c3, dx)
         return dx.reshape(self.shape), grads
 
 
@@ -171,16 +175,13 @@ class VariantLayer(NormLayer):
         """y = (x - mean_k)*scale_k + offset_k, in x's shape (empty x: no core call)."""
         y = _core.empty_like(x)
         if x.size:
-            K = plan.num_sample_sets * plan.C
-            _core.apply_coefficients(plan, x, *(np.ascontiguousarray(np.broadcast_to(a, (K,)), np.float64)
-                                                for a in (mean, scale, offset)), y)
+            _core.apply_coefficients(plan, x, coefficient(mean), coefficient(scale), coefficient(offset), y)
         return y
 
     def _fused_saved(self, plan, x, mean, rstd, weight, grads):
         """The core's standard backward over `plan` with per-channel `weight` (of the layer's
         parameter dtype, or None); `grads(dw, db)` maps its gradients to the layer's."""
-        saved = _engine.Saved(plan, x, np.ascontiguousarray(mean, np.float64),
-                              np.ascontiguousarray(rstd, np.float64), weight, True, x.shape)
+        saved = _engine.Saved(plan, x, coefficient(mean), coefficient(rstd), weight, True, None)
         want = self.weight is not None
         return FusedSaved(saved, want, want, grads)
 
@@ -212,6 +213,5 @@ def running_factor(layer):
 
 
 def unbiased(var, count):
-    """var * count/(count - 1), NaN for a single value (torch's running_var of one element)."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count > 1, var * count / np.maximum(count - 1, 1), np.nan)
+    """var * count/(count - 1) (count: one number), NaN for a single value, as torch's running_var."""
+    return var * (count / (count - 1)) if count > 1 else var * np.nan

@@ -2,8 +2,7 @@
 import numpy as np
 
 from .. import _checks, _core, _engine
-from ._variant import (StepSaved, VariantLayer, checked_attribute, per_channel, pool, running_factor,
-                       unbiased)
+from ._variant import StepSaved, VariantLayer, checked_attribute, pool, running_factor, unbiased
 
 
 class GhostBatchNorm2d(VariantLayer):
@@ -53,7 +52,7 @@ class GhostBatchNorm2d(VariantLayer):
     def _ghost_batches(self, x, N, C, S):
         cpg, gbs = self.channels_per_group, self.ghost_batch_size
         sets = (np.arange(N) // gbs).tolist()
-        sizes = np.bincount(sets, minlength=1)  # examples per ghost batch
+        sizes = np.bincount(sets, minlength=1)[:, None]  # examples per ghost batch, (sets, 1)
         if self.training and N and sizes.min() * cpg * S == 1:
             raise ValueError(f"input: expected more than 1 value per (ghost batch, channel group) when "
                              f"training, got a ghost batch of {sizes.min()} example(s) in input of shape "
@@ -61,26 +60,26 @@ class GhostBatchNorm2d(VariantLayer):
         plan = self._plan(_core.plan_per_channel_in_sets(N, C, S, sets, cpg))
         if x.size == 0:
             return self._apply(plan, x, 0.0, 1.0, 0.0), StepSaved(plan, x, np.zeros(C), None, x.shape)
-        y = _core.empty_like(x)
         if cpg == 1:
             # Cells are the groups: the standard fused forward over the plan.
+            y = _core.empty_like(x)
             mean, var, rstd = _core.normalize_batch_stats(plan, x, self.eps, self.weight, self.bias, y)
-            cell_mean, cell_var = mean, var
+            cell_mean, cell_var = mean.reshape(-1, C), var.reshape(-1, C)
         else:
             # Per (ghost batch, channel) cells, pooled into the channel groups: the running
             # statistics need the channels' own moments, which the groups' do not give.
             cells = self._plan(_core.plan_per_channel_in_sets(N, C, S, sets))
-            cell_mean, cell_var = _core.group_moments(cells, x)
-            groups = np.arange(cell_mean.size) // cpg
-            _, mean, var = pool(np.repeat(sizes * S, C), cell_mean, cell_var, groups, groups[-1] + 1)
+            cell_mean, cell_var = (a.reshape(-1, C) for a in _core.group_moments(cells, x))
+            grouped = lambda a: a.reshape(a.shape[0], C // cpg, cpg)
+            mean, var = pool(1, grouped(cell_mean), grouped(cell_var), 2)  # (sets, C/cpg)
             rstd = 1.0 / np.sqrt(var + self.eps)
             w, b = self._channel_params(x)
-            y = self._apply(cells, x, mean[groups], rstd[groups] * np.tile(w, sizes.size), np.tile(b, sizes.size))
+            expand = lambda a: np.repeat(a, cpg, axis=1)  # per cell
+            y = self._apply(cells, x, expand(mean), expand(rstd) * w, b)
         saved = self._fused_saved(plan, x, mean, rstd, self.weight, self._param_grads)
         if self.training and self.track_running_stats:
             # The whole batch's per-channel statistics, pooled from the ghost batches' cells.
-            channel = np.tile(np.arange(C), sizes.size)
-            _, bmean, bvar = pool(np.repeat(sizes * S, C), cell_mean, cell_var, channel, C)
+            bmean, bvar = pool(sizes * S, cell_mean, cell_var, 0)
             factor = running_factor(self)
             _engine.running_update(self.running_mean, bmean, factor)
             _engine.running_update(self.running_var, unbiased(bvar, N * S), factor)
@@ -89,20 +88,16 @@ class GhostBatchNorm2d(VariantLayer):
 
     def _weighted_inference(self, x, N, C, S):
         cpg, alpha = self.channels_per_group, self.example_weight
-        Gc = C // cpg
         rm = self.running_mean.astype(np.float64)
         rv = self.running_var.astype(np.float64)
         w, b = self._channel_params(x)
-        group = np.arange(C) // cpg
+        group_mean = lambda a: a.reshape(a.shape[:-1] + (C // cpg, cpg)).mean(axis=-1)  # over a group's channels
+        expand = lambda a: np.repeat(a, cpg, axis=-1)  # per channel
+        P1, P2 = group_mean(rm), group_mean(rv + rm ** 2)  # the population's moments
         if alpha == 0.0:
             # The population's moments alone: a per-channel affine, one pass.
             plan = self._plan(_core.plan_per_channel(N, C, S))
-            if cpg == 1:
-                mu, var = rm, rv
-            else:
-                P1 = np.bincount(group, rm, Gc) / cpg
-                P2 = np.bincount(group, rv + rm ** 2, Gc) / cpg
-                mu, var = P1[group], np.maximum(P2 - P1 ** 2, 0.0)[group]
+            mu, var = (rm, rv) if cpg == 1 else (expand(P1), expand(np.maximum(P2 - P1 ** 2, 0.0)))
             r = 1.0 / np.sqrt(var + self.eps)
             fold = lambda B, A: (r * w, 0.0, 0.0, self._param_grads(r * A, B))
             return self._apply(plan, x, mu, r * w, b), StepSaved(plan, x, mu, fold, x.shape)
@@ -110,34 +105,28 @@ class GhostBatchNorm2d(VariantLayer):
         plan = self._plan(_core.plan_per_channel_in_sets(N, C, S, list(range(N))))
         if x.size == 0:
             return self._apply(plan, x, 0.0, 1.0, 0.0), StepSaved(plan, x, np.zeros(N * C), None, x.shape)
-        m, v = _core.group_moments(plan, x)
-        m, v = m.reshape(N, C), v.reshape(N, C)
-        E1 = np.stack([np.bincount(group, m[n], Gc) for n in range(N)]) / cpg  # (N, Gc)
-        E2 = np.stack([np.bincount(group, v[n] + m[n] ** 2, Gc) for n in range(N)]) / cpg
-        P1 = np.bincount(group, rm, Gc) / cpg
-        P2 = np.bincount(group, rv + rm ** 2, Gc) / cpg
+        m, v = (a.reshape(N, C) for a in _core.group_moments(plan, x))
+        E1, E2 = group_mean(m), group_mean(v + m ** 2)  # (N, C/cpg)
         mu = (1 - alpha) * P1 + alpha * E1
         raw = (1 - alpha) * P2 + alpha * E2 - mu ** 2
         clamped = raw < 0
-        var = np.where(clamped, 0.0, raw)
-        rs = 1.0 / np.sqrt(var + self.eps)  # (N, Gc)
+        rs = 1.0 / np.sqrt(np.where(clamped, 0.0, raw) + self.eps)
         M = cpg * S
-        cell_mu, cell_rs = mu[:, group].reshape(-1), rs[:, group].reshape(-1)
-        wk, bk = np.tile(w, N), np.tile(b, N)
+        cell_mu, cell_rs = expand(mu), expand(rs)  # (N, C)
 
         # dx = rs w dy + c2 (x - mu) + c3 with, per (sample, group), Aw = sum w A, Bw = sum w B:
         #   c2 = -alpha rs^3 Aw / M (0 where var_i is clamped), c3 = -alpha rs Bw / M
         # (docs/ghost_batch_norm.md; tests/reference.py: ghost_batch_norm_eval_backward).
         def fold(B, A):
-            Aw = (wk * A).reshape(N, Gc, cpg).sum(axis=2)
-            Bw = (wk * B).reshape(N, Gc, cpg).sum(axis=2)
+            A, B = A.reshape(N, C), B.reshape(N, C)
+            Aw, Bw = group_mean(w * A) * cpg, group_mean(w * B) * cpg
             c2 = np.where(clamped, 0.0, -alpha * rs ** 3 * Aw / M)
             c3 = -alpha * rs * Bw / M
-            return (cell_rs * wk, c2[:, group].reshape(-1), c3[:, group].reshape(-1),
-                    self._param_grads(per_channel(cell_rs * A, C), per_channel(B, C)))
+            return (cell_rs * w, expand(c2), expand(c3),
+                    self._param_grads((cell_rs * A).sum(axis=0), B.sum(axis=0)))
 
-        y = self._apply(plan, x, cell_mu, cell_rs * wk, bk)
-        return y, StepSaved(plan, x, cell_mu, fold, x.shape)
+        y = self._apply(plan, x, cell_mu, cell_rs * w, b)
+        return y, StepSaved(plan, x, cell_mu.reshape(-1), fold, x.shape)
 
     def extra_repr(self):
         return (f"{self.num_features}, ghost_batch_size={self.ghost_batch_size}, "

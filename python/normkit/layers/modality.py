@@ -112,7 +112,7 @@ class ModalityBatchNorm2d(VariantLayer):
             self._batches_of_modality[m] += 1
             factor = 1.0 / self._batches_of_modality[m] if self.momentum is None else self.momentum
             _engine.running_update(self.running_mean[m], mean[m], factor)
-            _engine.running_update(self.running_var[m], unbiased(var[m], samples[m] * S), factor)
+            _engine.running_update(self.running_var[m], unbiased(var[m], int(samples[m]) * S), factor)
 
     def reset_running_stats(self):
         if self.track_running_stats:
