@@ -22,14 +22,11 @@ from .. import _checks, _core, _engine
 from .base import NormLayer
 
 
-# -- pooled standardization: the fold that BatchNorm, ghost batches and modalities share ---------
+# -- standardization of cells and of their pools --------------------------------------------------
 #
 # Cells k with n_k elements, mean m_k and biased variance v_k pool into groups (a channel over
 # the ghost batches, a channel group of one ghost batch). Per group, exactly (Chan):
 #   M = sum n_k,  mu = sum n_k m_k / M,  var = sum n_k (v_k + (m_k - mu)^2) / M.
-# Backward of y = w_k (x - mu_g) r_g + b_k with batch statistics, g = dy*w (tests/reference.py:
-# standardize_backward): dx = r w dy - r Bw_g/M_g - r^3 (x - mu_g) Aw_g/M_g, with
-# Bw_g = sum_k w_k B_k and Aw_g = sum_k w_k A_k over the group's cells; dw_k = r A_k, db_k = B_k.
 
 def pool(n, mean, var, axis):
     """(mu, var) of the cells along `axis` of mean and var; n: their element counts, a number
@@ -41,13 +38,12 @@ def pool(n, mean, var, axis):
     return mu.squeeze(axis), pooled.squeeze(axis)
 
 
-def standard_backward_coefficients(B, A, w, r, M, group, num_groups):
-    """(c1, c2, c3) per cell for batch statistics pooled into groups (the derivation above)."""
-    Bw = np.bincount(group, w * B, num_groups)
-    Aw = np.bincount(group, w * A, num_groups)
-    rg = r[group]
+def standard_backward_coefficients(B, A, w, r, M):
+    """(c1, c2, c3) per cell standardized with its own batch statistics (M elements, rstd r,
+    weight w). With g = dy*w (tests/reference.py: standardize_backward):
+    dx = r w dy - r^3 (x - mu) w A/M - r w B/M; dweight = r A, dbias = B."""
     with np.errstate(invalid="ignore", divide="ignore"):
-        return rg * w, (-rg ** 3 * Aw / M)[group], (-rg * Bw / M)[group]
+        return r * w, -r ** 3 * w * A / M, -r * w * B / M
 
 
 def per_channel(v, C):

@@ -93,10 +93,9 @@ class ModalityBatchNorm2d(VariantLayer):
             # its coefficients and gradients.
             cmean = np.where(count > 0, mean, 0.0)
             rstd = np.where(count > 0, 1.0 / np.sqrt(np.where(count > 0, var, 1.0) + self.eps), 0.0)
-            cell = np.arange(K)
 
             def fold(B, A):
-                c1, c2, c3 = standard_backward_coefficients(B, A, wk, rstd, count, cell, K)
+                c1, c2, c3 = standard_backward_coefficients(B, A, wk, rstd, count)
                 return c1, c2, c3, cell_grads(rstd * A, B)
 
             y = self._apply(plan, x, cmean, rstd * wk, bk)
