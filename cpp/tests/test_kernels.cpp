@@ -6,6 +6,7 @@
 #include <functional>
 #include <limits>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -441,6 +442,103 @@ void test_traversals_agree(const std::string& isa) {
   nk::set_cache_bytes(0);
 }
 
+// The steps a variant calls one by one (normkit.h: apply_coefficients, backward_sums,
+// backward_apply_coefficients) against a plain double loop over their per-(set, channel)
+// coefficients k = sample_group[n]*C + c: one set, interleaved sets, and sets whose channels
+// are grouped in pairs (the coefficients stay per channel), in both layouts, with plane
+// lengths that hit chunk tails (channels-first kChunk; channels-last kRowsChunk / C rows);
+// the same bits at 1 and 2 threads.
+template <class T>
+void test_steps(const std::string& isa) {
+  const int threads_before = nk::get_num_threads();
+  const int64_t max_n = 5 * 5 * 2049;  // the largest case's elements; smaller ones take a prefix
+  const auto xs = random_vector<T>(max_n, 10.0, 41), dys = random_vector<T>(max_n, 0.2, 42), ress = random_vector<T>(max_n, 0.0, 43);
+  for (int kind : {0, 1, 2})  // per channel (1 set), interleaved sets, sets with 2 channels per group
+    for (bool last : {false, true})
+      for (int64_t S : {1, 7, 2047, 2049}) {
+        const int64_t N = 5, C = kind == 2 ? 4 : 5;  // N*C*S above kParallelMinWork at S = 2049
+        nk::Plan plan = kind == 0 ? nk::plan_per_channel(N, C, S)
+                        : kind == 1 ? nk::plan_per_channel_in_sets(N, C, S, {1, 0, 1, 2, 0})
+                                    : nk::plan_per_channel_in_sets(N, C, S, {1, 0, 1, 2, 0}, 2);
+        plan.channels_last = last;
+        const int64_t K = plan.num_sample_sets * C, n = N * C * S;
+        const std::string tag = isa + "/" + type_name<T>() + "/plan " + std::to_string(kind) +
+                                (last ? "/channels-last" : "/channels-first") + "/S=" + std::to_string(S);
+        const T *x = xs.data(), *dy = dys.data(), *res = ress.data();
+        // Means near the data's but not representable in float, so the shift rounding shows.
+        auto mean = random_vector<double>(K, 10.0, 44), scale = random_vector<double>(K, 1.0, 45);
+        auto offset = random_vector<double>(K, 0.0, 46), c1 = random_vector<double>(K, 0.5, 47);
+        auto c2 = random_vector<double>(K, -0.3, 48), c3 = random_vector<double>(K, 0.0, 49);
+        const std::vector<double> zeros(K, 0.0);
+        auto at = [&](int64_t nn, int64_t c, int64_t s) { return last ? (nn * S + s) * C + c : (nn * C + c) * S + s; };
+
+        struct Out { std::vector<T> y, yr, dx, dx0; std::vector<double> sdy, sxmu; };
+        auto run = [&](int threads) {
+          nk::set_num_threads(threads);
+          Out o{std::vector<T>(n), std::vector<T>(n), std::vector<T>(n), std::vector<T>(n),
+                std::vector<double>(K, -1.0), std::vector<double>(K, -1.0)};
+          nk::apply_coefficients<T>(plan, x, mean.data(), scale.data(), offset.data(), o.y.data());
+          nk::apply_coefficients<T>(plan, x, mean.data(), scale.data(), offset.data(), o.yr.data(), res, true);
+          nk::backward_sums<T>(plan, x, dy, mean.data(), o.sdy.data(), o.sxmu.data());
+          nk::backward_apply_coefficients<T>(plan, x, dy, mean.data(), c1.data(), c2.data(), c3.data(), o.dx.data());
+          nk::backward_apply_coefficients<T>(plan, nullptr, dy, mean.data(), c1.data(), zeros.data(), c3.data(), o.dx0.data());
+          return o;
+        };
+        const Out o = run(1);
+        const Out o2 = run(2);
+        check(o2.y == o.y && o2.yr == o.yr && o2.sdy == o.sdy && o2.sxmu == o.sxmu && o2.dx == o.dx && o2.dx0 == o.dx0,
+              "steps bitwise equal at 1 and 2 threads " + tag);
+
+        // Errors relative to the magnitude of each result's terms.
+        std::vector<double> sdy(K, 0.0), sxmu(K, 0.0), mag_dy(K, 0.0), mag_xmu(K, 0.0);
+        double ey = 0, eyr = 0, edx = 0, edx0 = 0;
+        for (int64_t nn = 0; nn < N; ++nn)
+          for (int64_t c = 0; c < C; ++c) {
+            const int64_t k = plan.sample_group[nn] * C + c;
+            for (int64_t s = 0; s < S; ++s) {
+              const int64_t i = at(nn, c, s);
+              const double xm = double(x[i]) - mean[k], d = double(dy[i]), r = double(res[i]);
+              const double yt = xm * scale[k], ymag = std::fabs(yt) + std::fabs(offset[k]);
+              ey = std::max(ey, std::fabs(double(o.y[i]) - (yt + offset[k])) / (1 + ymag));
+              eyr = std::max(eyr, std::fabs(double(o.yr[i]) - std::max(yt + offset[k] + r, 0.0)) / (1 + ymag + std::fabs(r)));
+              const double t1 = c1[k] * d, t2 = c2[k] * xm;
+              edx = std::max(edx, std::fabs(double(o.dx[i]) - (t1 + t2 + c3[k])) /
+                                      (1 + std::fabs(t1) + std::fabs(t2) + std::fabs(c3[k])));
+              edx0 = std::max(edx0, std::fabs(double(o.dx0[i]) - (t1 + c3[k])) / (1 + std::fabs(t1) + std::fabs(c3[k])));
+              sdy[k] += d, mag_dy[k] += std::fabs(d);
+              sxmu[k] += d * xm, mag_xmu[k] += std::fabs(d * xm);
+            }
+          }
+        const double t = tol<T>();
+        check(ey <= t, "apply_coefficients vs reference " + tag + " err=" + std::to_string(ey));
+        check(eyr <= t, "apply_coefficients+residual+relu vs reference " + tag + " err=" + std::to_string(eyr));
+        check(edx <= t, "backward_apply_coefficients vs reference " + tag + " err=" + std::to_string(edx));
+        check(edx0 <= t, "backward_apply_coefficients x=null vs reference " + tag + " err=" + std::to_string(edx0));
+        bool sums_ok = true;
+        for (int64_t k = 0; k < K; ++k)
+          sums_ok &= std::fabs(o.sdy[k] - sdy[k]) <= t * (1 + mag_dy[k]) &&
+                     std::fabs(o.sxmu[k] - sxmu[k]) <= 10 * t * (1 + mag_xmu[k]);
+        check(sums_ok, "backward_sums vs reference " + tag);
+      }
+  nk::set_num_threads(threads_before);
+
+  // A per-column affine (LayerNorm's plan) is no plan of the steps: each call throws.
+  const nk::Plan rows = nk::plan_per_row(4, 8, false);
+  std::vector<T> x(32, T(1)), y(32);
+  std::vector<double> d(32, 0.0), e(32, 0.0);
+  auto throws = [](const std::function<void()>& f) {
+    try { f(); } catch (const std::invalid_argument&) { return true; } catch (...) { return false; }
+    return false;
+  };
+  const std::string tag = isa + "/" + type_name<T>();
+  check(throws([&] { nk::apply_coefficients<T>(rows, x.data(), d.data(), d.data(), d.data(), y.data()); }),
+        "apply_coefficients rejects a per-column affine plan " + tag);
+  check(throws([&] { nk::backward_sums<T>(rows, x.data(), x.data(), d.data(), d.data(), e.data()); }),
+        "backward_sums rejects a per-column affine plan " + tag);
+  check(throws([&] { nk::backward_apply_coefficients<T>(rows, x.data(), x.data(), d.data(), d.data(), d.data(), d.data(), y.data()); }),
+        "backward_apply_coefficients rejects a per-column affine plan " + tag);
+}
+
 int main() {
   for (const std::string& isa : nk::supported_isas()) {
     nk::set_isa(isa);
@@ -456,6 +554,8 @@ int main() {
     test_no_channels(isa);
     test_traversals_agree<float>(isa);
     test_traversals_agree<double>(isa);
+    test_steps<float>(isa);
+    test_steps<double>(isa);
   }
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
