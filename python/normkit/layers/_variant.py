@@ -46,11 +46,6 @@ def standard_backward_coefficients(B, A, w, r, M):
         return r * w, -r ** 3 * w * A / M, -r * w * B / M
 
 
-def per_channel(v, C):
-    """A per-cell array (sets*C) summed over the sets: the per-channel parameter gradient."""
-    return np.asarray(v).reshape(-1, C).sum(axis=0)
-
-
 def coefficient(a):
     """A coefficient for the core's steps: a number, or a float64 array of one value per cell,
     per channel, or one value (the core broadcasts)."""

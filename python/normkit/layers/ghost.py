@@ -93,11 +93,15 @@ class GhostBatchNorm2d(VariantLayer):
         w, b = self._channel_params(x)
         group_mean = lambda a: a.reshape(a.shape[:-1] + (C // cpg, cpg)).mean(axis=-1)  # over a group's channels
         expand = lambda a: np.repeat(a, cpg, axis=-1)  # per channel
-        P1, P2 = group_mean(rm), group_mean(rv + rm ** 2)  # the population's moments
+        if alpha == 0.0 and cpg == 1:
+            mu, var = rm, rv  # BatchNorm's inference
+        else:
+            P1, P2 = group_mean(rm), group_mean(rv + rm ** 2)  # the population's moments
         if alpha == 0.0:
             # The population's moments alone: a per-channel affine, one pass.
             plan = self._plan(_core.plan_per_channel(N, C, S))
-            mu, var = (rm, rv) if cpg == 1 else (expand(P1), expand(np.maximum(P2 - P1 ** 2, 0.0)))
+            if cpg > 1:
+                mu, var = expand(P1), expand(np.maximum(P2 - P1 ** 2, 0.0))
             r = 1.0 / np.sqrt(var + self.eps)
             fold = lambda B, A: (r * w, 0.0, 0.0, self._param_grads(r * A, B))
             return self._apply(plan, x, mu, r * w, b), StepSaved(plan, x, mu, fold, x.shape)

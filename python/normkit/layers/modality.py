@@ -2,7 +2,7 @@
 import numpy as np
 
 from .. import _checks, _core, _engine
-from ._variant import StepSaved, VariantLayer, per_channel, standard_backward_coefficients, unbiased
+from ._variant import StepSaved, VariantLayer, standard_backward_coefficients, unbiased
 
 
 class ModalityBatchNorm2d(VariantLayer):
@@ -60,18 +60,19 @@ class ModalityBatchNorm2d(VariantLayer):
         samples = np.bincount(mod, minlength=M)  # per modality
         # Cells are (modality, channel); the plan has as many sets as the largest modality + 1.
         plan = self._plan(_core.plan_per_channel_in_sets(N, C, S, mod.tolist()))
-        K = plan.num_sample_sets * C
+        sets = plan.num_sample_sets
+        K = sets * C
         w, b = self._channel_params(x)
-        wk = np.broadcast_to(w, (M, C)).reshape(-1)[:K]  # per cell
-        bk = np.broadcast_to(b, (M, C)).reshape(-1)[:K]
+        if self.separate_affine:  # per cell, (sets, C); shared: (C,), broadcast over the sets
+            w, b = w[:sets], b[:sets]
         cell_grads = lambda dw, db: self._param_grads(
-            *((np.pad(g, (0, M * C - K)).reshape(M, C) if self.separate_affine else per_channel(g, C))
-              for g in (dw, db)))
+            *((np.pad(g.reshape(sets, C), ((0, M - sets), (0, 0))) if self.separate_affine
+               else g.reshape(sets, C).sum(axis=0)) for g in (dw, db)))
         if not (self._batch_stats() or self.running_mean is None):
-            mean = self.running_mean.astype(np.float64).reshape(-1)[:K]
-            r = 1.0 / np.sqrt(self.running_var.astype(np.float64).reshape(-1)[:K] + self.eps)
-            fold = lambda B, A: (r * wk, 0.0, 0.0, cell_grads(r * A, B))
-            return self._apply(plan, x, mean, r * wk, bk), StepSaved(plan, x, mean, fold, x.shape)
+            mean = self.running_mean[:sets].astype(np.float64)
+            r = 1.0 / np.sqrt(self.running_var[:sets].astype(np.float64) + self.eps)
+            fold = lambda B, A: (r * w, 0.0, 0.0, cell_grads(r.reshape(-1) * A, B))
+            return self._apply(plan, x, mean, r * w, b), StepSaved(plan, x, mean.reshape(-1), fold, x.shape)
         if self.training:
             present = samples[samples > 0]
             if present.size and present.min() * S == 1:
@@ -87,19 +88,20 @@ class ModalityBatchNorm2d(VariantLayer):
             mean, var, rstd = _core.normalize_batch_stats(plan, x, self.eps, self.weight, self.bias, y)
             saved = self._fused_saved(plan, x, mean, rstd, self.weight, lambda dw, db: self._param_grads(dw, db))
         else:
-            mean, var = _core.group_moments(plan, x)
-            count = np.repeat(samples[:plan.num_sample_sets] * S, C)
+            mean, var = (a.reshape(sets, C) for a in _core.group_moments(plan, x))
+            count = (samples[:sets] * S)[:, None]
             # An absent modality's cells (NaN statistics) have no planes: zeros, not NaN, in
             # its coefficients and gradients.
             cmean = np.where(count > 0, mean, 0.0)
             rstd = np.where(count > 0, 1.0 / np.sqrt(np.where(count > 0, var, 1.0) + self.eps), 0.0)
 
             def fold(B, A):
-                c1, c2, c3 = standard_backward_coefficients(B, A, wk, rstd, count)
+                B, A = B.reshape(sets, C), A.reshape(sets, C)
+                c1, c2, c3 = standard_backward_coefficients(B, A, w, rstd, count)
                 return c1, c2, c3, cell_grads(rstd * A, B)
 
-            y = self._apply(plan, x, cmean, rstd * wk, bk)
-            saved = StepSaved(plan, x, cmean, fold, x.shape)
+            y = self._apply(plan, x, cmean, rstd * w, b)
+            saved = StepSaved(plan, x, cmean.reshape(-1), fold, x.shape)
         if self.training and self.track_running_stats:
             self._update_running(mean.reshape(-1, C), var.reshape(-1, C), samples, S)
             self.num_batches_tracked += 1
