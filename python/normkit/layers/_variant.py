@@ -82,6 +82,9 @@ class FusedSaved:
     def __init__(self, saved, want_weight, want_bias, grads):
         self.saved, self.want_weight, self.want_bias, self.grads = saved, want_weight, want_bias, grads
 
+    x = property(lambda self: self.saved.x)
+    shape = property(lambda self: self.saved.shape)
+
     def backward(self, dy):
         fast = _core.backward_fast(self.saved, dy, self.want_weight, self.want_bias)
         dx, dw, db = fast if fast is not None else _engine.backward(self.saved, dy, self.want_weight, self.want_bias)
@@ -148,7 +151,7 @@ class VariantLayer(NormLayer):
         """Statistics from the batch: in training, and in eval with use_batch_stats."""
         return self.training or self.use_batch_stats
 
-    def _channel_params(self, x):
+    def _channel_params(self):
         """weight and bias as float64 arrays (ones and zeros without an affine)."""
         shape = (self.num_features,) if self.weight is None else self.weight.shape
         w = np.ones(shape) if self.weight is None else self.weight.astype(np.float64)
@@ -182,18 +185,13 @@ class VariantLayer(NormLayer):
         if saved is None:
             raise _checks.StateError(
                 f"backward: expected a forward call first, got none on this {type(self).__name__}")
-        shape = saved.saved.shape if isinstance(saved, FusedSaved) else saved.shape
-        x = saved.saved.x if isinstance(saved, FusedSaved) else saved.x
-        dy = _checks.grad_output(dy, shape, x.dtype)
-        if x.size == 0:
-            self.grads = self._param_grads(np.zeros(self.weight.shape), np.zeros(self.weight.shape)) \
-                if self.weight is not None else {}
-            return _core.empty_like(x).reshape(shape)
+        dy = _checks.grad_output(dy, saved.shape, saved.x.dtype)
+        if saved.x.size == 0:  # sums over no elements: zero parameter gradients, as torch
+            zeros = None if self.weight is None else np.zeros(self.weight.shape)
+            self.grads = self._param_grads(zeros, zeros)
+            return _core.empty_like(saved.x).reshape(saved.shape)
         dx, self.grads = saved.backward(dy)
         return dx
-
-    def _grad_names(self):
-        return [n for n in ("weight", "bias") if getattr(self, n, None) is not None]
 
 
 def running_factor(layer):

@@ -31,7 +31,7 @@ class ExtendedBatchNorm2d(VariantLayer):
     def _forward(self, x):
         x, (N, C, S) = self._input(x)
         plan = self._plan(_core.plan_per_channel(N, C, S))
-        w, b = self._channel_params(x)
+        w, b = self._channel_params()
         if not (self._batch_stats() or self.running_mean is None):
             mean = self.running_mean.astype(np.float64)
             r = 1.0 / np.sqrt(float(self.running_var[0]) + self.eps)

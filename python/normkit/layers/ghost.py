@@ -73,7 +73,7 @@ class GhostBatchNorm2d(VariantLayer):
             grouped = lambda a: a.reshape(a.shape[0], C // cpg, cpg)
             mean, var = pool(1, grouped(cell_mean), grouped(cell_var), 2)  # (sets, C/cpg)
             rstd = 1.0 / np.sqrt(var + self.eps)
-            w, b = self._channel_params(x)
+            w, b = self._channel_params()
             expand = lambda a: np.repeat(a, cpg, axis=1)  # per cell
             y = self._apply(cells, x, expand(mean), expand(rstd) * w, b)
         saved = self._fused_saved(plan, x, mean, rstd, self.weight, self._param_grads)
@@ -90,7 +90,7 @@ class GhostBatchNorm2d(VariantLayer):
         cpg, alpha = self.channels_per_group, self.example_weight
         rm = self.running_mean.astype(np.float64)
         rv = self.running_var.astype(np.float64)
-        w, b = self._channel_params(x)
+        w, b = self._channel_params()
         group_mean = lambda a: a.reshape(a.shape[:-1] + (C // cpg, cpg)).mean(axis=-1)  # over a group's channels
         expand = lambda a: np.repeat(a, cpg, axis=-1)  # per channel
         if alpha == 0.0 and cpg == 1:

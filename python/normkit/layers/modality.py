@@ -62,7 +62,7 @@ class ModalityBatchNorm2d(VariantLayer):
         plan = self._plan(_core.plan_per_channel_in_sets(N, C, S, mod.tolist()))
         sets = plan.num_sample_sets
         K = sets * C
-        w, b = self._channel_params(x)
+        w, b = self._channel_params()
         if self.separate_affine:  # per cell, (sets, C); shared: (C,), broadcast over the sets
             w, b = w[:sets], b[:sets]
         cell_grads = lambda dw, db: self._param_grads(
