@@ -842,8 +842,18 @@ def fuzz_core(src):
         G = plan.num_groups
     except ALLOWED:
         pass
+    K = src.int(0, 20)
+    try:
+        K = plan.num_sample_sets * C
+    except ALLOWED:
+        pass
+
+    def coef():  # a variant step's coefficient: one per cell, per channel, one value, a number
+        form = src.int(0, 4)
+        return 0.5 if form == 4 else stats((K, C, 1, src.int(0, 9))[form])
+
     x = arr(n)
-    op = src.int(0, 4)
+    op = src.int(0, 7)
     if op == 4:
         return fuzz_forward_fast(src, dtype)
     calls = {
@@ -855,6 +865,10 @@ def fuzz_core(src):
                                             None if src.chance(4) else arr(n), None, None),
         3: lambda: _core.normalize_batch_stats(plan, x, src.pick((1e-5, 0.0, 1.0)),
                                                None if src.bool() else arr(max(C, S, 0)), None, arr(n)),
+        5: lambda: _core.apply_coefficients(plan, x, coef(), coef(), coef(), arr(n)),
+        6: lambda: _core.backward_sums(plan, x, arr(n), coef()),
+        7: lambda: _core.backward_apply_coefficients(plan, None if src.chance(4) else x, arr(n), coef(),
+                                                     coef(), coef(), coef(), arr(n)),
     }
     try:
         expect_ok_or_rejected(calls[op])
