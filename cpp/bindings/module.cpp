@@ -189,6 +189,19 @@ void backward_apply_coefficients_impl(const nk::Plan& plan, const py::object& x,
   nk::backward_apply_coefficients<S>(plan, px, pdy, m.data, a.data, b.data, c.data, pdx);
 }
 
+// The pointwise epilogue steps (normkit.h: apply_pointwise): `coef` is a (9, K) float64 array,
+// rows shift, a, b, p, q, r, scale, offset, center of every cell.
+nk::PointwiseCoefficients pointwise_coefficients(const nk::Plan& plan, const py::object& coef) {
+  const int64_t K = plan.num_sample_sets * plan.C;
+  const double* p = required<double>(coef, 9 * K, "coef", false);
+  return {p, p + K, p + 2 * K, p + 3 * K, p + 4 * K, p + 5 * K, p + 6 * K, p + 7 * K, p + 8 * K};
+}
+
+nk::Pointwise pointwise_op(int op) {
+  if (op < 0 || op >= nk::kPointwiseOps) throw py::value_error("op: expected a pointwise epilogue number in [0, " + std::to_string(nk::kPointwiseOps) + ")");
+  return nk::Pointwise(op);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -307,6 +320,69 @@ PYBIND11_MODULE(_core, m) {
      py::arg("c3"), py::arg("dx"),
      "dx = c1[k]*dy + c2[k]*(x - mean[k]) + c3[k] per (set, channel) k (coefficients as "
      "apply_coefficients'); x may be None (no x term).");
+
+  py::enum_<nk::Pointwise>(m, "Pointwise")
+      .value("identity", nk::Pointwise::identity)
+      .value("relu", nk::Pointwise::relu)
+      .value("silu", nk::Pointwise::silu)
+      .value("gelu", nk::Pointwise::gelu)
+      .value("tlu", nk::Pointwise::tlu)
+      .value("swish_gate", nk::Pointwise::swish_gate)
+      .value("evo_b0", nk::Pointwise::evo_b0);
+
+  m.def("apply_pointwise", [](const nk::Plan& plan, int op, const py::array& x, const py::object& coef,
+                              const py::object& out) {
+    const nk::Pointwise o = pointwise_op(op);
+    dispatch(x, [&](auto s) {
+      using S = decltype(s);
+      nk::check_step_plan(plan);
+      const int64_t n = plan.planes() * plan.S;
+      const S* px = required<S>(x, n, "x", false);
+      S* py_ = required<S>(out, n, "out", true);
+      const nk::PointwiseCoefficients c = pointwise_coefficients(plan, coef);
+      py::gil_scoped_release nogil;
+      nk::apply_pointwise<S>(plan, o, px, c, py_);
+    });
+  }, py::arg("plan"), py::arg("op"), py::arg("x"), py::arg("coef"), py::arg("out"),
+     "out = f(u)*scale + offset, u = (x - shift)*a + b, per cell; coef: (9, K) float64.");
+
+  m.def("pointwise_sums", [](const nk::Plan& plan, int op, const py::array& x, const py::object& dy,
+                             const py::object& coef) {
+    const nk::Pointwise o = pointwise_op(op);
+    py::array_t<double> sums;
+    dispatch(x, [&](auto s) {
+      using S = decltype(s);
+      nk::check_step_plan(plan);
+      const int64_t n = plan.planes() * plan.S, K = plan.num_sample_sets * plan.C;
+      const S *px = required<S>(x, n, "x", false), *pdy = required<S>(dy, n, "dy", false);
+      const nk::PointwiseCoefficients c = pointwise_coefficients(plan, coef);
+      sums = py::array_t<double>({py::ssize_t(nk::kPointwiseSums), py::ssize_t(K)});
+      double* ps = sums.mutable_data();
+      py::gil_scoped_release nogil;
+      nk::pointwise_sums<S>(plan, o, px, pdy, c, ps);
+    });
+    return sums;
+  }, py::arg("plan"), py::arg("op"), py::arg("x"), py::arg("dy"), py::arg("coef"),
+     "(7, K) sums per cell: dy, dy*f(u), g, g*(x - center), dy*df/dp, dy*df/dq, dy*df/dr; g = dy*f'(u).");
+
+  m.def("pointwise_backward", [](const nk::Plan& plan, int op, const py::array& x, const py::object& dy,
+                                 const py::object& coef, const py::object& c1, const py::object& c2,
+                                 const py::object& c3, const py::object& dx) {
+    const nk::Pointwise o = pointwise_op(op);
+    dispatch(x, [&](auto s) {
+      using S = decltype(s);
+      nk::check_step_plan(plan);
+      const int64_t n = plan.planes() * plan.S;
+      const S *px = required<S>(x, n, "x", false), *pdy = required<S>(dy, n, "dy", false);
+      S* pdx = required<S>(dx, n, "dx", true);
+      const nk::PointwiseCoefficients c = pointwise_coefficients(plan, coef);
+      const Coefficients a(plan, c1, "c1"), b(plan, c2, "c2"), d(plan, c3, "c3");
+      py::gil_scoped_release nogil;
+      nk::pointwise_backward<S>(plan, o, px, pdy, c, a.data, b.data, d.data, pdx);
+    });
+  }, py::arg("plan"), py::arg("op"), py::arg("x"), py::arg("dy"), py::arg("coef"), py::arg("c1"),
+     py::arg("c2"), py::arg("c3"), py::arg("dx"),
+     "dx = c1[k]*dy*f'(u) + c2[k]*(x - center[k]) + c3[k] per cell (c1..c3 as apply_coefficients').");
 
   def_saved(m);
   def_forward_fast(m);

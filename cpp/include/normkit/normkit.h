@@ -15,6 +15,7 @@
 
 #include "normkit/dtypes.h"
 #include "normkit/plan.h"
+#include "normkit/pointwise.h"
 
 namespace nk {
 
@@ -65,6 +66,26 @@ void backward_sums(const Plan& plan, const S* x, const S* dy, const double* mean
 template <class S>
 void backward_apply_coefficients(const Plan& plan, const S* x, const S* dy, const double* mean,
                                  const double* c1, const double* c2, const double* c3, S* dx);
+
+// Pointwise epilogues (pointwise.h), for the layers whose output is not an affine of x. Per cell
+// (as above), nine coefficients: u = (x - shift)*a + b; y = f(u; p, q, r)*scale + offset; the
+// backward's x term is about center. Channels-first plans only.
+//   apply_pointwise     y = f(u)*scale + offset
+//   pointwise_sums      sums[i*K + k], i < kPointwiseSums: cell k's dy, dy*f(u), g, g*(x - center),
+//                       dy*df/dp, dy*df/dq, dy*df/dr, with g = dy*f'(u)
+//   pointwise_backward  dx = c1[k]*g + c2[k]*(x - center[k]) + c3[k]
+struct PointwiseCoefficients {
+  const double *shift, *a, *b, *p, *q, *r, *scale, *offset, *center;
+};
+template <class S>
+void apply_pointwise(const Plan& plan, Pointwise op, const S* x, const PointwiseCoefficients& coef, S* y);
+template <class S>
+void pointwise_sums(const Plan& plan, Pointwise op, const S* x, const S* dy,
+                    const PointwiseCoefficients& coef, double* sums);
+template <class S>
+void pointwise_backward(const Plan& plan, Pointwise op, const S* x, const S* dy,
+                        const PointwiseCoefficients& coef, const double* c1, const double* c2,
+                        const double* c3, S* dx);
 
 void set_num_threads(int n);
 int get_num_threads();

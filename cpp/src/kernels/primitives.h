@@ -28,6 +28,11 @@ template <class S, class T> void rows_backward_apply(const S* x, const S* dy, S*
                                                      bool stream);
 template <class S, class T> void backward_apply(const S* x, const S* dy, S* dx, int64_t n, T c1, T c2, T shift, T c3, const T* w,
                                                 bool stream);
+template <class S, class T> void pointwise(int op, const S* x, S* y, int64_t n, const PointwisePlane<T>& c);
+template <class S, class T> void pointwise_sums(int op, const S* x, const S* dy, int64_t n,
+                                                const PointwisePlane<T>& c, double* sums);
+template <class S, class T> void pointwise_backward(int op, const S* x, const S* dy, S* dx, int64_t n,
+                                                    const PointwisePlane<T>& c, T c1, T c2, T c3);
 void merge_columns(const double* mean, const double* m2, int64_t stride, int64_t C, int64_t parts,
                    int64_t part_n, int64_t last_n, double* out_mean, double* out_m2);
 

@@ -5,12 +5,20 @@
 #include <cstdint>
 
 #include "normkit/dtypes.h"
+#include "normkit/pointwise.h"
 
 namespace nk {
 
 // Chunk length of every pass: fixed, so results never depend on the thread count, and small
 // enough that a chunk's second moments pass reads it from L1.
 constexpr int64_t kChunk = 2048;
+
+// One plane's pointwise epilogue (pointwise.cpp): u = (x - shift)*a + b, y = f(u)*scale + offset,
+// f's parameters p, q, r; the backward's x term is about center.
+template <class T>
+struct PointwisePlane {
+  T shift, a, b, p, q, r, scale, offset, center;
+};
 
 // S: storage type of x, dy, y, dx; T: compute type of scalars, weights and column sums.
 template <class S, class T = compute_t<S>>
@@ -45,6 +53,14 @@ struct Kernels {
                       const T* b, const S* residual, bool relu, bool stream);
   void (*rows_backward_apply)(const S* x, const S* dy, S* dx, int64_t rows, int64_t C, const T* c1,
                               const T* c2, const T* shift, const T* c3, bool stream);
+
+  // Pointwise epilogues (op: a Pointwise), channels-first chunks: y = f(u)*scale + offset; the
+  // seven sums of pointwise.h into sums[0..6]; dx = c1*dy*f'(u) + c2*(x - center) + c3.
+  void (*pointwise)(int op, const S* x, S* y, int64_t n, const PointwisePlane<T>& c);
+  void (*pointwise_sums)(int op, const S* x, const S* dy, int64_t n, const PointwisePlane<T>& c,
+                         double* sums);
+  void (*pointwise_backward)(int op, const S* x, const S* dy, S* dx, int64_t n,
+                             const PointwisePlane<T>& c, T c1, T c2, T c3);
 };
 
 struct KernelTable {
