@@ -1,6 +1,7 @@
 """The stateful layers, one family per file."""
 from .base import NormLayer
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .evonorm import EvoNormB0_2d, EvoNormS0_2d
 from .extended import ExtendedBatchNorm2d
 from .frozen import FrozenBatchNorm2d
 from .ghost import GhostBatchNorm2d
@@ -8,9 +9,12 @@ from .groupnorm import GroupNorm
 from .instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .layernorm import LayerNorm, RMSNorm
 from .modality import ModalityBatchNorm2d
+from .proxy import ProxyNorm2d
 from .renorm import BatchRenorm2d, renorm_schedule
+from .response import FilterResponseNorm2d
 
 __all__ = ["NormLayer", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceNorm1d",
            "InstanceNorm2d", "InstanceNorm3d", "GroupNorm", "LayerNorm", "RMSNorm",
            "ExtendedBatchNorm2d", "ModalityBatchNorm2d", "GhostBatchNorm2d", "BatchRenorm2d",
-           "FrozenBatchNorm2d", "renorm_schedule"]
+           "FrozenBatchNorm2d", "renorm_schedule", "FilterResponseNorm2d", "EvoNormB0_2d",
+           "EvoNormS0_2d", "ProxyNorm2d"]

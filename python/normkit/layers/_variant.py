@@ -73,6 +73,34 @@ class StepSaved:
         return dx.reshape(self.shape), grads
 
 
+class PointwiseSaved:
+    """A pointwise-epilogue backward (_core.pointwise_sums, _core.pointwise_backward): the plan,
+    the epilogue, x, its (9, K) coefficients and the variant's fold, sums (7, K) -> (c1, c2, c3,
+    grads)."""
+
+    __slots__ = ("plan", "op", "x", "coef", "fold", "shape")
+
+    def __init__(self, plan, op, x, coef, fold, shape):
+        self.plan, self.op, self.x, self.coef, self.fold, self.shape = plan, op, x, coef, fold, shape
+
+    def backward(self, dy):
+        sums = _core.pointwise_sums(self.plan, self.op, self.x, dy, self.coef)
+        c1, c2, c3, grads = self.fold(sums)
+        dx = _core.empty_like(self.x)
+        _core.pointwise_backward(self.plan, self.op, self.x, dy, self.coef, *(coefficient(c) for c in (c1, c2, c3)), dx)
+        return dx.reshape(self.shape), grads
+
+
+def pointwise_coefficients(K, shift=0.0, a=1.0, b=0.0, p=0.0, q=0.0, r=0.0, scale=1.0, offset=0.0, center=0.0):
+    """The (9, K) coefficient array of _core.apply_pointwise, each row broadcast from its value
+    (a number, per channel of a plan's sets, or per cell)."""
+    coef = np.empty((9, K))
+    for i, v in enumerate((shift, a, b, p, q, r, scale, offset, center)):
+        v = np.asarray(v, np.float64).reshape(-1)
+        coef[i] = v if v.size in (1, K) else np.tile(v, K // v.size)
+    return coef
+
+
 class FusedSaved:
     """A backward that is the core's standard one over the variant's plan (_engine.Saved), with
     the parameter gradients then mapped by `grads(dweight, dbias)`."""
@@ -119,14 +147,14 @@ class VariantLayer(NormLayer):
         shape = (self.num_features,) if affine_shape is None else affine_shape
         self._param("weight", np.ones(shape, self.dtype) if self.affine else None)
         self._param("bias", np.zeros(shape, self.dtype) if self.affine else None)
-        # After eval(): normalize with the batch's own statistics, leaving the running ones alone.
-        self.use_batch_stats = False
 
     def _running_stats(self, momentum, track_running_stats, mean_shape, var_shape):
         """momentum, and running_mean (zeros), running_var (ones) and num_batches_tracked as
         torch's BatchNorm keeps them (None without track_running_stats)."""
         self.momentum = _checks.momentum_value(momentum)
         self.track_running_stats = bool(track_running_stats)
+        # After eval(): normalize with the batch's own statistics, leaving the running ones alone.
+        self.use_batch_stats = False
         if self.track_running_stats:
             self._buffer("running_mean", np.zeros(mean_shape, self.dtype))
             self._buffer("running_var", np.ones(var_shape, self.dtype))

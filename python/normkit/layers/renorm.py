@@ -44,6 +44,8 @@ class BatchRenorm2d(VariantLayer):
         self._buffer("running_mean", np.zeros(C, self.dtype))
         self._buffer("running_std", np.ones(C, self.dtype))
         self._buffer("num_batches_tracked", np.array(0, dtype=np.int64))
+        # After eval(): normalize with the batch's own statistics, leaving the running ones alone.
+        self.use_batch_stats = False
 
     r_max = checked_attribute("r_max", lambda v, name: _checks.number_at_least(v, name, 1.0))
     d_max = checked_attribute("d_max", lambda v, name: _checks.number_at_least(v, name, 0.0))

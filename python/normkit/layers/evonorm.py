@@ -1,0 +1,138 @@
+"""EvoNormB0_2d and EvoNormS0_2d: the evolved normalization-activation layers (timm's definitions)."""
+import numpy as np
+
+from .. import _checks, _core, _engine
+from ._variant import PointwiseSaved, VariantLayer, pointwise_coefficients, pool, unbiased
+
+
+class _EvoNorm(VariantLayer):
+    """What both EvoNorms share: weight, bias and v per channel (init 1, 0, 1), NCHW 4-D input."""
+
+    def _evo_setup(self, num_features, eps, dtype):
+        self._setup(num_features, eps, True, dtype, "NCHW")
+        self._param("v", np.ones(self.num_features, self.dtype))
+
+    def _params(self):
+        return self.weight.astype(np.float64), self.bias.astype(np.float64), self.v.astype(np.float64)
+
+    def _grads(self, dw, db, dv):
+        return {"weight": dw.astype(self.dtype), "bias": db.astype(self.dtype), "v": dv.astype(self.dtype)}
+
+    def _run(self, plan, op, x, coef, fold):
+        y = _core.empty_like(x)
+        if x.size:
+            _core.apply_pointwise(plan, op, x, coef, y)
+        return y, PointwiseSaved(plan, op, x, coef, fold, x.shape)
+
+    def backward(self, dy):
+        dx = super().backward(dy)
+        if self._saved.x.size == 0:
+            self.grads["v"] = np.zeros_like(self.v)
+        return dx
+
+
+class EvoNormB0_2d(_EvoNorm):
+    """EvoNorm-B0 (Liu et al., "Evolving Normalization-Activation Layers", arXiv 2004.02967), as
+    timm's EvoNorm2dB0:
+
+        y = x / max(sqrt(var_B + eps), v x + sqrt(var_I + eps)) * weight + bias,
+
+    var_B the batch variance per channel over (N, H, W) (biased, with its gradient, in training;
+    running_var, torch's unbiased EMA with `momentum`, in inference), var_I the instance variance
+    per (n, c) over (H, W), biased. At an exact tie of the max the gradient splits evenly between
+    the two terms (torch.maximum's rule, as timm).
+    """
+
+    def __init__(self, num_features, eps=1e-3, momentum=0.1, dtype=np.float32):
+        super().__init__()
+        self._evo_setup(num_features, eps, dtype)
+        self.momentum = _checks.momentum_value(momentum, allow_none=False)
+        self._buffer("running_var", np.ones(self.num_features, self.dtype))
+        # After eval(): normalize with the batch's own statistics, leaving the running ones alone.
+        self.use_batch_stats = False
+
+    def _forward(self, x):
+        x, (N, C, S) = self._input(x)
+        batch = self._batch_stats()
+        if self.training:
+            _checks.more_than_one_value(N * S, "channel", x.shape)
+        plan = _core.plan_per_channel_in_sets(N, C, S, list(range(N)))  # cells: the planes
+        w, b, v = self._params()
+        if x.size:
+            m, var_i = (a.reshape(N, C) for a in _core.group_moments(plan, x))  # per plane
+        else:
+            m = var_i = np.zeros((N, C))
+        d_i = np.sqrt(var_i + self.eps)
+        if batch:  # the batch's per-channel moments, pooled from the planes'
+            mu_b, var_b = pool(S, m, var_i, 0) if N else (np.zeros(C), np.zeros(C))
+        else:
+            mu_b, var_b = np.zeros(C), self.running_var.astype(np.float64)
+        d_b = np.sqrt(var_b + self.eps)
+        coef = pointwise_coefficients(N * C, p=d_b, q=v, r=d_i.reshape(-1), scale=w, offset=b,
+                                      center=m.reshape(-1))
+
+        # f = x / max(p, q x + r) with p = d_B (per channel), q = v, r = d_I (per plane); per
+        # plane the sums D = dy, F = dy*f, E_p, E_q, E_r = dy*df/dp, dq, dr. Then
+        # dx = w g + k_I (x - mu_I) + k_B (x - mu_B), k_I = w E_r/(S d_I),
+        # k_B = w sum_n E_p/(N S d_B) (batch statistics only); dv = sum w E_q, dweight = sum F.
+        def fold(sums):
+            D, F, Ep, Eq, Er = (sums[i].reshape(N, C) for i in (0, 1, 4, 5, 6))
+            k_i = w * Er / (S * d_i)
+            k_b = w * Ep.sum(axis=0) / (N * S * d_b) if batch else np.zeros(C)
+            c3 = (k_b * (m - mu_b)).reshape(-1)  # k_B (x - mu_B) = k_B (x - mu_I) + k_B (mu_I - mu_B)
+            grads = self._grads(F.sum(axis=0), D.sum(axis=0), (w * Eq).sum(axis=0))
+            return np.tile(w, N), (k_i + k_b).reshape(-1), c3, grads
+
+        y, saved = self._run(plan, int(_core.Pointwise.evo_b0), x, coef, fold)
+        if self.training and x.size:
+            _engine.running_update(self.running_var, unbiased(var_b, N * S), self.momentum)
+        return y, saved
+
+    def extra_repr(self):
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+
+
+class EvoNormS0_2d(_EvoNorm):
+    """EvoNorm-S0 (Liu et al., "Evolving Normalization-Activation Layers", arXiv 2004.02967), as
+    timm's EvoNorm2dS0: batch-independent,
+
+        y = x sigmoid(v x) / sqrt(var_G + eps) * weight + bias,
+
+    var_G the biased variance of each sample's group of C/groups channels over (C/G, H, W)
+    (groups of one channel allowed). No running statistics.
+    """
+
+    def __init__(self, num_features, groups=32, eps=1e-5, dtype=np.float32):
+        super().__init__()
+        self.groups = _checks.positive_int(groups, "groups")
+        _checks.divisor(self.groups, _checks.positive_int(num_features, "num_features"), "groups", "num_features")
+        self._evo_setup(num_features, eps, dtype)
+
+    def _forward(self, x):
+        x, (N, C, S) = self._input(x)
+        G, cpg = self.groups, C // self.groups
+        w, b, v = self._params()
+        if x.size:
+            mean, var = (a.reshape(N, G) for a in _core.group_moments(_core.plan_per_sample_group(N, C, S, G), x))
+        else:
+            mean = var = np.zeros((N, G))
+        std = np.repeat(np.sqrt(var + self.eps), cpg, axis=1)  # per (n, c)
+        mu = np.repeat(mean, cpg, axis=1)
+        plan = _core.plan_per_channel_in_sets(N, C, S, list(range(N)))  # cells: the planes
+        scale = w / std
+        coef = pointwise_coefficients(N * C, p=v, scale=scale.reshape(-1), offset=b, center=mu.reshape(-1))
+
+        # y = h(x) w/std + b with h = x sigmoid(v x); per plane D = dy, F = dy*h, E_p = dy*dh/dv.
+        # std depends on x: dL/dstd = -sum_{group} w F / std^2, dstd/dx = (x - mu)/(M std), M = cpg*S:
+        # dx = (w/std) g + dL/dstd/(M std) (x - mu); dweight = sum F/std, dv = sum (w/std) E_p.
+        def fold(sums):
+            D, F, Ep = (sums[i].reshape(N, C) for i in (0, 1, 4))
+            dstd = -(w * F / std ** 2).reshape(N, G, cpg).sum(axis=2)
+            c2 = np.repeat(dstd, cpg, axis=1) / (cpg * S * std)
+            grads = self._grads((F / std).sum(axis=0), D.sum(axis=0), (scale * Ep).sum(axis=0))
+            return scale.reshape(-1), c2.reshape(-1), 0.0, grads
+
+        return self._run(plan, int(_core.Pointwise.swish_gate), x, coef, fold)
+
+    def extra_repr(self):
+        return f"{self.num_features}, groups={self.groups}, eps={self.eps}"

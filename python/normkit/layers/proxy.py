@@ -1,0 +1,110 @@
+"""ProxyNorm2d: proxy normalization of an activation (Labatie et al.)."""
+import math
+
+import numpy as np
+
+from .. import _checks, _core
+from ._variant import PointwiseSaved, VariantLayer, pointwise_coefficients
+
+ACTIVATIONS = ("relu", "silu", "gelu", "identity")
+_ERF = np.frompyfunc(math.erf, 1, 1)
+
+
+def _phi(name, u):
+    """(phi(u), phi'(u)) in float64 over O(C x num_points) proxy arrays."""
+    if name == "relu":
+        return np.maximum(u, 0.0), (u > 0).astype(np.float64)
+    if name == "silu":
+        s = 1.0 / (1.0 + np.exp(-u))
+        return u * s, s * (1.0 + u * (1.0 - s))
+    if name == "gelu":
+        Phi = 0.5 * (1.0 + _ERF(u / math.sqrt(2.0)).astype(np.float64))
+        return u * Phi, Phi + u * np.exp(-0.5 * u * u) / math.sqrt(2.0 * math.pi)
+    return u, np.ones_like(u)
+
+
+def _erfinv(y):
+    """erfinv to double precision: Newton's method on math.erf (a few hundred values, once)."""
+    y = np.asarray(y, np.float64)
+    x = np.sign(y) * np.sqrt(-np.log1p(-y * y))  # a start within the basin of convergence
+    for _ in range(60):
+        e = _ERF(x).astype(np.float64) - y
+        x = x - e / (2.0 / math.sqrt(math.pi) * np.exp(-x * x))
+    return x
+
+
+def proxy_points(num_points):
+    """U_k = sqrt(2) erfinv(2 (k + 1/2)/K - 1): K quantiles of the standard normal."""
+    k = np.arange(num_points)
+    return math.sqrt(2.0) * _erfinv(2.0 * (k + 0.5) / num_points - 1.0)
+
+
+class ProxyNorm2d(VariantLayer):
+    """Proxy normalization (Labatie et al., "Proxy-Normalizing Activations to Match Batch
+    Normalization while Removing Batch Dependence", arXiv 2106.03743), placed after a
+    normalization without affine (GroupNorm or LayerNorm with affine=False). Per channel:
+
+        z = phi(weight x + bias),  z_hat = (z - mu_p) / sqrt(v_p + eps),
+
+    mu_p, v_p (biased) the mean and variance of phi(weight Y_k + bias) over the proxy points
+    Y_k = proxy_bias + (1 + proxy_weight) U_k, U_k = sqrt(2) erfinv(2 (k + 1/2)/K - 1),
+    k < K = num_points: a Gaussian proxy of the pre-activation, so that z_hat is normalized
+    without any batch statistics. phi: "relu", "silu", "gelu" (erf form) or "identity". The
+    backward differentiates through mu_p and v_p into all four parameters (weight, bias init 1,
+    0; proxy_weight, proxy_bias init 0). Training and inference are the same.
+    """
+
+    def __init__(self, num_features, activation="relu", eps=0.03, num_points=200, dtype=np.float32):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation: expected one of {', '.join(map(repr, ACTIVATIONS))}, got {activation!r}")
+        self.activation = activation
+        self.num_points = _checks.positive_int(num_points, "num_points")
+        self._setup(num_features, eps, True, dtype, "NCHW")
+        C = self.num_features
+        self._param("proxy_weight", np.zeros(C, self.dtype))
+        self._param("proxy_bias", np.zeros(C, self.dtype))
+        self._U = proxy_points(self.num_points)
+
+    def _forward(self, x):
+        x, (N, C, S) = self._input(x)
+        g, b = self._channel_params()
+        gp, bp = self.proxy_weight.astype(np.float64), self.proxy_bias.astype(np.float64)
+        U = self._U
+        Y = bp[:, None] + (1.0 + gp[:, None]) * U  # (C, K) proxy pre-activations
+        Z, dZ = _phi(self.activation, g[:, None] * Y + b[:, None])
+        mu = Z.mean(axis=1)
+        dev = Z - mu[:, None]
+        r = 1.0 / np.sqrt((dev ** 2).mean(axis=1) + self.eps)
+        plan = _core.plan_per_channel(N, C, S)  # cells: the channels
+        op = int(getattr(_core.Pointwise, self.activation))
+        coef = pointwise_coefficients(C, a=g, b=b, scale=r, offset=-mu * r)
+
+        # y = (phi(u) - mu) r with u = g x + b. Per channel D = sum dy, F = sum dy*phi(u),
+        # Gs = sum dy*phi'(u), A = sum dy*phi'(u)*x. dx = r g dy phi'(u). Directly: dg = r A,
+        # db = r Gs; through mu and v = 1/r^2 - eps: dL/dmu = -r D, dL/dv = -(F - mu D) r^3/2,
+        # with dmu/dt = mean_k dZ_k/dt and dv/dt = mean_k 2 (Z_k - mu) dZ_k/dt for each
+        # parameter t, dZ_k/dg = phi'_k Y_k, dZ_k/db = phi'_k, dZ_k/dgp = phi'_k g U_k, dZ_k/dbp = phi'_k g.
+        def fold(sums):
+            D, F, Gs, A = sums[0], sums[1], sums[2], sums[3]
+            dmu, dv = -r * D, -(F - mu * D) * r ** 3 / 2
+            through = lambda dZdt: dmu * dZdt.mean(axis=1) + dv * (2 * dev * dZdt).mean(axis=1)
+            grads = {"weight": r * A + through(dZ * Y), "bias": r * Gs + through(dZ),
+                     "proxy_weight": through(dZ * g[:, None] * U), "proxy_bias": through(dZ * g[:, None])}
+            return r * g, 0.0, 0.0, {k: v.astype(self.dtype) for k, v in grads.items()}
+
+        y = _core.empty_like(x)
+        if x.size:
+            _core.apply_pointwise(plan, op, x, coef, y)
+        return y, PointwiseSaved(plan, op, x, coef, fold, x.shape)
+
+    def backward(self, dy):
+        saved = self._saved
+        if saved is not None and saved.x.size == 0:  # the proxy terms stay: no elements, no dy
+            _checks.grad_output(dy, saved.shape, saved.x.dtype)
+            self.grads = {n: np.zeros_like(p) for n, p in self.parameters().items()}
+            return _core.empty_like(saved.x).reshape(saved.shape)
+        return super().backward(dy)
+
+    def extra_repr(self):
+        return f"{self.num_features}, activation={self.activation!r}, eps={self.eps}, num_points={self.num_points}"

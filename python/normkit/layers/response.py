@@ -1,0 +1,72 @@
+"""FilterResponseNorm2d: filter response normalization with the thresholded linear unit (FRN+TLU)."""
+import numpy as np
+
+from .. import _checks, _core, _engine
+from ._variant import PointwiseSaved, VariantLayer, pointwise_coefficients
+
+
+class FilterResponseNorm2d(VariantLayer):
+    """Filter response normalization with a thresholded linear unit (Singh and Krishnan, "Filter
+    Response Normalization Layer", arXiv 1911.09737). Batch-independent: per (n, c), with no mean
+    subtraction,
+
+        nu2 = mean_{h,w} x^2,  x_hat = x / sqrt(nu2 + eps_total),  y = weight x_hat + bias,
+        z = max(y, tau)   (tlu=True; at y == tau the gradient goes to tau),
+
+    eps_total = eps, or eps + |eps_l| with a learnable eps_l of shape (1,) (init 1e-4) when
+    learnable_eps (the paper's choice for (N, C) input, whose spatial size is 1). tau, weight and
+    bias are per channel (init 0, 1, 0). No running statistics: training and inference are the
+    same. Input (N, C) or (N, C, *spatial), NCHW.
+    """
+
+    def __init__(self, num_features, eps=1e-6, learnable_eps=False, tlu=True, dtype=np.float32):
+        super().__init__()
+        self._setup(num_features, eps, True, dtype, "NCHW")
+        self.learnable_eps, self.tlu = bool(learnable_eps), bool(tlu)
+        self._param("tau", np.zeros(self.num_features, self.dtype) if self.tlu else None)
+        self._param("eps_l", np.full(1, 1e-4, self.dtype) if self.learnable_eps else None)
+
+    def _input(self, x):
+        _checks.layer_input(x, self.dtype, min_ndim=2, channels=self.num_features,
+                            ranks=" (N, C) or (N, C, *spatial)")
+        xc = _checks.contiguous(x)
+        return xc, _engine.planes(xc)
+
+    def _forward(self, x):
+        x, (N, C, S) = self._input(x)
+        # nu2 per (n, c): each plane a row of a skip_mean (RMS) plan; cells are the planes.
+        nu2 = _core.group_moments(_core.plan_per_row(N * C, S, True), x)[1] if x.size else np.zeros(N * C)
+        eps_l = 0.0 if self.eps_l is None else float(self.eps_l[0])
+        r = 1.0 / np.sqrt(nu2 + self.eps + abs(eps_l))  # (N*C,)
+        plan = _core.plan_per_channel_in_sets(N, C, S, list(range(N)))
+        w, b = self._channel_params()
+        tau = 0.0 if self.tau is None else self.tau.astype(np.float64)
+        op = int(_core.Pointwise.tlu if self.tlu else _core.Pointwise.identity)
+        coef = pointwise_coefficients(N * C, a=np.tile(w, N) * r, b=b, p=tau)
+
+        # With g = dy*f'(y) per element and A = sum g*x per plane (center 0):
+        # dx = weight r g - weight r^3 A x / S  (r depends on x through nu2);
+        # dweight = sum r A, dbias = sum g, dtau = sum dy [y <= tau], deps_l = sum weight A (-r^3/2) sign(eps_l)
+        def fold(sums):
+            G, A, T = (sums[i].reshape(N, C) for i in (2, 3, 4))
+            rr = r.reshape(N, C)
+            grads = self._param_grads((rr * A).sum(axis=0), G.sum(axis=0))
+            if self.tau is not None:
+                grads["tau"] = T.sum(axis=0).astype(self.dtype)
+            if self.eps_l is not None:
+                grads["eps_l"] = np.array([np.sum(w * A * -0.5 * rr ** 3) * np.sign(eps_l)], self.dtype)
+            return (np.tile(w, N) * r, (-w * rr ** 3 * A / S).reshape(-1), 0.0, grads)
+
+        y = _core.empty_like(x)
+        if x.size:
+            _core.apply_pointwise(plan, op, x, coef, y)
+        return y, PointwiseSaved(plan, op, x, coef, fold, x.shape)
+
+    def backward(self, dy):
+        dx = super().backward(dy)
+        if self._saved.x.size == 0:  # no elements: zero gradients for tau and eps_l too
+            self.grads.update({n: np.zeros_like(p) for n, p in self.parameters().items() if n not in self.grads})
+        return dx
+
+    def extra_repr(self):
+        return f"{self.num_features}, eps={self.eps}, learnable_eps={self.learnable_eps}, tlu={self.tlu}"
