@@ -6,7 +6,9 @@ import numpy as np
 
 from . import _checks, _core, _engine
 
-__all__ = ["batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm"]
+__all__ = ["batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm",
+           "weight_standardization", "weight_standardization_backward", "weight_centralization",
+           "weight_centralization_backward"]
 
 
 def _fast(kind, input, channels_last, weight, bias, running_mean, running_var, batch_stats,
@@ -241,3 +243,63 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, out=None, residu
     if y is not None:
         return y
     return rms_norm_impl(input, normalized_shape, weight, eps, out, residual, activation)[0]
+
+
+# -- Weight Standardization and Centralization (arXiv 1903.10520; MABN's centring) ----------------
+# Per output filter (dim 0) over its fan-in: the weight viewed as (C_out, fan_in) rows, each row a
+# statistics group of a per-row plan (LayerNorm's, without affine).
+
+def _filters(weight, name="weight"):
+    """weight checked (an array of rank >= 2, an input dtype) as a contiguous (C_out, fan_in) view."""
+    w = _checks.input_array(weight, name, min_ndim=2)
+    return w.reshape(w.shape[0], -1)
+
+
+def _filter_gradient(grad_output, weight):
+    """(grad_output, weight) checked, both as (C_out, fan_in) views: the gradient has the weight's
+    shape and dtype."""
+    w = _filters(weight)
+    g = _checks.ndarray(grad_output, "grad_output")
+    if g.dtype != w.dtype:
+        raise TypeError(f"grad_output: expected dtype {w.dtype} (the weight's), got {g.dtype}")
+    if g.shape != weight.shape:
+        raise ValueError(f"grad_output: expected shape {weight.shape} (the weight's), got {g.shape}")
+    return _checks.contiguous(g).reshape(w.shape), w
+
+
+def weight_standardization(weight, eps=1e-5):
+    """W_hat = (W - mean) / sqrt(var + eps) per output filter over its fan-in (biased variance):
+    Weight Standardization (Qiao et al., arXiv 1903.10520), for a conv or linear weight of shape
+    (C_out, ...), any rank >= 2."""
+    w = _filters(weight)
+    eps = _checks.nonneg_float(eps, "eps")
+    return layer_norm_impl(w, (w.shape[1],), None, None, eps)[0].reshape(np.shape(weight))
+
+
+def weight_standardization_backward(grad_output, weight, eps=1e-5):
+    """dL/dW of weight_standardization, through each filter's mean and variance."""
+    g, w = _filter_gradient(grad_output, weight)
+    eps = _checks.nonneg_float(eps, "eps")
+    _, saved = layer_norm_impl(w, (w.shape[1],), None, None, eps)
+    return _engine.backward(saved, g, False, False)[0].reshape(np.shape(weight))
+
+
+def _centre_rows(w):
+    """w - mean per row: the per-row plan's statistics, then its apply with rstd 1."""
+    plan = _core.plan_per_row(w.shape[0], w.shape[1], False)
+    y = _core.empty_like(w)
+    if w.size:
+        mean, _ = _core.group_moments(plan, w)
+        _core.normalize(plan, w, mean, np.ones(w.shape[0]), None, None, y)
+    return y
+
+
+def weight_centralization(weight):
+    """W - mean per output filter over its fan-in (the centred weights MABN assumes), any rank >= 2."""
+    return _centre_rows(_filters(weight)).reshape(np.shape(weight))
+
+
+def weight_centralization_backward(grad_output, weight):
+    """dL/dW of weight_centralization: grad_output minus its mean per filter."""
+    g, _ = _filter_gradient(grad_output, weight)
+    return _centre_rows(g).reshape(np.shape(weight))
