@@ -43,8 +43,17 @@ def central(f, v, h=1e-6):
     return (f(v + h) - f(v - h)) / (2 * h)
 
 
+@pytest.fixture(params=list(_core.supported_isas()))
+def isa(request):
+    """Each ISA level this CPU runs: every level compiles the kernels on its own."""
+    before = _core.isa_name()
+    _core.set_isa(request.param)
+    yield request.param
+    _core.set_isa(before)
+
+
 @pytest.mark.parametrize("name", list(FUNCTIONS))
-def test_forward_sums_and_backward_equal_their_formulas(name, rng):
+def test_forward_sums_and_backward_equal_their_formulas(name, isa, rng):
     plan, x, dy, coef = case(rng)
     N, C, _ = x.shape
     op = int(getattr(_core.Pointwise, name))
