@@ -6,8 +6,9 @@
 //   pointwise_sums      sums[0..6] += dy, dy*f(u), g, g*(x - center), dy*df/dp, dy*df/dq, dy*df/dr
 //                       with g = dy*f'(u), in double
 //   pointwise_backward  dx = c1*g + c2*(x - center) + c3
-// Scalar code: the functions need exp and erf per element; the compiler vectorizes the simple ones.
+// Vector code (vec.h) with a scalar tail; exp and erf lane by lane.
 #include <cmath>
+#include <type_traits>
 
 #include "convert.h"
 #include "primitives.h"
@@ -17,86 +18,122 @@ namespace NK_ISA_NS {
 
 namespace {
 
-// f(u), f'(u) and df/dp, df/dq, df/dr of each function (normkit.h: Pointwise).
-template <class T>
-struct Value {
-  T f, df, dp, dq, dr;
-};
-
-template <class T>
-inline T sigmoid(T z) {
-  return T(1) / (T(1) + std::exp(-z));
+// The functions are written once for a scalar T and for a vector of T (GCC's vector
+// extensions take the same ?: and arithmetic); exp and erf have no vector form here, so they
+// go lane by lane.
+template <class V, class T>
+inline V cst(T c) {
+  if constexpr (std::is_same_v<V, T>) return c;
+  else return splat(c);
 }
 
-template <int Op, class T>
-inline Value<T> value(T u, T p, T q, T r) {
-  constexpr int kIdentity = int(Pointwise::identity), kRelu = int(Pointwise::relu),
-                kSilu = int(Pointwise::silu), kGelu = int(Pointwise::gelu), kTlu = int(Pointwise::tlu),
-                kSwishGate = int(Pointwise::swish_gate), kEvoB0 = int(Pointwise::evo_b0);
-  (void)q, (void)r;
-  if constexpr (Op == kIdentity) {
-    return {u, T(1), T(0), T(0), T(0)};
-  } else if constexpr (Op == kRelu) {  // torch: derivative 0 at 0; NaN stays NaN
-    return {u > T(0) || u != u ? u : T(0), u > T(0) ? T(1) : T(0), T(0), T(0), T(0)};
-  } else if constexpr (Op == kSilu) {  // u*s(u); f' = s (1 + u (1 - s))
-    const T s = sigmoid(u);
-    return {u * s, s * (T(1) + u * (T(1) - s)), T(0), T(0), T(0)};
-  } else if constexpr (Op == kGelu) {  // u Phi(u) (erf form); f' = Phi(u) + u phi(u)
-    const T Phi = T(0.5) * (T(1) + std::erf(u * T(0.70710678118654752440)));
-    const T phi = T(0.39894228040143267794) * std::exp(T(-0.5) * u * u);
-    return {u * Phi, Phi + u * phi, T(0), T(0), T(0)};
-  } else if constexpr (Op == kTlu) {  // max(u, p); at u == p the gradient goes to p (FRN's tau)
-    const bool above = !(u <= p);      // NaN: above, and stays NaN
-    return {above ? u : p, above ? T(1) : T(0), above ? T(0) : T(1), T(0), T(0)};
-  } else if constexpr (Op == kSwishGate) {  // u s(p u) (EvoNorm-S0); f' = s + p u s (1 - s)
-    const T s = sigmoid(p * u), ds = s * (T(1) - s);
-    return {u * s, s + p * u * ds, u * u * ds, T(0), T(0)};
-  } else {  // kEvoB0: u / max(p, q u + r); an exact tie splits the gradient evenly (torch.maximum)
-    const T d2 = q * u + r;
-    const Value<T> left{u / p, T(1) / p, -u / (p * p), T(0), T(0)};
-    const Value<T> right{u / d2, r / (d2 * d2), T(0), -u * u / (d2 * d2), -u / (d2 * d2)};
-    if (p > d2) return left;
-    if (d2 > p) return right;
-    if (p != p || d2 != d2) return {u / (p + d2), T(0), T(0), T(0), T(0)};  // NaN
-    const T h = T(0.5);
-    return {left.f, h * (left.df + right.df), h * left.dp, h * right.dq, h * right.dr};
+template <class T> inline T exp_of(T v) { return std::exp(v); }
+template <class T> inline T erf_of(T v) { return std::erf(v); }
+inline vec<float> exp_of(vec<float> v) { for (int64_t l = 0; l < lanes<float>; ++l) v[l] = std::exp(v[l]); return v; }
+inline vec<double> exp_of(vec<double> v) { for (int64_t l = 0; l < lanes<double>; ++l) v[l] = std::exp(v[l]); return v; }
+inline vec<float> erf_of(vec<float> v) { for (int64_t l = 0; l < lanes<float>; ++l) v[l] = std::erf(v[l]); return v; }
+inline vec<double> erf_of(vec<double> v) { for (int64_t l = 0; l < lanes<double>; ++l) v[l] = std::erf(v[l]); return v; }
+
+// f(u), f'(u) and df/dp, df/dq, df/dr of each function (normkit/pointwise.h).
+template <class V>
+struct Value {
+  V f, df, dp, dq, dr;
+};
+
+template <int Op, class T, class V>
+inline Value<V> value(V u, V p, V q, V r) {
+  const V zero = cst<V>(T(0)), one = cst<V>(T(1));
+  if constexpr (Op == int(Pointwise::identity)) {
+    return {u, one, zero, zero, zero};
+  } else if constexpr (Op == int(Pointwise::relu)) {  // torch: derivative 0 at 0; NaN stays NaN
+    return {u < zero ? zero : u, u > zero ? one : zero, zero, zero, zero};
+  } else if constexpr (Op == int(Pointwise::silu)) {  // u s(u); f' = s (1 + u (1 - s))
+    const V s = one / (one + exp_of(-u));
+    return {u * s, s * (one + u * (one - s)), zero, zero, zero};
+  } else if constexpr (Op == int(Pointwise::gelu)) {  // u Phi(u) (erf form); f' = Phi(u) + u phi(u)
+    const V Phi = cst<V>(T(0.5)) * (one + erf_of(u * cst<V>(T(0.70710678118654752440))));
+    const V phi = cst<V>(T(0.39894228040143267794)) * exp_of(cst<V>(T(-0.5)) * u * u);
+    return {u * Phi, Phi + u * phi, zero, zero, zero};
+  } else if constexpr (Op == int(Pointwise::tlu)) {  // max(u, p); at u == p the gradient goes to p
+    return {u <= p ? p : u, u <= p ? zero : one, u <= p ? one : zero, zero, zero};  // NaN u stays NaN
+  } else if constexpr (Op == int(Pointwise::swish_gate)) {  // u s(p u) (EvoNorm-S0); f' = s + p u s (1 - s)
+    const V s = one / (one + exp_of(-(p * u))), ds = s * (one - s);
+    return {u * s, s + p * u * ds, u * u * ds, zero, zero};
+  } else {  // evo_b0: u / max(p, q u + r); an exact tie splits the gradient evenly (torch.maximum)
+    const V d2 = q * u + r, half = cst<V>(T(0.5));
+    const V wl = p > d2 ? one : (d2 > p ? zero : half), wr = one - wl;  // the sides' shares
+    const V d = p > d2 ? p : d2, id2 = one / (d2 * d2);
+    return {u / d, wl / p + wr * r * id2, -wl * u / (p * p), -wr * u * u * id2, -wr * u * id2};
   }
 }
 
 template <class T>
-inline T u_of(T x, const PointwisePlane<T>& c) {
-  return (x - c.shift) * c.a + c.b;
-}
+struct Coef {  // one plane's coefficients as vectors
+  vec<T> shift, a, b, p, q, r, scale, offset, center;
+  explicit Coef(const PointwisePlane<T>& c)
+      : shift(splat(c.shift)), a(splat(c.a)), b(splat(c.b)), p(splat(c.p)), q(splat(c.q)), r(splat(c.r)),
+        scale(splat(c.scale)), offset(splat(c.offset)), center(splat(c.center)) {}
+};
 
 template <class S, int Op, class T = compute_t<S>>
 void forward_impl(const S* x, S* y, int64_t n, const PointwisePlane<T>& c) {
+  constexpr int64_t L = lanes<T>;
   // Scalar math: y = f((x - shift)*a + b)*scale + offset
-  for (int64_t i = 0; i < n; ++i) {
-    const T u = u_of(to_compute(x[i]), c);
-    y[i] = from_compute<S>(value<Op>(u, c.p, c.q, c.r).f * c.scale + c.offset);
+  const Coef<T> v(c);
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    const vec<T> u = (load_as(x + i) - v.shift) * v.a + v.b;
+    store_as(y + i, value<Op, T>(u, v.p, v.q, v.r).f * v.scale + v.offset);
+  }
+  for (; i < n; ++i) {
+    const T u = (to_compute(x[i]) - c.shift) * c.a + c.b;
+    y[i] = from_compute<S>(value<Op, T>(u, c.p, c.q, c.r).f * c.scale + c.offset);
   }
 }
 
 template <class S, int Op, class T = compute_t<S>>
 void sums_impl(const S* x, const S* dy, int64_t n, const PointwisePlane<T>& c, double* sums) {
-  // Scalar math: per element, with v = f at u and g = dy*f'(u): the seven sums of the header
-  double s[7] = {};
-  for (int64_t i = 0; i < n; ++i) {
+  constexpr int64_t L = lanes<T>;
+  // Scalar math: with g = dy*f'(u): sums += dy, dy*f(u), g, g*(x - center), dy*df/dp, dy*df/dq, dy*df/dr
+  // Lane l of accumulator j sums the same elements whatever the thread count; the chunk's
+  // total is each accumulator's fixed tree (hsum) plus the scalar tail, in double.
+  const Coef<T> v(c);
+  vec<T> acc[7] = {};
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    const vec<T> xi = load_as(x + i), d = load_as(dy + i);
+    const Value<vec<T>> f = value<Op, T>((xi - v.shift) * v.a + v.b, v.p, v.q, v.r);
+    const vec<T> g = d * f.df;
+    acc[0] += d, acc[1] += d * f.f, acc[2] += g, acc[3] += g * (xi - v.center);
+    acc[4] += d * f.dp, acc[5] += d * f.dq, acc[6] += d * f.dr;
+  }
+  double s[7];
+  for (int j = 0; j < 7; ++j) s[j] = hsum<T>(acc[j]);
+  for (; i < n; ++i) {
     const T xi = to_compute(x[i]), d = to_compute(dy[i]);
-    const Value<T> v = value<Op>(u_of(xi, c), c.p, c.q, c.r);
-    const T g = d * v.df;
-    s[0] += double(d), s[1] += double(d * v.f), s[2] += double(g), s[3] += double(g * (xi - c.center));
-    s[4] += double(d * v.dp), s[5] += double(d * v.dq), s[6] += double(d * v.dr);
+    const Value<T> f = value<Op, T>((xi - c.shift) * c.a + c.b, c.p, c.q, c.r);
+    const T g = d * f.df;
+    s[0] += double(d), s[1] += double(d * f.f), s[2] += double(g), s[3] += double(g * (xi - c.center));
+    s[4] += double(d * f.dp), s[5] += double(d * f.dq), s[6] += double(d * f.dr);
   }
   for (int j = 0; j < 7; ++j) sums[j] = s[j];
 }
 
 template <class S, int Op, class T = compute_t<S>>
 void backward_impl(const S* x, const S* dy, S* dx, int64_t n, const PointwisePlane<T>& c, T c1, T c2, T c3) {
+  constexpr int64_t L = lanes<T>;
   // Scalar math: dx = c1*dy*f'(u) + c2*(x - center) + c3
-  for (int64_t i = 0; i < n; ++i) {
+  const Coef<T> v(c);
+  const vec<T> v1 = splat(c1), v2 = splat(c2), v3 = splat(c3);
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    const vec<T> xi = load_as(x + i);
+    const vec<T> g = load_as(dy + i) * value<Op, T>((xi - v.shift) * v.a + v.b, v.p, v.q, v.r).df;
+    store_as(dx + i, v1 * g + (v2 * (xi - v.center) + v3));
+  }
+  for (; i < n; ++i) {
     const T xi = to_compute(x[i]);
-    const T g = to_compute(dy[i]) * value<Op>(u_of(xi, c), c.p, c.q, c.r).df;
+    const T g = to_compute(dy[i]) * value<Op, T>((xi - c.shift) * c.a + c.b, c.p, c.q, c.r).df;
     dx[i] = from_compute<S>(c1 * g + (c2 * (xi - c.center) + c3));
   }
 }
