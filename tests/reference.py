@@ -567,3 +567,537 @@ def renorm_schedule(step):
     r_max = min(3.0, max(1.0, 1.0 + 2.0 * t / 35000.0))
     d_max = min(5.0, max(0.0, 5.0 * t / 20000.0))
     return r_max, d_max
+
+
+# == Research variants II: the batch-independent family and parity layers (issue 11) ==============
+#
+# Written from the issue's equations, each on its own (no plan/fold decomposition, no shared
+# epilogue kernels), so that agreement with the kernels means something. Every backward below is
+# checked by central finite differences in test_reference_batch_free.py; at the exact ties of a
+# max (TLU, EvoNorm-B0) and the kink of relu, where finite differences are not defined, that file
+# checks the documented rule directly.
+
+import math
+
+try:  # the proxy points' erfinv: SciPy's when present, else Newton on math.erf (below)
+    from scipy.special import erfinv as _scipy_erfinv
+except ImportError:  # pragma: no cover - depends on the environment
+    _scipy_erfinv = None
+
+
+def _spatial_planes(x):
+    """x as (N, C, S): an (N, C) input is (N, C, 1), spatial size 1."""
+    x = f64(x)
+    return x.reshape(x.shape[0], x.shape[1], -1)
+
+
+def _affine_grads(dy, xhat, weight, bias, axes):
+    """dweight = sum dy*xhat, dbias = sum dy over axes (None for an absent parameter)."""
+    dweight = None if weight is None else (dy * xhat).sum(axis=axes)
+    dbias = None if bias is None else dy.sum(axis=axes)
+    return dweight, dbias
+
+
+# -- FilterResponseNorm with TLU ------------------------------------------------------------------
+#
+# Per (n, c) plane of S entries: nu2 = mean(x^2) (no mean is removed), e = eps (+ |eps_l|),
+# r = 1/sqrt(nu2 + e), xhat = x*r, y = gamma*xhat + beta, z = max(y, tau) (tau None: z = y).
+#
+# Backward. TLU: dz/dy = [y > tau], dz/dtau = [y <= tau] (at y == tau everything goes to tau).
+# With dyy = dL/dy and g = dyy*gamma: d nu2/dx_i = 2 x_i/S, d r/dx_i = -r^3 x_i/S, so
+#   dx_i = r*g_i - r^3 x_i mean(g*x)        (RMSNorm's backward over the plane);
+# d r/de = -r^3/2 and de/deps_l = sign(eps_l), so deps_l = sum over everything of
+# g*x*(-r^3/2)*sign(eps_l).
+
+def _frn_eps(eps, eps_l):
+    return eps if eps_l is None else eps + np.abs(f64(eps_l)).reshape(())
+
+
+def filter_response_norm(x, weight, bias, tau=None, eps=1e-6, eps_l=None):
+    x = f64(x)
+    xp = _spatial_planes(x)
+    nu2 = (xp ** 2).mean(axis=2, keepdims=True)
+    r = 1.0 / np.sqrt(nu2 + _frn_eps(eps, eps_l))
+    xhat = (xp * r).reshape(x.shape)
+    y = _affine(xhat, weight, bias, _channel_shape(x))
+    if tau is not None:
+        y = np.maximum(y, f64(tau).reshape(_channel_shape(x)))
+    return y
+
+
+def filter_response_norm_backward(x, dy, weight, bias, tau=None, eps=1e-6, eps_l=None):
+    x, dy = f64(x), f64(dy)
+    shape, axes = _channel_shape(x), _all_but_channel(x)
+    xp = _spatial_planes(x)
+    nu2 = (xp ** 2).mean(axis=2, keepdims=True)
+    r = 1.0 / np.sqrt(nu2 + _frn_eps(eps, eps_l))
+    xhat = (xp * r).reshape(x.shape)
+    dtau = None
+    if tau is not None:
+        y = _affine(xhat, weight, bias, shape)
+        passes = y > f64(tau).reshape(shape)        # ties (y == tau) go to tau
+        dtau = np.where(passes, 0.0, dy).sum(axis=axes)
+        dy = np.where(passes, dy, 0.0)
+    dweight, dbias = _affine_grads(dy, xhat, weight, bias, axes)
+    g = dy * f64(weight).reshape(shape) if weight is not None else dy
+    gp = _spatial_planes(g)
+    dx = r * gp - r ** 3 * xp * (gp * xp).mean(axis=2, keepdims=True)
+    deps_l = None
+    if eps_l is not None:
+        deps_l = (np.sum(gp * xp * (-0.5) * r ** 3) * np.sign(f64(eps_l))).reshape(np.shape(eps_l))
+    return dx.reshape(x.shape), dweight, dbias, dtau, deps_l
+
+
+# -- Weight Standardization and Weight Centralization ---------------------------------------------
+#
+# Per output filter (dim 0) over its fan-in (every other dim): WS is the shared standardize
+# (biased variance), so its backward is standardize_backward over those axes; WC is w - mean,
+# whose backward is dy - mean(dy).
+
+def _fan_in_axes(w):
+    assert w.ndim >= 2, "a weight has rank >= 2"
+    return tuple(range(1, w.ndim))
+
+
+def weight_standardization(w, eps=1e-5):
+    w = f64(w)
+    return standardize(w, _fan_in_axes(w), eps)
+
+
+def weight_standardization_backward(dy, w, eps=1e-5):
+    w = f64(w)
+    return standardize_backward(w, f64(dy), _fan_in_axes(w), eps)
+
+
+def weight_centralization(w):
+    w = f64(w)
+    return w - w.mean(axis=_fan_in_axes(w), keepdims=True)
+
+
+def weight_centralization_backward(dy, w):
+    dy = f64(dy)
+    return dy - dy.mean(axis=_fan_in_axes(f64(w)), keepdims=True)
+
+
+# -- BatchChannelNorm: per-channel BN with its own affine, then per-sample group norm -------------
+#
+# u = bn_weight_c*xb + bn_bias_c, xb = BN's xhat (batch statistics, biased; or the given running
+# statistics as constants); uhat = u standardized per (n, group) over (C/G channels, *spatial);
+# y = gn_weight_g*uhat + gn_bias_g, one value per GROUP. Backward: the chain of the two, group
+# part first: dgn_* sum over (N, the group's channels, *spatial); g_u = standardize_backward of
+# dy*gn_weight over each (n, group); then BN's backward of g_u.
+
+def _per_group_to_channel(p, C):
+    """A (G,) vector repeated over each group's C/G channels: (C,)."""
+    p = f64(p)
+    return np.repeat(p, C // p.size)
+
+
+def _bcn_batch_part(x, bn_weight, bn_bias, eps, running_mean, running_var):
+    if running_mean is not None:
+        xb = _given_stats(x, running_mean, running_var, eps)
+    else:
+        xb = standardize(x, _all_but_channel(x), eps)
+    return xb, _affine(xb, bn_weight, bn_bias, _channel_shape(x))
+
+
+def batch_channel_norm(x, bn_weight, bn_bias, gn_weight, gn_bias, num_groups, eps=1e-5,
+                       running_mean=None, running_var=None):
+    x = f64(x)
+    C = x.shape[1]
+    _, u = _bcn_batch_part(x, bn_weight, bn_bias, eps, running_mean, running_var)
+    uhat = standardize(_grouped(u, num_groups), (2,), eps).reshape(x.shape)
+    gw = None if gn_weight is None else _per_group_to_channel(gn_weight, C)
+    gb = None if gn_bias is None else _per_group_to_channel(gn_bias, C)
+    return _affine(uhat, gw, gb, _channel_shape(x))
+
+
+def batch_channel_norm_backward(x, dy, bn_weight, bn_bias, gn_weight, gn_bias, num_groups,
+                                eps=1e-5, running_mean=None, running_var=None):
+    x, dy = f64(x), f64(dy)
+    N, C = x.shape[:2]
+    shape, axes = _channel_shape(x), _all_but_channel(x)
+    xb, u = _bcn_batch_part(x, bn_weight, bn_bias, eps, running_mean, running_var)
+    uhat = standardize(_grouped(u, num_groups), (2,), eps).reshape(x.shape)
+    # group part: per-group affine sums over (N, the group's channels, *spatial)
+    dgn_weight = None if gn_weight is None else (dy * uhat).reshape(N, num_groups, -1).sum(axis=(0, 2))
+    dgn_bias = None if gn_bias is None else dy.reshape(N, num_groups, -1).sum(axis=(0, 2))
+    g_uhat = dy * _per_group_to_channel(gn_weight, C).reshape(shape) if gn_weight is not None else dy
+    g_u = standardize_backward(_grouped(u, num_groups), _grouped(g_uhat, num_groups), (2,), eps)
+    g_u = g_u.reshape(x.shape)
+    # batch part
+    dbn_weight, dbn_bias = _affine_grads(g_u, xb, bn_weight, bn_bias, axes)
+    g_xb = g_u * f64(bn_weight).reshape(shape) if bn_weight is not None else g_u
+    if running_mean is not None:  # constants: xb is linear in x
+        dx = g_xb / np.sqrt(f64(running_var).reshape(shape) + eps)
+    else:
+        dx = standardize_backward(x, g_xb, axes, eps)
+    return dx, dbn_weight, dbn_bias, dgn_weight, dgn_bias
+
+
+def bcn_estimate_update(x, running_mean, running_var, rate):
+    """estimate=True's training step: mu_hat += r (mu_B - mu_hat);
+    var_hat += r (mean over (N, *spatial) of (x - mu_hat_old)^2 - var_hat), mu_hat_old being the
+    mean before this step's update. Returns the new (mean, var), each (C,)."""
+    x = f64(x)
+    axes = _all_but_channel(x)
+    old_mean, old_var = f64(running_mean), f64(running_var)
+    mean_b = x.mean(axis=axes)
+    spread = ((x - old_mean.reshape(_channel_shape(x))) ** 2).mean(axis=axes)
+    new_mean = old_mean + rate * (mean_b - old_mean)
+    new_var = old_var + rate * (spread - old_var)
+    return new_mean, new_var
+
+
+# -- BatchLayerNorm -------------------------------------------------------------------------------
+#
+# x_B: standardized per (c, *spatial) over N (or with given running statistics of shape
+# (C, *spatial), constants); x_F: standardized per (n, *spatial) over C; both biased, eps inside.
+# y = gamma_c (a x_F + b x_B)/sqrt(C) + beta_c, a = 1/B - 1e-4, b = 1 - 1/B - 1e-4.
+# Backward, g = dy*gamma_c/sqrt(C): dx = a*standardize_backward over C of g
+# + b*(standardize_backward over N of g, or g/sqrt(running_var + eps)).
+
+def _bln_coefficients(batch_size):
+    B = float(batch_size)
+    return 1.0 / B - 1e-4, 1.0 - 1.0 / B - 1e-4
+
+
+def _bln_batch_part(x, eps, running_mean, running_var):
+    if running_mean is not None:
+        rm = f64(running_mean).reshape((1,) + x.shape[1:])
+        rv = f64(running_var).reshape((1,) + x.shape[1:])
+        return (x - rm) / np.sqrt(rv + eps)
+    return standardize(x, (0,), eps)
+
+
+def batch_layer_norm(x, weight, bias, batch_size, eps=1e-3, running_mean=None, running_var=None):
+    x = f64(x)
+    a, b = _bln_coefficients(batch_size)
+    x_b = _bln_batch_part(x, eps, running_mean, running_var)
+    x_f = standardize(x, (1,), eps)
+    mixed = (a * x_f + b * x_b) / math.sqrt(x.shape[1])
+    return _affine(mixed, weight, bias, _channel_shape(x))
+
+
+def batch_layer_norm_backward(x, dy, weight, bias, batch_size, eps=1e-3, running_mean=None,
+                              running_var=None):
+    x, dy = f64(x), f64(dy)
+    shape, axes = _channel_shape(x), _all_but_channel(x)
+    a, b = _bln_coefficients(batch_size)
+    x_b = _bln_batch_part(x, eps, running_mean, running_var)
+    x_f = standardize(x, (1,), eps)
+    mixed = (a * x_f + b * x_b) / math.sqrt(x.shape[1])
+    dweight, dbias = _affine_grads(dy, mixed, weight, bias, axes)
+    g = dy * f64(weight).reshape(shape) if weight is not None else dy
+    g = g / math.sqrt(x.shape[1])
+    dx_f = standardize_backward(x, g, (1,), eps)
+    if running_mean is not None:
+        dx_b = g / np.sqrt(f64(running_var).reshape((1,) + x.shape[1:]) + eps)
+    else:
+        dx_b = standardize_backward(x, g, (0,), eps)
+    return a * dx_f + b * dx_b, dweight, dbias
+
+
+# -- ProxyNorm ------------------------------------------------------------------------------------
+#
+# z = phi(gamma x + beta); proxy points per channel Y_k = beta_p + (1 + gamma_p) U_k,
+# U_k = sqrt(2) erfinv(2 (k + 1/2)/K - 1); P_k = phi(gamma Y_k + beta); mu_p = mean_k P_k,
+# v_p = mean_k (P_k - mu_p)^2 (biased); y = (z - mu_p)*s, s = 1/sqrt(v_p + eps).
+#
+# Backward, per channel c, sums over (N, *spatial) written S[.]:
+#   input path: dz = dy*s;  dx = dz*phi'(gamma x + beta)*gamma;  dgamma += S[dz phi' x],
+#   dbeta += S[dz phi'];
+#   proxy path: dL/dmu = -s S[dy];  dL/dv = -s^3/2 S[dy (z - mu_p)];
+#   dL/dP_k = dL/dmu/K + dL/dv * 2 (P_k - mu_p)/K  (mu_p's own term in v_p drops: sum(P - mu) = 0);
+#   dL/dq_k = dL/dP_k phi'(q_k), q_k = gamma Y_k + beta;  dgamma += sum_k dL/dq_k Y_k,
+#   dbeta += sum_k dL/dq_k;  dL/dY_k = gamma dL/dq_k;  dbeta_p = sum_k dL/dY_k,
+#   dgamma_p = sum_k dL/dY_k U_k.
+# relu'(0) = 0 (torch's).
+
+PROXY_ACTIVATIONS = ("relu", "silu", "gelu", "identity")
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def _erfinv_newton(t):
+    """erfinv of one float in (-1, 1): Winitzki's approximation, then Newton steps
+    (erf'(y) = 2/sqrt(pi) exp(-y^2)) until the step no longer shrinks. For |t| >= 1/2 the
+    residual is taken as erfc(y) - (1 - |t|) (1 - |t| is exact there): erf(y) - t would lose
+    erfinv's precision near +-1 to the cancellation, ~1e-13 at t = 0.9999."""
+    if t == 0.0:
+        return 0.0
+    a = 0.147
+    ln = math.log1p(-t * t)
+    first = 2.0 / (math.pi * a) + ln / 2.0
+    y = math.sqrt(math.sqrt(first * first - ln / a) - first)   # of |t|
+    s = abs(t)
+    tail = s >= 0.5
+    last_step = math.inf
+    for _ in range(100):
+        slope = 2.0 / math.sqrt(math.pi) * math.exp(-y * y)
+        residual = (1.0 - s) - math.erfc(y) if tail else math.erf(y) - s
+        step = residual / slope
+        y -= step
+        if abs(step) >= last_step or step == 0.0:
+            break
+        last_step = abs(step)
+    return math.copysign(y, t)
+
+
+def erfinv(t):
+    """Inverse error function, elementwise, to double precision (SciPy's when importable)."""
+    t = f64(t)
+    if _scipy_erfinv is not None:
+        return _scipy_erfinv(t)
+    return np.vectorize(_erfinv_newton, otypes=[np.float64])(t)
+
+
+def proxy_points(num_points):
+    """U_k = sqrt(2) erfinv(2 (k + 1/2)/K - 1), k = 0..K-1: K quantiles of the standard normal.
+
+    The argument is computed as (2k + 1 - K)/K, the same number with one rounding (an exact
+    integer over K), so the points are exactly antisymmetric; near t = -1 erfinv' is ~50, and
+    2 (k + 1/2)/K - 1 as written would carry its extra rounding into U_k at ~1e-14."""
+    K = int(num_points)
+    k = np.arange(K, dtype=np.float64)
+    return math.sqrt(2.0) * erfinv((2.0 * k + 1.0 - K) / K)
+
+
+def _check_activation(activation):
+    if activation not in PROXY_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(PROXY_ACTIVATIONS)}; "
+                         f"got {activation!r}")
+
+
+def _sigmoid(a):
+    return 1.0 / (1.0 + np.exp(-a))
+
+
+def proxy_activation(a, activation):
+    """phi: relu, silu (a*sigmoid(a)), gelu (erf form: a/2 (1 + erf(a/sqrt 2))), identity."""
+    _check_activation(activation)
+    a = f64(a)
+    if activation == "relu":
+        return np.maximum(a, 0.0)
+    if activation == "silu":
+        return a * _sigmoid(a)
+    if activation == "gelu":
+        return 0.5 * a * (1.0 + _erf(a / math.sqrt(2.0)))
+    return a
+
+
+def proxy_activation_derivative(a, activation):
+    """phi'(a); relu'(0) = 0."""
+    _check_activation(activation)
+    a = f64(a)
+    if activation == "relu":
+        return (a > 0.0).astype(np.float64)
+    if activation == "silu":
+        sig = _sigmoid(a)
+        return sig * (1.0 + a * (1.0 - sig))
+    if activation == "gelu":
+        return 0.5 * (1.0 + _erf(a / math.sqrt(2.0))) + a * np.exp(-a * a / 2.0) / math.sqrt(2.0 * math.pi)
+    return np.ones_like(a)
+
+
+def _proxy_params(C, weight, bias, proxy_weight, proxy_bias):
+    """gamma, beta, gamma_p, beta_p as (C,) arrays; an absent one takes its init (1, 0, 0, 0)."""
+    def value(p, init):
+        return np.full(C, init) if p is None else f64(p).reshape(C)
+    return value(weight, 1.0), value(bias, 0.0), value(proxy_weight, 0.0), value(proxy_bias, 0.0)
+
+
+def _proxy_moments(C, weight, bias, proxy_weight, proxy_bias, activation, num_points):
+    """(U (K,), Y (C, K), q (C, K), P (C, K), mu_p (C,), v_p (C,))."""
+    gamma, beta, gamma_p, beta_p = _proxy_params(C, weight, bias, proxy_weight, proxy_bias)
+    u = proxy_points(num_points)
+    y_k = beta_p[:, None] + (1.0 + gamma_p[:, None]) * u[None, :]
+    q = gamma[:, None] * y_k + beta[:, None]
+    p = proxy_activation(q, activation)
+    mu_p = p.mean(axis=1)
+    v_p = ((p - mu_p[:, None]) ** 2).mean(axis=1)
+    return u, y_k, q, p, mu_p, v_p
+
+
+def proxy_norm(x, weight, bias, proxy_weight, proxy_bias, activation="relu", eps=0.03,
+               num_points=200):
+    x = f64(x)
+    C, shape = x.shape[1], _channel_shape(x)
+    gamma, beta, _, _ = _proxy_params(C, weight, bias, proxy_weight, proxy_bias)
+    z = proxy_activation(gamma.reshape(shape) * x + beta.reshape(shape), activation)
+    _, _, _, _, mu_p, v_p = _proxy_moments(C, weight, bias, proxy_weight, proxy_bias, activation,
+                                           num_points)
+    return (z - mu_p.reshape(shape)) / np.sqrt(v_p.reshape(shape) + eps)
+
+
+def proxy_norm_backward(x, dy, weight, bias, proxy_weight, proxy_bias, activation="relu",
+                        eps=0.03, num_points=200):
+    x, dy = f64(x), f64(dy)
+    C, shape, axes = x.shape[1], _channel_shape(x), _all_but_channel(x)
+    K = int(num_points)
+    gamma, beta, _, _ = _proxy_params(C, weight, bias, proxy_weight, proxy_bias)
+    a = gamma.reshape(shape) * x + beta.reshape(shape)
+    z = proxy_activation(a, activation)
+    u, y_k, q, p, mu_p, v_p = _proxy_moments(C, weight, bias, proxy_weight, proxy_bias,
+                                             activation, num_points)
+    s = 1.0 / np.sqrt(v_p + eps)
+    # input path
+    dz = dy * s.reshape(shape)
+    da = dz * proxy_activation_derivative(a, activation)
+    dx = da * gamma.reshape(shape)
+    dgamma = (da * x).sum(axis=axes)
+    dbeta = da.sum(axis=axes)
+    # proxy path: through mu_p and v_p
+    dmu = -s * dy.sum(axis=axes)
+    dv = -0.5 * s ** 3 * (dy * (z - mu_p.reshape(shape))).sum(axis=axes)
+    dp = dmu[:, None] / K + dv[:, None] * 2.0 * (p - mu_p[:, None]) / K
+    dq = dp * proxy_activation_derivative(q, activation)
+    dgamma = dgamma + (dq * y_k).sum(axis=1)
+    dbeta = dbeta + dq.sum(axis=1)
+    dy_k = gamma[:, None] * dq
+    dproxy_bias = dy_k.sum(axis=1)
+    dproxy_weight = (dy_k * u[None, :]).sum(axis=1)
+
+    def given(p_in, grad):
+        return None if p_in is None else grad.reshape(np.shape(p_in))
+    return (dx, given(weight, dgamma), given(bias, dbeta), given(proxy_weight, dproxy_weight),
+            given(proxy_bias, dproxy_bias))
+
+
+# -- LayerNorm2d: LayerNorm over C for each (n, *spatial), per-channel affine ---------------------
+
+def layer_norm_2d(x, weight, bias, eps=1e-6):
+    x = f64(x)
+    return _affine(standardize(x, (1,), eps), weight, bias, _channel_shape(x))
+
+
+def layer_norm_2d_backward(x, dy, weight, bias, eps=1e-6):
+    x, dy = f64(x), f64(dy)
+    xhat = standardize(x, (1,), eps)
+    g, dweight, dbias = _affine_backward(xhat, dy, weight, bias, _channel_shape(x),
+                                         _all_but_channel(x))
+    return standardize_backward(x, g, (1,), eps), dweight, dbias
+
+
+# -- LocalResponseNorm (torch.nn.functional.local_response_norm) ----------------------------------
+#
+# W(c) = channels c - size//2 .. c + (size-1)//2 that exist (torch pads with zeros: size//2
+# before, (size-1)//2 after, and averages over `size`): s_c = k + alpha/size * sum_{j in W(c)} x_j^2,
+# y_c = x_c s_c^(-beta).
+# Backward: dy_c/dx_m = [c == m] s_c^(-beta) - 2 alpha beta/size x_c s_c^(-beta-1) x_m [m in W(c)],
+# and m in W(c) <=> c in m - (size-1)//2 .. m + size//2 (the window with its sides swapped):
+#   dx_m = dy_m s_m^(-beta) - 2 alpha beta/size x_m sum_{c: m in W(c)} dy_c x_c s_c^(-beta-1).
+
+def _channel_window_sum(a, before, after):
+    """out[:, c] = sum of a[:, j] for j in c - before .. c + after within 0..C-1."""
+    C = a.shape[1]
+    out = np.zeros_like(a)
+    for c in range(C):
+        lo, hi = max(0, c - before), min(C, c + after + 1)
+        out[:, c] = a[:, lo:hi].sum(axis=1)
+    return out
+
+
+def local_response_norm(x, size, alpha=1e-4, beta=0.75, k=1.0):
+    x = f64(x)
+    s = k + alpha / size * _channel_window_sum(x ** 2, size // 2, (size - 1) // 2)
+    return x * s ** (-beta)
+
+
+def local_response_norm_backward(x, dy, size, alpha=1e-4, beta=0.75, k=1.0):
+    x, dy = f64(x), f64(dy)
+    s = k + alpha / size * _channel_window_sum(x ** 2, size // 2, (size - 1) // 2)
+    back = _channel_window_sum(dy * x * s ** (-beta - 1.0), (size - 1) // 2, size // 2)
+    return dy * s ** (-beta) - 2.0 * alpha * beta / size * x * back
+
+
+# -- EvoNorm-B0 -----------------------------------------------------------------------------------
+#
+# a_c = sqrt(var_B + eps) (var_B biased over (N, *spatial) in training; running_var, a constant,
+# in eval); b = v_c x + sqrt(var_I + eps) (var_I biased over (*spatial) of each plane);
+# m = max(a, b); y = x/m * gamma + beta.
+# Backward, g = dy*gamma: dx = g/m + ...; dL/dm = -g x/m^2, split by w_a = [a > b] + [a == b]/2,
+# w_b = 1 - w_a (torch.maximum's rule). Through b: dv = S[dL/db x], dx += dL/db v,
+# dL/dvar_I = (sum over the plane of dL/db)/(2 sqrt(var_I + eps)), dx += dL/dvar_I 2 (x - mean_I)/S_I.
+# Through a (training only): dL/dvar_B = (sum over (N, *spatial) of dL/dm w_a)/(2 a),
+# dx += dL/dvar_B 2 (x - mean_B)/M_B.
+
+def _evonorm_b0_terms(x, v, eps, running_var):
+    shape, spatial = _channel_shape(x), _spatial_axes(x)
+    if running_var is None:
+        var_b = x.var(axis=_all_but_channel(x), keepdims=True)
+    else:
+        var_b = f64(running_var).reshape(shape)
+    a = np.sqrt(var_b + eps)
+    s_i = np.sqrt(x.var(axis=spatial, keepdims=True) + eps)
+    b = f64(v).reshape(shape) * x + s_i
+    return a, s_i, b
+
+
+def evonorm_b0(x, weight, bias, v, eps=1e-3, running_var=None):
+    x = f64(x)
+    a, _, b = _evonorm_b0_terms(x, v, eps, running_var)
+    return _affine(x / np.maximum(a, b), weight, bias, _channel_shape(x))
+
+
+def evonorm_b0_backward(x, dy, weight, bias, v, eps=1e-3, running_var=None):
+    x, dy = f64(x), f64(dy)
+    shape, axes, spatial = _channel_shape(x), _all_but_channel(x), _spatial_axes(x)
+    a, s_i, b = _evonorm_b0_terms(x, v, eps, running_var)
+    m = np.maximum(a, b)
+    dweight, dbias = _affine_grads(dy, x / m, weight, bias, axes)
+    g = dy * f64(weight).reshape(shape) if weight is not None else dy
+    dx = g / m
+    dm = -g * x / m ** 2
+    w_a = (a > b) + 0.5 * (a == b)
+    d_a = dm * w_a
+    d_b = dm * (1.0 - w_a)
+    dv = (d_b * x).sum(axis=axes)
+    dx = dx + d_b * f64(v).reshape(shape)
+    s_count = _group_size(x, spatial)
+    d_var_i = d_b.sum(axis=spatial, keepdims=True) / (2.0 * s_i)
+    dx = dx + d_var_i * 2.0 * (x - x.mean(axis=spatial, keepdims=True)) / s_count
+    if running_var is None:
+        m_count = _group_size(x, axes)
+        d_var_b = d_a.sum(axis=axes, keepdims=True) / (2.0 * a)
+        dx = dx + d_var_b * 2.0 * (x - x.mean(axis=axes, keepdims=True)) / m_count
+    return dx, dweight, dbias, dv.reshape(np.shape(v))
+
+
+# -- EvoNorm-S0 -----------------------------------------------------------------------------------
+#
+# h = x sigmoid(v_c x); sd = sqrt(var_G + eps), var_G biased per (n, group) over
+# (C/G channels, *spatial); y = h/sd * gamma + beta.
+# Backward, g = dy*gamma, sig = sigmoid(v x): dL/dh = g/sd; dh/dx = sig + v x sig (1 - sig),
+# dh/dv = x^2 sig (1 - sig); dL/dsd = -sum over the group of g h/sd^2,
+# dL/dvar_G = dL/dsd/(2 sd), dx += dL/dvar_G 2 (x - mean_G)/M_G.
+
+def evonorm_s0(x, weight, bias, v, groups=32, eps=1e-5):
+    x = f64(x)
+    sig = _sigmoid(f64(v).reshape(_channel_shape(x)) * x)
+    xg = _grouped(x, groups)
+    sd = np.sqrt(xg.var(axis=2, keepdims=True) + eps)
+    h = x * sig
+    return _affine((_grouped(h, groups) / sd).reshape(x.shape), weight, bias, _channel_shape(x))
+
+
+def evonorm_s0_backward(x, dy, weight, bias, v, groups=32, eps=1e-5):
+    x, dy = f64(x), f64(dy)
+    shape, axes = _channel_shape(x), _all_but_channel(x)
+    vv = f64(v).reshape(shape)
+    sig = _sigmoid(vv * x)
+    h = x * sig
+    xg = _grouped(x, groups)
+    sd = np.sqrt(xg.var(axis=2, keepdims=True) + eps)
+    out = (_grouped(h, groups) / sd).reshape(x.shape)
+    dweight, dbias = _affine_grads(dy, out, weight, bias, axes)
+    g = dy * f64(weight).reshape(shape) if weight is not None else dy
+    dh = (_grouped(g, groups) / sd).reshape(x.shape)
+    dv = (dh * x * x * sig * (1.0 - sig)).sum(axis=axes)
+    dx = dh * (sig + vv * x * sig * (1.0 - sig))
+    d_sd = -(_grouped(g * h, groups)).sum(axis=2, keepdims=True) / sd ** 2
+    d_var = d_sd / (2.0 * sd)
+    m_count = xg.shape[2]
+    dx_g = d_var * 2.0 * (xg - xg.mean(axis=2, keepdims=True)) / m_count
+    dx = dx + dx_g.reshape(x.shape)
+    return dx, dweight, dbias, dv.reshape(np.shape(v))
