@@ -384,6 +384,68 @@ PYBIND11_MODULE(_core, m) {
      py::arg("c2"), py::arg("c3"), py::arg("dx"),
      "dx = c1[k]*dy*f'(u) + c2[k]*(x - center[k]) + c3[k] per cell (c1..c3 as apply_coefficients').");
 
+  m.def("apply_coefficients_positions", [](const nk::Plan& plan, const py::array& x, const py::object& mean,
+                                           const py::object& scale, const py::object& offset,
+                                           const py::object& weight, const py::object& bias, const py::object& out) {
+    dispatch(x, [&](auto s) {
+      using S = decltype(s);
+      using T = nk::compute_t<S>;
+      nk::check_step_plan(plan);
+      const int64_t n = plan.planes() * plan.S;
+      const S* px = required<S>(x, n, "x", false);
+      S* py_ = required<S>(out, n, "out", true);
+      const T *pw = required<T>(weight, plan.S, "weight", false), *pb = required<T>(bias, plan.S, "bias", false);
+      const Coefficients m(plan, mean, "mean"), sc(plan, scale, "scale"), o(plan, offset, "offset");
+      py::gil_scoped_release nogil;
+      nk::apply_coefficients_positions<S>(plan, px, m.data, sc.data, o.data, pw, pb, py_);
+    });
+  }, py::arg("plan"), py::arg("x"), py::arg("mean"), py::arg("scale"), py::arg("offset"), py::arg("weight"),
+     py::arg("bias"), py::arg("out"),
+     "out = ((x - mean[k])*scale[k] + offset[k])*weight[s] + bias[s]; channels-last plans.");
+
+  m.def("backward_sums_positions", [](const nk::Plan& plan, const py::array& x, const py::object& dy,
+                                      const py::object& mean, const py::object& scale, const py::object& offset,
+                                      const py::object& weight) {
+    py::tuple out;
+    dispatch(x, [&](auto s) {
+      using S = decltype(s);
+      using T = nk::compute_t<S>;
+      nk::check_step_plan(plan);
+      const int64_t n = plan.planes() * plan.S, K = plan.num_sample_sets * plan.C;
+      const S *px = required<S>(x, n, "x", false), *pdy = required<S>(dy, n, "dy", false);
+      const T* pw = required<T>(weight, plan.S, "weight", false);
+      const Coefficients m(plan, mean, "mean"), sc(plan, scale, "scale"), o(plan, offset, "offset");
+      py::array_t<double> b(K), a(K), dw(plan.S), db(plan.S);
+      double *pb = b.mutable_data(), *pa = a.mutable_data(), *pdw = dw.mutable_data(), *pdb = db.mutable_data();
+      {
+        py::gil_scoped_release nogil;
+        nk::backward_sums_positions<S>(plan, px, pdy, m.data, sc.data, o.data, pw, pb, pa, pdw, pdb);
+      }
+      out = py::make_tuple(b, a, dw, db);
+    });
+    return out;
+  }, py::arg("plan"), py::arg("x"), py::arg("dy"), py::arg("mean"), py::arg("scale"), py::arg("offset"),
+     py::arg("weight"),
+     "(sum weight*dy, sum weight*dy*(x - mean[k])) per cell and (sum dy*xhat, sum dy) per position.");
+
+  m.def("backward_apply_positions", [](const nk::Plan& plan, const py::array& x, const py::object& dy,
+                                       const py::object& mean, const py::object& c1, const py::object& c2,
+                                       const py::object& c3, const py::object& weight, const py::object& dx) {
+    dispatch(x, [&](auto s) {
+      using S = decltype(s);
+      using T = nk::compute_t<S>;
+      nk::check_step_plan(plan);
+      const int64_t n = plan.planes() * plan.S;
+      const S *px = required<S>(x, n, "x", false), *pdy = required<S>(dy, n, "dy", false);
+      S* pdx = required<S>(dx, n, "dx", true);
+      const T* pw = required<T>(weight, plan.S, "weight", false);
+      const Coefficients m(plan, mean, "mean"), a(plan, c1, "c1"), b(plan, c2, "c2"), c(plan, c3, "c3");
+      py::gil_scoped_release nogil;
+      nk::backward_apply_positions<S>(plan, px, pdy, m.data, a.data, b.data, c.data, pw, pdx);
+    });
+  }, py::arg("plan"), py::arg("x"), py::arg("dy"), py::arg("mean"), py::arg("c1"), py::arg("c2"), py::arg("c3"),
+     py::arg("weight"), py::arg("dx"), "dx = c1[k]*weight[s]*dy + c2[k]*(x - mean[k]) + c3[k]; channels-last plans.");
+
   def_saved(m);
   def_forward_fast(m);
   m.def("empty_like", &empty_like, py::arg("a"),

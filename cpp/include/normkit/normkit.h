@@ -67,6 +67,25 @@ template <class S>
 void backward_apply_coefficients(const Plan& plan, const S* x, const S* dy, const double* mean,
                                  const double* c1, const double* c2, const double* c3, S* dx);
 
+// The same steps with a per-position affine after the cells' normalization, weight[s] and
+// bias[s] over the plan's S positions (compute_t<S>, required), for channels-last plans:
+// LayerNorm2d reads NCHW memory as N samples of C rows (positions) of HW columns (cells).
+//   apply_coefficients_positions  y = ((x - mean[k])*scale[k] + offset[k])*weight[s] + bias[s]
+//   backward_sums_positions       sum_dy[k] = sum weight*dy, sum_dy_xmu[k] = sum weight*dy*(x - mean[k]);
+//                                 dweight[s] = sum dy*((x - mean)*scale + offset), dbias[s] = sum dy
+//   backward_apply_positions      dx = c1[k]*weight[s]*dy + c2[k]*(x - mean[k]) + c3[k]
+template <class S>
+void apply_coefficients_positions(const Plan& plan, const S* x, const double* mean, const double* scale,
+                                  const double* offset, const compute_t<S>* weight, const compute_t<S>* bias,
+                                  S* y);
+template <class S>
+void backward_sums_positions(const Plan& plan, const S* x, const S* dy, const double* mean, const double* scale,
+                             const double* offset, const compute_t<S>* weight, double* sum_dy,
+                             double* sum_dy_xmu, double* dweight, double* dbias);
+template <class S>
+void backward_apply_positions(const Plan& plan, const S* x, const S* dy, const double* mean, const double* c1,
+                              const double* c2, const double* c3, const compute_t<S>* weight, S* dx);
+
 // Pointwise epilogues (pointwise.h), for the layers whose output is not an affine of x. Per cell
 // (as above), nine coefficients: u = (x - shift)*a + b; y = f(u; p, q, r)*scale + offset; the
 // backward's x term is about center. Channels-first plans only.

@@ -33,6 +33,15 @@ template <class S, class T> void pointwise_sums(int op, const S* x, const S* dy,
                                                 const PointwisePlane<T>& c, double* sums);
 template <class S, class T> void pointwise_backward(int op, const S* x, const S* dy, S* dx, int64_t n,
                                                     const PointwisePlane<T>& c, T c1, T c2, T c3);
+template <class S, class T> void rows_dot_weighted(const S* x, const S* dy, int64_t rows, int64_t C, const T* shift,
+                                                   const T* w, double* A, double* B);
+template <class S, class T> void rows_row_sums(const S* x, const S* dy, int64_t rows, int64_t C, const T* shift,
+                                               const T* a, const T* b, double* gsum, double* bsum);
+template <class S, class T> void rows_affine_rows(const S* x, S* y, int64_t rows, int64_t C, const T* shift,
+                                                  const T* a, const T* b, const T* g, const T* h, bool stream);
+template <class S, class T> void rows_backward_apply_weighted(const S* x, const S* dy, S* dx, int64_t rows,
+                                                              int64_t C, const T* c1, const T* c2, const T* shift,
+                                                              const T* c3, const T* w, bool stream);
 void merge_columns(const double* mean, const double* m2, int64_t stride, int64_t C, int64_t parts,
                    int64_t part_n, int64_t last_n, double* out_mean, double* out_m2);
 

@@ -104,15 +104,14 @@ void rows_moments(const S* x, int64_t rows, int64_t C, double* mean, double* m2)
   }
 }
 
-template <class S>
-void rows_dot(const S* x, const S* dy, int64_t rows, int64_t C, const compute_t<S>* shift,
-              double* A, double* B) {
-  using T = compute_t<S>;
+template <class S, bool RowWeighted, class T = compute_t<S>>
+static void rows_dot_impl(const S* x, const S* dy, int64_t rows, int64_t C, const T* shift,
+                          const T* w, double* A, double* B) {
   constexpr int64_t L = lanes<T>;
   const int64_t cv = C - C % L;
   T* const sa = column_scratch<T>(2, C);
   T* const sb = sa + C;
-  // Scalar math: A[c] += dy*(x - shift[c]); B[c] += dy
+  // Scalar math: g = dy [* w[r]]; A[c] += g*(x - shift[c]); B[c] += g
   column_blocks<T>(C, [&](auto nv, int64_t c0) {
     constexpr int NV = decltype(nv)::value;
     vec<T> vs[NV], a[NV] = {}, b[NV] = {};
@@ -120,7 +119,7 @@ void rows_dot(const S* x, const S* dy, int64_t rows, int64_t C, const compute_t<
     for (int64_t r = 0; r < rows; ++r)
       for (int v = 0; v < NV; ++v) {
         const int64_t o = r * C + c0 + v * L;
-        const vec<T> g = load_as(dy + o);
+        const vec<T> g = RowWeighted ? load_as(dy + o) * w[r] : load_as(dy + o);
         a[v] += g * (load_as(x + o) - vs[v]);
         b[v] += g;
       }
@@ -128,7 +127,7 @@ void rows_dot(const S* x, const S* dy, int64_t rows, int64_t C, const compute_t<
   });
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = cv; c < C; ++c) {
-      const T g = to_compute(dy[r * C + c]);
+      const T g = RowWeighted ? to_compute(dy[r * C + c]) * w[r] : to_compute(dy[r * C + c]);
       sa[c] += g * (to_compute(x[r * C + c]) - shift[c]);
       sb[c] += g;
     }
@@ -138,13 +137,50 @@ void rows_dot(const S* x, const S* dy, int64_t rows, int64_t C, const compute_t<
   }
 }
 
-template <class S, bool HasRes, bool Relu, class T = compute_t<S>>
+template <class S>
+void rows_dot(const S* x, const S* dy, int64_t rows, int64_t C, const compute_t<S>* shift,
+              double* A, double* B) {
+  rows_dot_impl<S, false>(x, dy, rows, C, shift, static_cast<const compute_t<S>*>(nullptr), A, B);
+}
+
+template <class S, class T>
+void rows_dot_weighted(const S* x, const S* dy, int64_t rows, int64_t C, const T* shift,
+                       const T* w, double* A, double* B) {
+  rows_dot_impl<S, true>(x, dy, rows, C, shift, w, A, B);
+}
+
+template <class S, class T>
+void rows_row_sums(const S* x, const S* dy, int64_t rows, int64_t C, const T* shift, const T* a,
+                   const T* b, double* gsum, double* bsum) {
+  constexpr int64_t L = lanes<T>;
+  const int64_t cv = C - C % L;
+  // Scalar math: per row r, gsum[r] = sum_c dy*((x - shift[c])*a[c] + b[c]), bsum[r] = sum_c dy
+  for (int64_t r = 0; r < rows; ++r) {
+    vec<T> g{}, d{};
+    for (int64_t c = 0; c < cv; c += L) {
+      const int64_t o = r * C + c;
+      const vec<T> dv = load_as(dy + o);
+      g += dv * ((load_as(x + o) - load(shift + c)) * load(a + c) + load(b + c));
+      d += dv;
+    }
+    double gs = hsum<T>(g), ds = hsum<T>(d);
+    for (int64_t c = cv; c < C; ++c) {
+      const T dv = to_compute(dy[r * C + c]);
+      gs += double(dv * ((to_compute(x[r * C + c]) - shift[c]) * a[c] + b[c]));
+      ds += double(dv);
+    }
+    gsum[r] = gs, bsum[r] = ds;
+  }
+}
+
+template <class S, bool HasRes, bool Relu, bool RowAffine = false, class T = compute_t<S>>
 static void rows_affine_impl(const S* x, S* y, int64_t rows, int64_t C, const T* shift, const T* a,
-                             const T* b, const S* res, bool stream) {
+                             const T* b, const S* res, bool stream, const T* g = nullptr,
+                             const T* h = nullptr) {
   constexpr int64_t L = lanes<T>;
   const int64_t cv = C - C % L;
   const vec<T> zero{};
-  // Scalar math: y = (x - shift[c])*a[c] + b[c] + res; y = max(y, 0)
+  // Scalar math: y = (x - shift[c])*a[c] + b[c] [then *g[r] + h[r]] + res; y = max(y, 0)
   for (int64_t r0 = 0; r0 < rows; r0 += kRowGroup) {
     const int64_t r1 = std::min(rows, r0 + kRowGroup);
     column_blocks<T, kBlockVecs>(C, [&](auto nv, int64_t c0) {
@@ -156,6 +192,7 @@ static void rows_affine_impl(const S* x, S* y, int64_t rows, int64_t C, const T*
         for (int v = 0; v < NV; ++v) {
           const int64_t o = r * C + c0 + v * L;
           vec<T> e = (load_as(x + o) - vs[v]) * va[v] + vb[v];
+          if (RowAffine) e = e * g[r] + h[r];
           if (HasRes) e += load_as(res + o);
           if (Relu) e = e < zero ? zero : e;
           put(y + o, e, stream);
@@ -165,6 +202,7 @@ static void rows_affine_impl(const S* x, S* y, int64_t rows, int64_t C, const T*
       for (int64_t c = cv; c < C; ++c) {
         const int64_t o = r * C + c;
         T e = (to_compute(x[o]) - shift[c]) * a[c] + b[c];
+        if (RowAffine) e = e * g[r] + h[r];
         if (HasRes) e += to_compute(res[o]);
         if (Relu) e = e < T(0) ? T(0) : e;
         y[o] = from_compute<S>(e);
@@ -182,11 +220,18 @@ void rows_affine(const S* x, S* y, int64_t rows, int64_t C, const T* shift, cons
   else rows_affine_impl<S, false, false>(x, y, rows, C, shift, a, b, res, stream);
 }
 
-template <class S, bool HasX, class T = compute_t<S>>
+template <class S, class T>
+void rows_affine_rows(const S* x, S* y, int64_t rows, int64_t C, const T* shift, const T* a, const T* b,
+                      const T* g, const T* h, bool stream) {
+  rows_affine_impl<S, false, false, true>(x, y, rows, C, shift, a, b, nullptr, stream && streams<S>(), g, h);
+}
+
+template <class S, bool HasX, bool RowWeighted = false, class T = compute_t<S>>
 static void rows_backward_apply_impl(const S* x, const S* dy, S* dx, int64_t rows, int64_t C,
-                                     const T* c1, const T* c2, const T* shift, const T* c3, bool stream) {
+                                     const T* c1, const T* c2, const T* shift, const T* c3, bool stream,
+                                     const T* w = nullptr) {
   constexpr int64_t L = lanes<T>;
-  // Scalar math: dx = c1[c]*dy + c2[c]*(x - shift[c]) + c3[c]   (without x: c1[c]*dy + c3[c])
+  // Scalar math: dx = c1[c]*dy [*w[r]] + c2[c]*(x - shift[c]) + c3[c]   (without x: c1[c]*dy + c3[c])
   // In cache, kBackwardRows rows at a time, each column vector's four coefficients loaded once
   // for all of them: loaded per element, they made six loads per vector of dx, and the pass
   // load-bound. A streamed (out-of-cache) output goes row by row, in memory order, which
@@ -200,14 +245,14 @@ static void rows_backward_apply_impl(const S* x, const S* dy, S* dx, int64_t row
       const vec<T> v2 = HasX ? load(c2 + c) : v1, vs = HasX ? load(shift + c) : v1;
       for (int64_t r = r0; r < r0 + NR; ++r) {
         const int64_t o = r * C + c;
-        const vec<T> g = v1 * load_as(dy + o);
+        const vec<T> g = RowWeighted ? v1 * (load_as(dy + o) * w[r]) : v1 * load_as(dy + o);
         put(dx + o, HasX ? g + (v2 * (load_as(x + o) - vs) + v3) : g + v3, stream);
       }
     }
     for (int64_t r = r0; r < r0 + NR; ++r)
       for (int64_t c = cv; c < C; ++c) {
         const int64_t o = r * C + c;
-        const T g = c1[c] * to_compute(dy[o]);
+        const T g = RowWeighted ? c1[c] * (to_compute(dy[o]) * w[r]) : c1[c] * to_compute(dy[o]);
         dx[o] = from_compute<S>(HasX ? g + (c2[c] * (to_compute(x[o]) - shift[c]) + c3[c]) : g + c3[c]);
       }
     r0 += NR;
@@ -223,6 +268,12 @@ void rows_backward_apply(const S* x, const S* dy, S* dx, int64_t rows, int64_t C
   stream = stream && streams<S>();
   if (x) rows_backward_apply_impl<S, true>(x, dy, dx, rows, C, c1, c2, shift, c3, stream);
   else rows_backward_apply_impl<S, false>(x, dy, dx, rows, C, c1, c2, shift, c3, stream);
+}
+
+template <class S, class T>
+void rows_backward_apply_weighted(const S* x, const S* dy, S* dx, int64_t rows, int64_t C, const T* c1,
+                                  const T* c2, const T* shift, const T* c3, const T* w, bool stream) {
+  rows_backward_apply_impl<S, true, true>(x, dy, dx, rows, C, c1, c2, shift, c3, stream && streams<S>(), w);
 }
 
 // Chan et al.'s merge (moments.h: merge) of the moments of L columns at once; both sides' counts
@@ -276,7 +327,16 @@ void merge_columns(const double* mean, const double* m2, int64_t stride, int64_t
   template void rows_affine<S, T>(const S*, S*, int64_t, int64_t, const T*, const T*, const T*,   \
                                   const S*, bool, bool);                                          \
   template void rows_backward_apply<S, T>(const S*, const S*, S*, int64_t, int64_t, const T*,     \
-                                          const T*, const T*, const T*, bool);
+                                          const T*, const T*, const T*, bool);                    \
+  template void rows_dot_weighted<S, T>(const S*, const S*, int64_t, int64_t, const T*, const T*, \
+                                        double*, double*);                                        \
+  template void rows_row_sums<S, T>(const S*, const S*, int64_t, int64_t, const T*, const T*,     \
+                                    const T*, double*, double*);                                  \
+  template void rows_affine_rows<S, T>(const S*, S*, int64_t, int64_t, const T*, const T*,        \
+                                       const T*, const T*, const T*, bool);                       \
+  template void rows_backward_apply_weighted<S, T>(const S*, const S*, S*, int64_t, int64_t,      \
+                                                   const T*, const T*, const T*, const T*,        \
+                                                   const T*, bool);
 NK_INSTANTIATE(float, float)
 NK_INSTANTIATE(double, double)
 NK_INSTANTIATE(f16, float)

@@ -54,6 +54,22 @@ struct Kernels {
   void (*rows_backward_apply)(const S* x, const S* dy, S* dx, int64_t rows, int64_t C, const T* c1,
                               const T* c2, const T* shift, const T* c3, bool stream);
 
+  // Channels-last with a per-row affine (a row is one position of the plan's S: LayerNorm2d reads
+  // NCHW memory as rows of HW columns, a row per channel, and its weight is per row):
+  //   rows_affine_rows             y = ((x - shift[c])*a[c] + b[c])*g[r] + h[r]
+  //   rows_dot_weighted            A[c] = sum_r w[r]*dy*(x - shift[c]), B[c] = sum_r w[r]*dy
+  //   rows_row_sums                gsum[r] = sum_c dy*((x - shift[c])*a[c] + b[c]), bsum[r] = sum_c dy
+  //   rows_backward_apply_weighted dx = c1[c]*w[r]*dy + c2[c]*(x - shift[c]) + c3[c]
+  void (*rows_affine_rows)(const S* x, S* y, int64_t rows, int64_t C, const T* shift, const T* a,
+                           const T* b, const T* g, const T* h, bool stream);
+  void (*rows_dot_weighted)(const S* x, const S* dy, int64_t rows, int64_t C, const T* shift,
+                            const T* w, double* A, double* B);
+  void (*rows_row_sums)(const S* x, const S* dy, int64_t rows, int64_t C, const T* shift,
+                        const T* a, const T* b, double* gsum, double* bsum);
+  void (*rows_backward_apply_weighted)(const S* x, const S* dy, S* dx, int64_t rows, int64_t C,
+                                       const T* c1, const T* c2, const T* shift, const T* c3,
+                                       const T* w, bool stream);
+
   // Pointwise epilogues (op: a Pointwise), channels-first chunks: y = f(u)*scale + offset; the
   // seven sums of pointwise.h into sums[0..6]; dx = c1*dy*f'(u) + c2*(x - center) + c3.
   void (*pointwise)(int op, const S* x, S* y, int64_t n, const PointwisePlane<T>& c);

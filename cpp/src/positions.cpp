@@ -1,0 +1,115 @@
+// The steps with a per-position affine after the cells' normalization (normkit.h:
+// apply_coefficients_positions), for channels-last plans: LayerNorm2d reads NCHW memory as a
+// channels-last plan of N samples, HW "channels" and C positions, whose cells (n, hw) are its
+// statistics groups and whose positions (rows) are its channels, so its per-channel affine is
+// per row. Cells and their coefficients as apply_coefficients'; the same chunks and orders.
+#include <algorithm>
+#include <vector>
+
+#include "fold.h"
+#include "kernels/table.h"
+#include "moments.h"
+#include "normkit/normkit.h"
+#include "parallel.h"
+
+namespace nk {
+
+namespace {
+
+void check_positions_plan(const Plan& plan) {
+  check_step_plan(plan);
+  if (!plan.channels_last) throw std::invalid_argument("invalid plan: the per-position affine steps read channels-last memory");
+}
+
+}  // namespace
+
+template <class S>
+void apply_coefficients_positions(const Plan& plan, const S* x, const double* mean, const double* scale,
+                                  const double* offset, const compute_t<S>* weight, const compute_t<S>* bias,
+                                  S* y) {
+  using T = compute_t<S>;
+  check_positions_plan(plan);
+  const Kernels<S>& k = kernels().get<S>();
+  const Chunks ch = Chunks::planes(plan);
+  const PlaneAffine<T> f = set_channel_affine<T>(plan, mean, scale, offset);
+  const bool stream = stream_output(plan.planes() * plan.S * int64_t(sizeof(S)));
+  parallel_for(ch.items(), ch.work(), [&](int64_t it) {
+    const int64_t s = ch.start(it), p0 = ch.sample(it) * ch.C, r0 = ch.chunk(it) * ch.step;
+    k.rows_affine_rows(x + s, y + s, ch.length(ch.chunk(it)), ch.C, &f.shift[p0], &f.a[p0], &f.b[p0],
+                       weight + r0, bias + r0, stream);
+  });
+}
+
+template <class S>
+void backward_sums_positions(const Plan& plan, const S* x, const S* dy, const double* mean, const double* scale,
+                             const double* offset, const compute_t<S>* weight, double* sum_dy,
+                             double* sum_dy_xmu, double* dweight, double* dbias) {
+  using T = compute_t<S>;
+  check_positions_plan(plan);
+  const Kernels<S>& k = kernels().get<S>();
+  const Chunks ch = Chunks::planes(plan);
+  const int64_t C = plan.C, S_ = plan.S, K = plan.num_sample_sets * C;
+  const PlaneAffine<T> xhat = set_channel_affine<T>(plan, mean, scale, offset);
+  const ChunkResults cr(ch.count);
+  double *const A = cr.first, *const B = cr.second;
+  std::vector<double> rg(plan.N * S_), rb(plan.N * S_);  // per (sample, position): dy*xhat, dy
+  parallel_for(ch.items(), 2 * ch.work(), [&](int64_t it) {
+    const int64_t s = ch.start(it), j = ch.chunk(it), n = ch.sample(it), p0 = n * C, slot = ch.slot(p0, j);
+    const int64_t r0 = j * ch.step, rows = ch.length(j);
+    k.rows_dot_weighted(x + s, dy + s, rows, C, &xhat.shift[p0], weight + r0, &A[slot], &B[slot]);
+    k.rows_row_sums(x + s, dy + s, rows, C, &xhat.shift[p0], &xhat.a[p0], &xhat.b[p0], &rg[n * S_ + r0], &rb[n * S_ + r0]);
+  });
+  // Per cell: its planes in sample order, each plane's chunks in chunk order; the sums about
+  // the shift (mean rounded to T) become sums about the mean.
+  std::fill_n(sum_dy, K, 0.0), std::fill_n(sum_dy_xmu, K, 0.0);
+  for (int64_t n = 0, p = 0; n < plan.N; ++n)
+    for (int64_t c = 0; c < C; ++c, ++p) {
+      double a = 0, b = 0;
+      for (int64_t j = 0; j < ch.per_seg; ++j) a += A[ch.slot(p, j)], b += B[ch.slot(p, j)];
+      const int64_t q = set_channel(plan, n, c);
+      sum_dy[q] += b;
+      sum_dy_xmu[q] += a + (double(xhat.shift[p]) - mean[q]) * b;
+    }
+  std::fill_n(dweight, S_, 0.0), std::fill_n(dbias, S_, 0.0);
+  for (int64_t n = 0; n < plan.N; ++n)  // per position, in sample order
+    for (int64_t r = 0; r < S_; ++r) dweight[r] += rg[n * S_ + r], dbias[r] += rb[n * S_ + r];
+}
+
+template <class S>
+void backward_apply_positions(const Plan& plan, const S* x, const S* dy, const double* mean, const double* c1,
+                              const double* c2, const double* c3, const compute_t<S>* weight, S* dx) {
+  using T = compute_t<S>;
+  check_positions_plan(plan);
+  const Kernels<S>& k = kernels().get<S>();
+  const Chunks ch = Chunks::planes(plan);
+  const int64_t P = plan.planes(), C = plan.C;
+  std::vector<T> a(P), b(P), shift(P), c(P);  // c1, c2, shift, c3 per plane
+  for (int64_t n = 0, p = 0; n < plan.N; ++n)
+    for (int64_t ci = 0; ci < C; ++ci, ++p) {
+      const int64_t q = set_channel(plan, n, ci);
+      shift[p] = T(mean[q]), a[p] = T(c1[q]), b[p] = T(c2[q]);
+      c[p] = T(c3[q] + c2[q] * (double(shift[p]) - mean[q]));
+    }
+  const bool stream = stream_output(P * plan.S * int64_t(sizeof(S)));
+  parallel_for(ch.items(), ch.work(), [&](int64_t it) {
+    const int64_t s = ch.start(it), p0 = ch.sample(it) * C, r0 = ch.chunk(it) * ch.step;
+    k.rows_backward_apply_weighted(x + s, dy + s, dx + s, ch.length(ch.chunk(it)), C, &a[p0], &b[p0],
+                                   &shift[p0], &c[p0], weight + r0, stream);
+  });
+}
+
+#define NK_INSTANTIATE(S)                                                                              \
+  template void apply_coefficients_positions<S>(const Plan&, const S*, const double*, const double*,   \
+                                                const double*, const compute_t<S>*, const compute_t<S>*, S*); \
+  template void backward_sums_positions<S>(const Plan&, const S*, const S*, const double*, const double*, \
+                                           const double*, const compute_t<S>*, double*, double*, double*, \
+                                           double*);                                                   \
+  template void backward_apply_positions<S>(const Plan&, const S*, const S*, const double*, const double*, \
+                                            const double*, const double*, const compute_t<S>*, S*);
+NK_INSTANTIATE(float)
+NK_INSTANTIATE(double)
+NK_INSTANTIATE(f16)
+NK_INSTANTIATE(bf16)
+#undef NK_INSTANTIATE
+
+}  // namespace nk
