@@ -73,6 +73,26 @@ class StepSaved:
         return dx.reshape(self.shape), grads
 
 
+class PositionsSaved:
+    """A backward with a per-position affine (_core.backward_sums_positions, ...): the plan, x,
+    the cells' means and scales (x_hat = (x - mean)*scale), the per-position weight and the
+    variant's fold, (B, A) -> (c1, c2, c3); the weight's and bias's gradients come from the sums."""
+
+    __slots__ = ("plan", "x", "mean", "scale", "weight", "fold", "shape", "grads")
+
+    def __init__(self, plan, x, mean, scale, weight, fold, shape, grads):
+        self.plan, self.x, self.mean, self.scale, self.weight = plan, x, mean, scale, weight
+        self.fold, self.shape, self.grads = fold, shape, grads
+
+    def backward(self, dy):
+        B, A, dw, db = _core.backward_sums_positions(self.plan, self.x, dy, self.mean, self.scale, 0.0, self.weight)
+        c1, c2, c3 = self.fold(B, A)
+        dx = _core.empty_like(self.x)
+        _core.backward_apply_positions(self.plan, self.x, dy, self.mean, *(coefficient(c) for c in (c1, c2, c3)),
+                                       self.weight, dx)
+        return dx.reshape(self.shape), self.grads(dw, db)
+
+
 class PointwiseSaved:
     """A pointwise-epilogue backward (_core.pointwise_sums, _core.pointwise_backward): the plan,
     the epilogue, x, its (9, K) coefficients and the variant's fold, sums (7, K) -> (c1, c2, c3,
