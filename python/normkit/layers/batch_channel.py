@@ -2,12 +2,12 @@
 import numpy as np
 
 from .. import _checks, _core, _engine
-from ._variant import VariantLayer, unbiased
+from ._variant import StepSaved, VariantLayer, pool, unbiased
 
 
 class BatchChannelNorm2d(VariantLayer):
-    """Batch-Channel Normalization (Qiao et al., "Micro-Batch Training with Batch-Channel
-    Normalization and Weight Standardization", arXiv 1911.09738): a per-channel batch
+    """Batch-Channel Normalization (Qiao et al., "Rethinking Normalization and Elimination
+    Singularity in Neural Networks", arXiv 1911.09738): a per-channel batch
     normalization with its own affine (bn_weight, bn_bias: C values), then a per-sample group
     normalization over (C/G channels, H, W) with one affine pair per group (gn_weight, gn_bias:
     G = num_groups values); the one eps in both parts:
@@ -22,6 +22,10 @@ class BatchChannelNorm2d(VariantLayer):
     then the batch part normalizes with the updated estimates, constants in the backward;
     inference uses them too. Use with Weight Standardization (normkit.functional.
     weight_standardization) on the preceding convolution, as the paper does.
+
+    One statistics pass (every (n, c) cell's moments: the batch part's statistics pool them, the
+    group part's follow from them analytically, x1 being an affine of x per channel) and one
+    output pass; the backward is one sums pass and one apply pass: no intermediate tensor.
     """
 
     def __init__(self, num_features, num_groups=32, eps=1e-5, momentum=0.1, estimate=False,
@@ -50,64 +54,76 @@ class BatchChannelNorm2d(VariantLayer):
     def _forward(self, x):
         x, (N, C, S) = self._input(x)
         G, cpg = self.num_groups, C // self.num_groups
-        bn_plan = _core.plan_per_channel(N, C, S)
+        plan = _core.plan_per_channel_in_sets(N, C, S, list(range(N)))  # cells: the (n, c) planes
         if x.size == 0:
-            y = _core.empty_like(x)
-            return y, (None, None, x.shape, x)
+            return _core.empty_like(x), StepSaved(plan, x, np.zeros(N * C), None, x.shape)
         batch = self._batch_stats() and not self.estimate
-        if self.training and (batch or self.estimate):
+        if self.training:
             _checks.more_than_one_value(N * S, "channel", x.shape)
-        x1 = _core.empty_like(x)
+        m, v = (a.reshape(N, C) for a in _core.group_moments(plan, x))  # every cell's moments
+        bw, bb = self.bn_weight.astype(np.float64), self.bn_bias.astype(np.float64)
+        gw, gb = (np.repeat(p.astype(np.float64), cpg) for p in (self.gn_weight, self.gn_bias))  # per channel
+        # The batch part's statistics, pooled from the cells (or the running estimates).
         if batch:
-            mean, var, rstd = _core.normalize_batch_stats(bn_plan, x, self.eps, self.bn_weight, self.bn_bias, x1)
+            mu, var = pool(S, m, v, 0)
             if self.training:
-                _engine.running_update(self.running_mean, mean, self.momentum)
+                _engine.running_update(self.running_mean, mu, self.momentum)
                 _engine.running_update(self.running_var, unbiased(var, N * S), self.momentum)
         else:
             if self.estimate and self.training:
-                mu_b, var_b = _core.group_moments(bn_plan, x)
-                old = self.running_mean.astype(np.float64)
-                r = self.estimate_rate
+                mu_b, var_b = pool(S, m, v, 0)
                 # mean over (N, H, W) of (x - mu_old)^2 = var_B + (mu_B - mu_old)^2
-                spread = var_b + (mu_b - old) ** 2
-                _engine.running_update(self.running_mean, mu_b, r)
-                _engine.running_update(self.running_var, spread, r)
-            mean = np.ascontiguousarray(self.running_mean, np.float64)
-            rstd = _engine.rstd_of(self.running_var, self.eps)
-            _core.normalize(bn_plan, x, mean, rstd, self.bn_weight, self.bn_bias, x1)
-        bn_saved = _engine.Saved(bn_plan, x, mean, rstd, self.bn_weight, batch, None)
-        gn_plan = _core.plan_per_sample_group(N, C, S, G)
-        y = _core.empty_like(x)
-        gw, gb = np.repeat(self.gn_weight, cpg), np.repeat(self.gn_bias, cpg)  # per channel
-        gmean, _, grstd = _core.normalize_batch_stats(gn_plan, x1, self.eps, gw, gb, y)
-        gn_saved = _engine.Saved(gn_plan, x1, gmean, grstd, gw, True, None)
-        return y, (bn_saved, gn_saved, x.shape, x)
+                spread = var_b + (mu_b - self.running_mean.astype(np.float64)) ** 2
+                _engine.running_update(self.running_mean, mu_b, self.estimate_rate)
+                _engine.running_update(self.running_var, spread, self.estimate_rate)
+            mu, var = self.running_mean.astype(np.float64), self.running_var.astype(np.float64)
+        r = 1.0 / np.sqrt(var + self.eps)
+        a, b = bw * r, bb - mu * bw * r  # x1 = a x + b per channel
+        # The group part's statistics of x1, from the cells' moments: x1's cell mean a m + b,
+        # variance a^2 v, pooled over each sample's groups of cpg channels.
+        grouped = lambda t: t.reshape(N, G, cpg)
+        m1 = a * m + b
+        mu_g, var_g = pool(1, grouped(m1), grouped(a * a * v), 2)  # (N, G)
+        r_g = 1.0 / np.sqrt(var_g + self.eps)
+        expand = lambda t: np.repeat(t, cpg, axis=1)  # (N, G) -> (N, C)
+        rg, mug = expand(r_g), expand(mu_g)
+        # y = gw r_g (a x + b - mu_g) + gb = gw r_g a (x - m) + gw r_g (m1 - mu_g) + gb per cell
+        y = self._apply(plan, x, m, gw * rg * a, gw * rg * (m1 - mug) + gb)
+
+        # Backward (tests/reference.py: batch_channel_norm_backward), per cell B = sum dy,
+        # A = sum dy (x - m). The group part gives dL/dx1 = e1 dy + f (x - m) + h per cell,
+        # e1 = gw r_g, f = -gw r_g^3 Q/M1 a, h = -gw r_g^3 Q/M1 (m1 - mu_g) - gw r_g P/M1, with
+        # P = sum B and Q = sum (a A + (m1 - mu_g) B) over the group's cells, M1 = cpg*S. The
+        # batch part then sums z = dL/dx1 over each channel's cells: Z = sum (e1 B + h S),
+        # ZX = sum (e1 (A + (m - mu) B) + f S v + h S (m - mu)), and with batch statistics
+        # dx = bw r z - bw r Z/M - bw r^3 (x - mu) ZX/M, M = N*S; else dx = bw r z.
+        def fold(B, A):
+            B, A = B.reshape(N, C), A.reshape(N, C)
+            P = grouped(B).sum(axis=2)
+            Q = grouped(a * A + (m1 - mug) * B).sum(axis=2)
+            M1 = cpg * S
+            e1 = gw * rg
+            e2 = -gw * rg ** 3 * expand(Q) / M1
+            f, h = e2 * a, e2 * (m1 - mug) - gw * rg * expand(P) / M1
+            Z = (e1 * B + h * S).sum(axis=0)
+            ZX = (e1 * (A + (m - mu) * B) + f * S * v + h * S * (m - mu)).sum(axis=0)
+            c1, c2, c3 = bw * r * e1, bw * r * f, bw * r * h
+            if batch:
+                M = N * S
+                c2 = c2 - bw * r ** 3 * ZX / M
+                c3 = c3 - bw * r * Z / M - bw * r ** 3 * ZX / M * (m - mu)
+            grads = {"bn_weight": r * ZX, "bn_bias": Z, "gn_weight": (r_g * Q).sum(axis=0), "gn_bias": P.sum(axis=0)}
+            return c1, c2, c3, {k: g.astype(self.dtype) for k, g in grads.items()}
+
+        return y, StepSaved(plan, x, m.reshape(-1), fold, x.shape)
 
     def backward(self, dy):
-        """dx of the last forward; grads for bn_weight, bn_bias, gn_weight, gn_bias."""
-        if self._saved is None:
-            raise _checks.StateError(
-                f"backward: expected a forward call first, got none on this {type(self).__name__}")
-        bn_saved, gn_saved, shape, x = self._saved
-        dy = _checks.grad_output(dy, shape, x.dtype)
-        if x.size == 0:
+        dx = super().backward(dy)
+        if self._saved.x.size == 0:  # sums over no elements: zero gradients for the four parameters
             self.grads = {n: np.zeros_like(p) for n, p in self.parameters().items()}
-            return _core.empty_like(x)
-        # The group part's backward (its input x1 is the batch part's output), then the batch part's.
-        dx1, dgw, dgb = _engine_backward(gn_saved, dy)
-        dx, dbw, dbb = _engine_backward(bn_saved, dx1)
-        G = self.num_groups
-        self.grads = {"bn_weight": dbw, "bn_bias": dbb,
-                      "gn_weight": dgw.reshape(G, -1).sum(axis=1).astype(self.dtype),
-                      "gn_bias": dgb.reshape(G, -1).sum(axis=1).astype(self.dtype)}
-        return dx.reshape(shape)
+        return dx
 
     def extra_repr(self):
         return (f"{self.num_features}, num_groups={self.num_groups}, eps={self.eps}, momentum={self.momentum}, "
                 f"estimate={self.estimate}, estimate_rate={self.estimate_rate}")
 
-
-def _engine_backward(saved, dy):
-    """(dx, dweight, dbias) of a fused forward's Saved, in one call where it can."""
-    fast = _core.backward_fast(saved, dy, True, True)
-    return fast if fast is not None else _engine.backward(saved, dy, True, True)
