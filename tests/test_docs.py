@@ -22,6 +22,12 @@ CLASS_PAGES = {
     "GhostBatchNorm2d": "ghost_batch_norm.md",
     "BatchRenorm2d": "batch_renorm.md",
     "FrozenBatchNorm2d": "frozen_batch_norm.md",
+    "FilterResponseNorm2d": "filter_response_norm.md",
+    "EvoNormB0_2d": "evonorm.md",
+    "EvoNormS0_2d": "evonorm.md",
+    "ProxyNorm2d": "proxy_norm.md",
+    "BatchChannelNorm2d": "batch_channel_norm.md",
+    "LayerNorm2d": "layer_norm_2d.md",
 }
 
 # What an example may import: the docs promise examples that need nothing but these.
