@@ -241,3 +241,82 @@ def assert_bitwise_same_for_1_and_2_threads(make_layer, shape, dtype, layout, ex
     assert results[0].keys() == results[1].keys()
     for key in results[0]:
         assert results[0][key] == results[1][key], f"{key} differs between 1 and 2 threads"
+
+
+# -- batch-free layers and layers with parameters beyond weight/bias (issue 11) -------------------
+
+def state_buffers(layer):
+    """The names of the layer's non-learnable state: its state_dict keys that are not parameters
+    (none for FilterResponseNorm2d, running_var for EvoNormB0_2d, ...)."""
+    params = layer.parameters()
+    return tuple(k for k in layer.state_dict() if k not in params)
+
+
+def check_all_gradients(layer, dx, want_dx, want_grads, dtype, assert_close, count=1,
+                        dx_scale=None):
+    """dx (in the layer's dtype) and layer.grads against the reference's: want_grads maps every
+    parameter name to its expected gradient, and layer.grads has exactly those keys."""
+    assert dx.dtype == dtype
+    assert_close(dx, want_dx, dtype, count=count, what="dx", scale=dx_scale)
+    assert set(layer.grads) == set(want_grads) == set(layer.parameters())
+    for name, want in want_grads.items():
+        assert layer.grads[name].shape == layer.parameters()[name].shape, f"d{name} shape"
+        assert_close(layer.grads[name], want, dtype, count=count, what=f"d{name}")
+
+
+def check_half_input_all(layer, x, dy, want_y, want_dx, want_grads, half, extra=()):
+    """check_half_input for any parameter set: y and dx in the half type within HALF_EPS of the
+    reference on the same half inputs, every float32 parameter gradient within 1e-5 at scale."""
+    y = layer(x, *extra)
+    dx = layer.backward(dy)
+    assert y.dtype == x.dtype and dx.dtype == x.dtype
+    assert set(layer.grads) == set(want_grads)
+    assert all(g.dtype == np.float32 for g in layer.grads.values())
+    close_at_scale(y, want_y, HALF_EPS[half], "y")
+    close_at_scale(dx, want_dx, HALF_EPS[half], "dx")
+    for name, want in want_grads.items():
+        close_at_scale(layer.grads[name], want, 1e-5, f"d{name}")
+
+
+def check_view_matches_copy_any_state(x, make_layer, rng, dtype, assert_close, extra=()):
+    """check_view_matches_copy for layers with any (or no) buffers: y, dx from a negative-stride
+    dy, every gradient and every buffer of the state_dict equal those of the contiguous copy, and
+    the view is never written."""
+    assert not x.flags.c_contiguous
+    x_before = x.copy()
+    strided, contiguous = make_layer(), make_layer()
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    assert_close(strided(x, *extra), contiguous(np.ascontiguousarray(x), *extra), dtype,
+                 what="y")
+    flipped = np.flip(np.flip(dy, -1).copy(), -1)
+    assert not flipped.flags.c_contiguous
+    assert_close(strided.backward(flipped), contiguous.backward(dy), dtype, what="dx")
+    assert strided.grads.keys() == contiguous.grads.keys() == contiguous.parameters().keys()
+    for key in contiguous.grads:
+        assert_close(strided.grads[key], contiguous.grads[key], dtype, what=f"d{key}")
+    for key in state_buffers(strided):
+        assert_close(getattr(strided, key), getattr(contiguous, key), dtype, what=key)
+    np.testing.assert_array_equal(x, x_before)  # the input is never written
+
+
+def assert_bitwise_same_threads_any_state(make_layer, shape, dtype, extra=()):
+    """assert_bitwise_same_for_1_and_2_threads (NCHW) for layers with any (or no) buffers:
+    y, dx, every gradient and every buffer have the same bytes with one and two threads."""
+    rng = np.random.default_rng(3)
+    x = (0.5 + 2.0 * rng.standard_normal(shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    threads_before = normkit.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            normkit.set_num_threads(threads)
+            layer = make_layer()
+            out = {"y": layer(x, *extra), "dx": layer.backward(dy)}
+            out.update({f"d{k}": v for k, v in layer.grads.items()})
+            out.update({k: getattr(layer, k) for k in state_buffers(layer)})
+            results.append({k: np.ascontiguousarray(v).tobytes() for k, v in out.items()})
+    finally:
+        normkit.set_num_threads(threads_before)
+    assert results[0].keys() == results[1].keys()
+    for key in results[0]:
+        assert results[0][key] == results[1][key], f"{key} differs between 1 and 2 threads"
