@@ -371,3 +371,61 @@ def test_variants_quick_run_needs_no_torch_and_writes_json(tmp_path, monkeypatch
         assert r["target_met"] == (r["ratio"] <= 1.5)
         assert r["bytes"] == _bench.BYTE_MODEL[r["mode"]] * np.prod(shape) * 4 and r["roof_fraction"] > 0
     assert doc["notes"] == [n[len("note: "):] for n in notes]
+    # the second table: issue 11's batch-independent layers beside GroupNorm, after the first's summary
+    assert out.index("target ratio <= 1.5:") < out.index("== batch-independent layers (issue 11) beside GroupNorm")
+    free = out[out.index("== batch-independent layers"):].splitlines()
+    title = next(line for line in free if line.startswith("layer "))
+    for column in ("shape", "mode", "normkit ms", "GN ms", "ratio", "% roof", "target", "met"):
+        assert column in title, column
+    assert any(ln.startswith("target (issue 11): ratio <= 1.5 for FilterResponseNorm2d") and "<= 3 for ProxyNorm2d"
+               in ln for ln in free)
+    for key, spec in bv.FREE_LAYERS.items():
+        for mode in bv.VARIANT_MODES:
+            want = [ln for ln in free if ln.startswith(spec[0](shape) + " ") and f" {mode} " in ln]
+            assert len(want) == 1, (key, mode)
+            assert want[0].split()[-1] in ("ok", "MISS") and want[0].split()[-2] == f"<={spec[2]:g}x"
+    free_notes = [ln for ln in free if ln.startswith(bv.FREE_NOTE_PREFIX)]
+    assert len(free_notes) == 2
+    assert any(ln.startswith("beside GroupNorm (issue 11), target ratio <= 1.5 for") and " met" in ln for ln in free)
+    assert doc["batch_free_target_ratios"] == {k: spec[2] for k, spec in bv.FREE_LAYERS.items()}
+    rows = doc["batch_free_rows"]
+    assert [(r["variant"], r["mode"]) for r in rows] == [(k, m) for m in bv.VARIANT_MODES for k in bv.FREE_LAYERS]
+    for r in rows:
+        assert r["shape"] == list(shape) and r["dtype"] == "float32" and r["layout"] == "NCHW"
+        assert r["reference"] == "GroupNorm(16)" and r["normkit_s"] > 0 and r["groupnorm_s"] > 0
+        assert r["ratio"] == pytest.approx(r["normkit_s"] / r["groupnorm_s"])
+        assert r["target_met"] == (r["ratio"] <= r["target_ratio"])
+        assert r["bytes"] == _bench.BYTE_MODEL[r["mode"]] * np.prod(shape) * 4 and r["roof_fraction"] > 0
+    assert doc["batch_free_notes"] == [n[len(bv.FREE_NOTE_PREFIX):] for n in free_notes]
+    assert doc["batch_free_summary"][0] in out and len(doc["batch_free_legend"]) == 3
+
+
+def test_batch_free_row_ratio_roofline_and_target():
+    from normkit import _bench_variants as bv
+    row = bv.make_free_row("frn", (8, 16, 8, 8), "fwd+bwd", 1.5e-3, 1e-3, 32768, 50e9)
+    assert row["ratio"] == pytest.approx(1.5) and row["target_ratio"] == 1.5 and row["target_met"] is True
+    assert row["bytes"] == 5 * 32768 and row["roof_fraction"] == pytest.approx(5 * 32768 / 1.5e-3 / 50e9)
+    assert row["groupnorm_roof_fraction"] == pytest.approx(5 * 32768 / 1e-3 / 50e9)
+    assert row["reference"] == "GroupNorm(16)" and row["path"] == "fwd+bwd"
+    row = bv.make_free_row("bcn", (8, 16, 8, 8), "infer", 1.51e-3, 1e-3, 32768, 50e9)
+    assert row["bytes"] == 2 * 32768 and row["target_met"] is False
+    for key in ("proxy_relu", "proxy_gelu"):  # Proxy Norm: within 3x
+        assert bv.make_free_row(key, (8, 16, 8, 8), "infer", 3e-3, 1e-3, 1, 1.0)["target_met"] is True
+        assert bv.make_free_row(key, (8, 16, 8, 8), "infer", 3.01e-3, 1e-3, 1, 1.0)["target_met"] is False
+
+
+def test_batch_free_layers_follow_the_issue():
+    from normkit import _bench_variants as bv
+    assert list(bv.FREE_LAYERS) == ["frn", "evonorm_b0", "evonorm_s0", "bcn", "proxy_relu", "proxy_gelu"]
+    assert {k: spec[2] for k, spec in bv.FREE_LAYERS.items()} == {
+        "frn": 1.5, "evonorm_b0": 1.5, "evonorm_s0": 1.5, "bcn": 1.5, "proxy_relu": 3.0, "proxy_gelu": 3.0}
+    assert [bv.groups((1, c, 1, 1)) for c in (64, 256, 16, 48)] == [32, 32, 16, 24]
+    for shape in bv.shapes_for(None):
+        layers = {k: spec[1](shape) for k, spec in bv.FREE_LAYERS.items()}
+        assert [type(layers[k]).__name__ for k in bv.FREE_LAYERS] == [
+            "FilterResponseNorm2d", "EvoNormB0_2d", "EvoNormS0_2d", "BatchChannelNorm2d", "ProxyNorm2d",
+            "ProxyNorm2d"]
+        assert layers["frn"].tlu is True
+        assert layers["evonorm_s0"].groups == layers["bcn"].num_groups == 32
+        assert (layers["proxy_relu"].activation, layers["proxy_gelu"].activation) == ("relu", "gelu")
+        assert all(layer.num_features == shape[1] for layer in layers.values())

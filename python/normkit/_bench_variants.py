@@ -5,6 +5,11 @@ taken in turn with those of a BatchNorm2d(C) on the same x and dy in the same pr
 ratio variant / BatchNorm2d is meaningful even when the machine's speed drifts. The issue's
 target: every ratio <= 1.5 in the same mode. PyTorch has none of these layers: the table needs
 neither torch nor ONNX Runtime.
+
+A second table (after the first one's summary) times the batch-independent layers of issue 11 the
+same way beside a GroupNorm(G, C), G = 32 where C allows (the bench's group_count): target ratio
+<= 1.5 for FilterResponseNorm2d, EvoNormB0_2d, EvoNormS0_2d and BatchChannelNorm2d, <= 3 for
+ProxyNorm2d. Its rows are under their own JSON keys (batch_free_*).
 """
 import json
 import math
@@ -222,12 +227,36 @@ def run(args):
     print()
     for line in summary_lines(rows):
         print(line)
+    free_rows, free_notes = run_free(shapes, copy_bw, timing)
     if args.json:
-        write_json(args.json, threads, copy_bw, rows, notes, timing, args.quick)
+        write_json(args.json, threads, copy_bw, rows, notes, timing, args.quick,
+                   (free_rows, free_notes, copy_bw, timing))
     return 0
 
 
-def write_json(path, threads, copy_bw, rows, notes, timing, quick):
+def run_free(shapes, copy_bw, timing):
+    """Print the second table (issue 11's layers beside GroupNorm), its notes and summary; returns
+    (rows, notes)."""
+    cols = free_columns()
+    title = format_line(cols, [t for t, _, _ in cols])
+    print("\n== batch-independent layers (issue 11) beside GroupNorm  NCHW  float32")
+    for line in free_header_lines(timing):
+        print(line)
+    print(f"{title}\n{'-' * len(title)}", flush=True)
+    rows = []
+    for shape in shapes:
+        rows += bench_free_shape(shape, copy_bw[math.prod(shape) * 4], timing,
+                                 lambda r: print(format_line(cols, [f(r) for _, _, f in cols]), flush=True))
+    notes = free_note_lines(rows)
+    for line in notes:
+        print(f"{FREE_NOTE_PREFIX}{line}")
+    print()
+    for line in free_summary_lines(rows):
+        print(line)
+    return rows, notes
+
+
+def write_json(path, threads, copy_bw, rows, notes, timing, quick, free=None):
     doc = {"normkit_version": normkit.__version__, "cpu_info": normkit.cpu_info(), "threads": threads,
            "numpy_version": np.__version__, "python_version": platform.python_version(),
            "quick": quick, "machine": _bench.machine_load(),
@@ -236,6 +265,126 @@ def write_json(path, threads, copy_bw, rows, notes, timing, quick):
            "copy_bandwidth_bytes_per_s": {str(n): bw for n, bw in sorted(copy_bw.items())},
            "target_ratio": TARGET_RATIO, "variant_rows": rows, "notes": notes,
            "summary": summary_lines(rows)}
+    if free is not None:
+        free_rows, free_notes = free[0], free[1]
+        doc.update({"batch_free_legend": free_header_lines(timing),
+                    "batch_free_target_ratios": {k: spec[2] for k, spec in FREE_LAYERS.items()},
+                    "batch_free_rows": free_rows, "batch_free_notes": free_notes,
+                    "batch_free_summary": free_summary_lines(free_rows)})
     with open(path, "w") as f:
         json.dump(doc, f, indent=2)
         f.write("\n")
+
+
+# -- the second table: issue 11's batch-independent layers beside GroupNorm ----------------------
+FREE_TARGET_RATIO = 1.5  # issue 11: FRN, EvoNorm-B0/S0, BatchChannelNorm2d within 1.5x of GroupNorm
+PROXY_TARGET_RATIO = 3.0  # issue 11: Proxy Norm within 3x
+FREE_NOTE_PREFIX = "note (beside GroupNorm): "  # the first table's notes are "note: "
+FREE_TARGET_TEXT = (f"ratio <= {FREE_TARGET_RATIO:g} for FilterResponseNorm2d, EvoNormB0_2d, "
+                    f"EvoNormS0_2d, BatchChannelNorm2d; <= {PROXY_TARGET_RATIO:g} for ProxyNorm2d")
+
+
+def groups(shape):
+    """The groups of the GroupNorm reference, EvoNormS0_2d and BatchChannelNorm2d: 32 where C
+    allows, else C's largest divisor below 32 (the bench's group_count)."""
+    return _bench.group_count(shape[1])
+
+
+# key -> (label(shape), factory(shape), target ratio)
+FREE_LAYERS = {
+    "frn": (lambda s: "FilterResponseNorm2d(tlu)",
+            lambda s: normkit.FilterResponseNorm2d(s[1], tlu=True), FREE_TARGET_RATIO),
+    "evonorm_b0": (lambda s: "EvoNormB0_2d",
+                   lambda s: normkit.EvoNormB0_2d(s[1]), FREE_TARGET_RATIO),
+    "evonorm_s0": (lambda s: f"EvoNormS0_2d(groups={groups(s)})",
+                   lambda s: normkit.EvoNormS0_2d(s[1], groups=groups(s)), FREE_TARGET_RATIO),
+    "bcn": (lambda s: f"BatchChannelNorm2d(groups={groups(s)})",
+            lambda s: normkit.BatchChannelNorm2d(s[1], num_groups=groups(s)), FREE_TARGET_RATIO),
+    "proxy_relu": (lambda s: "ProxyNorm2d(relu)",
+                   lambda s: normkit.ProxyNorm2d(s[1], activation="relu"), PROXY_TARGET_RATIO),
+    "proxy_gelu": (lambda s: "ProxyNorm2d(gelu)",
+                   lambda s: normkit.ProxyNorm2d(s[1], activation="gelu"), PROXY_TARGET_RATIO),
+}
+
+
+def make_free_row(key, shape, mode, t_layer, t_gn, x_nbytes, copy_bw):
+    nbytes = _bench.BYTE_MODEL[mode] * x_nbytes
+    ratio, target = t_layer / t_gn, FREE_LAYERS[key][2]
+    return {"variant": key, "layer": FREE_LAYERS[key][0](shape), "reference": f"GroupNorm({groups(shape)})",
+            "shape": list(shape), "layout": "NCHW", "dtype": "float32", "mode": mode, "path": mode,
+            "bytes": nbytes, "normkit_s": t_layer, "groupnorm_s": t_gn, "ratio": ratio,
+            "normkit_gbps": nbytes / t_layer / 1e9, "roof_fraction": nbytes / t_layer / copy_bw,
+            "groupnorm_roof_fraction": nbytes / t_gn / copy_bw,
+            "target_ratio": target, "target_met": ratio <= target}
+
+
+def bench_free_shape(shape, copy_bw, timing, on_row):
+    """The rows of one shape: per mode, per layer, timed in turn with a GroupNorm(G, C)."""
+    x, dy = _bench.inputs(shape, np.float32)
+    gn = normkit.GroupNorm(groups(shape), shape[1])
+    gn_calls = calls(gn, x, dy, ())
+    layers = {}
+    for key, (_, factory, _) in FREE_LAYERS.items():
+        layer = factory(shape)
+        layers[key] = (layer, calls(layer, x, dy, ()))
+    rows = []
+    for mode in VARIANT_MODES:  # training first: inference then uses trained running statistics
+        training = mode != "infer"
+        gn.train(training)
+        for key, (layer, fns) in layers.items():
+            layer.train(training)
+            times = time_interleaved_min({"layer": fns[mode], "gn": gn_calls[mode]}, timing)
+            rows.append(make_free_row(key, shape, mode, times["layer"], times["gn"], x.nbytes, copy_bw))
+            on_row(rows[-1])
+    return rows
+
+
+def free_columns():
+    """The first table's columns with GroupNorm's time, and each row's target before its mark."""
+    num = _bench.number
+    return [("layer", 38, lambda r: r["layer"]),
+            ("shape", 13, lambda r: "x".join(map(str, r["shape"]))),
+            ("mode", 18, lambda r: r["path"]),
+            ("normkit ms", 10, lambda r: num(r["normkit_s"], ".3f", 1e3)),
+            ("GN ms", 8, lambda r: num(r["groupnorm_s"], ".3f", 1e3)),
+            ("ratio", 6, lambda r: num(r["ratio"], ".2f", suffix="x")),
+            ("% roof", 6, lambda r: num(r["roof_fraction"], ".0f", 100, "%")),
+            ("target", 6, lambda r: f"<={r['target_ratio']:g}x"),
+            ("met", 4, lambda r: _bench.mark(r["target_met"]))]
+
+
+def free_header_lines(timing):
+    return [f"time: min per call over {timing.repeats} samples, each layer's samples taken in turn with "
+            "those of a GroupNorm(G, C) on the same x and dy (GN ms: that GroupNorm, re-timed for every "
+            "row); ratio = layer / GroupNorm in the same mode; bytes and % roof as above",
+            "G = 32 where C allows, else C's largest divisor below 32; layers: FilterResponseNorm2d(C, "
+            "tlu=True); EvoNormB0_2d(C); EvoNormS0_2d(C, groups=G); BatchChannelNorm2d(C, num_groups=G); "
+            "ProxyNorm2d(C, activation=relu | gelu); other arguments their defaults",
+            f"target (issue 11): {FREE_TARGET_TEXT}, in the same mode: ok / MISS"]
+
+
+def free_note_lines(rows):
+    def ratios(key, mode):
+        return ", ".join(f"{r['ratio']:.2f}x on {'x'.join(map(str, r['shape']))}"
+                         for r in rows if (r["variant"], r["mode"]) == (key, mode))
+
+    return [f"EvoNormB0_2d and BatchChannelNorm2d use batch statistics in training (the batch "
+            f"variance; BatchNorm's) and running statistics in inference; the other layers are the "
+            f"same in both modes. fwd+bwd: EvoNormB0_2d {ratios('evonorm_b0', 'fwd+bwd')}; "
+            f"BatchChannelNorm2d {ratios('bcn', 'fwd+bwd')}",
+            f"ProxyNorm2d infer is one pointwise pass over x (per-channel affine, activation, "
+            f"per-channel affine; the proxy statistics are C x num_points values), where GroupNorm's "
+            f"reads x twice (ratio < 1 expected): relu {ratios('proxy_relu', 'infer')}; gelu (erf per "
+            f"element in that pass) {ratios('proxy_gelu', 'infer')}"]
+
+
+def free_summary_lines(rows):
+    misses = [r for r in rows if not r["target_met"]]
+    lines = [f"beside GroupNorm (issue 11), target {FREE_TARGET_TEXT}: "
+             f"{len(rows) - len(misses)} of {len(rows)} met"]
+    if misses:
+        lines.append("misses:")
+        lines += [f"  {r['layer']} {'x'.join(map(str, r['shape']))} {r['path']}: {r['ratio']:.2f}x "
+                  f"{r['reference']} ({r['normkit_s'] * 1e3:.3f} ms vs {r['groupnorm_s'] * 1e3:.3f} ms; "
+                  f"target <= {r['target_ratio']:g}x)" for r in misses]
+    return lines
