@@ -403,6 +403,30 @@ PYBIND11_MODULE(_core, m) {
      py::arg("bias"), py::arg("out"),
      "out = ((x - mean[k])*scale[k] + offset[k])*weight[s] + bias[s]; channels-last plans.");
 
+  m.def("normalize_batch_stats_positions", [](const nk::Plan& plan, const py::array& x, double eps,
+                                              const py::object& weight, const py::object& bias,
+                                              const py::object& out) {
+    py::tuple stats;
+    dispatch(x, [&](auto s) {
+      using S = decltype(s);
+      using T = nk::compute_t<S>;
+      nk::check_step_plan(plan);
+      const int64_t n = plan.planes() * plan.S, G = plan.num_groups();
+      const S* px = required<S>(x, n, "x", false);
+      S* py_ = required<S>(out, n, "out", true);
+      const T *pw = required<T>(weight, plan.S, "weight", false), *pb = required<T>(bias, plan.S, "bias", false);
+      py::array_t<double> mean(G), var(G), rstd(G);
+      double *pm = mean.mutable_data(), *pv = var.mutable_data(), *pr = rstd.mutable_data();
+      {
+        py::gil_scoped_release nogil;
+        nk::normalize_batch_stats_positions<S>(plan, px, eps, pw, pb, py_, pm, pv, pr);
+      }
+      stats = py::make_tuple(mean, var, rstd);
+    });
+    return stats;
+  }, py::arg("plan"), py::arg("x"), py::arg("eps"), py::arg("weight"), py::arg("bias"), py::arg("out"),
+     "Per-column statistics and out = (x - mean)*rstd*weight[s] + bias[s], sample by sample; (mean, var, rstd).");
+
   m.def("backward_sums_positions", [](const nk::Plan& plan, const py::array& x, const py::object& dy,
                                       const py::object& mean, const py::object& scale, const py::object& offset,
                                       const py::object& weight) {

@@ -91,6 +91,11 @@ void group_moments(const Plan& plan, const S* x, double* mean, double* var) {
     const int64_t n = it / col_blocks, c0 = (it % col_blocks) * kMergeColumns;
     merge_plane_chunks(ch, n, c0, std::min(plan.C, c0 + kMergeColumns), cmean, cm2, pmean.data(), pm2.data());
   });
+  if (plane_groups(plan)) {  // group g is plane g: its moments as they are (merge_planes' bits)
+    for (int64_t g = 0; g < plan.num_groups(); ++g)
+      finish_group(plan, Moments{double(plan.S), pmean[g], pm2[g]}, &mean[g], &var[g]);
+    return;
+  }
   parallel_for(plan.num_groups(), plan.N * plan.channels_per_group * 16, [&](int64_t g) {
     finish_group(plan, merge_planes(index, g, plan.S, pmean.data(), pm2.data()), &mean[g], &var[g]);
   });
@@ -138,10 +143,13 @@ void apply_coefficients(const Plan& plan, const S* x, const double* mean, const 
 }
 
 // normalize_batch_stats sample by sample, for channels-last per-sample plans (moments.h: by_sample).
+// With row_weight/row_bias (per row, a position of the plan's S; per-position plans only,
+// without residual or relu): y = ((x - shift)*a + b)*row_weight + row_bias.
 template <class S>
 void normalize_by_sample(const Plan& plan, const S* x, double eps, const compute_t<S>* weight,
                          const compute_t<S>* bias, S* y, double* mean, double* var, double* rstd,
-                         const S* residual, bool relu) {
+                         const S* residual, bool relu, const compute_t<S>* row_weight = nullptr,
+                         const compute_t<S>* row_bias = nullptr) {
   using T = compute_t<S>;
   const Kernels<S>& k = kernels().get<S>();
   const Chunks ch = Chunks::moments(plan);  // channels-last: one plane per segment
@@ -159,9 +167,11 @@ void normalize_by_sample(const Plan& plan, const S* x, double eps, const compute
     }
     merge_plane_chunks(ch, n, 0, C, cmean, cm2, pmean.data(), pm2.data());  // moments.h: per plane,
     const int64_t cpg = plan.channels_per_group;
+    const bool planes = plane_groups(plan);
     for (int64_t gi = 0; gi < gps; ++gi) {  // then per group: channels [gi*cpg, (gi+1)*cpg)
       const int64_t g = n * gps + gi;
-      finish_group(plan, merge_planes(index, g, plan.S, pmean.data(), pm2.data()), &mean[g], &var[g]);
+      finish_group(plan, planes ? Moments{double(plan.S), pmean[g], pm2[g]}
+                                : merge_planes(index, g, plan.S, pmean.data(), pm2.data()), &mean[g], &var[g]);
       rstd[g] = 1.0 / std::sqrt(var[g] + eps);
       for (int64_t c = gi * cpg; c < (gi + 1) * cpg; ++c) {
         const PlaneCoef<T> f = channel_coef(plan, g, c, mean, rstd, weight, bias);
@@ -170,10 +180,23 @@ void normalize_by_sample(const Plan& plan, const S* x, double eps, const compute
     }
     for (int64_t j = 0; j < ch.per_seg; ++j) {
       const int64_t s = ch.start(n * ch.per_seg + j);
-      k.rows_affine(x + s, y + s, ch.length(j), C, &shift[n * C], &a[n * C], &b[n * C],
-                    residual ? residual + s : nullptr, relu, stream);
+      if (row_weight)
+        k.rows_affine_rows(x + s, y + s, ch.length(j), C, &shift[n * C], &a[n * C], &b[n * C],
+                           row_weight + j * ch.step, row_bias + j * ch.step, stream);
+      else
+        k.rows_affine(x + s, y + s, ch.length(j), C, &shift[n * C], &a[n * C], &b[n * C],
+                      residual ? residual + s : nullptr, relu, stream);
     }
   });
+}
+
+template <class S>
+void normalize_batch_stats_positions(const Plan& plan, const S* x, double eps, const compute_t<S>* weight,
+                                     const compute_t<S>* bias, S* y, double* mean, double* var, double* rstd) {
+  check_step_plan(plan);
+  if (!plan.channels_last || !one_set_per_sample(plan) || plan.channels_per_group != 1)
+    throw std::invalid_argument("invalid plan: normalize_batch_stats_positions takes a channels-last plan of one group per column of each sample");
+  normalize_by_sample<S>(plan, x, eps, nullptr, nullptr, y, mean, var, rstd, nullptr, false, weight, bias);
 }
 
 template <class S>
@@ -255,7 +278,10 @@ void normalize_batch_stats(const Plan& plan, const S* x, double eps, const compu
                                          const compute_t<S>*, S*, double*, double*, double*,     \
                                          const S*, bool);                             \
   template void apply_coefficients<S>(const Plan&, const S*, const double*, const double*,       \
-                                      const double*, S*, const S*, bool);
+                                      const double*, S*, const S*, bool);                         \
+  template void normalize_batch_stats_positions<S>(const Plan&, const S*, double,                \
+                                                   const compute_t<S>*, const compute_t<S>*, S*,  \
+                                                   double*, double*, double*);
 NK_INSTANTIATE(float)
 NK_INSTANTIATE(double)
 NK_INSTANTIATE(f16)

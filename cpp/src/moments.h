@@ -66,6 +66,11 @@ inline Moments merge(const Moments& a, const Moments& b) {
 // and read a chunk twice from L1/L2, and every chunk adds C moments to merge, so they are longer
 // than a channels-first chunk.
 constexpr int64_t kRowsChunk = 8192;
+// Rows of more than kWideRow channels go kWideRows rows to a chunk: every chunk keeps C results,
+// so chunks of one or two very wide rows (LayerNorm2d reads NCHW as rows of H*W columns) kept
+// more results than they had elements, and their merges and finishes cost ten times the
+// reduction. (Narrower rows keep kRowsChunk / C rows, the chunks the NHWC layers were tuned on.)
+constexpr int64_t kWideRow = 512, kWideRows = 64;
 
 struct Chunks {
   int64_t seg_planes, len, step, per_seg, count, C;
@@ -73,7 +78,8 @@ struct Chunks {
   Chunks(const Plan& plan, int64_t planes_per_segment)
       : seg_planes(plan.channels_last ? 1 : planes_per_segment),
         len(seg_planes * plan.S),
-        step(plan.channels_last ? std::max<int64_t>(1, kRowsChunk / std::max<int64_t>(1, plan.C)) : kChunk),
+        step(!plan.channels_last ? kChunk
+             : plan.C > kWideRow ? kWideRows : std::max<int64_t>(1, kRowsChunk / std::max<int64_t>(1, plan.C))),
         per_seg(len == 0 ? 0 : (len + step - 1) / step),
         count(plan.planes() / std::max<int64_t>(1, seg_planes) * per_seg),
         C(plan.C),
@@ -278,6 +284,11 @@ inline bool one_set_per_sample(const Plan& plan) {
   for (int64_t n = 0; n < plan.N; ++n)
     if (plan.sample_group[n] != n) return false;
   return true;
+}
+
+// Every group one plane (InstanceNorm, LayerNorm2d's columns): a group's moments are its plane's.
+inline bool plane_groups(const Plan& plan) {
+  return plan.channels_per_group == 1 && one_set_per_sample(plan);
 }
 
 inline int64_t single_chunk_run(const Plan& plan) {

@@ -78,6 +78,12 @@ template <class S>
 void apply_coefficients_positions(const Plan& plan, const S* x, const double* mean, const double* scale,
                                   const double* offset, const compute_t<S>* weight, const compute_t<S>* bias,
                                   S* y);
+// The statistics and the apply in one call, sample by sample while the sample is in cache (as
+// normalize_batch_stats' channels-last path), for a channels-last plan whose groups are its
+// columns: mean, var, rstd per column of each sample; weight and bias per position (required).
+template <class S>
+void normalize_batch_stats_positions(const Plan& plan, const S* x, double eps, const compute_t<S>* weight,
+                                     const compute_t<S>* bias, S* y, double* mean, double* var, double* rstd);
 template <class S>
 void backward_sums_positions(const Plan& plan, const S* x, const S* dy, const double* mean, const double* scale,
                              const double* offset, const compute_t<S>* weight, double* sum_dy,

@@ -13,7 +13,9 @@ class LayerNorm2d(VariantLayer):
 
     Without a transpose: NCHW memory is read as a channels-last plan whose rows are the channels
     and whose columns are the H*W positions, so each (n, h, w) is a column's statistics group and
-    the per-channel affine is per row (the core's per-position steps).
+    the per-channel affine is per row (the core's per-position steps). The forward goes sample by
+    sample (its statistics, then its output while it is in cache); the backward is one sums pass
+    and one apply pass.
     """
 
     def __init__(self, num_channels, eps=1e-6, affine=True, dtype=np.float32):
@@ -28,8 +30,11 @@ class LayerNorm2d(VariantLayer):
         plan.channels_last = True
         if x.size == 0:
             return _core.empty_like(x), StepSaved(plan, x, np.zeros(N * S), None, x.shape)
-        mean, var = _core.group_moments(plan, x)
-        r = 1.0 / np.sqrt(var + self.eps)
+        y = _core.empty_like(x)
+        if self.weight is None:
+            mean, _, r = _core.normalize_batch_stats(plan, x, self.eps, None, None, y)
+        else:  # sample by sample: its columns' statistics, then its output while in cache
+            mean, _, r = _core.normalize_batch_stats_positions(plan, x, self.eps, self.weight, self.bias, y)
 
         # LayerNorm's backward per cell (tests/reference.py: layer_norm_2d_backward), with the
         # weight inside the sums: B = sum w dy, A = sum w dy (x - mu) over the C channels,
@@ -37,11 +42,8 @@ class LayerNorm2d(VariantLayer):
         def fold(B, A):
             return r, -r ** 3 * A / C, -r * B / C
 
-        y = _core.empty_like(x)
         if self.weight is None:
-            _core.apply_coefficients(plan, x, mean, r, 0.0, y)
             return y, StepSaved(plan, x, mean, lambda B, A: fold(B, A) + ({},), x.shape)
-        _core.apply_coefficients_positions(plan, x, mean, r, 0.0, self.weight, self.bias, y)
         return y, PositionsSaved(plan, x, mean, r, self.weight, fold, x.shape, self._param_grads)
 
     def extra_repr(self):
