@@ -563,7 +563,8 @@ def add_arguments(parser):
                              "only and --shapes standard: a smoke test, e.g. for CI")
     parser.add_argument("--json", metavar="PATH", help="also write every number as JSON to PATH")
     parser.add_argument("--variants", action="store_true",
-                        help="instead: time the issue-10 variant layers beside BatchNorm2d (training "
+                        help="instead: time the research variants, the batch-statistics ones beside "
+                             "BatchNorm2d and the batch-independent ones beside GroupNorm (training "
                              "fwd+bwd and inference, float32 NCHW, no torch needed); uses --threads, "
                              "--quick, --json and --shapes tiny (a smoke test; any other: the issue's "
                              "two shapes)")
