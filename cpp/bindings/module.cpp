@@ -197,6 +197,14 @@ nk::PointwiseCoefficients pointwise_coefficients(const nk::Plan& plan, const py:
   return {p, p + K, p + 2 * K, p + 3 * K, p + 4 * K, p + 5 * K, p + 6 * K, p + 7 * K, p + 8 * K};
 }
 
+// N*C*S of a local response norm view, refused when negative or overflowing.
+int64_t lrn_elements(int64_t N, int64_t C, int64_t S) {
+  int64_t planes = 0, n = 0;
+  if (N < 0 || C < 0 || S < 0 || __builtin_mul_overflow(N, C, &planes) || __builtin_mul_overflow(planes, S, &n))
+    throw py::value_error("x: expected non-negative dimensions whose product fits in int64");
+  return n;
+}
+
 nk::Pointwise pointwise_op(int op) {
   if (op < 0 || op >= nk::kPointwiseOps) throw py::value_error("op: expected a pointwise epilogue number in [0, " + std::to_string(nk::kPointwiseOps) + ")");
   return nk::Pointwise(op);
@@ -426,6 +434,33 @@ PYBIND11_MODULE(_core, m) {
     return stats;
   }, py::arg("plan"), py::arg("x"), py::arg("eps"), py::arg("weight"), py::arg("bias"), py::arg("out"),
      "Per-column statistics and out = (x - mean)*rstd*weight[s] + bias[s], sample by sample; (mean, var, rstd).");
+
+  m.def("local_response_norm", [](int64_t N, int64_t C, int64_t Sp, const py::array& x, const py::object& out,
+                                  int64_t size, double alpha, double beta, double k) {
+    dispatch(x, [&](auto s) {
+      using S = decltype(s);
+      const int64_t n = lrn_elements(N, C, Sp);
+      const S* px = required<S>(x, n, "x", false);
+      S* py_ = required<S>(out, n, "out", true);
+      py::gil_scoped_release nogil;
+      nk::local_response_norm<S>(N, C, Sp, px, py_, size, alpha, beta, k);
+    });
+  }, py::arg("N"), py::arg("C"), py::arg("S"), py::arg("x"), py::arg("out"), py::arg("size"), py::arg("alpha"),
+     py::arg("beta"), py::arg("k"), "torch's local_response_norm of x viewed as (N, C, S), into out.");
+
+  m.def("local_response_norm_backward", [](int64_t N, int64_t C, int64_t Sp, const py::array& x,
+                                           const py::object& dy, const py::object& dx, int64_t size, double alpha,
+                                           double beta, double k) {
+    dispatch(x, [&](auto s) {
+      using S = decltype(s);
+      const int64_t n = lrn_elements(N, C, Sp);
+      const S *px = required<S>(x, n, "x", false), *pdy = required<S>(dy, n, "dy", false);
+      S* pdx = required<S>(dx, n, "dx", true);
+      py::gil_scoped_release nogil;
+      nk::local_response_norm_backward<S>(N, C, Sp, px, pdy, pdx, size, alpha, beta, k);
+    });
+  }, py::arg("N"), py::arg("C"), py::arg("S"), py::arg("x"), py::arg("dy"), py::arg("dx"), py::arg("size"),
+     py::arg("alpha"), py::arg("beta"), py::arg("k"), "dx of local_response_norm.");
 
   m.def("backward_sums_positions", [](const nk::Plan& plan, const py::array& x, const py::object& dy,
                                       const py::object& mean, const py::object& scale, const py::object& offset,

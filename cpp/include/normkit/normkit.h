@@ -92,6 +92,16 @@ template <class S>
 void backward_apply_positions(const Plan& plan, const S* x, const S* dy, const double* mean, const double* c1,
                               const double* c2, const double* c3, const compute_t<S>* weight, S* dx);
 
+// Local response normalization (torch's local_response_norm) of x viewed as (N, C, S): per
+// position, d_c = k + alpha/size * sum of x_j^2 over channels j in [c - size/2, c + (size-1)/2]
+// (those that exist), y = x * d^-beta; and its backward dx (x and dy in, contiguous).
+template <class S>
+void local_response_norm(int64_t N, int64_t C, int64_t Sp, const S* x, S* y, int64_t size, double alpha,
+                         double beta, double k);
+template <class S>
+void local_response_norm_backward(int64_t N, int64_t C, int64_t Sp, const S* x, const S* dy, S* dx, int64_t size,
+                                  double alpha, double beta, double k);
+
 // Pointwise epilogues (pointwise.h), for the layers whose output is not an affine of x. Per cell
 // (as above), nine coefficients: u = (x - shift)*a + b; y = f(u; p, q, r)*scale + offset; the
 // backward's x term is about center. Channels-first plans only.

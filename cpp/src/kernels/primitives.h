@@ -42,6 +42,10 @@ template <class S, class T> void rows_affine_rows(const S* x, S* y, int64_t rows
 template <class S, class T> void rows_backward_apply_weighted(const S* x, const S* dy, S* dx, int64_t rows,
                                                               int64_t C, const T* c1, const T* c2, const T* shift,
                                                               const T* c3, const T* w, bool stream);
+template <class S, class T> void lrn_forward(const S* x, S* y, int64_t C, int64_t stride, int64_t len, int64_t size,
+                                             T alpha, T beta, T k);
+template <class S, class T> void lrn_backward(const S* x, const S* dy, S* dx, int64_t C, int64_t stride, int64_t len,
+                                              int64_t size, T alpha, T beta, T k);
 void merge_columns(const double* mean, const double* m2, int64_t stride, int64_t C, int64_t parts,
                    int64_t part_n, int64_t last_n, double* out_mean, double* out_m2);
 

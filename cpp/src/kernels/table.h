@@ -70,6 +70,13 @@ struct Kernels {
                                        const T* c1, const T* c2, const T* shift, const T* c3,
                                        const T* w, bool stream);
 
+  // Local response normalization (window.cpp): positions [0, len) of one sample's C channels,
+  // `stride` apart; d = k + alpha/size * sum of x^2 over a window of `size` channels, y = x d^-beta.
+  void (*lrn_forward)(const S* x, S* y, int64_t C, int64_t stride, int64_t len, int64_t size, T alpha,
+                      T beta, T k);
+  void (*lrn_backward)(const S* x, const S* dy, S* dx, int64_t C, int64_t stride, int64_t len,
+                       int64_t size, T alpha, T beta, T k);
+
   // Pointwise epilogues (op: a Pointwise), channels-first chunks: y = f(u)*scale + offset; the
   // seven sums of pointwise.h into sums[0..6]; dx = c1*dy*f'(u) + c2*(x - center) + c3.
   void (*pointwise)(int op, const S* x, S* y, int64_t n, const PointwisePlane<T>& c);
