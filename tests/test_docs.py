@@ -28,6 +28,7 @@ CLASS_PAGES = {
     "ProxyNorm2d": "proxy_norm.md",
     "BatchChannelNorm2d": "batch_channel_norm.md",
     "LayerNorm2d": "layer_norm_2d.md",
+    "LocalResponseNorm": "local_response_norm.md",
 }
 
 # What an example may import: the docs promise examples that need nothing but these.

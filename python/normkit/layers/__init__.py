@@ -10,6 +10,7 @@ from .groupnorm import GroupNorm
 from .instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .layernorm import LayerNorm, RMSNorm
 from .layernorm2d import LayerNorm2d
+from .local_response import LocalResponseNorm
 from .modality import ModalityBatchNorm2d
 from .proxy import ProxyNorm2d
 from .renorm import BatchRenorm2d, renorm_schedule
@@ -19,4 +20,4 @@ __all__ = ["NormLayer", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceNo
            "InstanceNorm2d", "InstanceNorm3d", "GroupNorm", "LayerNorm", "RMSNorm",
            "ExtendedBatchNorm2d", "ModalityBatchNorm2d", "GhostBatchNorm2d", "BatchRenorm2d",
            "FrozenBatchNorm2d", "renorm_schedule", "FilterResponseNorm2d", "EvoNormB0_2d",
-           "EvoNormS0_2d", "ProxyNorm2d", "BatchChannelNorm2d", "LayerNorm2d"]
+           "EvoNormS0_2d", "ProxyNorm2d", "BatchChannelNorm2d", "LayerNorm2d", "LocalResponseNorm"]
