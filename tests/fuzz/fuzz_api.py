@@ -852,8 +852,15 @@ def fuzz_core(src):
         form = src.int(0, 4)
         return 0.5 if form == 4 else stats((K, C, 1, src.int(0, 9))[form])
 
+    def pw_coef():  # a pointwise epilogue's (9, K) coefficients, sometimes of a wrong size
+        return stats(9 * K + (src.int(-2, 2) if src.chance(4) else 0))
+
+    def position_weight():  # a per-position affine array of the parameters' dtype
+        pdt = np.float64 if dtype == np.float64 else np.float32
+        return None if src.chance(8) else arr(max(S + (src.int(-1, 1) if src.chance(4) else 0), 0), pdt)
+
     x = arr(n)
-    op = src.int(0, 7)
+    op = src.int(0, 12)
     if op == 4:
         return fuzz_forward_fast(src, dtype)
     calls = {
@@ -869,6 +876,11 @@ def fuzz_core(src):
         6: lambda: _core.backward_sums(plan, x, arr(n), coef()),
         7: lambda: _core.backward_apply_coefficients(plan, None if src.chance(4) else x, arr(n), coef(),
                                                      coef(), coef(), coef(), arr(n)),
+        8: lambda: _core.apply_pointwise(plan, src.int(-1, 7), x, pw_coef(), arr(n)),
+        9: lambda: _core.pointwise_sums(plan, src.int(-1, 7), x, arr(n), pw_coef()),
+        10: lambda: _core.pointwise_backward(plan, src.int(0, 6), x, arr(n), pw_coef(), coef(), coef(), coef(), arr(n)),
+        11: lambda: _core.backward_sums_positions(plan, x, arr(n), coef(), coef(), coef(), position_weight()),
+        12: lambda: _core.local_response_norm(N, C, S, x, arr(n), src.int(-1, 6), 1e-4, 0.75, 1.0),
     }
     try:
         expect_ok_or_rejected(calls[op])
