@@ -133,3 +133,12 @@ def test_wrong_arguments_are_refused():
     with pytest.raises(ValueError, match="channels-first"):
         _core.apply_pointwise(plan, 0, x, np.zeros((9, 3)), y)
     assert np.all(y == 7.0)
+
+
+def test_evonorm_b0_where_the_right_side_is_zero_and_loses_the_gradients_are_finite():
+    plan = _core.plan_per_channel_in_sets(1, 1, 1, [0])
+    coef = np.zeros((9, 1))
+    coef[1], coef[6] = 1.0, 1.0
+    coef[P], coef[Q], coef[R] = 0.75, 1.0, 0.5  # u = -0.5: q u + r = 0 < p
+    sums = _core.pointwise_sums(plan, int(_core.Pointwise.evo_b0), np.array([-0.5]), np.ones(1), coef)
+    np.testing.assert_allclose(sums[2:, 0], [1 / 0.75, -0.5 / 0.75, 0.5 / 0.75 ** 2, 0.0, 0.0])

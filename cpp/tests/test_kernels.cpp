@@ -1,6 +1,7 @@
 // C++ unit tests of the shared kernels and entry points, at every ISA level this CPU runs.
 // References are plain double-precision Eigen expressions. Prints "N passed, N failed".
 #include <Eigen/Dense>
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <functional>
@@ -539,6 +540,534 @@ void test_steps(const std::string& isa) {
         "backward_apply_coefficients rejects a per-column affine plan " + tag);
 }
 
+// The pointwise epilogues' f (normkit/pointwise.h) in double: f(u; p, q, r) and df/du with the
+// documented tie rules (relu: 0 at 0; tlu: a tie's gradient goes to p; evo_b0: an exact tie
+// splits it evenly between the sides).
+double pw_f(nk::Pointwise op, double u, double p, double q, double r) {
+  switch (op) {
+    case nk::Pointwise::identity: return u;
+    case nk::Pointwise::relu: return std::max(u, 0.0);
+    case nk::Pointwise::silu: return u / (1.0 + std::exp(-u));
+    case nk::Pointwise::gelu: return u * 0.5 * (1.0 + std::erf(u / std::sqrt(2.0)));
+    case nk::Pointwise::tlu: return std::max(u, p);
+    case nk::Pointwise::swish_gate: return u / (1.0 + std::exp(-p * u));
+    case nk::Pointwise::evo_b0: return u / std::max(p, q * u + r);
+  }
+  return std::numeric_limits<double>::quiet_NaN();
+}
+
+double pw_df(nk::Pointwise op, double u, double p, double q, double r) {
+  switch (op) {
+    case nk::Pointwise::identity: return 1.0;
+    case nk::Pointwise::relu: return u > 0 ? 1.0 : 0.0;
+    case nk::Pointwise::silu: {
+      const double s = 1.0 / (1.0 + std::exp(-u));
+      return s * (1.0 + u * (1.0 - s));
+    }
+    case nk::Pointwise::gelu:
+      return 0.5 * (1.0 + std::erf(u / std::sqrt(2.0))) + u * std::exp(-0.5 * u * u) / 2.50662827463100050242;
+    case nk::Pointwise::tlu: return u > p ? 1.0 : 0.0;
+    case nk::Pointwise::swish_gate: {
+      const double s = 1.0 / (1.0 + std::exp(-p * u));
+      return s + p * u * s * (1.0 - s);
+    }
+    case nk::Pointwise::evo_b0: {
+      const double d2 = q * u + r, left = 1.0 / p, right = r / (d2 * d2);
+      return p > d2 ? left : d2 > p ? right : 0.5 * (left + right);
+    }
+  }
+  return std::numeric_limits<double>::quiet_NaN();
+}
+
+// df/dp, df/dq, df/dr: central differences of pw_f in double, with steps that stay on one side
+// of the kink (tlu: u = p; evo_b0: p = q*u + r) where u is near it. At an exact evo_b0 tie the
+// central difference is the average of the one-sided slopes (the even split) but only first-order
+// accurate, so it is extrapolated (Richardson); at an exact tlu tie (u == p) the gradient goes to
+// p, which a central difference would halve, so that one is the rule's 1.
+void pw_dparams(nk::Pointwise op, double u, double p, double q, double r, double out[3]) {
+  const double th[3] = {p, q, r}, inf = std::numeric_limits<double>::infinity();
+  auto central = [&](int i, double h) {
+    double lo[3] = {p, q, r}, hi[3] = {p, q, r};
+    lo[i] = th[i] - h, hi[i] = th[i] + h;
+    return (pw_f(op, u, hi[0], hi[1], hi[2]) - pw_f(op, u, lo[0], lo[1], lo[2])) / (hi[i] - lo[i]);
+  };
+  for (int i = 0; i < 3; ++i) {
+    double gap = inf;  // how far theta_i is from the kink
+    if (op == nk::Pointwise::tlu && i == 0) gap = std::fabs(u - p);
+    if (op == nk::Pointwise::evo_b0) {
+      const double sens = i == 1 ? std::fabs(u) : 1.0;
+      if (sens > 0) gap = std::fabs(p - (q * u + r)) / sens;
+    }
+    const double h = 1e-5 * (1.0 + std::fabs(th[i]));
+    out[i] = gap == 0 ? 2 * central(i, h / 2) - central(i, h) : central(i, std::min(h, gap / 4));
+  }
+  if (op == nk::Pointwise::tlu && u == p) out[0] = 1.0;
+}
+
+bool pw_has_params(nk::Pointwise op) {
+  return op == nk::Pointwise::tlu || op == nk::Pointwise::swish_gate || op == nk::Pointwise::evo_b0;
+}
+
+const char* pw_name(nk::Pointwise op) {
+  static const char* names[] = {"identity", "relu", "silu", "gelu", "tlu", "swish_gate", "evo_b0"};
+  return names[int(op)];
+}
+
+// One case of the pointwise tests: x and dy in (N, C, S) order, and per-cell coefficients of one
+// op, k = sample_group[n]*C + c. Cell 0 has exact coefficients (shift 0, a 1, b 0) and x = 0.5,
+// 0 at every third element, so u hits relu's 0, tlu's threshold p = 0.5 and evo_b0's tie
+// p = q*u + r = 0.75 exactly.
+template <class T>
+struct PointwiseData {
+  std::vector<T> x, dy;
+  std::vector<double> shift, a, b, p, q, r, scale, offset, center, c1, c2, c3;
+  PointwiseData(const nk::Plan& plan, nk::Pointwise op, unsigned salt) {
+    using nk::Pointwise;
+    const int64_t N = plan.N, C = plan.C, S = plan.S, K = plan.num_sample_sets * C;
+    x = random_vector<T>(N * C * S, 3.0, 51 + salt), dy = random_vector<T>(N * C * S, 0.2, 52 + salt);
+    for (int64_t n = 0; n < N; ++n)
+      if (plan.sample_group[n] == 0)
+        for (int64_t s = 0; s < S; s += 3) {
+          x[n * C * S + s] = T(0.5);
+          if (s + 1 < S) x[n * C * S + s + 1] = T(0);
+        }
+    auto z = [&](unsigned seed) { return random_vector<double>(K, 0.0, seed + salt); };
+    shift = random_vector<double>(K, 3.0, 53 + salt), a = z(54), b = z(55), p = z(56), q = z(57), r = z(58);
+    scale = z(59), offset = z(60), center = z(61), c1 = z(62), c2 = z(63), c3 = z(64);
+    for (int64_t k = 0; k < K; ++k) {
+      a[k] = 1.0 + 0.3 * a[k], b[k] *= 0.5, scale[k] = 1.0 + 0.5 * scale[k], offset[k] *= 0.5;
+      center[k] = 3.0 + 0.1 * center[k], c1[k] += 0.5, c2[k] *= 0.3;
+      if (op == Pointwise::tlu) p[k] *= 0.5;
+      if (op == Pointwise::swish_gate) p[k] = 1.0 + 0.5 * p[k];
+      if (op == Pointwise::evo_b0) p[k] = 0.8 + 0.3 * std::fabs(p[k]), q[k] = 0.5 + 0.3 * q[k], r[k] = 1.0 + 0.3 * r[k];
+    }
+    shift[0] = 0.0, a[0] = 1.0, b[0] = 0.0;
+    if (op == Pointwise::tlu) p[0] = 0.5;
+    if (op == Pointwise::evo_b0) p[0] = 0.75, q[0] = 1.0, r[0] = 0.25;
+  }
+  nk::PointwiseCoefficients coef() const {
+    return {shift.data(), a.data(), b.data(), p.data(), q.data(), r.data(), scale.data(), offset.data(), center.data()};
+  }
+};
+
+// The pointwise epilogues (normkit.h: apply_pointwise, pointwise_sums, pointwise_backward) of
+// every op against a plain double loop over their cells: one set with a chunk tail (S = 2049),
+// interleaved sets, one set per sample (PointwiseData: with exact ties). The sums'
+// parameter-derivative entries against central differences of the reference f (exactly 0 for
+// the ops without parameters). The references are computed once per type, not per ISA level.
+// The same bits at 1 and 2 threads on a plan of 24 chunks.
+template <class T>
+void test_pointwise(const std::string& isa) {
+  using nk::Pointwise;
+  constexpr int J = nk::kPointwiseSums, P = nk::kPointwiseOps;
+  struct Case { const char* name; nk::Plan plan; };
+  static const std::vector<Case> cases = {
+      {"bn", nk::plan_per_channel(1, 2, 2049)},
+      {"sets", nk::plan_per_channel_in_sets(3, 2, 7, {1, 0, 1})},
+      {"gn", nk::plan_per_sample_group(2, 4, 1, 2)},
+  };
+  struct Ref {  // per element: y, dx and their terms' magnitudes; per sum: its value and magnitude
+    std::vector<double> y, ymag, dx, dxmag, sums, smag;
+    int64_t ties = 0;
+  };
+  static std::vector<PointwiseData<T>> data;
+  static std::vector<Ref> refs;  // [case*P + op]
+  if (refs.empty()) {
+    for (size_t ci = 0; ci < cases.size(); ++ci)
+      for (int opi = 0; opi < P; ++opi) {
+        const nk::Plan& plan = cases[ci].plan;
+        const Pointwise op = Pointwise(opi);
+        const int64_t N = plan.N, C = plan.C, S = plan.S, n = N * C * S, K = plan.num_sample_sets * C;
+        data.emplace_back(plan, op, 100 * unsigned(ci));
+        const PointwiseData<T>& dt = data.back();
+        Ref rf{std::vector<double>(n), std::vector<double>(n), std::vector<double>(n), std::vector<double>(n),
+               std::vector<double>(J * K, 0.0), std::vector<double>(J * K, 0.0)};
+        for (int64_t nn = 0; nn < N; ++nn)
+          for (int64_t c = 0; c < C; ++c) {
+            const int64_t k = plan.sample_group[nn] * C + c;
+            const double p = dt.p[k], q = dt.q[k], r = dt.r[k];
+            for (int64_t s = 0; s < S; ++s) {
+              const int64_t i = (nn * C + c) * S + s;
+              const double xi = double(dt.x[i]), d = double(dt.dy[i]);
+              const double u = (xi - dt.shift[k]) * dt.a[k] + dt.b[k];
+              const double mu = std::fabs(xi - dt.shift[k]) * std::fabs(dt.a[k]) + std::fabs(dt.b[k]);  // u's terms
+              const double f = pw_f(op, u, p, q, r), df = pw_df(op, u, p, q, r);
+              rf.ties += (op == Pointwise::relu && u == 0) || (op == Pointwise::tlu && u == p) ||
+                         (op == Pointwise::evo_b0 && q * u + r == p);
+              rf.y[i] = f * dt.scale[k] + dt.offset[k];
+              rf.ymag[i] = 1 + std::fabs(dt.scale[k]) * (std::fabs(f) + (1 + std::fabs(df)) * mu) + std::fabs(dt.offset[k]);
+              const double g = d * df, xc = xi - dt.center[k], t2 = dt.c2[k] * xc;
+              rf.dx[i] = dt.c1[k] * g + t2 + dt.c3[k];
+              rf.dxmag[i] = 1 + std::fabs(dt.c1[k] * d) * (std::fabs(df) + mu) + std::fabs(t2) + std::fabs(dt.c3[k]);
+              double dth[3] = {0, 0, 0};
+              if (pw_has_params(op)) pw_dparams(op, u, p, q, r, dth);
+              const double term[J] = {d, d * f, g, g * xc, d * dth[0], d * dth[1], d * dth[2]};
+              const double slack = std::fabs(d) * mu * (1 + std::fabs(u));  // u's rounding through f, f', df/dp
+              for (int j = 0; j < J; ++j) {
+                rf.sums[j * K + k] += term[j];
+                rf.smag[j * K + k] += std::fabs(term[j]) + (j == 0 ? 0.0 : j == 3 ? slack * (1 + std::fabs(xc)) : slack);
+              }
+            }
+          }
+        refs.push_back(std::move(rf));
+      }
+  }
+  // Float: u and f in float, exp/erfc approximations (about 1e-6 relative), sums accumulated in
+  // float lanes over a chunk; double: libm's; the central differences good to about 1e-9.
+  const double t = tol<T>(), tsum = sizeof(T) == 4 ? 10 * tol<T>() : 1e-11, tfd = sizeof(T) == 4 ? 10 * tol<T>() : 1e-8;
+  for (size_t ci = 0; ci < cases.size(); ++ci)
+    for (int opi = 0; opi < P; ++opi) {
+      const nk::Plan& plan = cases[ci].plan;
+      const Pointwise op = Pointwise(opi);
+      const PointwiseData<T>& dt = data[ci * P + opi];
+      const Ref& rf = refs[ci * P + opi];
+      const int64_t n = plan.N * plan.C * plan.S, K = plan.num_sample_sets * plan.C;
+      const std::string tag = isa + "/" + type_name<T>() + "/" + cases[ci].name + "/" + pw_name(op);
+      std::vector<T> y(n), dx(n);
+      std::vector<double> sums(J * K, -1.0);
+      nk::apply_pointwise<T>(plan, op, dt.x.data(), dt.coef(), y.data());
+      nk::pointwise_sums<T>(plan, op, dt.x.data(), dt.dy.data(), dt.coef(), sums.data());
+      nk::pointwise_backward<T>(plan, op, dt.x.data(), dt.dy.data(), dt.coef(), dt.c1.data(), dt.c2.data(), dt.c3.data(), dx.data());
+      double ey = 0, edx = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        ey = std::max(ey, std::fabs(double(y[i]) - rf.y[i]) / rf.ymag[i]);
+        edx = std::max(edx, std::fabs(double(dx[i]) - rf.dx[i]) / rf.dxmag[i]);
+      }
+      check(ey <= t, "apply_pointwise vs reference " + tag + " err=" + std::to_string(ey));
+      check(edx <= t, "pointwise_backward vs reference " + tag + " err=" + std::to_string(edx));
+      if (plan.S > 1 && (op == Pointwise::relu || op == Pointwise::tlu || op == Pointwise::evo_b0))
+        check(rf.ties > 0, "pointwise test data holds exact ties " + tag);
+      bool sums_ok = true, dparams_ok = true;
+      double esum = 0, efd = 0;
+      for (int j = 0; j < J; ++j)
+        for (int64_t k = 0; k < K; ++k) {
+          const double got = sums[j * K + k];
+          if (j >= 4 && !pw_has_params(op)) {
+            dparams_ok &= got == 0.0;
+            continue;
+          }
+          const double err = std::fabs(got - rf.sums[j * K + k]) / (1 + rf.smag[j * K + k]);
+          (j >= 4 ? efd : esum) = std::max(j >= 4 ? efd : esum, err);
+        }
+      sums_ok &= esum <= tsum, dparams_ok &= efd <= tfd;
+      check(sums_ok, "pointwise_sums dy, dy*f, g, g*(x - center) vs reference " + tag + " err=" + std::to_string(esum));
+      check(dparams_ok, "pointwise_sums dy*df/dp, dq, dr vs central differences " + tag + " err=" + std::to_string(efd));
+    }
+
+  // 4*3 planes of 2049: 24 chunks, parallel at 2 threads; every op the same bits.
+  const int threads_before = nk::get_num_threads();
+  const nk::Plan big = nk::plan_per_channel(4, 3, 2049);
+  const int64_t n = 4 * 3 * 2049, K = 3;
+  for (int opi = 0; opi < P; ++opi) {
+    const Pointwise op = Pointwise(opi);
+    const PointwiseData<T> dt(big, op, 7);
+    struct Out { std::vector<T> y, dx; std::vector<double> sums; };
+    auto run = [&](int threads) {
+      nk::set_num_threads(threads);
+      Out o{std::vector<T>(n), std::vector<T>(n), std::vector<double>(J * K, -1.0)};
+      nk::apply_pointwise<T>(big, op, dt.x.data(), dt.coef(), o.y.data());
+      nk::pointwise_sums<T>(big, op, dt.x.data(), dt.dy.data(), dt.coef(), o.sums.data());
+      nk::pointwise_backward<T>(big, op, dt.x.data(), dt.dy.data(), dt.coef(), dt.c1.data(), dt.c2.data(), dt.c3.data(), o.dx.data());
+      return o;
+    };
+    const Out o1 = run(1), o2 = run(2);
+    check(o2.y == o1.y && o2.sums == o1.sums && o2.dx == o1.dx,
+          "pointwise bitwise equal at 1 and 2 threads " + isa + "/" + type_name<T>() + "/" + pw_name(op));
+  }
+  nk::set_num_threads(threads_before);
+
+  // Channels-last plans and ops out of range are rejected.
+  auto throws = [](const std::function<void()>& f) {
+    try { f(); } catch (const std::invalid_argument&) { return true; } catch (...) { return false; }
+    return false;
+  };
+  const nk::Plan last = channels_last(nk::plan_per_channel(2, 3, 4)), first = nk::plan_per_channel(2, 3, 4);
+  std::vector<T> x(24, T(1)), y(24);
+  std::vector<double> v(6, 1.0);
+  const nk::PointwiseCoefficients coef{v.data(), v.data(), v.data(), v.data(), v.data(), v.data(), v.data(), v.data(), v.data()};
+  const std::string tag = isa + "/" + type_name<T>();
+  check(throws([&] { nk::apply_pointwise<T>(last, Pointwise::silu, x.data(), coef, y.data()); }),
+        "apply_pointwise rejects a channels-last plan " + tag);
+  check(throws([&] { nk::pointwise_sums<T>(last, Pointwise::silu, x.data(), x.data(), coef, v.data()); }),
+        "pointwise_sums rejects a channels-last plan " + tag);
+  check(throws([&] { nk::apply_pointwise<T>(first, Pointwise(nk::kPointwiseOps), x.data(), coef, y.data()); }),
+        "apply_pointwise rejects an op out of range " + tag);
+}
+
+// The per-position steps (normkit.h: normalize_batch_stats_positions, apply_coefficients_positions,
+// backward_sums_positions, backward_apply_positions) on LayerNorm2d's plan: NCHW memory (N, C, HW)
+// as plan_per_sample_group(N, HW, C, HW), channels-last, so cell k = n*HW + hw is one LayerNorm
+// over the C channels at (n, hw) and the per-channel weight/bias is per row (position). Shapes
+// with narrow rows (kRowsChunk / HW rows to a chunk: a tail at C = 1640) and wide ones (HW > 512:
+// 64 rows to a chunk, a tail at C = 65). Each step against a double loop of its own formula,
+// then the steps composed into LayerNorm2d's backward against LayerNorm's gradient (references
+// computed once per type); the same bits at 1 and 2 threads on the wide shape.
+template <class T>
+void test_positions(const std::string& isa) {
+  struct Shape { int64_t N, C, HW; };
+  static const std::vector<Shape> shapes = {{2, 3, 5}, {2, 5, 17}, {2, 65, 513}, {1, 1640, 5}};
+  const double eps = 1e-5;
+  struct Data {  // inputs; the steps' own coefficients per cell
+    std::vector<T> x, dy, w, b;
+    std::vector<double> mean, scale, offset, c1, c2, c3;
+  };
+  struct Ref {
+    std::vector<double> m, v, rs;                                    // per cell: LayerNorm's statistics
+    std::vector<double> y, ymag, ya, yamag, dx, dxmag, dxl, dxlmag;  // per element, and their terms' magnitudes
+    std::vector<double> sdy, mdy, sxmu, mxmu;                        // per cell
+    std::vector<double> dw, mdw, db, mdb, ldw, mldw;                 // per channel
+  };
+  static std::vector<Data> data;
+  static std::vector<Ref> refs;
+  if (refs.empty())
+    for (const Shape& sh : shapes) {
+      const int64_t N = sh.N, C = sh.C, HW = sh.HW, n = N * C * HW, K = N * HW;
+      data.push_back({random_vector<T>(n, 5.0, 71), random_vector<T>(n, 0.1, 72), random_vector<T>(C, 1.0, 73),
+                      random_vector<T>(C, 0.0, 74), random_vector<double>(K, 5.0, 75), random_vector<double>(K, 1.0, 76),
+                      random_vector<double>(K, 0.0, 77), random_vector<double>(K, 0.5, 78),
+                      random_vector<double>(K, -0.3, 79), random_vector<double>(K, 0.0, 80)});
+      const Data& dt = data.back();
+      const std::vector<double> zk(K, 0.0), ze(n, 0.0), zc(C, 0.0);
+      Ref rf{zk, zk, zk, ze, ze, ze, ze, ze, ze, ze, ze, zk, zk, zk, zk, zc, zc, zc, zc, zc, zc};
+      for (int64_t nn = 0; nn < N; ++nn)
+        for (int64_t hw = 0; hw < HW; ++hw) {
+          const int64_t k = nn * HW + hw;
+          auto at = [&](int64_t c) { return (nn * C + c) * HW + hw; };
+          double m = 0, v = 0;
+          for (int64_t c = 0; c < C; ++c) m += double(dt.x[at(c)]);
+          m /= double(C);
+          for (int64_t c = 0; c < C; ++c) v += (double(dt.x[at(c)]) - m) * (double(dt.x[at(c)]) - m);
+          v /= double(C);
+          const double rs = 1.0 / std::sqrt(v + eps);
+          rf.m[k] = m, rf.v[k] = v, rf.rs[k] = rs;
+          double gsum = 0, gxsum = 0;  // sums of g = w dy and of g*xhat
+          for (int64_t c = 0; c < C; ++c) {
+            const double g = double(dt.w[c]) * double(dt.dy[at(c)]);
+            gsum += g, gxsum += g * (double(dt.x[at(c)]) - m) * rs;
+          }
+          for (int64_t c = 0; c < C; ++c) {
+            const int64_t i = at(c);
+            const double xi = double(dt.x[i]), d = double(dt.dy[i]), wc = double(dt.w[c]), bc = double(dt.b[c]);
+            const double xh = (xi - m) * rs, g = wc * d;
+            rf.y[i] = xh * wc + bc, rf.ymag[i] = 1 + std::fabs(xh * wc) + std::fabs(bc);
+            const double xm = xi - dt.mean[k], xs = xm * dt.scale[k] + dt.offset[k];
+            const double xsmag = std::fabs(xm * dt.scale[k]) + std::fabs(dt.offset[k]);
+            rf.ya[i] = xs * wc + bc, rf.yamag[i] = 1 + xsmag * std::fabs(wc) + std::fabs(bc);
+            const double t1 = dt.c1[k] * g, t2 = dt.c2[k] * xm;
+            rf.dx[i] = t1 + t2 + dt.c3[k], rf.dxmag[i] = 1 + std::fabs(t1) + std::fabs(t2) + std::fabs(dt.c3[k]);
+            rf.dxl[i] = rs * (g - gsum / double(C) - xh * gxsum / double(C));  // LayerNorm's gradient
+            rf.dxlmag[i] = 1 + rs * (std::fabs(g) + std::fabs(gsum) / double(C) + std::fabs(xh * gxsum) / double(C));
+            rf.sdy[k] += g, rf.mdy[k] += std::fabs(g);
+            rf.sxmu[k] += g * xm, rf.mxmu[k] += std::fabs(g * xm);
+            rf.dw[c] += d * xs, rf.mdw[c] += std::fabs(d) * xsmag;
+            rf.db[c] += d, rf.mdb[c] += std::fabs(d);
+            rf.ldw[c] += d * xh, rf.mldw[c] += std::fabs(d * xh);
+          }
+        }
+      refs.push_back(std::move(rf));
+    }
+
+  const int threads_before = nk::get_num_threads();
+  const double t = tol<T>(), tstat = sizeof(T) == 4 ? 1e-5 : 1e-12;
+  for (size_t si = 0; si < shapes.size(); ++si) {
+    const Shape sh = shapes[si];
+    const Data& dt = data[si];
+    const Ref& rf = refs[si];
+    const int64_t N = sh.N, C = sh.C, HW = sh.HW, n = N * C * HW, K = N * HW;
+    nk::Plan plan = nk::plan_per_sample_group(N, HW, C, HW);
+    plan.channels_last = true;
+    const std::string tag = isa + "/" + type_name<T>() + "/N=" + std::to_string(N) + ",C=" + std::to_string(C) +
+                            ",HW=" + std::to_string(HW);
+    struct Out {
+      std::vector<T> y, ya, dx, dxl;
+      std::vector<double> m, v, rs, sdy, sxmu, dw, db, lsdy, lsxmu, ldw, ldb;
+    };
+    auto run = [&](int threads) {
+      nk::set_num_threads(threads);
+      const std::vector<T> ve(n);
+      const std::vector<double> vk(K, -1.0), vc(C, -1.0);
+      Out o{ve, ve, ve, ve, vk, vk, vk, vk, vk, vc, vc, vk, vk, vc, vc};
+      nk::normalize_batch_stats_positions<T>(plan, dt.x.data(), eps, dt.w.data(), dt.b.data(), o.y.data(), o.m.data(),
+                                             o.v.data(), o.rs.data());
+      nk::apply_coefficients_positions<T>(plan, dt.x.data(), dt.mean.data(), dt.scale.data(), dt.offset.data(),
+                                          dt.w.data(), dt.b.data(), o.ya.data());
+      nk::backward_sums_positions<T>(plan, dt.x.data(), dt.dy.data(), dt.mean.data(), dt.scale.data(), dt.offset.data(),
+                                     dt.w.data(), o.sdy.data(), o.sxmu.data(), o.dw.data(), o.db.data());
+      nk::backward_apply_positions<T>(plan, dt.x.data(), dt.dy.data(), dt.mean.data(), dt.c1.data(), dt.c2.data(),
+                                      dt.c3.data(), dt.w.data(), o.dx.data());
+      // LayerNorm2d's backward from the steps: sums with scale rstd and offset 0 (the sums of g*xhat/rstd),
+      // dx = rstd*w*dy - rstd/C*sum(w dy) - rstd^3/C*sum(w dy (x - mean))*(x - mean).
+      const std::vector<double> zeros(K, 0.0);
+      nk::backward_sums_positions<T>(plan, dt.x.data(), dt.dy.data(), o.m.data(), o.rs.data(), zeros.data(), dt.w.data(),
+                                     o.lsdy.data(), o.lsxmu.data(), o.ldw.data(), o.ldb.data());
+      std::vector<double> l1(K), l2(K), l3(K);
+      for (int64_t k = 0; k < K; ++k) {
+        const double rs = o.rs[k];
+        l1[k] = rs, l2[k] = -rs * rs * rs * o.lsxmu[k] / double(C), l3[k] = -rs * o.lsdy[k] / double(C);
+      }
+      nk::backward_apply_positions<T>(plan, dt.x.data(), dt.dy.data(), o.m.data(), l1.data(), l2.data(), l3.data(),
+                                      dt.w.data(), o.dxl.data());
+      return o;
+    };
+    const Out o = run(1);
+    if (C == 65) {  // 2 samples of 2 chunks of up to 64 x 513: parallel at 2 threads
+      const Out o2 = run(2);
+      check(o2.y == o.y && o2.m == o.m && o2.v == o.v && o2.rs == o.rs && o2.ya == o.ya && o2.sdy == o.sdy &&
+                o2.sxmu == o.sxmu && o2.dw == o.dw && o2.db == o.db && o2.dx == o.dx && o2.dxl == o.dxl &&
+                o2.ldw == o.ldw && o2.ldb == o.ldb,
+            "positions steps bitwise equal at 1 and 2 threads " + tag);
+    }
+    bool stats_ok = true, sums_ok = true, params_ok = true, lparams_ok = true;
+    for (int64_t k = 0; k < K; ++k) {
+      stats_ok &= close(o.m[k], rf.m[k], t) && close(o.v[k], rf.v[k], tstat) && close(o.rs[k], rf.rs[k], tstat);
+      sums_ok &= std::fabs(o.sdy[k] - rf.sdy[k]) <= t * (1 + rf.mdy[k]) &&
+                 std::fabs(o.sxmu[k] - rf.sxmu[k]) <= 10 * t * (1 + rf.mxmu[k]);
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      params_ok &= std::fabs(o.dw[c] - rf.dw[c]) <= 10 * t * (1 + rf.mdw[c]) && std::fabs(o.db[c] - rf.db[c]) <= t * (1 + rf.mdb[c]);
+      lparams_ok &= std::fabs(o.ldw[c] - rf.ldw[c]) <= 10 * t * (1 + rf.mldw[c]) && std::fabs(o.ldb[c] - rf.db[c]) <= t * (1 + rf.mdb[c]);
+    }
+    double ey = 0, eya = 0, edx = 0, edxl = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      ey = std::max(ey, std::fabs(double(o.y[i]) - rf.y[i]) / rf.ymag[i]);
+      eya = std::max(eya, std::fabs(double(o.ya[i]) - rf.ya[i]) / rf.yamag[i]);
+      edx = std::max(edx, std::fabs(double(o.dx[i]) - rf.dx[i]) / rf.dxmag[i]);
+      edxl = std::max(edxl, std::fabs(double(o.dxl[i]) - rf.dxl[i]) / rf.dxlmag[i]);
+    }
+    check(stats_ok, "normalize_batch_stats_positions mean, var, rstd vs LayerNorm over C " + tag);
+    check(ey <= t, "normalize_batch_stats_positions y vs LayerNorm over C " + tag + " err=" + std::to_string(ey));
+    check(eya <= t, "apply_coefficients_positions vs reference " + tag + " err=" + std::to_string(eya));
+    check(edx <= t, "backward_apply_positions vs reference " + tag + " err=" + std::to_string(edx));
+    check(sums_ok, "backward_sums_positions sum_dy, sum_dy_xmu vs reference " + tag);
+    check(params_ok, "backward_sums_positions dweight, dbias vs reference " + tag);
+    check(lparams_ok, "LayerNorm2d dweight, dbias from the steps vs LayerNorm's " + tag);
+    check(edxl <= 10 * t, "LayerNorm2d dx from the steps vs LayerNorm's gradient " + tag + " err=" + std::to_string(edxl));
+  }
+  nk::set_num_threads(threads_before);
+
+  // A channels-first plan is no plan of these steps; the fused forward wants one group per column.
+  auto throws = [](const std::function<void()>& f) {
+    try { f(); } catch (const std::invalid_argument&) { return true; } catch (...) { return false; }
+    return false;
+  };
+  const nk::Plan first = nk::plan_per_sample_group(2, 4, 3, 4);
+  const nk::Plan paired = channels_last(nk::plan_per_sample_group(2, 4, 3, 2));
+  std::vector<T> x(24, T(1)), y(24), w(3, T(1));
+  std::vector<double> d(8, 0.0), e(8, 0.0), f(8, 0.0);
+  const std::string tag = isa + "/" + type_name<T>();
+  check(throws([&] { nk::apply_coefficients_positions<T>(first, x.data(), d.data(), d.data(), d.data(), w.data(), w.data(), y.data()); }),
+        "apply_coefficients_positions rejects a channels-first plan " + tag);
+  check(throws([&] { nk::backward_apply_positions<T>(first, x.data(), x.data(), d.data(), d.data(), d.data(), d.data(), w.data(), y.data()); }),
+        "backward_apply_positions rejects a channels-first plan " + tag);
+  check(throws([&] { nk::normalize_batch_stats_positions<T>(paired, x.data(), 1e-5, w.data(), w.data(), y.data(), d.data(), e.data(), f.data()); }),
+        "normalize_batch_stats_positions rejects groups of two columns " + tag);
+}
+
+// Local response normalization (normkit.h: local_response_norm and its backward) on (N, C, S)
+// views against a double loop of torch's formula: windows of size 1, 2, 3, 5 and larger than C
+// (9 and 16 at C = 7), beta 0.75 (the vector square-root path) and 0.5 (pow), positions with a
+// vector tail (S = 37), one channel, and S > 256 positions (two blocks per sample: parallel at 2
+// threads, the same bits). The reference gradient is itself checked once against central
+// differences of the reference forward at a few positions. References computed once per type.
+template <class T>
+void test_local_response(const std::string& isa) {
+  struct Case { int64_t N, C, Sp, size; double beta; };
+  static std::vector<Case> cases;
+  if (cases.empty()) {
+    for (int64_t size : {1, 2, 3, 5, 9, 16})
+      for (double beta : {0.75, 0.5}) cases.push_back({2, 7, 37, size, beta});
+    cases.push_back({3, 1, 5, 3, 0.75});
+    cases.push_back({2, 32, 300, 5, 0.75});
+  }
+  const double alpha = 0.6, kk = 1.25, t = tol<T>();
+  struct Ref { std::vector<T> x, dy; std::vector<double> y, dx, dxmag; double efd; };
+  static std::vector<Ref> refs;
+  const bool first_time = refs.empty();
+  if (first_time)
+    for (const Case& cs : cases) {
+      const int64_t N = cs.N, C = cs.C, Sp = cs.Sp, size = cs.size, n = N * C * Sp;
+      const double beta = cs.beta;
+      Ref rf{random_vector<T>(n, 0.5, 81), random_vector<T>(n, 0.1, 82), std::vector<double>(n), std::vector<double>(n),
+             std::vector<double>(n), 0.0};
+      // One position's column of channels: d_c, and y_c = x_c d_c^-beta.
+      auto forward_ref = [&](const std::vector<double>& xc, std::vector<double>& d, std::vector<double>& yc) {
+        for (int64_t c = 0; c < C; ++c) {
+          double sq = 0;
+          for (int64_t j = std::max<int64_t>(0, c - size / 2); j <= std::min<int64_t>(C - 1, c + (size - 1) / 2); ++j)
+            sq += xc[j] * xc[j];
+          d[c] = kk + alpha / double(size) * sq;
+          yc[c] = xc[c] * std::pow(d[c], -beta);
+        }
+      };
+      std::vector<double> xc(C), dyc(C), d(C), yc(C), u(C), dref(C);
+      const double coef = 2 * alpha * beta / double(size);
+      for (int64_t nn = 0; nn < N; ++nn)
+        for (int64_t s = 0; s < Sp; ++s) {
+          auto at = [&](int64_t c) { return (nn * C + c) * Sp + s; };
+          for (int64_t c = 0; c < C; ++c) xc[c] = double(rf.x[at(c)]), dyc[c] = double(rf.dy[at(c)]);
+          forward_ref(xc, d, yc);
+          for (int64_t c = 0; c < C; ++c) rf.y[at(c)] = yc[c], u[c] = dyc[c] * xc[c] * std::pow(d[c], -beta - 1);
+          for (int64_t j = 0; j < C; ++j) {
+            double su = 0, mu = 0;
+            for (int64_t c = std::max<int64_t>(0, j - (size - 1) / 2); c <= std::min<int64_t>(C - 1, j + size / 2); ++c)
+              su += u[c], mu += std::fabs(u[c]);
+            const double t1 = dyc[j] * std::pow(d[j], -beta);
+            dref[j] = rf.dx[at(j)] = t1 - coef * xc[j] * su;
+            rf.dxmag[at(j)] = 1 + std::fabs(t1) + coef * std::fabs(xc[j]) * mu;
+          }
+          if (nn == 0 && s < 2) {  // the reference gradient of sum dy*y, by central differences
+            std::vector<double> xp = xc, yp(C), dp(C);
+            for (int64_t j = 0; j < C; ++j) {
+              const double h = 1e-6 * (1 + std::fabs(xc[j]));
+              double l[2];
+              for (int side = 0; side < 2; ++side) {
+                xp[j] = xc[j] + (side ? h : -h);
+                forward_ref(xp, dp, yp);
+                l[side] = 0;
+                for (int64_t c = 0; c < C; ++c) l[side] += dyc[c] * yp[c];
+              }
+              xp[j] = xc[j];
+              rf.efd = std::max(rf.efd, std::fabs((l[1] - l[0]) / (2 * h) - dref[j]) / (1 + std::fabs(dref[j])));
+            }
+          }
+        }
+      refs.push_back(std::move(rf));
+    }
+
+  const int threads_before = nk::get_num_threads();
+  for (size_t ci = 0; ci < cases.size(); ++ci) {
+    const Case& cs = cases[ci];
+    const Ref& rf = refs[ci];
+    const int64_t N = cs.N, C = cs.C, Sp = cs.Sp, size = cs.size, n = N * C * Sp;
+    const double beta = cs.beta;
+    const std::string tag = isa + "/" + type_name<T>() + "/N=" + std::to_string(N) + ",C=" + std::to_string(C) +
+                            ",S=" + std::to_string(Sp) + ",size=" + std::to_string(size) + ",beta=" + std::to_string(beta);
+    auto run = [&](int threads, std::vector<T>& y, std::vector<T>& dx) {
+      nk::set_num_threads(threads);
+      nk::local_response_norm<T>(N, C, Sp, rf.x.data(), y.data(), size, alpha, beta, kk);
+      nk::local_response_norm_backward<T>(N, C, Sp, rf.x.data(), rf.dy.data(), dx.data(), size, alpha, beta, kk);
+    };
+    std::vector<T> y(n), dx(n);
+    run(1, y, dx);
+    if (Sp > 256) {
+      std::vector<T> y2(n), dx2(n);
+      run(2, y2, dx2);
+      check(y2 == y && dx2 == dx, "local_response_norm bitwise equal at 1 and 2 threads " + tag);
+    }
+    double ey = 0, edx = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      ey = std::max(ey, std::fabs(double(y[i]) - rf.y[i]) / (1 + std::fabs(rf.y[i])));
+      edx = std::max(edx, std::fabs(double(dx[i]) - rf.dx[i]) / rf.dxmag[i]);
+    }
+    check(ey <= t, "local_response_norm vs reference " + tag + " err=" + std::to_string(ey));
+    check(edx <= t, "local_response_norm_backward vs reference " + tag + " err=" + std::to_string(edx));
+    if (first_time)
+      check(rf.efd <= 1e-7, "local_response_norm reference dx = central differences of its y " + tag +
+                                " err=" + std::to_string(rf.efd));
+  }
+  nk::set_num_threads(threads_before);
+}
+
 int main() {
   for (const std::string& isa : nk::supported_isas()) {
     nk::set_isa(isa);
@@ -556,6 +1085,12 @@ int main() {
     test_traversals_agree<double>(isa);
     test_steps<float>(isa);
     test_steps<double>(isa);
+    test_pointwise<float>(isa);
+    test_pointwise<double>(isa);
+    test_positions<float>(isa);
+    test_positions<double>(isa);
+    test_local_response<float>(isa);
+    test_local_response<double>(isa);
   }
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;

@@ -3,8 +3,8 @@
 // Proxy Norm's activation). One chunk at a time, like apply.cpp's passes, so a layer that uses
 // one reads the tensor as often as a standard layer. With u = (x - shift)*a + b:
 //   pointwise           y = f(u)*scale + offset
-//   pointwise_sums      sums[0..6] += dy, dy*f(u), g, g*(x - center), dy*df/dp, dy*df/dq, dy*df/dr
-//                       with g = dy*f'(u), in double
+//   pointwise_sums      sums[0..6] = dy, dy*f(u), g, g*(x - center), dy*df/dp, dy*df/dq, dy*df/dr
+//                       with g = dy*f'(u), summed in T vector lanes over the chunk, finished in double
 //   pointwise_backward  dx = c1*g + c2*(x - center) + c3
 // Vector code (vec.h) with a scalar tail; exp and erf lane by lane.
 #include <cmath>
@@ -99,7 +99,8 @@ inline Value<V> value(V u, V p, V q, V r) {
   } else {  // evo_b0: u / max(p, q u + r); an exact tie splits the gradient evenly (torch.maximum)
     const V d2 = q * u + r, half = cst<V>(T(0.5));
     const V wl = p > d2 ? one : (d2 > p ? zero : half), wr = one - wl;  // the sides' shares
-    const V d = p > d2 ? p : d2, id2 = one / (d2 * d2);
+    // 1/d2^2 only where the right side counts: where p wins, d2 may be 0 (and 0 * Inf NaN).
+    const V d = p > d2 ? p : d2, id2 = wr > zero ? one / (d2 * d2) : zero;
     return {u / d, wl / p + wr * r * id2, -wl * u / (p * p), -wr * u * u * id2, -wr * u * id2};
   }
 }
