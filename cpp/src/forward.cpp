@@ -57,6 +57,20 @@ template <class S>
 void group_moments(const Plan& plan, const S* x, double* mean, double* var) {
   check_plan(plan);
   const Kernels<S>& k = kernels().get<S>();
+  if (const int64_t run = single_chunk_run(plan)) {
+    // Every group one chunk (InstanceNorm-like cells, FRN's planes): batches of groups, each
+    // group's chunk moments finished as they are (merge_stored's bits for a single chunk),
+    // without a GroupIndex or a merge per group.
+    const GroupBatches gb(plan.num_groups(), run);
+    parallel_for(gb.count, gb.per_batch * run, [&](int64_t b) {
+      const int64_t g0 = gb.first(b), g1 = gb.end(b);
+      double cmean[GroupBatches::kMaxBatch], cm2[GroupBatches::kMaxBatch];  // not zeroed: all written
+      chunk_moments(k, plan, x + g0 * run, run, g1 - g0, cmean, cm2);
+      for (int64_t g = g0; g < g1; ++g)
+        finish_group(plan, merge(Moments{}, Moments{double(run), cmean[g - g0], cm2[g - g0]}), &mean[g], &var[g]);
+    });
+    return;
+  }
   const Chunks ch = Chunks::moments(plan);
   const ChunkResults cr(ch.count);
   double *const cmean = cr.first, *const cm2 = cr.second;

@@ -113,11 +113,14 @@ class PointwiseSaved:
 
 def pointwise_coefficients(K, shift=0.0, a=1.0, b=0.0, p=0.0, q=0.0, r=0.0, scale=1.0, offset=0.0, center=0.0):
     """The (9, K) coefficient array of _core.apply_pointwise, each row broadcast from its value
-    (a number, per channel of a plan's sets, or per cell)."""
+    (a number, one per channel of a plan's sets, or one per cell)."""
     coef = np.empty((9, K))
-    for i, v in enumerate((shift, a, b, p, q, r, scale, offset, center)):
-        v = np.asarray(v, np.float64).reshape(-1)
-        coef[i] = v if v.size in (1, K) else np.tile(v, K // v.size)
+    for row, v in zip(coef, (shift, a, b, p, q, r, scale, offset, center)):
+        if np.ndim(v) == 0:
+            row[...] = v
+        else:
+            v = np.asarray(v, np.float64).reshape(-1)
+            row.reshape(-1, v.size)[...] = v  # per cell, or tiled over the sets
     return coef
 
 

@@ -42,7 +42,8 @@ class FilterResponseNorm2d(VariantLayer):
         w, b = self._channel_params()
         tau = 0.0 if self.tau is None else self.tau.astype(np.float64)
         op = int(_core.Pointwise.tlu if self.tlu else _core.Pointwise.identity)
-        coef = pointwise_coefficients(N * C, a=np.tile(w, N) * r, b=b, p=tau)
+        scale = (r.reshape(N, C) * w).reshape(-1)  # weight r per cell
+        coef = pointwise_coefficients(N * C, a=scale, b=b, p=tau)
 
         # With g = dy*f'(y) per element and A = sum g*x per plane (center 0):
         # dx = weight r g - weight r^3 A x / S  (r depends on x through nu2);
@@ -55,7 +56,7 @@ class FilterResponseNorm2d(VariantLayer):
                 grads["tau"] = T.sum(axis=0).astype(self.dtype)
             if self.eps_l is not None:
                 grads["eps_l"] = np.array([np.sum(w * A * -0.5 * rr ** 3) * np.sign(eps_l)], self.dtype)
-            return (np.tile(w, N) * r, (-w * rr ** 3 * A / S).reshape(-1), 0.0, grads)
+            return (scale, (-w * rr ** 3 * A / S).reshape(-1), 0.0, grads)
 
         y = _core.empty_like(x)
         if x.size:
