@@ -361,25 +361,19 @@ void backward_apply_coefficients(const Plan& plan, const S* x, const S* dy, cons
   const Kernels<S>& k = kernels().get<S>();
   const Chunks ch = Chunks::planes(plan);
   const int64_t P = plan.planes(), C = plan.C;
-  std::vector<T> a(P), b(P), shift(P), c(P);  // c1, c2, shift, c3 per plane
-  for (int64_t n = 0, p = 0; n < plan.N; ++n)
-    for (int64_t ch_ = 0; ch_ < C; ++ch_, ++p) {
-      const int64_t q = set_channel(plan, n, ch_);
-      shift[p] = T(mean[q]), a[p] = T(c1[q]), b[p] = T(c2[q]);
-      c[p] = T(c3[q] + c2[q] * (double(shift[p]) - mean[q]));
-    }
+  const BackwardPlanes<T> f(plan, mean, c1, c2, c3);
   const bool stream = stream_output(P * plan.S * int64_t(sizeof(S)));
   if (plan.channels_last) {
     parallel_for(ch.items(), ch.work(), [&](int64_t it) {
       const int64_t s = ch.start(it), p0 = ch.sample(it) * C;
-      k.rows_backward_apply(x ? x + s : nullptr, dy + s, dx + s, ch.length(ch.chunk(it)), C, &a[p0],
-                            &b[p0], &shift[p0], &c[p0], stream);
+      k.rows_backward_apply(x ? x + s : nullptr, dy + s, dx + s, ch.length(ch.chunk(it)), C, &f.c1[p0],
+                            &f.c2[p0], &f.shift[p0], &f.c3[p0], stream);
     });
     return;
   }
   parallel_for(ch.items(), ch.work(), [&](int64_t it) {
     const int64_t p = ch.segment(it), j = ch.chunk(it), s = ch.start(p, j);
-    k.backward_apply(x ? x + s : nullptr, dy + s, dx + s, ch.length(j), a[p], b[p], shift[p], c[p],
+    k.backward_apply(x ? x + s : nullptr, dy + s, dx + s, ch.length(j), f.c1[p], f.c2[p], f.shift[p], f.c3[p],
                      nullptr, stream);
   });
 }

@@ -89,4 +89,20 @@ PlaneAffine<T> set_channel_affine(const Plan& plan, const double* mean, const do
   return f;
 }
 
+// Per plane, from per-cell coefficients of dx = c1*dy + c2*(x - mean) + c3: the shift (mean
+// rounded to T) and c3 carrying its rounding, c3 + c2*(shift - mean); the backward apply steps'.
+template <class T>
+struct BackwardPlanes {
+  std::vector<T> c1, c2, shift, c3;
+  BackwardPlanes(const Plan& plan, const double* mean, const double* k1, const double* k2, const double* k3)
+      : c1(plan.planes()), c2(plan.planes()), shift(plan.planes()), c3(plan.planes()) {
+    for (int64_t n = 0, p = 0; n < plan.N; ++n)
+      for (int64_t c = 0; c < plan.C; ++c, ++p) {
+        const int64_t q = set_channel(plan, n, c);
+        shift[p] = T(mean[q]), c1[p] = T(k1[q]), c2[p] = T(k2[q]);
+        c3[p] = T(k3[q] + k2[q] * (double(shift[p]) - mean[q]));
+      }
+  }
+};
+
 }  // namespace nk

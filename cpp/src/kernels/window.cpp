@@ -99,19 +99,24 @@ inline void store_one(S* p, V v) {
   else store_as(p, v);
 }
 
+// d_c = k + alpha/size * sum of x_j^2 over channel c's window, at positions [i, i + width).
+template <class V, class S, class T>
+inline V denominator(const S* x, int64_t C, int64_t stride, int64_t i, int64_t c, int64_t size, T alpha, T k) {
+  int64_t lo, hi;
+  window(c, C, size, &lo, &hi);
+  V sq = V{} + T(0);
+  for (int64_t j = lo; j <= hi; ++j) {
+    const V v = load_one<V, S, T>(x + j * stride + i);
+    sq += v * v;
+  }
+  return sq * (alpha / T(size)) + k;
+}
+
 // Forward of positions [i, i + width) of the block, width one vector (V = vec<T>) or one (V = T).
 template <class V, class S, class T>
 void forward_at(const S* x, S* y, int64_t C, int64_t stride, int64_t i, int64_t size, T alpha, T beta, T k) {
-  const T scale = alpha / T(size);
   for (int64_t c = 0; c < C; ++c) {
-    int64_t lo, hi;
-    window(c, C, size, &lo, &hi);
-    V sq = V{} + T(0);
-    for (int64_t j = lo; j <= hi; ++j) {
-      const V v = load_one<V, S, T>(x + j * stride + i);
-      sq += v * v;
-    }
-    const V d = sq * scale + k;
+    const V d = denominator<V, S, T>(x, C, stride, i, c, size, alpha, k);
     store_one<V>(y + c * stride + i, load_one<V, S, T>(x + c * stride + i) * neg_pow(d, beta));
   }
 }
@@ -122,20 +127,12 @@ void forward_at(const S* x, S* y, int64_t C, int64_t stride, int64_t i, int64_t 
 template <class V, class S, class T>
 void backward_at(const S* x, const S* dy, S* dx, int64_t C, int64_t stride, int64_t i, int64_t size, T alpha,
                  T beta, T k, V* u, V* p) {
-  const T scale = alpha / T(size);
   for (int64_t c = 0; c < C; ++c) {
-    int64_t lo, hi;
-    window(c, C, size, &lo, &hi);
-    V sq = V{} + T(0);
-    for (int64_t j = lo; j <= hi; ++j) {
-      const V v = load_one<V, S, T>(x + j * stride + i);
-      sq += v * v;
-    }
-    const V d = sq * scale + k;
+    const V d = denominator<V, S, T>(x, C, stride, i, c, size, alpha, k);
     p[c] = neg_pow(d, beta);
     u[c] = load_one<V, S, T>(dy + c * stride + i) * load_one<V, S, T>(x + c * stride + i) * p[c] / d;
   }
-  const T coef = T(2) * scale * beta;
+  const T coef = T(2) * (alpha / T(size)) * beta;
   for (int64_t j = 0; j < C; ++j) {
     const int64_t first = j - (size - 1) / 2 < 0 ? 0 : j - (size - 1) / 2;
     const int64_t last = j + size / 2 >= C ? C - 1 : j + size / 2;
