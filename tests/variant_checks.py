@@ -218,11 +218,14 @@ def check_view_matches_copy(x, make_layer, rng, dtype, assert_close, extra=()):
     np.testing.assert_array_equal(x, x_before)  # the input is never written
 
 
-def assert_bitwise_same_for_1_and_2_threads(make_layer, shape, dtype, layout, extra=()):
-    """y, dx, gradients and running statistics of a fresh make_layer() have the same bytes with
-    one and with two threads (the thread count is restored afterwards)."""
+def assert_bitwise_same_for_1_and_2_threads(make_layer, shape, dtype, layout, extra=(), buffer_names=None,
+                                            centre=3.0):
+    """y, dx, gradients and running statistics (or the buffers buffer_names(layer) names) of a
+    fresh make_layer() have the same bytes with one and with two threads (the thread count is
+    restored afterwards); x is centre + 2 N(0, 1)."""
+    buffer_names = buffers if buffer_names is None else buffer_names
     rng = np.random.default_rng(3)
-    x = (3.0 + 2.0 * rng.standard_normal(shape)).astype(dtype)
+    x = (centre + 2.0 * rng.standard_normal(shape)).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
     if layout == "NHWC":
         x, dy = to_nhwc(x), to_nhwc(dy)
@@ -234,7 +237,7 @@ def assert_bitwise_same_for_1_and_2_threads(make_layer, shape, dtype, layout, ex
             layer = make_layer()
             out = {"y": layer(x, *extra), "dx": layer.backward(dy)}
             out.update({f"d{k}": v for k, v in layer.grads.items()})
-            out.update({k: getattr(layer, k) for k in buffers(layer)})
+            out.update({k: getattr(layer, k) for k in buffer_names(layer)})
             results.append({k: np.ascontiguousarray(v).tobytes() for k, v in out.items()})
     finally:
         normkit.set_num_threads(threads_before)
@@ -302,21 +305,4 @@ def check_view_matches_copy_any_state(x, make_layer, rng, dtype, assert_close, e
 def assert_bitwise_same_threads_any_state(make_layer, shape, dtype, extra=()):
     """assert_bitwise_same_for_1_and_2_threads (NCHW) for layers with any (or no) buffers:
     y, dx, every gradient and every buffer have the same bytes with one and two threads."""
-    rng = np.random.default_rng(3)
-    x = (0.5 + 2.0 * rng.standard_normal(shape)).astype(dtype)
-    dy = rng.standard_normal(shape).astype(dtype)
-    threads_before = normkit.get_num_threads()
-    results = []
-    try:
-        for threads in (1, 2):
-            normkit.set_num_threads(threads)
-            layer = make_layer()
-            out = {"y": layer(x, *extra), "dx": layer.backward(dy)}
-            out.update({f"d{k}": v for k, v in layer.grads.items()})
-            out.update({k: getattr(layer, k) for k in state_buffers(layer)})
-            results.append({k: np.ascontiguousarray(v).tobytes() for k, v in out.items()})
-    finally:
-        normkit.set_num_threads(threads_before)
-    assert results[0].keys() == results[1].keys()
-    for key in results[0]:
-        assert results[0][key] == results[1][key], f"{key} differs between 1 and 2 threads"
+    assert_bitwise_same_for_1_and_2_threads(make_layer, shape, dtype, "NCHW", extra, state_buffers, 0.5)
