@@ -145,6 +145,32 @@ struct Coefficients {
   }
 };
 
+// A step's optional sample term (normkit.h: SampleTerm) from a tuple of float64 arrays of one
+// sample's plan.S*plan.C elements: (mean, scale, offset, cell_scale) for the forward, cell_scale
+// a number; (mean, c1, c2, c3) for the backward apply (dx gains c1*weight*dy + c2*(x - mean)
+// + c3); None: no term.
+struct SampleTermArg {
+  nk::SampleTerm term;
+  const nk::SampleTerm* ptr = nullptr;
+  SampleTermArg(const nk::Plan& plan, const py::object& arg, bool backward) {
+    if (arg.is_none()) return;
+    if (!py::isinstance<py::tuple>(arg) || py::len(arg) != 4)
+      throw py::type_error(backward ? "sample_term: expected None or a tuple (mean, c1, c2, c3)"
+                                    : "sample_term: expected None or a tuple (mean, scale, offset, cell_scale)");
+    const py::tuple t = arg.cast<py::tuple>();
+    const int64_t n = plan.C * plan.S;
+    const char* names[2][4] = {{"sample_term mean", "sample_term scale", "sample_term offset", ""},
+                               {"sample_term mean", "sample_term c1", "sample_term c2", "sample_term c3"}};
+    const double* p[4] = {};
+    for (size_t i = 0; i < (backward ? 4 : 3); ++i) p[i] = required<double>(t[i], n, names[backward][i], false);
+    term.mean = p[0];
+    if (backward) term.c1 = p[1], term.scale = p[2], term.offset = p[3];
+    else if (PyFloat_Check(t[3].ptr()) || PyLong_Check(t[3].ptr())) term.scale = p[1], term.offset = p[2], term.cell_scale = t[3].cast<double>();
+    else throw py::type_error("sample_term cell_scale: expected a number");
+    ptr = &term;
+  }
+};
+
 template <class S>
 void apply_coefficients_impl(const nk::Plan& plan, const py::array& x, const py::object& mean,
                              const py::object& scale, const py::object& offset, const py::object& y,
@@ -413,7 +439,7 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("normalize_batch_stats_positions", [](const nk::Plan& plan, const py::array& x, double eps,
                                               const py::object& weight, const py::object& bias,
-                                              const py::object& out) {
+                                              const py::object& out, const py::object& sample_term) {
     py::tuple stats;
     dispatch(x, [&](auto s) {
       using S = decltype(s);
@@ -423,17 +449,20 @@ PYBIND11_MODULE(_core, m) {
       const S* px = required<S>(x, n, "x", false);
       S* py_ = required<S>(out, n, "out", true);
       const T *pw = required<T>(weight, plan.S, "weight", false), *pb = required<T>(bias, plan.S, "bias", false);
+      const SampleTermArg term(plan, sample_term, false);
       py::array_t<double> mean(G), var(G), rstd(G);
       double *pm = mean.mutable_data(), *pv = var.mutable_data(), *pr = rstd.mutable_data();
       {
         py::gil_scoped_release nogil;
-        nk::normalize_batch_stats_positions<S>(plan, px, eps, pw, pb, py_, pm, pv, pr);
+        nk::normalize_batch_stats_positions<S>(plan, px, eps, pw, pb, py_, pm, pv, pr, term.ptr);
       }
       stats = py::make_tuple(mean, var, rstd);
     });
     return stats;
   }, py::arg("plan"), py::arg("x"), py::arg("eps"), py::arg("weight"), py::arg("bias"), py::arg("out"),
-     "Per-column statistics and out = (x - mean)*rstd*weight[s] + bias[s], sample by sample; (mean, var, rstd).");
+     py::arg("sample_term") = py::none(),
+     "Per-column statistics and out = ((x - mean)*rstd [+ the sample term's])*weight[s] + bias[s], sample by "
+     "sample; (mean, var, rstd).");
 
   m.def("local_response_norm", [](int64_t N, int64_t C, int64_t Sp, const py::array& x, const py::object& out,
                                   int64_t size, double alpha, double beta, double k) {
@@ -489,7 +518,8 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("backward_apply_positions", [](const nk::Plan& plan, const py::array& x, const py::object& dy,
                                        const py::object& mean, const py::object& c1, const py::object& c2,
-                                       const py::object& c3, const py::object& weight, const py::object& dx) {
+                                       const py::object& c3, const py::object& weight, const py::object& dx,
+                                       const py::object& sample_term) {
     dispatch(x, [&](auto s) {
       using S = decltype(s);
       using T = nk::compute_t<S>;
@@ -499,11 +529,13 @@ PYBIND11_MODULE(_core, m) {
       S* pdx = required<S>(dx, n, "dx", true);
       const T* pw = required<T>(weight, plan.S, "weight", false);
       const Coefficients m(plan, mean, "mean"), a(plan, c1, "c1"), b(plan, c2, "c2"), c(plan, c3, "c3");
+      const SampleTermArg term(plan, sample_term, true);
       py::gil_scoped_release nogil;
-      nk::backward_apply_positions<S>(plan, px, pdy, m.data, a.data, b.data, c.data, pw, pdx);
+      nk::backward_apply_positions<S>(plan, px, pdy, m.data, a.data, b.data, c.data, pw, pdx, term.ptr);
     });
   }, py::arg("plan"), py::arg("x"), py::arg("dy"), py::arg("mean"), py::arg("c1"), py::arg("c2"), py::arg("c3"),
-     py::arg("weight"), py::arg("dx"), "dx = c1[k]*weight[s]*dy + c2[k]*(x - mean[k]) + c3[k]; channels-last plans.");
+     py::arg("weight"), py::arg("dx"), py::arg("sample_term") = py::none(),
+     "dx = c1[k]*weight[s]*dy + c2[k]*(x - mean[k]) + c3[k] [+ the sample term's]; channels-last plans.");
 
   def_saved(m);
   def_forward_fast(m);

@@ -4,6 +4,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "kernels/table.h"
+#include "normkit/normkit.h"
 #include "normkit/plan.h"
 
 namespace nk {
@@ -103,6 +105,22 @@ struct BackwardPlanes {
         c3[p] = T(k3[q] + k2[q] * (double(shift[p]) - mean[q]));
       }
   }
+};
+
+// A SampleTerm (normkit.h) in T, over one sample's n elements, as set_channel_affine and
+// BackwardPlanes do it: the shift is the mean rounded to T and b carries the rounding,
+// offset + scale*(shift - mean). `at(e)` points the kernels' ElementTerm at element e.
+template <class T>
+struct SampleTermPlanes {
+  std::vector<T> shift, a, b, c1;
+  SampleTermPlanes(const SampleTerm& t, int64_t n) : shift(n), a(n), b(n), c1(t.c1 ? n : 0) {
+    for (int64_t e = 0; e < n; ++e) {
+      shift[e] = T(t.mean[e]), a[e] = T(t.scale[e]);
+      b[e] = T(t.offset[e] + t.scale[e] * (double(shift[e]) - t.mean[e]));
+      if (t.c1) c1[e] = T(t.c1[e]);
+    }
+  }
+  ElementTerm<T> at(int64_t e) const { return {&shift[e], &a[e], &b[e], c1.empty() ? nullptr : &c1[e]}; }
 };
 
 }  // namespace nk

@@ -163,7 +163,7 @@ template <class S>
 void normalize_by_sample(const Plan& plan, const S* x, double eps, const compute_t<S>* weight,
                          const compute_t<S>* bias, S* y, double* mean, double* var, double* rstd,
                          const S* residual, bool relu, const compute_t<S>* row_weight = nullptr,
-                         const compute_t<S>* row_bias = nullptr) {
+                         const compute_t<S>* row_bias = nullptr, const SampleTerm* term = nullptr) {
   using T = compute_t<S>;
   const Kernels<S>& k = kernels().get<S>();
   const Chunks ch = Chunks::moments(plan);  // channels-last: one plane per segment
@@ -174,6 +174,7 @@ void normalize_by_sample(const Plan& plan, const S* x, double eps, const compute
   std::vector<T> shift(plan.planes()), a(plan.planes()), b(plan.planes());
   std::vector<double> pmean(plan.planes()), pm2(plan.planes());
   const bool stream = large_output<S>(plan);
+  const SampleTermPlanes<T> t = term ? SampleTermPlanes<T>(*term, C * plan.S) : SampleTermPlanes<T>(SampleTerm{}, 0);
   parallel_for(plan.N, C * plan.S, [&](int64_t n) {
     for (int64_t j = 0; j < ch.per_seg; ++j) {
       const int64_t slot = ch.slot(n * C, j);
@@ -188,15 +189,20 @@ void normalize_by_sample(const Plan& plan, const S* x, double eps, const compute
                                 : merge_planes(index, g, plan.S, pmean.data(), pm2.data()), &mean[g], &var[g]);
       rstd[g] = 1.0 / std::sqrt(var[g] + eps);
       for (int64_t c = gi * cpg; c < (gi + 1) * cpg; ++c) {
-        const PlaneCoef<T> f = channel_coef(plan, g, c, mean, rstd, weight, bias);
+        PlaneCoef<T> f = channel_coef(plan, g, c, mean, rstd, weight, bias);
+        if (term) {  // a row-affine plan (no weight, no skip_mean): the standardized value times cell_scale
+          const double sc = rstd[g] * term->cell_scale;
+          f = {f.shift, T(sc), T((double(f.shift) - mean[g]) * sc)};
+        }
         shift[n * C + c] = f.shift, a[n * C + c] = f.a, b[n * C + c] = f.b;
       }
     }
     for (int64_t j = 0; j < ch.per_seg; ++j) {
       const int64_t s = ch.start(n * ch.per_seg + j);
+      const ElementTerm<T> e = term ? t.at(j * ch.step * C) : ElementTerm<T>{};
       if (row_weight)
         k.rows_affine_rows(x + s, y + s, ch.length(j), C, &shift[n * C], &a[n * C], &b[n * C],
-                           row_weight + j * ch.step, row_bias + j * ch.step, stream);
+                           row_weight + j * ch.step, row_bias + j * ch.step, term ? &e : nullptr, stream);
       else
         k.rows_affine(x + s, y + s, ch.length(j), C, &shift[n * C], &a[n * C], &b[n * C],
                       residual ? residual + s : nullptr, relu, stream);
@@ -206,11 +212,12 @@ void normalize_by_sample(const Plan& plan, const S* x, double eps, const compute
 
 template <class S>
 void normalize_batch_stats_positions(const Plan& plan, const S* x, double eps, const compute_t<S>* weight,
-                                     const compute_t<S>* bias, S* y, double* mean, double* var, double* rstd) {
+                                     const compute_t<S>* bias, S* y, double* mean, double* var, double* rstd,
+                                     const SampleTerm* term) {
   check_step_plan(plan);
   if (!plan.channels_last || !one_set_per_sample(plan) || plan.channels_per_group != 1)
     throw std::invalid_argument("invalid plan: normalize_batch_stats_positions takes a channels-last plan of one group per column of each sample");
-  normalize_by_sample<S>(plan, x, eps, nullptr, nullptr, y, mean, var, rstd, nullptr, false, weight, bias);
+  normalize_by_sample<S>(plan, x, eps, nullptr, nullptr, y, mean, var, rstd, nullptr, false, weight, bias, term);
 }
 
 template <class S>
@@ -295,7 +302,7 @@ void normalize_batch_stats(const Plan& plan, const S* x, double eps, const compu
                                       const double*, S*, const S*, bool);                         \
   template void normalize_batch_stats_positions<S>(const Plan&, const S*, double,                \
                                                    const compute_t<S>*, const compute_t<S>*, S*,  \
-                                                   double*, double*, double*);
+                                                   double*, double*, double*, const SampleTerm*);
 NK_INSTANTIATE(float)
 NK_INSTANTIATE(double)
 NK_INSTANTIATE(f16)

@@ -36,7 +36,7 @@ void apply_coefficients_positions(const Plan& plan, const S* x, const double* me
   parallel_for(ch.items(), ch.work(), [&](int64_t it) {
     const int64_t s = ch.start(it), p0 = ch.sample(it) * ch.C, r0 = ch.chunk(it) * ch.step;
     k.rows_affine_rows(x + s, y + s, ch.length(ch.chunk(it)), ch.C, &f.shift[p0], &f.a[p0], &f.b[p0],
-                       weight + r0, bias + r0, stream);
+                       weight + r0, bias + r0, nullptr, stream);
   });
 }
 
@@ -77,7 +77,8 @@ void backward_sums_positions(const Plan& plan, const S* x, const S* dy, const do
 
 template <class S>
 void backward_apply_positions(const Plan& plan, const S* x, const S* dy, const double* mean, const double* c1,
-                              const double* c2, const double* c3, const compute_t<S>* weight, S* dx) {
+                              const double* c2, const double* c3, const compute_t<S>* weight, S* dx,
+                              const SampleTerm* term) {
   using T = compute_t<S>;
   check_positions_plan(plan);
   const Kernels<S>& k = kernels().get<S>();
@@ -85,10 +86,13 @@ void backward_apply_positions(const Plan& plan, const S* x, const S* dy, const d
   const int64_t P = plan.planes(), C = plan.C;
   const BackwardPlanes<T> f(plan, mean, c1, c2, c3);
   const bool stream = stream_output(P * plan.S * int64_t(sizeof(S)));
+  if (term && !term->c1) throw std::invalid_argument("backward_apply_positions: the sample term needs its c1");
+  const SampleTermPlanes<T> t = term ? SampleTermPlanes<T>(*term, C * plan.S) : SampleTermPlanes<T>(SampleTerm{}, 0);
   parallel_for(ch.items(), ch.work(), [&](int64_t it) {
     const int64_t s = ch.start(it), p0 = ch.sample(it) * C, r0 = ch.chunk(it) * ch.step;
+    const ElementTerm<T> e = term ? t.at(r0 * C) : ElementTerm<T>{};
     k.rows_backward_apply_weighted(x + s, dy + s, dx + s, ch.length(ch.chunk(it)), C, &f.c1[p0], &f.c2[p0],
-                                   &f.shift[p0], &f.c3[p0], weight + r0, stream);
+                                   &f.shift[p0], &f.c3[p0], weight + r0, term ? &e : nullptr, stream);
   });
 }
 
@@ -99,7 +103,8 @@ void backward_apply_positions(const Plan& plan, const S* x, const S* dy, const d
                                            const double*, const compute_t<S>*, double*, double*, double*, \
                                            double*);                                                   \
   template void backward_apply_positions<S>(const Plan&, const S*, const S*, const double*, const double*, \
-                                            const double*, const double*, const compute_t<S>*, S*);
+                                            const double*, const double*, const compute_t<S>*, S*,         \
+                                            const SampleTerm*);
 NK_INSTANTIATE(float)
 NK_INSTANTIATE(double)
 NK_INSTANTIATE(f16)

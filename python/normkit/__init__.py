@@ -1,7 +1,7 @@
 """normkit: fast CPU normalization layers, forward and backward, on NumPy arrays."""
 from . import _core, data, functional
 from .fold import fold_batchnorm
-from .layers import (BatchChannelNorm2d, BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchRenorm2d, EvoNormB0_2d,
+from .layers import (BatchChannelNorm2d, BatchLayerNorm2d, BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchRenorm2d, EvoNormB0_2d,
                      EvoNormS0_2d, ExtendedBatchNorm2d, FilterResponseNorm2d, FrozenBatchNorm2d,
                      GhostBatchNorm2d, GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d,
                      LayerNorm, LayerNorm2d, LocalResponseNorm, ModalityBatchNorm2d, NormLayer, ProxyNorm2d, RMSNorm,
@@ -31,5 +31,5 @@ __all__ = ["functional", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceN
            "InstanceNorm2d", "InstanceNorm3d", "GroupNorm", "LayerNorm", "RMSNorm", "NormLayer",
            "ExtendedBatchNorm2d", "ModalityBatchNorm2d", "GhostBatchNorm2d", "BatchRenorm2d",
            "FrozenBatchNorm2d", "renorm_schedule", "data", "FilterResponseNorm2d",
-           "EvoNormB0_2d", "EvoNormS0_2d", "ProxyNorm2d", "BatchChannelNorm2d", "LayerNorm2d", "LocalResponseNorm",
+           "EvoNormB0_2d", "EvoNormS0_2d", "ProxyNorm2d", "BatchChannelNorm2d", "BatchLayerNorm2d", "LayerNorm2d", "LocalResponseNorm",
            "set_num_threads", "get_num_threads", "cpu_info", "fold_batchnorm", "__version__"]

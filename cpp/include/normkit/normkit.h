@@ -74,6 +74,20 @@ void backward_apply_coefficients(const Plan& plan, const S* x, const S* dy, cons
 //   backward_sums_positions       sum_dy[k] = sum weight*dy, sum_dy_xmu[k] = sum weight*dy*(x - mean[k]);
 //                                 dweight[s] = sum dy*((x - mean)*scale + offset), dbias[s] = sum dy
 //   backward_apply_positions      dx = c1[k]*weight[s]*dy + c2[k]*(x - mean[k]) + c3[k]
+//
+// An optional SampleTerm joins the normalized value per element of a sample, the same for every
+// sample (BatchLayerNorm2d's batch part, per (c, h, w) over the batch): arrays of one sample's
+// plan.S*plan.C elements in memory order. normalize_batch_stats_positions:
+// y = ((x - mean)*rstd*cell_scale + (x - term.mean[e])*term.scale[e] + term.offset[e])*weight[s]
+// + bias[s]; backward_apply_positions: dx gains term.c1[e]*weight[s]*dy
+// + term.scale[e]*(x - term.mean[e]) + term.offset[e].
+struct SampleTerm {
+  const double* mean = nullptr;
+  const double* scale = nullptr;
+  const double* offset = nullptr;
+  const double* c1 = nullptr;  // the backward's
+  double cell_scale = 1.0;     // the forward's factor of the cells' standardized value
+};
 template <class S>
 void apply_coefficients_positions(const Plan& plan, const S* x, const double* mean, const double* scale,
                                   const double* offset, const compute_t<S>* weight, const compute_t<S>* bias,
@@ -83,14 +97,16 @@ void apply_coefficients_positions(const Plan& plan, const S* x, const double* me
 // columns: mean, var, rstd per column of each sample; weight and bias per position (required).
 template <class S>
 void normalize_batch_stats_positions(const Plan& plan, const S* x, double eps, const compute_t<S>* weight,
-                                     const compute_t<S>* bias, S* y, double* mean, double* var, double* rstd);
+                                     const compute_t<S>* bias, S* y, double* mean, double* var, double* rstd,
+                                     const SampleTerm* term = nullptr);
 template <class S>
 void backward_sums_positions(const Plan& plan, const S* x, const S* dy, const double* mean, const double* scale,
                              const double* offset, const compute_t<S>* weight, double* sum_dy,
                              double* sum_dy_xmu, double* dweight, double* dbias);
 template <class S>
 void backward_apply_positions(const Plan& plan, const S* x, const S* dy, const double* mean, const double* c1,
-                              const double* c2, const double* c3, const compute_t<S>* weight, S* dx);
+                              const double* c2, const double* c3, const compute_t<S>* weight, S* dx,
+                              const SampleTerm* term = nullptr);
 
 // Local response normalization (torch's local_response_norm) of x viewed as (N, C, S): per
 // position, d_c = k + alpha/size * sum of x_j^2 over channels j in [c - size/2, c + (size-1)/2]

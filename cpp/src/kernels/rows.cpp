@@ -173,14 +173,15 @@ void rows_row_sums(const S* x, const S* dy, int64_t rows, int64_t C, const T* sh
   }
 }
 
-template <class S, bool HasRes, bool Relu, bool RowAffine = false, class T = compute_t<S>>
+template <class S, bool HasRes, bool Relu, bool RowAffine = false, bool Term = false, class T = compute_t<S>>
 static void rows_affine_impl(const S* x, S* y, int64_t rows, int64_t C, const T* shift, const T* a,
                              const T* b, const S* res, bool stream, const T* g = nullptr,
-                             const T* h = nullptr) {
+                             const T* h = nullptr, const ElementTerm<T>* term = nullptr) {
   constexpr int64_t L = lanes<T>;
   const int64_t cv = C - C % L;
   const vec<T> zero{};
-  // Scalar math: y = (x - shift[c])*a[c] + b[c] [then *g[r] + h[r]] + res; y = max(y, 0)
+  // Scalar math: y = (x - shift[c])*a[c] + b[c] [+ (x - ts[o])*ta[o] + tb[o]] [then *g[r] + h[r]]
+  // + res; y = max(y, 0)
   for (int64_t r0 = 0; r0 < rows; r0 += kRowGroup) {
     const int64_t r1 = std::min(rows, r0 + kRowGroup);
     column_blocks<T, kBlockVecs>(C, [&](auto nv, int64_t c0) {
@@ -191,7 +192,9 @@ static void rows_affine_impl(const S* x, S* y, int64_t rows, int64_t C, const T*
       for (int64_t r = r0; r < r1; ++r)
         for (int v = 0; v < NV; ++v) {
           const int64_t o = r * C + c0 + v * L;
-          vec<T> e = (load_as(x + o) - vs[v]) * va[v] + vb[v];
+          const vec<T> xv = load_as(x + o);
+          vec<T> e = (xv - vs[v]) * va[v] + vb[v];
+          if (Term) e += (xv - load(term->shift + o)) * load(term->a + o) + load(term->b + o);
           if (RowAffine) e = e * g[r] + h[r];
           if (HasRes) e += load_as(res + o);
           if (Relu) e = e < zero ? zero : e;
@@ -201,7 +204,9 @@ static void rows_affine_impl(const S* x, S* y, int64_t rows, int64_t C, const T*
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t c = cv; c < C; ++c) {
         const int64_t o = r * C + c;
-        T e = (to_compute(x[o]) - shift[c]) * a[c] + b[c];
+        const T xv = to_compute(x[o]);
+        T e = (xv - shift[c]) * a[c] + b[c];
+        if (Term) e += (xv - term->shift[o]) * term->a[o] + term->b[o];
         if (RowAffine) e = e * g[r] + h[r];
         if (HasRes) e += to_compute(res[o]);
         if (Relu) e = e < T(0) ? T(0) : e;
@@ -222,16 +227,19 @@ void rows_affine(const S* x, S* y, int64_t rows, int64_t C, const T* shift, cons
 
 template <class S, class T>
 void rows_affine_rows(const S* x, S* y, int64_t rows, int64_t C, const T* shift, const T* a, const T* b,
-                      const T* g, const T* h, bool stream) {
-  rows_affine_impl<S, false, false, true>(x, y, rows, C, shift, a, b, nullptr, stream && streams<S>(), g, h);
+                      const T* g, const T* h, const ElementTerm<T>* term, bool stream) {
+  stream = stream && streams<S>();
+  if (term) rows_affine_impl<S, false, false, true, true>(x, y, rows, C, shift, a, b, nullptr, stream, g, h, term);
+  else rows_affine_impl<S, false, false, true>(x, y, rows, C, shift, a, b, nullptr, stream, g, h);
 }
 
-template <class S, bool HasX, bool RowWeighted = false, class T = compute_t<S>>
+template <class S, bool HasX, bool RowWeighted = false, bool Term = false, class T = compute_t<S>>
 static void rows_backward_apply_impl(const S* x, const S* dy, S* dx, int64_t rows, int64_t C,
                                      const T* c1, const T* c2, const T* shift, const T* c3, bool stream,
-                                     const T* w = nullptr) {
+                                     const T* w = nullptr, const ElementTerm<T>* term = nullptr) {
   constexpr int64_t L = lanes<T>;
   // Scalar math: dx = c1[c]*dy [*w[r]] + c2[c]*(x - shift[c]) + c3[c]   (without x: c1[c]*dy + c3[c])
+  //   [+ t1[o]*dy*w[r] + ta[o]*(x - ts[o]) + tb[o]]
   // In cache, kBackwardRows rows at a time, each column vector's four coefficients loaded once
   // for all of them: loaded per element, they made six loads per vector of dx, and the pass
   // load-bound. A streamed (out-of-cache) output goes row by row, in memory order, which
@@ -245,15 +253,29 @@ static void rows_backward_apply_impl(const S* x, const S* dy, S* dx, int64_t row
       const vec<T> v2 = HasX ? load(c2 + c) : v1, vs = HasX ? load(shift + c) : v1;
       for (int64_t r = r0; r < r0 + NR; ++r) {
         const int64_t o = r * C + c;
-        const vec<T> g = RowWeighted ? v1 * (load_as(dy + o) * w[r]) : v1 * load_as(dy + o);
-        put(dx + o, HasX ? g + (v2 * (load_as(x + o) - vs) + v3) : g + v3, stream);
+        const vec<T> dyw = RowWeighted ? load_as(dy + o) * w[r] : load_as(dy + o);
+        if constexpr (Term) {
+          const vec<T> xv = load_as(x + o);
+          const vec<T> t = (v1 + load(term->c1 + o)) * dyw + (v2 * (xv - vs) + v3);
+          put(dx + o, t + ((xv - load(term->shift + o)) * load(term->a + o) + load(term->b + o)), stream);
+        } else {
+          const vec<T> g = v1 * dyw;
+          put(dx + o, HasX ? g + (v2 * (load_as(x + o) - vs) + v3) : g + v3, stream);
+        }
       }
     }
     for (int64_t r = r0; r < r0 + NR; ++r)
       for (int64_t c = cv; c < C; ++c) {
         const int64_t o = r * C + c;
-        const T g = RowWeighted ? c1[c] * (to_compute(dy[o]) * w[r]) : c1[c] * to_compute(dy[o]);
-        dx[o] = from_compute<S>(HasX ? g + (c2[c] * (to_compute(x[o]) - shift[c]) + c3[c]) : g + c3[c]);
+        const T dyw = RowWeighted ? to_compute(dy[o]) * w[r] : to_compute(dy[o]);
+        if constexpr (Term) {
+          const T xv = to_compute(x[o]);
+          const T t = (c1[c] + term->c1[o]) * dyw + (c2[c] * (xv - shift[c]) + c3[c]);
+          dx[o] = from_compute<S>(t + ((xv - term->shift[o]) * term->a[o] + term->b[o]));
+        } else {
+          const T g = c1[c] * dyw;
+          dx[o] = from_compute<S>(HasX ? g + (c2[c] * (to_compute(x[o]) - shift[c]) + c3[c]) : g + c3[c]);
+        }
       }
     r0 += NR;
   };
@@ -272,8 +294,11 @@ void rows_backward_apply(const S* x, const S* dy, S* dx, int64_t rows, int64_t C
 
 template <class S, class T>
 void rows_backward_apply_weighted(const S* x, const S* dy, S* dx, int64_t rows, int64_t C, const T* c1,
-                                  const T* c2, const T* shift, const T* c3, const T* w, bool stream) {
-  rows_backward_apply_impl<S, true, true>(x, dy, dx, rows, C, c1, c2, shift, c3, stream && streams<S>(), w);
+                                  const T* c2, const T* shift, const T* c3, const T* w,
+                                  const ElementTerm<T>* term, bool stream) {
+  stream = stream && streams<S>();
+  if (term) rows_backward_apply_impl<S, true, true, true>(x, dy, dx, rows, C, c1, c2, shift, c3, stream, w, term);
+  else rows_backward_apply_impl<S, true, true>(x, dy, dx, rows, C, c1, c2, shift, c3, stream, w);
 }
 
 // Chan et al.'s merge (moments.h: merge) of the moments of L columns at once; both sides' counts
@@ -333,10 +358,10 @@ void merge_columns(const double* mean, const double* m2, int64_t stride, int64_t
   template void rows_row_sums<S, T>(const S*, const S*, int64_t, int64_t, const T*, const T*,     \
                                     const T*, double*, double*);                                  \
   template void rows_affine_rows<S, T>(const S*, S*, int64_t, int64_t, const T*, const T*,        \
-                                       const T*, const T*, const T*, bool);                       \
+                                       const T*, const T*, const T*, const ElementTerm<T>*, bool); \
   template void rows_backward_apply_weighted<S, T>(const S*, const S*, S*, int64_t, int64_t,      \
                                                    const T*, const T*, const T*, const T*,        \
-                                                   const T*, bool);
+                                                   const T*, const ElementTerm<T>*, bool);
 NK_INSTANTIATE(float, float)
 NK_INSTANTIATE(double, double)
 NK_INSTANTIATE(f16, float)

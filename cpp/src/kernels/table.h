@@ -20,6 +20,14 @@ struct PointwisePlane {
   T shift, a, b, p, q, r, scale, offset, center;
 };
 
+// An optional term per element of a rows block (pointers at the block's first element), the same
+// for every sample: BatchLayerNorm2d's batch part, per (c, h, w) over the batch. The forward's
+// normalized value gains (x - shift)*a + b; the backward's dx gains c1*w[r]*dy + a*(x - shift) + b.
+template <class T>
+struct ElementTerm {
+  const T *shift, *a, *b, *c1;
+};
+
 // S: storage type of x, dy, y, dx; T: compute type of scalars, weights and column sums.
 template <class S, class T = compute_t<S>>
 struct Kernels {
@@ -56,19 +64,20 @@ struct Kernels {
 
   // Channels-last with a per-row affine (a row is one position of the plan's S: LayerNorm2d reads
   // NCHW memory as rows of HW columns, a row per channel, and its weight is per row):
-  //   rows_affine_rows             y = ((x - shift[c])*a[c] + b[c])*g[r] + h[r]
+  //   rows_affine_rows             y = ((x - shift[c])*a[c] + b[c] [+ term])*g[r] + h[r]
   //   rows_dot_weighted            A[c] = sum_r w[r]*dy*(x - shift[c]), B[c] = sum_r w[r]*dy
   //   rows_row_sums                gsum[r] = sum_c dy*((x - shift[c])*a[c] + b[c]), bsum[r] = sum_c dy
-  //   rows_backward_apply_weighted dx = c1[c]*w[r]*dy + c2[c]*(x - shift[c]) + c3[c]
+  //   rows_backward_apply_weighted dx = c1[c]*w[r]*dy + c2[c]*(x - shift[c]) + c3[c] [+ term]
+  // (term: an ElementTerm, or null)
   void (*rows_affine_rows)(const S* x, S* y, int64_t rows, int64_t C, const T* shift, const T* a,
-                           const T* b, const T* g, const T* h, bool stream);
+                           const T* b, const T* g, const T* h, const ElementTerm<T>* term, bool stream);
   void (*rows_dot_weighted)(const S* x, const S* dy, int64_t rows, int64_t C, const T* shift,
                             const T* w, double* A, double* B);
   void (*rows_row_sums)(const S* x, const S* dy, int64_t rows, int64_t C, const T* shift,
                         const T* a, const T* b, double* gsum, double* bsum);
   void (*rows_backward_apply_weighted)(const S* x, const S* dy, S* dx, int64_t rows, int64_t C,
                                        const T* c1, const T* c2, const T* shift, const T* c3,
-                                       const T* w, bool stream);
+                                       const T* w, const ElementTerm<T>* term, bool stream);
 
   // Local response normalization (window.cpp): positions [0, len) of one sample's C channels,
   // `stride` apart; d = k + alpha/size * sum of x^2 over a window of `size` channels, y = x d^-beta.

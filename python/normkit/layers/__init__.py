@@ -1,6 +1,7 @@
 """The stateful layers, one family per file."""
 from .base import NormLayer
 from .batch_channel import BatchChannelNorm2d
+from .batch_layer import BatchLayerNorm2d
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .evonorm import EvoNormB0_2d, EvoNormS0_2d
 from .extended import ExtendedBatchNorm2d
@@ -20,4 +21,4 @@ __all__ = ["NormLayer", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceNo
            "InstanceNorm2d", "InstanceNorm3d", "GroupNorm", "LayerNorm", "RMSNorm",
            "ExtendedBatchNorm2d", "ModalityBatchNorm2d", "GhostBatchNorm2d", "BatchRenorm2d",
            "FrozenBatchNorm2d", "renorm_schedule", "FilterResponseNorm2d", "EvoNormB0_2d",
-           "EvoNormS0_2d", "ProxyNorm2d", "BatchChannelNorm2d", "LayerNorm2d", "LocalResponseNorm"]
+           "EvoNormS0_2d", "ProxyNorm2d", "BatchChannelNorm2d", "BatchLayerNorm2d", "LayerNorm2d", "LocalResponseNorm"]
