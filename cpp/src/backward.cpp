@@ -75,6 +75,7 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
                         const double* rstd, const compute_t<S>* weight, bool batch_stats, S* dx,
                         compute_t<S>* dweight, compute_t<S>* dbias) {
   using T = compute_t<S>;  // shifts, coefficients, weights and their gradients
+  if (Plan rows; pooled_rows(plan, &rows)) return normalize_backward<S>(rows, x, dy, mean, rstd, weight, batch_stats, dx, dweight, dbias);
   check_plan(plan);
   const Kernels<S>& k = kernels().get<S>();
   const Chunks ch = Chunks::planes(plan);
@@ -334,6 +335,7 @@ template <class S>
 void backward_sums(const Plan& plan, const S* x, const S* dy, const double* mean, double* sum_dy,
                    double* sum_dy_xmu) {
   using T = compute_t<S>;
+  if (Plan rows; pooled_rows(plan, &rows)) return backward_sums<S>(rows, x, dy, mean, sum_dy, sum_dy_xmu);
   check_step_plan(plan);
   const int64_t P = plan.planes(), K = plan.num_sample_sets * plan.C;
   const Chunks ch = Chunks::planes(plan);
@@ -357,6 +359,7 @@ template <class S>
 void backward_apply_coefficients(const Plan& plan, const S* x, const S* dy, const double* mean,
                                  const double* c1, const double* c2, const double* c3, S* dx) {
   using T = compute_t<S>;
+  if (Plan rows; pooled_rows(plan, &rows)) return backward_apply_coefficients<S>(rows, x, dy, mean, c1, c2, c3, dx);
   check_step_plan(plan);
   const Kernels<S>& k = kernels().get<S>();
   const Chunks ch = Chunks::planes(plan);

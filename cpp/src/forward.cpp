@@ -56,6 +56,7 @@ bool large_output(const Plan& plan) {
 template <class S>
 void group_moments(const Plan& plan, const S* x, double* mean, double* var) {
   check_plan(plan);
+  if (Plan rows; pooled_rows(plan, &rows)) return group_moments<S>(rows, x, mean, var);
   const Kernels<S>& k = kernels().get<S>();
   if (const int64_t run = single_chunk_run(plan)) {
     // Every group one chunk (InstanceNorm-like cells, FRN's planes): batches of groups, each
@@ -144,6 +145,7 @@ void normalize(const Plan& plan, const S* x, const double* mean, const double* r
                const compute_t<S>* weight, const compute_t<S>* bias, S* y, const S* residual,
                bool relu) {
   check_plan(plan);
+  if (Plan rows; pooled_rows(plan, &rows)) return normalize<S>(rows, x, mean, rstd, weight, bias, y, residual, relu);
   apply_planes(plan, x, PlaneAffine<compute_t<S>>(plan, mean, rstd, weight, bias), weight, bias, y,
                residual, relu);
 }
@@ -152,6 +154,7 @@ template <class S>
 void apply_coefficients(const Plan& plan, const S* x, const double* mean, const double* scale,
                         const double* offset, S* y, const S* residual, bool relu) {
   check_step_plan(plan);
+  if (Plan rows; pooled_rows(plan, &rows)) return apply_coefficients<S>(rows, x, mean, scale, offset, y, residual, relu);
   apply_planes<S>(plan, x, set_channel_affine<compute_t<S>>(plan, mean, scale, offset), nullptr,
                   nullptr, y, residual, relu);
 }
@@ -225,6 +228,7 @@ void normalize_batch_stats(const Plan& plan, const S* x, double eps, const compu
                            const compute_t<S>* bias, S* y, double* mean, double* var, double* rstd,
                            const S* residual, bool relu) {
   check_plan(plan);
+  if (Plan rows; pooled_rows(plan, &rows)) return normalize_batch_stats<S>(rows, x, eps, weight, bias, y, mean, var, rstd, residual, relu);
   if (const int64_t run = single_chunk_run(plan)) {
     // Group by group, each one chunk: the same chunk moments, merge, fold and apply calls as the
     // general paths below make, so the same bits.

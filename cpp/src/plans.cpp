@@ -78,6 +78,16 @@ void check_step_plan(const Plan& p) {
   if (p.column_affine) throw std::invalid_argument("invalid plan: the steps take per-(set, channel) coefficients, not a per-column affine");
 }
 
+bool pooled_rows(const Plan& p, Plan* rows) {
+  if (p.N < 2 || p.num_sample_sets != 1 || p.column_affine || !(p.channels_last || p.S == 1)) return false;
+  *rows = p;
+  rows->S = p.N * p.S;
+  rows->N = 1;
+  rows->sample_group.assign(1, 0);
+  rows->channels_last = true;
+  return true;
+}
+
 std::vector<int64_t> group_counts(const Plan& p) {
   std::vector<int64_t> per_set(p.num_sample_sets, 0);
   for (int64_t s : p.sample_group) per_set[s] += p.channels_per_group * p.S;

@@ -71,6 +71,9 @@ OPS = {
     "ln": ("LayerNorm", "row",
            lambda s, dt, lo: normkit.LayerNorm(s[-1], dtype=dt),
            lambda s, dt: torch.nn.LayerNorm(s[-1], dtype=dt)),
+    "bn1d": ("BatchNorm1d", "row",  # (batch, features): an MLP's BatchNorm, one element per plane
+             lambda s, dt, lo: normkit.BatchNorm1d(s[-1], dtype=dt),
+             lambda s, dt: torch.nn.BatchNorm1d(s[-1], dtype=dt)),
     "rms": ("RMSNorm", "row",
             lambda s, dt, lo: normkit.RMSNorm(s[-1], dtype=dt),
             lambda s, dt: torch.nn.RMSNorm(s[-1], dtype=dt)),
@@ -375,13 +378,18 @@ def bench_overhead(ops, timing):
     out = []
     for op in ops:
         row = OPS[op][1] == "row"
-        # the row factories normalize shape[-1]: here, the whole (C, H, W)
+        # the row factories normalize shape[-1]: here, the whole (C, H, W); BatchNorm1d takes
+        # it as 2 rows of C*H*W features
         shape = (OVERHEAD_SHAPE[0], tuple(OVERHEAD_SHAPE[1:])) if row else OVERHEAD_SHAPE
+        xin = x
+        if op == "bn1d":
+            xin = x.reshape(OVERHEAD_SHAPE[0], -1)
+            shape = xin.shape
         layer = normkit_layer(op, shape, np.float32).eval()
-        t_nk = time_call(lambda: layer(x), timing)
+        t_nk = time_call(lambda: layer(xin), timing)
         t_th, module = None, torch_module(op, shape, np.float32)
         if module is not None:
-            t_th = time_call(torch_calls(module.eval(), to_torch(x), None)["infer"](), timing)
+            t_th = time_call(torch_calls(module.eval(), to_torch(xin), None)["infer"](), timing)
         name = label(op, OVERHEAD_SHAPE) + ("(" + "x".join(map(str, OVERHEAD_SHAPE[1:])) + ")" if row else "")
         out.append({"op": op, "layer": name, "shape": list(OVERHEAD_SHAPE),
                     "dtype": "float32", "normkit_us": t_nk * 1e6,

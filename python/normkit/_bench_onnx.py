@@ -141,6 +141,7 @@ def _rms_norm_subgraph(layer, shape):
 # op key -> graph builders: the native op, then the equivalent subgraph of older opsets.
 GRAPHS = {
     "bn": (("BatchNormalization-15", _batch_norm),),
+    "bn1d": (("BatchNormalization-15", _batch_norm),),
     "in": (("InstanceNormalization-6 (opset 15)", _instance_norm),),
     "gn": (("GroupNormalization-21", _group_norm),
            ("Reshape+InstanceNormalization+Reshape+Mul+Add (opset 15)", _group_norm_subgraph)),

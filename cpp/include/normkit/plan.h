@@ -47,6 +47,12 @@ Plan plan_per_sample_group(int64_t N, int64_t C, int64_t S, int64_t num_groups);
 // Each row of M elements is one group, affine per column (LayerNorm, RMSNorm with skip_mean).
 Plan plan_per_row(int64_t rows, int64_t M, bool skip_mean);
 
+// A plan of one statistics set over channels-last memory, or with one element per plane, reads
+// the same memory as one sample of N*S rows of C channels: the passes run that plan (its chunks
+// may span samples), so their per-plane bookkeeping is per channel, not per element (BatchNorm1d
+// on (N, C) input had one plane per element). True, and *rows set, where it applies.
+bool pooled_rows(const Plan& plan, Plan* rows);
+
 // Elements in each statistics group (the same for every group of one set).
 std::vector<int64_t> group_counts(const Plan& plan);
 void check_plan(const Plan& plan);  // throws std::invalid_argument
