@@ -53,9 +53,10 @@ void plane_dot_sums(const Plan& plan, const Chunks& ch, const S* x, const S* dy,
   const Kernels<S>& k = kernels().get<S>();
   const int64_t C = plan.C;
   if (plan.channels_last) {
-    parallel_for(ch.items(), ch.work(), [&](int64_t it) {
-      const int64_t j = ch.chunk(it), p0 = ch.sample(it) * C, slot = ch.slot(p0, j);
-      k.rows_dot(x + ch.start(it), dy + ch.start(it), ch.length(j), C, &shift[p0], &A[slot], &B[slot]);
+    parallel_column_blocks(ch, 2, [&](int64_t it, int64_t c0, int64_t width) {
+      const int64_t j = ch.chunk(it), p0 = ch.sample(it) * C + c0, slot = ch.slot(ch.sample(it) * C, j) + c0;
+      const int64_t s = ch.start(it) + c0;
+      k.rows_dot(x + s, dy + s, ch.length(j), width, C, &shift[p0], &A[slot], &B[slot]);
     });
   } else {
     parallel_for(ch.items(), ch.work(), [&](int64_t it) {
@@ -199,7 +200,7 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
       if (sums) {
         for (int64_t j = 0; j < ch.per_seg; ++j) {
           const int64_t s = ch.start(n * ch.per_seg + j), slot = ch.slot(p0, j);
-          k.rows_dot(x + s, dy + s, ch.length(j), C, &xhat.shift[p0], &A[slot], &B[slot]);
+          k.rows_dot(x + s, dy + s, ch.length(j), C, C, &xhat.shift[p0], &A[slot], &B[slot]);
         }
         sample_plane_sums(n);
       }
@@ -216,7 +217,7 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
       }
       for (int64_t j = 0; j < ch.per_seg; ++j) {
         const int64_t s = ch.start(n * ch.per_seg + j);
-        k.rows_backward_apply(xs ? xs + s : nullptr, dy + s, dx + s, ch.length(j), C, &c1[p0], &c2[p0],
+        k.rows_backward_apply(xs ? xs + s : nullptr, dy + s, dx + s, ch.length(j), C, C, &c1[p0], &c2[p0],
                               &xhat.shift[p0], &c3[p0], stream);
       }
     });
@@ -281,9 +282,9 @@ void normalize_backward(const Plan& plan, const S* x, const S* dy, const double*
           const Coef e = coefficients(gcoef[g], c);
           c1[p] = e.c1, c2[p] = e.c2, c3[p] = e.c3;
         }, samples);
-        parallel_for(ch.items(), ch.work(), [&](int64_t it) {
-          const int64_t s = ch.start(it), p0 = ch.sample(it) * C, q0 = one_set ? 0 : p0;
-          k.rows_backward_apply(xs ? xs + s : nullptr, dy + s, dx + s, ch.length(ch.chunk(it)), C,
+        parallel_column_blocks(ch, 1, [&](int64_t it, int64_t c0, int64_t width) {
+          const int64_t s = ch.start(it) + c0, p0 = ch.sample(it) * C + c0, q0 = (one_set ? 0 : ch.sample(it) * C) + c0;
+          k.rows_backward_apply(xs ? xs + s : nullptr, dy + s, dx + s, ch.length(ch.chunk(it)), width, C,
                                 &c1[q0], &c2[q0], &xhat.shift[p0], &c3[q0], stream);
         });
       } else {
@@ -367,9 +368,9 @@ void backward_apply_coefficients(const Plan& plan, const S* x, const S* dy, cons
   const BackwardPlanes<T> f(plan, mean, c1, c2, c3);
   const bool stream = stream_output(P * plan.S * int64_t(sizeof(S)));
   if (plan.channels_last) {
-    parallel_for(ch.items(), ch.work(), [&](int64_t it) {
-      const int64_t s = ch.start(it), p0 = ch.sample(it) * C;
-      k.rows_backward_apply(x ? x + s : nullptr, dy + s, dx + s, ch.length(ch.chunk(it)), C, &f.c1[p0],
+    parallel_column_blocks(ch, 1, [&](int64_t it, int64_t c0, int64_t width) {
+      const int64_t s = ch.start(it) + c0, p0 = ch.sample(it) * C + c0;
+      k.rows_backward_apply(x ? x + s : nullptr, dy + s, dx + s, ch.length(ch.chunk(it)), width, C, &f.c1[p0],
                             &f.c2[p0], &f.shift[p0], &f.c3[p0], stream);
     });
     return;

@@ -86,9 +86,9 @@ void group_moments(const Plan& plan, const S* x, double* mean, double* var) {
       chunk_moments(k, plan, x + ch.start(it), ch.length(ch.chunk(it)), 1, &cmean[it], &cm2[it]);
     });
   } else {
-    parallel_for(ch.items(), ch.work(), [&](int64_t it) {
-      const int64_t j = ch.chunk(it), slot = ch.slot(ch.sample(it) * ch.C, j);
-      k.rows_moments(x + ch.start(it), ch.length(j), ch.C, &cmean[slot], &cm2[slot]);
+    parallel_column_blocks(ch, 1, [&](int64_t it, int64_t c0, int64_t width) {
+      const int64_t j = ch.chunk(it), slot = ch.slot(ch.sample(it) * ch.C, j) + c0;
+      k.rows_moments(x + ch.start(it) + c0, ch.length(j), width, ch.C, &cmean[slot], &cm2[slot]);
     });
   }
 
@@ -126,9 +126,9 @@ void apply_planes(const Plan& plan, const S* x, const PlaneAffine<compute_t<S>>&
   const Chunks ch = Chunks::planes(plan);
   const bool stream = large_output<S>(plan);
   if (plan.channels_last) {
-    parallel_for(ch.items(), ch.work(), [&](int64_t it) {
-      const int64_t s = ch.start(it), p0 = ch.sample(it) * ch.C;
-      k.rows_affine(x + s, y + s, ch.length(ch.chunk(it)), ch.C, &f.shift[p0], &f.a[p0], &f.b[p0],
+    parallel_column_blocks(ch, 1, [&](int64_t it, int64_t c0, int64_t width) {
+      const int64_t s = ch.start(it) + c0, p0 = ch.sample(it) * ch.C + c0;
+      k.rows_affine(x + s, y + s, ch.length(ch.chunk(it)), width, ch.C, &f.shift[p0], &f.a[p0], &f.b[p0],
                     residual ? residual + s : nullptr, relu, stream);
     });
     return;
@@ -181,7 +181,7 @@ void normalize_by_sample(const Plan& plan, const S* x, double eps, const compute
   parallel_for(plan.N, C * plan.S, [&](int64_t n) {
     for (int64_t j = 0; j < ch.per_seg; ++j) {
       const int64_t slot = ch.slot(n * C, j);
-      k.rows_moments(x + ch.start(n * ch.per_seg + j), ch.length(j), C, &cmean[slot], &cm2[slot]);
+      k.rows_moments(x + ch.start(n * ch.per_seg + j), ch.length(j), C, C, &cmean[slot], &cm2[slot]);
     }
     merge_plane_chunks(ch, n, 0, C, cmean, cm2, pmean.data(), pm2.data());  // moments.h: per plane,
     const int64_t cpg = plan.channels_per_group;
@@ -207,7 +207,7 @@ void normalize_by_sample(const Plan& plan, const S* x, double eps, const compute
         k.rows_affine_rows(x + s, y + s, ch.length(j), C, &shift[n * C], &a[n * C], &b[n * C],
                            row_weight + j * ch.step, row_bias + j * ch.step, term ? &e : nullptr, stream);
       else
-        k.rows_affine(x + s, y + s, ch.length(j), C, &shift[n * C], &a[n * C], &b[n * C],
+        k.rows_affine(x + s, y + s, ch.length(j), C, C, &shift[n * C], &a[n * C], &b[n * C],
                       residual ? residual + s : nullptr, relu, stream);
     }
   });

@@ -112,7 +112,23 @@ struct Chunks {
     return channels_last ? (sample(item) * len + chunk(item) * step) * C
                          : start(segment(item), chunk(item));
   }
+  // Channels-last rows wider than kWideRow split each item into blocks of kWideRow columns:
+  // one sample of wide rows (BatchNorm1d on many features, BatchLayerNorm2d's batch columns)
+  // then spreads over the threads, and a block's two passes find it in L2. Each column's
+  // arithmetic is the same in any block, and its results are where the whole row's were.
+  int64_t col_blocks() const { return channels_last && C > kWideRow ? (C + kWideRow - 1) / kWideRow : 1; }
 };
+
+// f(item, c0, width) for every item of a channels-last pass and each of its column blocks
+// [c0, c0 + width), in parallel; work_scale: the pass's cost per element, as parallel_for's hint.
+template <class F>
+void parallel_column_blocks(const Chunks& ch, int64_t work_scale, const F& f) {
+  const int64_t nb = ch.col_blocks();
+  parallel_for(ch.items() * nb, work_scale * ch.work() / nb, [&](int64_t i) {
+    const int64_t it = i / nb, c0 = (i % nb) * kWideRow;
+    f(it, c0, nb == 1 ? ch.C : std::min(kWideRow, ch.C - c0));
+  });
+}
 
 // The planes (or segments of consecutive planes) of each statistics group, visited in a fixed
 // order: sample-major, then channel.

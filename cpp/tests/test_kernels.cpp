@@ -278,12 +278,12 @@ void test_rows_streaming(const std::string& isa) {
     auto shift = random_vector<T>(C, 2.0, 24), a = random_vector<T>(C, 1.0, 25), b = random_vector<T>(C, 0.0, 26);
     for (int64_t offset : {0, 1}) {
       std::vector<T> ys(n + 1), yp(n + 1);
-      k.rows_affine(x.data(), ys.data() + offset, rows, C, shift.data(), a.data(), b.data(), res.data(), true, true);
-      k.rows_affine(x.data(), yp.data() + offset, rows, C, shift.data(), a.data(), b.data(), res.data(), true, false);
+      k.rows_affine(x.data(), ys.data() + offset, rows, C, C, shift.data(), a.data(), b.data(), res.data(), true, true);
+      k.rows_affine(x.data(), yp.data() + offset, rows, C, C, shift.data(), a.data(), b.data(), res.data(), true, false);
       const std::string tag = isa + "/" + type_name<T>() + " C=" + std::to_string(C) + " offset " + std::to_string(offset);
       check(ys == yp, "rows_affine streamed = plain " + tag);
-      k.rows_backward_apply(x.data(), dy.data(), ys.data() + offset, rows, C, a.data(), b.data(), shift.data(), b.data(), true);
-      k.rows_backward_apply(x.data(), dy.data(), yp.data() + offset, rows, C, a.data(), b.data(), shift.data(), b.data(), false);
+      k.rows_backward_apply(x.data(), dy.data(), ys.data() + offset, rows, C, C, a.data(), b.data(), shift.data(), b.data(), true);
+      k.rows_backward_apply(x.data(), dy.data(), yp.data() + offset, rows, C, C, a.data(), b.data(), shift.data(), b.data(), false);
       check(ys == yp, "rows_backward_apply streamed = plain " + tag);
     }
   }
@@ -963,6 +963,140 @@ void test_positions(const std::string& isa) {
         "normalize_batch_stats_positions rejects groups of two columns " + tag);
 }
 
+// The optional SampleTerm of normalize_batch_stats_positions and backward_apply_positions
+// (normkit.h: BatchLayerNorm2d's batch part joins the cells' normalization as a term per element
+// e = c*HW + hw of a sample, the same for every sample) on LayerNorm2d's plan, against a double
+// loop of the header's formulas:
+//   y  = ((x - mean)*rstd*cell_scale + (x - tm[e])*ts[e] + to[e])*w[c] + b[c]   (mean, rstd over C)
+//   dx = c1[k]*w[c]*dy + c2[k]*(x - mean[k]) + c3[k] + tc1[e]*w[c]*dy + ts[e]*(x - tm[e]) + to[e]
+// Columns (HW) no multiple of any vector width (17, 1, 513, 5); rows narrower than kWideRow
+// (kRowsChunk / HW rows to a chunk: a tail at C = 1640, so the term is read from a sample's second
+// chunk) and wider (HW = 513 > 512: chunks of 64 rows, a second chunk of 1 row at C = 65). Every
+// shape in cache and streamed (a 64 KiB cache; results never depend on it), and the wide one at 1
+// and 2 threads: the same bits. A backward term without c1 is rejected. References once per type.
+template <class T>
+void test_positions_term(const std::string& isa) {
+  struct Shape { int64_t N, C, HW; };
+  static const std::vector<Shape> shapes = {{3, 7, 17}, {2, 5, 1}, {2, 65, 513}, {1, 1640, 5}};
+  const double eps = 1e-5, cell_scale = 0.37;
+  struct Data {
+    std::vector<T> x, dy, w, b;
+    std::vector<double> tm, ts, to, tc1;    // the term, per element of one sample
+    std::vector<double> bm, c1, c2, c3;     // the backward's cell mean and coefficients, per cell
+  };
+  struct Ref { std::vector<double> m, v, rs, y, ymag, dx, dxmag; };
+  static std::vector<Data> data;
+  static std::vector<Ref> refs;
+  if (refs.empty())
+    for (const Shape& sh : shapes) {
+      const int64_t N = sh.N, C = sh.C, HW = sh.HW, n = N * C * HW, F = C * HW, K = N * HW;
+      data.push_back({random_vector<T>(n, 2.0, 91), random_vector<T>(n, 0.1, 92), random_vector<T>(C, 1.0, 93),
+                      random_vector<T>(C, 0.0, 94), random_vector<double>(F, 2.0, 95),
+                      random_vector<double>(F, 0.5, 96), random_vector<double>(F, 0.0, 97),
+                      random_vector<double>(F, 0.3, 98), random_vector<double>(K, 2.0, 99),
+                      random_vector<double>(K, 0.5, 100), random_vector<double>(K, -0.3, 101),
+                      random_vector<double>(K, 0.0, 102)});
+      const Data& dt = data.back();
+      const std::vector<double> zk(K, 0.0), ze(n, 0.0);
+      Ref rf{zk, zk, zk, ze, ze, ze, ze};
+      for (int64_t nn = 0; nn < N; ++nn)
+        for (int64_t hw = 0; hw < HW; ++hw) {
+          const int64_t k = nn * HW + hw;
+          auto at = [&](int64_t c) { return (nn * C + c) * HW + hw; };
+          double m = 0, v = 0;
+          for (int64_t c = 0; c < C; ++c) m += double(dt.x[at(c)]);
+          m /= double(C);
+          for (int64_t c = 0; c < C; ++c) v += (double(dt.x[at(c)]) - m) * (double(dt.x[at(c)]) - m);
+          v /= double(C);
+          const double rs = 1.0 / std::sqrt(v + eps);
+          rf.m[k] = m, rf.v[k] = v, rf.rs[k] = rs;
+          for (int64_t c = 0; c < C; ++c) {
+            const int64_t i = at(c), e = c * HW + hw;
+            const double xi = double(dt.x[i]), d = double(dt.dy[i]), wc = double(dt.w[c]), bc = double(dt.b[c]);
+            const double f = (xi - m) * rs * cell_scale, g = (xi - dt.tm[e]) * dt.ts[e];
+            rf.y[i] = (f + g + dt.to[e]) * wc + bc;
+            rf.ymag[i] = 1 + (std::fabs(f) + std::fabs(g) + std::fabs(dt.to[e])) * std::fabs(wc) + std::fabs(bc);
+            const double terms[6] = {dt.c1[k] * wc * d, dt.c2[k] * (xi - dt.bm[k]), dt.c3[k],
+                                     dt.tc1[e] * wc * d, g, dt.to[e]};
+            double sum = 0, mag = 1;
+            for (double t : terms) sum += t, mag += std::fabs(t);
+            rf.dx[i] = sum, rf.dxmag[i] = mag;
+          }
+        }
+      refs.push_back(std::move(rf));
+    }
+
+  const int threads_before = nk::get_num_threads();
+  const double t = tol<T>(), tstat = sizeof(T) == 4 ? 1e-5 : 1e-12;
+  for (size_t si = 0; si < shapes.size(); ++si) {
+    const Shape sh = shapes[si];
+    const Data& dt = data[si];
+    const Ref& rf = refs[si];
+    const int64_t N = sh.N, C = sh.C, HW = sh.HW, n = N * C * HW, K = N * HW;
+    nk::Plan plan = nk::plan_per_sample_group(N, HW, C, HW);
+    plan.channels_last = true;
+    nk::SampleTerm fwd;  // the forward's: no c1
+    fwd.mean = dt.tm.data(), fwd.scale = dt.ts.data(), fwd.offset = dt.to.data(), fwd.cell_scale = cell_scale;
+    nk::SampleTerm bwd;  // the backward's: cell_scale unused
+    bwd.mean = dt.tm.data(), bwd.scale = dt.ts.data(), bwd.offset = dt.to.data(), bwd.c1 = dt.tc1.data();
+    struct Out { std::vector<T> y, dx; std::vector<double> m, v, rs; };
+    auto run = [&](int threads, int64_t cache) {
+      nk::set_num_threads(threads);
+      nk::set_cache_bytes(cache);
+      Out o{std::vector<T>(n), std::vector<T>(n), std::vector<double>(K, -1.0), std::vector<double>(K, -1.0),
+            std::vector<double>(K, -1.0)};
+      nk::normalize_batch_stats_positions<T>(plan, dt.x.data(), eps, dt.w.data(), dt.b.data(), o.y.data(), o.m.data(),
+                                             o.v.data(), o.rs.data(), &fwd);
+      nk::backward_apply_positions<T>(plan, dt.x.data(), dt.dy.data(), dt.bm.data(), dt.c1.data(), dt.c2.data(),
+                                      dt.c3.data(), dt.w.data(), o.dx.data(), &bwd);
+      return o;
+    };
+    for (int64_t cache : {int64_t(0), int64_t(64 << 10)}) {
+      const std::string tag = isa + "/" + type_name<T>() + "/N=" + std::to_string(N) + ",C=" + std::to_string(C) +
+                              ",HW=" + std::to_string(HW) + (cache ? " streamed" : "");
+      const Out o = run(1, cache);
+      if (C == 65) {  // 2 samples of 2 chunks of up to 64 x 513: parallel at 2 threads
+        const Out o2 = run(2, cache);
+        check(o2.y == o.y && o2.m == o.m && o2.v == o.v && o2.rs == o.rs && o2.dx == o.dx,
+              "positions steps with a sample term bitwise equal at 1 and 2 threads " + tag);
+      }
+      if (cache) {
+        const Out o0 = run(1, 0);
+        check(o0.y == o.y && o0.dx == o.dx, "positions steps with a sample term: streamed = in cache, bitwise " + tag);
+      }
+      bool stats_ok = true;
+      for (int64_t k = 0; k < K; ++k)
+        stats_ok &= close(o.m[k], rf.m[k], t) && close(o.v[k], rf.v[k], tstat) && close(o.rs[k], rf.rs[k], tstat);
+      double ey = 0, edx = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        ey = std::max(ey, std::fabs(double(o.y[i]) - rf.y[i]) / rf.ymag[i]);
+        edx = std::max(edx, std::fabs(double(o.dx[i]) - rf.dx[i]) / rf.dxmag[i]);
+      }
+      check(stats_ok, "normalize_batch_stats_positions with a sample term: mean, var, rstd over C " + tag);
+      check(ey <= t, "normalize_batch_stats_positions with a sample term vs reference " + tag + " err=" + std::to_string(ey));
+      check(edx <= t, "backward_apply_positions with a sample term vs reference " + tag + " err=" + std::to_string(edx));
+    }
+  }
+  nk::set_num_threads(threads_before);
+  nk::set_cache_bytes(0);
+
+  // The backward's term needs its c1 (the forward's has none and needs none).
+  const nk::Plan plan = channels_last(nk::plan_per_sample_group(2, 4, 3, 4));
+  std::vector<T> x(24, T(1)), dx(24), w(3, T(1));
+  std::vector<double> d(8, 0.0), e(12, 0.0);
+  nk::SampleTerm no_c1;
+  no_c1.mean = e.data(), no_c1.scale = e.data(), no_c1.offset = e.data();
+  bool threw = false;
+  try {
+    nk::backward_apply_positions<T>(plan, x.data(), x.data(), d.data(), d.data(), d.data(), d.data(), w.data(),
+                                    dx.data(), &no_c1);
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  } catch (...) {
+  }
+  check(threw, "backward_apply_positions rejects a sample term without c1 " + isa + "/" + type_name<T>());
+}
+
 // Local response normalization (normkit.h: local_response_norm and its backward) on (N, C, S)
 // views against a double loop of torch's formula: windows of size 1, 2, 3, 5 and larger than C
 // (9 and 16 at C = 7), beta 0.75 (the vector square-root path) and 0.5 (pow), positions with a
@@ -1089,6 +1223,8 @@ int main() {
     test_pointwise<double>(isa);
     test_positions<float>(isa);
     test_positions<double>(isa);
+    test_positions_term<float>(isa);
+    test_positions_term<double>(isa);
     test_local_response<float>(isa);
     test_local_response<double>(isa);
   }

@@ -18,13 +18,13 @@ template <class S, class T> void dot_columns(const S* x, const S* dy, const T* w
 template <class S, class T> void affine(const S* x, S* y, int64_t n, T shift, T a, T b, const T* g, const T* h,
                                         const S* residual, bool relu, bool stream);
 // Channels-last: `rows` rows of C channels; per-channel results go to out[c].
-template <class S> void rows_moments(const S* x, int64_t rows, int64_t C, double* mean, double* m2);
-template <class S> void rows_dot(const S* x, const S* dy, int64_t rows, int64_t C, const compute_t<S>* shift,
-                                 double* A, double* B);
-template <class S, class T> void rows_affine(const S* x, S* y, int64_t rows, int64_t C, const T* shift, const T* a,
-                                             const T* b, const S* residual, bool relu, bool stream);
+template <class S> void rows_moments(const S* x, int64_t rows, int64_t C, int64_t ld, double* mean, double* m2);
+template <class S> void rows_dot(const S* x, const S* dy, int64_t rows, int64_t C, int64_t ld,
+                                 const compute_t<S>* shift, double* A, double* B);
+template <class S, class T> void rows_affine(const S* x, S* y, int64_t rows, int64_t C, int64_t ld, const T* shift,
+                                             const T* a, const T* b, const S* residual, bool relu, bool stream);
 template <class S, class T> void rows_backward_apply(const S* x, const S* dy, S* dx, int64_t rows, int64_t C,
-                                                     const T* c1, const T* c2, const T* shift, const T* c3,
+                                                     int64_t ld, const T* c1, const T* c2, const T* shift, const T* c3,
                                                      bool stream);
 template <class S, class T> void backward_apply(const S* x, const S* dy, S* dx, int64_t n, T c1, T c2, T shift, T c3, const T* w,
                                                 bool stream);

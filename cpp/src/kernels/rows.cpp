@@ -55,7 +55,7 @@ constexpr int64_t kRowGroup = 8;
 constexpr int64_t kBackwardRows = 4;
 
 template <class S>
-void rows_moments(const S* x, int64_t rows, int64_t C, double* mean, double* m2) {
+void rows_moments(const S* x, int64_t rows, int64_t C, int64_t ld, double* mean, double* m2) {
   using T = compute_t<S>;
   constexpr int64_t L = lanes<T>;
   const int64_t cv = C - C % L;  // columns in whole vectors; the rest go one by one
@@ -66,11 +66,11 @@ void rows_moments(const S* x, int64_t rows, int64_t C, double* mean, double* m2)
     constexpr int NV = decltype(nv)::value;
     vec<T> acc[NV] = {};
     for (int64_t r = 0; r < rows; ++r)
-      for (int v = 0; v < NV; ++v) acc[v] += load_as(x + r * C + c0 + v * L);
+      for (int v = 0; v < NV; ++v) acc[v] += load_as(x + r * ld + c0 + v * L);
     for (int v = 0; v < NV; ++v) store(shift + c0 + v * L, acc[v]);
   });
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = cv; c < C; ++c) shift[c] += to_compute(x[r * C + c]);
+    for (int64_t c = cv; c < C; ++c) shift[c] += to_compute(x[r * ld + c]);
   const double inv_rows = 1.0 / double(rows);  // one division: a chunk has C columns to finish
   for (int64_t c = 0; c < C; ++c) shift[c] = T(double(shift[c]) * inv_rows);
   // Pass 2, scalar math: d = x - shift[c]; sd[c] += d; sdd[c] += d*d
@@ -80,7 +80,7 @@ void rows_moments(const S* x, int64_t rows, int64_t C, double* mean, double* m2)
     for (int v = 0; v < NV; ++v) vs[v] = load(shift + c0 + v * L);
     for (int64_t r = 0; r < rows; ++r)
       for (int v = 0; v < NV; ++v) {
-        const vec<T> d = load_as(x + r * C + c0 + v * L) - vs[v];
+        const vec<T> d = load_as(x + r * ld + c0 + v * L) - vs[v];
         d1[v] += d;
         d2[v] += d * d;
       }
@@ -88,7 +88,7 @@ void rows_moments(const S* x, int64_t rows, int64_t C, double* mean, double* m2)
   });
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = cv; c < C; ++c) {
-      const T d = to_compute(x[r * C + c]) - shift[c];
+      const T d = to_compute(x[r * ld + c]) - shift[c];
       sd[c] += d;
       sdd[c] += d * d;
     }
@@ -105,7 +105,7 @@ void rows_moments(const S* x, int64_t rows, int64_t C, double* mean, double* m2)
 }
 
 template <class S, bool RowWeighted, class T = compute_t<S>>
-static void rows_dot_impl(const S* x, const S* dy, int64_t rows, int64_t C, const T* shift,
+static void rows_dot_impl(const S* x, const S* dy, int64_t rows, int64_t C, int64_t ld, const T* shift,
                           const T* w, double* A, double* B) {
   constexpr int64_t L = lanes<T>;
   const int64_t cv = C - C % L;
@@ -118,7 +118,7 @@ static void rows_dot_impl(const S* x, const S* dy, int64_t rows, int64_t C, cons
     for (int v = 0; v < NV; ++v) vs[v] = load(shift + c0 + v * L);
     for (int64_t r = 0; r < rows; ++r)
       for (int v = 0; v < NV; ++v) {
-        const int64_t o = r * C + c0 + v * L;
+        const int64_t o = r * ld + c0 + v * L;
         const vec<T> g = RowWeighted ? load_as(dy + o) * w[r] : load_as(dy + o);
         a[v] += g * (load_as(x + o) - vs[v]);
         b[v] += g;
@@ -127,8 +127,8 @@ static void rows_dot_impl(const S* x, const S* dy, int64_t rows, int64_t C, cons
   });
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = cv; c < C; ++c) {
-      const T g = RowWeighted ? to_compute(dy[r * C + c]) * w[r] : to_compute(dy[r * C + c]);
-      sa[c] += g * (to_compute(x[r * C + c]) - shift[c]);
+      const T g = RowWeighted ? to_compute(dy[r * ld + c]) * w[r] : to_compute(dy[r * ld + c]);
+      sa[c] += g * (to_compute(x[r * ld + c]) - shift[c]);
       sb[c] += g;
     }
   for (int64_t c = 0; c < C; ++c) {
@@ -138,15 +138,15 @@ static void rows_dot_impl(const S* x, const S* dy, int64_t rows, int64_t C, cons
 }
 
 template <class S>
-void rows_dot(const S* x, const S* dy, int64_t rows, int64_t C, const compute_t<S>* shift,
+void rows_dot(const S* x, const S* dy, int64_t rows, int64_t C, int64_t ld, const compute_t<S>* shift,
               double* A, double* B) {
-  rows_dot_impl<S, false>(x, dy, rows, C, shift, static_cast<const compute_t<S>*>(nullptr), A, B);
+  rows_dot_impl<S, false>(x, dy, rows, C, ld, shift, static_cast<const compute_t<S>*>(nullptr), A, B);
 }
 
 template <class S, class T>
 void rows_dot_weighted(const S* x, const S* dy, int64_t rows, int64_t C, const T* shift,
                        const T* w, double* A, double* B) {
-  rows_dot_impl<S, true>(x, dy, rows, C, shift, w, A, B);
+  rows_dot_impl<S, true>(x, dy, rows, C, C, shift, w, A, B);
 }
 
 template <class S, class T>
@@ -174,7 +174,7 @@ void rows_row_sums(const S* x, const S* dy, int64_t rows, int64_t C, const T* sh
 }
 
 template <class S, bool HasRes, bool Relu, bool RowAffine = false, bool Term = false, class T = compute_t<S>>
-static void rows_affine_impl(const S* x, S* y, int64_t rows, int64_t C, const T* shift, const T* a,
+static void rows_affine_impl(const S* x, S* y, int64_t rows, int64_t C, int64_t ld, const T* shift, const T* a,
                              const T* b, const S* res, bool stream, const T* g = nullptr,
                              const T* h = nullptr, const ElementTerm<T>* term = nullptr) {
   constexpr int64_t L = lanes<T>;
@@ -191,7 +191,7 @@ static void rows_affine_impl(const S* x, S* y, int64_t rows, int64_t C, const T*
         vs[v] = load(shift + c0 + v * L), va[v] = load(a + c0 + v * L), vb[v] = load(b + c0 + v * L);
       for (int64_t r = r0; r < r1; ++r)
         for (int v = 0; v < NV; ++v) {
-          const int64_t o = r * C + c0 + v * L;
+          const int64_t o = r * ld + c0 + v * L;
           const vec<T> xv = load_as(x + o);
           vec<T> e = (xv - vs[v]) * va[v] + vb[v];
           if (Term) e += (xv - load(term->shift + o)) * load(term->a + o) + load(term->b + o);
@@ -203,7 +203,7 @@ static void rows_affine_impl(const S* x, S* y, int64_t rows, int64_t C, const T*
     });
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t c = cv; c < C; ++c) {
-        const int64_t o = r * C + c;
+        const int64_t o = r * ld + c;
         const T xv = to_compute(x[o]);
         T e = (xv - shift[c]) * a[c] + b[c];
         if (Term) e += (xv - term->shift[o]) * term->a[o] + term->b[o];
@@ -216,25 +216,25 @@ static void rows_affine_impl(const S* x, S* y, int64_t rows, int64_t C, const T*
 }
 
 template <class S, class T>
-void rows_affine(const S* x, S* y, int64_t rows, int64_t C, const T* shift, const T* a, const T* b,
+void rows_affine(const S* x, S* y, int64_t rows, int64_t C, int64_t ld, const T* shift, const T* a, const T* b,
                  const S* res, bool relu, bool stream) {
   stream = stream && streams<S>();
-  if (res && relu) rows_affine_impl<S, true, true>(x, y, rows, C, shift, a, b, res, stream);
-  else if (res) rows_affine_impl<S, true, false>(x, y, rows, C, shift, a, b, res, stream);
-  else if (relu) rows_affine_impl<S, false, true>(x, y, rows, C, shift, a, b, res, stream);
-  else rows_affine_impl<S, false, false>(x, y, rows, C, shift, a, b, res, stream);
+  if (res && relu) rows_affine_impl<S, true, true>(x, y, rows, C, ld, shift, a, b, res, stream);
+  else if (res) rows_affine_impl<S, true, false>(x, y, rows, C, ld, shift, a, b, res, stream);
+  else if (relu) rows_affine_impl<S, false, true>(x, y, rows, C, ld, shift, a, b, res, stream);
+  else rows_affine_impl<S, false, false>(x, y, rows, C, ld, shift, a, b, res, stream);
 }
 
 template <class S, class T>
 void rows_affine_rows(const S* x, S* y, int64_t rows, int64_t C, const T* shift, const T* a, const T* b,
                       const T* g, const T* h, const ElementTerm<T>* term, bool stream) {
   stream = stream && streams<S>();
-  if (term) rows_affine_impl<S, false, false, true, true>(x, y, rows, C, shift, a, b, nullptr, stream, g, h, term);
-  else rows_affine_impl<S, false, false, true>(x, y, rows, C, shift, a, b, nullptr, stream, g, h);
+  if (term) rows_affine_impl<S, false, false, true, true>(x, y, rows, C, C, shift, a, b, nullptr, stream, g, h, term);
+  else rows_affine_impl<S, false, false, true>(x, y, rows, C, C, shift, a, b, nullptr, stream, g, h);
 }
 
 template <class S, bool HasX, bool RowWeighted = false, bool Term = false, class T = compute_t<S>>
-static void rows_backward_apply_impl(const S* x, const S* dy, S* dx, int64_t rows, int64_t C,
+static void rows_backward_apply_impl(const S* x, const S* dy, S* dx, int64_t rows, int64_t C, int64_t ld,
                                      const T* c1, const T* c2, const T* shift, const T* c3, bool stream,
                                      const T* w = nullptr, const ElementTerm<T>* term = nullptr) {
   constexpr int64_t L = lanes<T>;
@@ -252,7 +252,7 @@ static void rows_backward_apply_impl(const S* x, const S* dy, S* dx, int64_t row
       const vec<T> v1 = load(c1 + c), v3 = load(c3 + c);
       const vec<T> v2 = HasX ? load(c2 + c) : v1, vs = HasX ? load(shift + c) : v1;
       for (int64_t r = r0; r < r0 + NR; ++r) {
-        const int64_t o = r * C + c;
+        const int64_t o = r * ld + c;
         const vec<T> dyw = RowWeighted ? load_as(dy + o) * w[r] : load_as(dy + o);
         if constexpr (Term) {
           const vec<T> xv = load_as(x + o);
@@ -266,7 +266,7 @@ static void rows_backward_apply_impl(const S* x, const S* dy, S* dx, int64_t row
     }
     for (int64_t r = r0; r < r0 + NR; ++r)
       for (int64_t c = cv; c < C; ++c) {
-        const int64_t o = r * C + c;
+        const int64_t o = r * ld + c;
         const T dyw = RowWeighted ? to_compute(dy[o]) * w[r] : to_compute(dy[o]);
         if constexpr (Term) {
           const T xv = to_compute(x[o]);
@@ -285,11 +285,11 @@ static void rows_backward_apply_impl(const S* x, const S* dy, S* dx, int64_t row
 }
 
 template <class S, class T>
-void rows_backward_apply(const S* x, const S* dy, S* dx, int64_t rows, int64_t C, const T* c1,
+void rows_backward_apply(const S* x, const S* dy, S* dx, int64_t rows, int64_t C, int64_t ld, const T* c1,
                          const T* c2, const T* shift, const T* c3, bool stream) {
   stream = stream && streams<S>();
-  if (x) rows_backward_apply_impl<S, true>(x, dy, dx, rows, C, c1, c2, shift, c3, stream);
-  else rows_backward_apply_impl<S, false>(x, dy, dx, rows, C, c1, c2, shift, c3, stream);
+  if (x) rows_backward_apply_impl<S, true>(x, dy, dx, rows, C, ld, c1, c2, shift, c3, stream);
+  else rows_backward_apply_impl<S, false>(x, dy, dx, rows, C, ld, c1, c2, shift, c3, stream);
 }
 
 template <class S, class T>
@@ -297,8 +297,8 @@ void rows_backward_apply_weighted(const S* x, const S* dy, S* dx, int64_t rows, 
                                   const T* c2, const T* shift, const T* c3, const T* w,
                                   const ElementTerm<T>* term, bool stream) {
   stream = stream && streams<S>();
-  if (term) rows_backward_apply_impl<S, true, true, true>(x, dy, dx, rows, C, c1, c2, shift, c3, stream, w, term);
-  else rows_backward_apply_impl<S, true, true>(x, dy, dx, rows, C, c1, c2, shift, c3, stream, w);
+  if (term) rows_backward_apply_impl<S, true, true, true>(x, dy, dx, rows, C, C, c1, c2, shift, c3, stream, w, term);
+  else rows_backward_apply_impl<S, true, true>(x, dy, dx, rows, C, C, c1, c2, shift, c3, stream, w);
 }
 
 // Chan et al.'s merge (moments.h: merge) of the moments of L columns at once; both sides' counts
@@ -347,11 +347,12 @@ void merge_columns(const double* mean, const double* m2, int64_t stride, int64_t
 }
 
 #define NK_INSTANTIATE(S, T)                                                                      \
-  template void rows_moments<S>(const S*, int64_t, int64_t, double*, double*);                    \
-  template void rows_dot<S>(const S*, const S*, int64_t, int64_t, const T*, double*, double*);    \
-  template void rows_affine<S, T>(const S*, S*, int64_t, int64_t, const T*, const T*, const T*,   \
-                                  const S*, bool, bool);                                          \
-  template void rows_backward_apply<S, T>(const S*, const S*, S*, int64_t, int64_t, const T*,     \
+  template void rows_moments<S>(const S*, int64_t, int64_t, int64_t, double*, double*);           \
+  template void rows_dot<S>(const S*, const S*, int64_t, int64_t, int64_t, const T*, double*,     \
+                            double*);                                                             \
+  template void rows_affine<S, T>(const S*, S*, int64_t, int64_t, int64_t, const T*, const T*,    \
+                                  const T*, const S*, bool, bool);                                \
+  template void rows_backward_apply<S, T>(const S*, const S*, S*, int64_t, int64_t, int64_t, const T*, \
                                           const T*, const T*, const T*, bool);                    \
   template void rows_dot_weighted<S, T>(const S*, const S*, int64_t, int64_t, const T*, const T*, \
                                         double*, double*);                                        \

@@ -52,15 +52,16 @@ struct Kernels {
   void (*backward_apply)(const S* x, const S* dy, S* dx, int64_t n, T c1, T c2, T shift, T c3,
                          const T* w, bool stream);
 
-  // Channels-last: the same four operations on `rows` rows of C channels, with per-channel
-  // shifts and coefficients; per-channel sums go to out[c].
-  void (*rows_moments)(const S* x, int64_t rows, int64_t C, double* mean, double* m2);
-  void (*rows_dot)(const S* x, const S* dy, int64_t rows, int64_t C, const T* shift, double* A,
-                   double* B);
-  void (*rows_affine)(const S* x, S* y, int64_t rows, int64_t C, const T* shift, const T* a,
-                      const T* b, const S* residual, bool relu, bool stream);
-  void (*rows_backward_apply)(const S* x, const S* dy, S* dx, int64_t rows, int64_t C, const T* c1,
-                              const T* c2, const T* shift, const T* c3, bool stream);
+  // Channels-last: the same four operations on `rows` rows of C channels, `ld` elements apart
+  // (ld > C: a block of the columns of wider rows), with per-channel shifts and coefficients;
+  // per-channel sums go to out[c].
+  void (*rows_moments)(const S* x, int64_t rows, int64_t C, int64_t ld, double* mean, double* m2);
+  void (*rows_dot)(const S* x, const S* dy, int64_t rows, int64_t C, int64_t ld, const T* shift,
+                   double* A, double* B);
+  void (*rows_affine)(const S* x, S* y, int64_t rows, int64_t C, int64_t ld, const T* shift,
+                      const T* a, const T* b, const S* residual, bool relu, bool stream);
+  void (*rows_backward_apply)(const S* x, const S* dy, S* dx, int64_t rows, int64_t C, int64_t ld,
+                              const T* c1, const T* c2, const T* shift, const T* c3, bool stream);
 
   // Channels-last with a per-row affine (a row is one position of the plan's S: LayerNorm2d reads
   // NCHW memory as rows of HW columns, a row per channel, and its weight is per row):
