@@ -416,18 +416,21 @@ def test_batch_free_row_ratio_roofline_and_target():
 
 def test_batch_free_layers_follow_the_issue():
     from normkit import _bench_variants as bv
-    assert list(bv.FREE_LAYERS) == ["frn", "evonorm_b0", "evonorm_s0", "bcn", "ln2d", "lrn", "proxy_relu",
-                                    "proxy_gelu"]
+    assert list(bv.FREE_LAYERS) == ["frn", "evonorm_b0", "evonorm_s0", "bcn", "bln", "ln2d", "lrn",
+                                    "proxy_relu", "proxy_gelu"]
     assert {k: spec[2] for k, spec in bv.FREE_LAYERS.items()} == {
-        "frn": 1.5, "evonorm_b0": 1.5, "evonorm_s0": 1.5, "bcn": 1.5, "ln2d": 1.5, "lrn": 3.0, "proxy_relu": 3.0,
+        "frn": 1.5, "evonorm_b0": 1.5, "evonorm_s0": 1.5, "bcn": 1.5, "bln": 1.5, "ln2d": 1.5, "lrn": 3.0,
+        "proxy_relu": 3.0,
         "proxy_gelu": 3.0}
     assert [bv.groups((1, c, 1, 1)) for c in (64, 256, 16, 48)] == [32, 32, 16, 24]
     for shape in bv.shapes_for(None):
         layers = {k: spec[1](shape) for k, spec in bv.FREE_LAYERS.items()}
         assert [type(layers[k]).__name__ for k in bv.FREE_LAYERS] == [
-            "FilterResponseNorm2d", "EvoNormB0_2d", "EvoNormS0_2d", "BatchChannelNorm2d", "LayerNorm2d",
+            "FilterResponseNorm2d", "EvoNormB0_2d", "EvoNormS0_2d", "BatchChannelNorm2d", "BatchLayerNorm2d",
+            "LayerNorm2d",
             "LocalResponseNorm", "ProxyNorm2d", "ProxyNorm2d"]
         assert layers["frn"].tlu is True
         assert layers["evonorm_s0"].groups == layers["bcn"].num_groups == 32
         assert (layers["proxy_relu"].activation, layers["proxy_gelu"].activation) == ("relu", "gelu")
         assert all(layer.num_features == shape[1] for k, layer in layers.items() if k != "lrn")
+        assert layers["bln"].batch_size == shape[0]

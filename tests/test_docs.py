@@ -27,6 +27,7 @@ CLASS_PAGES = {
     "EvoNormS0_2d": "evonorm.md",
     "ProxyNorm2d": "proxy_norm.md",
     "BatchChannelNorm2d": "batch_channel_norm.md",
+    "BatchLayerNorm2d": "batch_layer_norm.md",
     "LayerNorm2d": "layer_norm_2d.md",
     "LocalResponseNorm": "local_response_norm.md",
 }

@@ -14,6 +14,7 @@ LAYERS = {
     "Ghost-weighed": lambda: normkit.GhostBatchNorm2d(4, 2, example_weight=0.5),
     "Renorm": lambda: normkit.BatchRenorm2d(4),
     "Frozen": lambda: normkit.FrozenBatchNorm2d(4),
+    "BLN": lambda: normkit.BatchLayerNorm2d(4, 8),
 }
 
 

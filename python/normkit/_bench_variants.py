@@ -277,11 +277,12 @@ def write_json(path, threads, copy_bw, rows, notes, timing, quick, free=None):
 
 
 # -- the second table: issue 11's batch-independent layers beside GroupNorm ----------------------
-FREE_TARGET_RATIO = 1.5  # issue 11: FRN, EvoNorm-B0/S0, BatchChannelNorm2d, LayerNorm2d within 1.5x of GroupNorm
+FREE_TARGET_RATIO = 1.5  # issue 11: FRN, EvoNorm-B0/S0, BCN, BLN, LayerNorm2d within 1.5x of GroupNorm
 PROXY_TARGET_RATIO = 3.0  # issue 11: Proxy Norm and LocalResponseNorm within 3x
 FREE_NOTE_PREFIX = "note (beside GroupNorm): "  # the first table's notes are "note: "
 FREE_TARGET_TEXT = (f"ratio <= {FREE_TARGET_RATIO:g} for FilterResponseNorm2d, EvoNormB0_2d, "
-                    f"EvoNormS0_2d, BatchChannelNorm2d, LayerNorm2d; <= {PROXY_TARGET_RATIO:g} for ProxyNorm2d, "
+                    f"EvoNormS0_2d, BatchChannelNorm2d, BatchLayerNorm2d, LayerNorm2d; <= {PROXY_TARGET_RATIO:g} for "
+                    f"ProxyNorm2d, "
                     f"LocalResponseNorm")
 
 
@@ -301,6 +302,8 @@ FREE_LAYERS = {
                    lambda s: normkit.EvoNormS0_2d(s[1], groups=groups(s)), FREE_TARGET_RATIO),
     "bcn": (lambda s: f"BatchChannelNorm2d(groups={groups(s)})",
             lambda s: normkit.BatchChannelNorm2d(s[1], num_groups=groups(s)), FREE_TARGET_RATIO),
+    "bln": (lambda s: f"BatchLayerNorm2d(batch_size={s[0]})",
+            lambda s: normkit.BatchLayerNorm2d(s[1], batch_size=s[0]), FREE_TARGET_RATIO),
     "ln2d": (lambda s: "LayerNorm2d",
              lambda s: normkit.LayerNorm2d(s[1]), FREE_TARGET_RATIO),
     "lrn": (lambda s: "LocalResponseNorm(5)",

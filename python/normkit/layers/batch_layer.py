@@ -94,8 +94,6 @@ class BatchLayerNorm2d(VariantLayer):
     def _forward(self, x):
         x, (N, C, S) = self._input(x)
         self._check_running_shape(x)
-        if self.training:
-            _checks.more_than_one_value(N, "(c, h, w) over the batch", x.shape)
         F = C * S
         # The feature cells (n, hw): N samples of C rows of HW columns (LayerNorm2d's reading);
         # the batch columns (c, hw): one sample of N rows of C*HW columns.
@@ -105,6 +103,8 @@ class BatchLayerNorm2d(VariantLayer):
         batch.channels_last = True
         if x.size == 0:  # nothing to normalize: no statistics, and none made
             return _core.empty_like(x), _EmptySaved(x)
+        if self.training:
+            _checks.more_than_one_value(N, "(c, h, w) over the batch", x.shape)
         if self.running_mean is None:
             self.running_mean = np.zeros(x.shape[1:], self.dtype)
             self.running_var = np.ones(x.shape[1:], self.dtype)
