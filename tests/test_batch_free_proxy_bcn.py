@@ -100,6 +100,22 @@ def test_proxy_norm_hyperparameters_match_the_reference(num_points, eps, activat
     check_all_gradients(layer, layer.backward(dy), want_dx, want_grads, dtype, assert_close)
 
 
+@pytest.mark.parametrize("name", PROXY_NAMES)
+def test_proxy_norm_follows_a_parameter_changed_in_place_and_eps(name, rng, assert_close):
+    # The proxy moments are kept between calls while the parameters stay: an in-place update
+    # (an optimizer step) or a new eps must be seen by the next forward and backward.
+    layer = randomized(proxy(5, np.float64, activation="gelu"), rng)
+    x = rng.standard_normal((2, 5, 3, 4))
+    dy = rng.standard_normal(x.shape)
+    layer(x)
+    getattr(layer, name)[2] += 0.25
+    assert_close(layer(x), proxy_reference(layer, x), np.float64, what="y after the update")
+    want_dx, want_grads = proxy_reference(layer, x, dy)
+    check_all_gradients(layer, layer.backward(dy), want_dx, want_grads, np.float64, assert_close)
+    layer.eps = 0.5
+    assert_close(layer(x), proxy_reference(layer, x), np.float64, what="y after eps changed")
+
+
 def test_proxy_norm_defaults_and_initial_parameters():
     layer = normkit.ProxyNorm2d(5)
     assert layer.activation == "relu" and layer.eps == 0.03 and layer.num_points == 200
