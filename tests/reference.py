@@ -1101,3 +1101,271 @@ def evonorm_s0_backward(x, dy, weight, bias, v, groups=32, eps=1e-5):
     dx_g = d_var * 2.0 * (xg - xg.mean(axis=2, keepdims=True)) / m_count
     dx = dx + dx_g.reshape(x.shape)
     return dx, dweight, dbias, dv.reshape(np.shape(v))
+
+
+# == Research variants III: normalization across iterations (MABN, CBN, BKN) =======================
+#
+# Three layers whose statistics reach past the current batch: MABN averages over the last steps'
+# batches (a stateful reference, a class), CBN over earlier steps' statistics compensated to the
+# current weights, BKN mixes a prediction from the previous layer's statistics into this one's.
+# Every backward is checked by central finite differences in test_reference_iterations.py (MABN's
+# where the paper's backward is the derivative: see below).
+
+
+# -- MABN (Moving Average Batch Norm, arXiv 2001.06838; the formulation of its MABN.py) ------------
+#
+# Training step t = iters + 1 (the forward increments iters), sums over (N, *spatial) of M entries:
+#   chi2_B = mean(x^2) per channel;  buffer_x2[(t-1) % buffer_size] = chi2_B;
+#   chi2_S = mean of the buffer_size slots of buffer_x2 (current included), except while
+#            t <= buffer_size or t < warmup_iters: chi2_S = chi2_B;
+#   s = sqrt(chi2_S + eps);  z = x/s;
+#   r = s/sqrt(running_var + eps) (running_var before this step's update), clipped to [1, 1]
+#       (r = 1) while t <= max(1000, warmup_iters), to [1/r_max, r_max] after;
+#   y = weight*(r z) + bias;  then running_var = momentum*running_var + (1 - momentum)*chi2_S.
+# Backward of that step -- the paper's, deliberately NOT the exact derivative (r and the buffered
+# statistics are constants, psi is averaged like chi2):
+#   g = dy*weight*r;  psi_B = mean(g z) per channel;  buffer_gz[(t-1) % buffer_size] = psi_B;
+#   psi_S = mean of the buffer_gz slots, with chi2_S's warm-up rule (psi_S = psi_B);
+#   dx = (g - z psi_S)/s;  dweight = sum(dy r z);  dbias = sum(dy).
+# Where psi_S = psi_B, chi2_S = chi2_B and r = 1 (warm-up; or buffer_size = 1 before step 1000)
+# that is the exact derivative of y = weight x/sqrt(mean(x^2) + eps) + bias.
+# Inference: y = weight x/sqrt(running_var + eps) + bias, no state change; its backward is that
+# affine map's exact one.
+
+class MABNReference:
+    """The MABN layer's state and its two passes; backward(dy) is the backward of the latest
+    forward. The latest training step's intermediates are kept in `last` (a dict) for tests."""
+
+    def __init__(self, C, buffer_size=16, eps=1e-5, momentum=0.98, warmup_iters=100, r_max=5.0):
+        self.C = int(C)
+        self.buffer_size = int(buffer_size)
+        self.eps = float(eps)
+        self.momentum = float(momentum)
+        self.warmup_iters = int(warmup_iters)
+        self.r_max = float(r_max)
+        self.iters = 0
+        self.buffer_x2 = np.zeros((self.buffer_size, self.C))
+        self.buffer_gz = np.zeros((self.buffer_size, self.C))
+        self.running_var = np.ones(self.C)
+        self.last = None
+        self._saved = None
+
+    def _warming_up(self, t):
+        return t <= self.buffer_size or t < self.warmup_iters
+
+    def _windowed(self, buffer, t, current):
+        """Write `current` into step t's slot; the window mean, or `current` in warm-up."""
+        buffer[(t - 1) % self.buffer_size] = current
+        return current.copy() if self._warming_up(t) else buffer.mean(axis=0)
+
+    def _clip_bounds(self, t):
+        if t <= max(1000, self.warmup_iters):
+            return 1.0, 1.0
+        return 1.0 / self.r_max, self.r_max
+
+    def forward(self, x, weight, bias, training=True):
+        # copies: backward reads them later, whatever the caller does to its arrays meanwhile
+        x, weight, bias = (np.array(a, dtype=np.float64) for a in (x, weight, bias))
+        shape, axes = _channel_shape(x), _all_but_channel(x)
+        if not training:
+            scale = 1.0 / np.sqrt(self.running_var + self.eps)
+            self._saved = dict(training=False, x=x, weight=weight, scale=scale)
+            return weight.reshape(shape) * x * scale.reshape(shape) + bias.reshape(shape)
+        self.iters += 1
+        t = self.iters
+        chi2_b = (x ** 2).mean(axis=axes)
+        chi2_s = self._windowed(self.buffer_x2, t, chi2_b)
+        s = np.sqrt(chi2_s + self.eps)
+        z = x / s.reshape(shape)
+        r_raw = s / np.sqrt(self.running_var + self.eps)
+        lo, hi = self._clip_bounds(t)
+        r = np.clip(r_raw, lo, hi)
+        y = weight.reshape(shape) * (r.reshape(shape) * z) + bias.reshape(shape)
+        self.running_var = self.momentum * self.running_var + (1.0 - self.momentum) * chi2_s
+        self.last = dict(t=t, chi2_B=chi2_b, chi2_S=chi2_s, s=s, r_unclipped=r_raw, r=r)
+        self._saved = dict(training=True, t=t, x=x, weight=weight, s=s, z=z, r=r)
+        return y
+
+    def backward(self, dy):
+        if self._saved is None:
+            raise RuntimeError("backward before forward")
+        sv = self._saved
+        x, dy = sv["x"], f64(dy)
+        shape, axes = _channel_shape(x), _all_but_channel(x)
+        w = sv["weight"].reshape(shape)
+        if not sv["training"]:
+            scale = sv["scale"].reshape(shape)
+            return w * scale * dy, (dy * x * scale).sum(axis=axes), dy.sum(axis=axes)
+        s, z, r = sv["s"].reshape(shape), sv["z"], sv["r"]
+        g = dy * w * r.reshape(shape)
+        psi_b = (g * z).mean(axis=axes)
+        psi_s = self._windowed(self.buffer_gz, sv["t"], psi_b)
+        self.last.update(psi_B=psi_b, psi_S=psi_s)
+        dx = (g - z * psi_s.reshape(shape)) / s
+        return dx, (dy * r.reshape(shape) * z).sum(axis=axes), dy.sum(axis=axes)
+
+
+# -- CBN (Cross-Iteration Batch Normalization, arXiv 2002.05712) -----------------------------------
+#
+# An earlier step tau keeps (mean_tau, sqmean_tau, weight_tau, dmean_dweight_tau,
+# dsqmean_dweight_tau): the per-channel mean and mean square of this layer's input at tau, the
+# preceding layer's weight then (shape (C, ...), filter c makes channel c) and the Jacobians of the
+# two statistics w.r.t. that weight (row c: channel c's derivative w.r.t. filter c). Compensated to
+# the current weight theta_t, summing over filter c's entries:
+#   mu_tau(theta_t) = mean_tau + sum(dmean_dweight_tau[c] * (theta_t[c] - weight_tau[c]))
+#   nu_tau(theta_t) = sqmean_tau + sum(dsqmean_dweight_tau[c] * (theta_t[c] - weight_tau[c])).
+# Window: the current step (uncompensated: mu_t, nu_t) and the K - 1 earlier ones;
+#   mu_bar = mean over the window of mu;  nu_bar = mean over the window of max(nu, mu^2) (per
+#   term);  var_bar = nu_bar - mu_bar^2 (>= 0 by Jensen);  y = weight (x - mu_bar)/sqrt(var_bar
+#   + eps) + bias, with mu_t = mean(x), nu_t = mean(x^2) over (N, *spatial) (biased).
+# Backward: the earlier terms are constants; with g = dy*weight, r = 1/sqrt(var_bar + eps), M
+# entries per channel, S[.] sums over them:
+#   dL/dmu_bar = -r S[g];  dL/dvar_bar = -r^3/2 S[g (x - mu_bar)];
+#   dL/dmu_t = (dL/dmu_bar - 2 mu_bar dL/dvar_bar)/K;  dL/dnu_t = dL/dvar_bar/K (through nu_t:
+#   nu_t >= mu_t^2 always, the max never takes mu_t^2's side but at rounding ties);
+#   dx = g r + dL/dmu_t/M + dL/dnu_t 2x/M.
+# With no earlier term (K = 1) this is batch norm with the biased batch variance.
+
+def cbn_compensate(entry, weight_t):
+    """(mu_tau(theta_t), nu_tau(theta_t)) of one history entry (mean, sqmean, weight,
+    dmean_dweight, dsqmean_dweight)."""
+    mean, sqmean, weight, dmean_dw, dsqmean_dw = (f64(a) for a in entry)
+    delta = f64(weight_t) - weight
+    filter_axes = tuple(range(1, delta.ndim))
+    return (mean + (dmean_dw * delta).sum(axis=filter_axes),
+            sqmean + (dsqmean_dw * delta).sum(axis=filter_axes))
+
+
+def cbn_compensated_history(weight_t, history):
+    """([mu_tau], [nu_tau]) of every history entry, oldest first."""
+    pairs = [cbn_compensate(entry, weight_t) for entry in history]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _cbn_window(mu_t, nu_t, mus, nus):
+    mu = np.stack([f64(mu_t)] + [f64(m) for m in mus])
+    nu = np.stack([f64(nu_t)] + [f64(n) for n in nus])
+    mu_bar = mu.mean(axis=0)
+    nu_bar = np.maximum(nu, mu ** 2).mean(axis=0)
+    return mu_bar, nu_bar - mu_bar ** 2, mu.shape[0]
+
+
+def cbn_window_statistics(mean_t, sqmean_t, weight_t, history, eps=1e-5):
+    """(mu_bar, var_bar, number_of_terms) of the current step's (mean_t, sqmean_t) and the
+    compensated history. eps is accepted for the signature's sake: the window statistics do not
+    use it (it enters only the normalization, sqrt(var_bar + eps))."""
+    mus, nus = cbn_compensated_history(weight_t, history)
+    return _cbn_window(mean_t, sqmean_t, mus, nus)
+
+
+def _cbn_terms(x, mus, nus, eps):
+    axes = _all_but_channel(x)
+    mu_t, nu_t = x.mean(axis=axes), (x ** 2).mean(axis=axes)
+    mu_bar, var_bar, K = _cbn_window(mu_t, nu_t, mus, nus)
+    return mu_bar, var_bar, K, 1.0 / np.sqrt(var_bar + eps)
+
+
+def cross_iteration_batch_norm(x, weight, bias, history_compensated_mu_list,
+                               history_compensated_nu_list, eps=1e-5):
+    x = f64(x)
+    shape = _channel_shape(x)
+    mu_bar, _, _, r = _cbn_terms(x, history_compensated_mu_list, history_compensated_nu_list, eps)
+    xhat = (x - mu_bar.reshape(shape)) * r.reshape(shape)
+    return _affine(xhat, weight, bias, shape)
+
+
+def cross_iteration_batch_norm_backward(x, dy, weight, bias, mus, nus, eps=1e-5):
+    x, dy = f64(x), f64(dy)
+    shape, axes = _channel_shape(x), _all_but_channel(x)
+    M = _group_size(x, axes)
+    mu_bar, _, K, r = _cbn_terms(x, mus, nus, eps)
+    centered = x - mu_bar.reshape(shape)
+    dweight, dbias = _affine_grads(dy, centered * r.reshape(shape), weight, bias, axes)
+    g = dy * f64(weight).reshape(shape) if weight is not None else dy
+    d_mu_bar = -r * g.sum(axis=axes)
+    d_var_bar = -0.5 * r ** 3 * (g * centered).sum(axis=axes)
+    d_mu_t = (d_mu_bar - 2.0 * mu_bar * d_var_bar) / K
+    d_nu_t = d_var_bar / K
+    dx = (g * r.reshape(shape) + d_mu_t.reshape(shape) / M
+          + d_nu_t.reshape(shape) * 2.0 * x / M)
+    return dx, dweight, dbias
+
+
+# -- BKN (Batch Kalman Normalization, arXiv 1802.03133) --------------------------------------------
+#
+# mu_B, var_B: batch mean and biased variance per channel over (N, *spatial). The previous layer's
+# posterior (prior_mean, prior_var), shape (C_prev,), is carried through the transition A
+# (C, C_prev): mu_pred = A prior_mean, var_pred = (A*A) prior_var. With gain p:
+#   mu = p mu_pred + (1-p) mu_B;  var = p var_pred + (1-p) var_B + p(1-p)(mu_B - mu_pred)^2;
+# unless mean over channels of var_pred/var_B >= 100, when the prediction is discarded:
+# mu = mu_B, var = var_B (no prior at all, prior_mean None: the same). y = weight (x - mu)/
+# sqrt(var + eps) + bias; the posterior handed on is (mu, var).
+# Backward, g = dy*weight, r = 1/sqrt(var + eps), d = mu_B - mu_pred, S[.] over a channel's M:
+#   dL/dmu = -r S[g];  dL/dvar = -r^3/2 S[g (x - mu)];
+#   dL/dmu_B = (1-p) dL/dmu + 2p(1-p) d dL/dvar;  dL/dvar_B = (1-p) dL/dvar;
+#   dL/dmu_pred = p dL/dmu - 2p(1-p) d dL/dvar;  dL/dvar_pred = p dL/dvar;
+#   dx = g r + dL/dmu_B/M + dL/dvar_B 2(x - mu_B)/M;
+#   dA = dL/dmu_pred prior_mean^T + 2A * (dL/dvar_pred prior_var^T);
+#   dprior_mean = A^T dL/dmu_pred;  dprior_var = (A*A)^T dL/dvar_pred.
+# The guard's branch is piecewise: where it discards, the A and prior gradients are zero.
+
+def _bkn_terms(x, A, prior_mean, prior_var, gain):
+    """(mu_B, var_B, mu_pred, var_pred, used_prior, mu, var); the predictions None without a
+    prior."""
+    axes = _all_but_channel(x)
+    mu_b = x.mean(axis=axes)
+    var_b = ((x - mu_b.reshape(_channel_shape(x))) ** 2).mean(axis=axes)
+    if prior_mean is None:
+        return mu_b, var_b, None, None, False, mu_b, var_b
+    A = f64(A)
+    mu_pred = A @ f64(prior_mean)
+    var_pred = (A * A) @ f64(prior_var)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = float(np.mean(var_pred / var_b))
+    if not ratio < 100.0:   # >= 100 (a NaN ratio, 0/0, discards too)
+        return mu_b, var_b, mu_pred, var_pred, False, mu_b, var_b
+    p = float(gain)
+    mu = p * mu_pred + (1.0 - p) * mu_b
+    var = p * var_pred + (1.0 - p) * var_b + p * (1.0 - p) * (mu_b - mu_pred) ** 2
+    return mu_b, var_b, mu_pred, var_pred, True, mu, var
+
+
+def batch_kalman_norm(x, weight, bias, A, prior_mean, prior_var, gain=0.9, eps=1e-5):
+    """(y, post_mean, post_var, used_prior)."""
+    x = f64(x)
+    shape = _channel_shape(x)
+    _, _, _, _, used, mu, var = _bkn_terms(x, A, prior_mean, prior_var, gain)
+    xhat = (x - mu.reshape(shape)) / np.sqrt(var.reshape(shape) + eps)
+    return _affine(xhat, weight, bias, shape), mu, var, used
+
+
+def batch_kalman_norm_backward(x, dy, weight, bias, A, prior_mean, prior_var, gain=0.9, eps=1e-5):
+    """{"x", "weight", "bias", "A", "prior_mean", "prior_var"}: the gradients; those of absent
+    arguments are None, those of a discarded prediction zero."""
+    x, dy = f64(x), f64(dy)
+    shape, axes = _channel_shape(x), _all_but_channel(x)
+    M = _group_size(x, axes)
+    mu_b, var_b, mu_pred, var_pred, used, mu, var = _bkn_terms(x, A, prior_mean, prior_var, gain)
+    r = 1.0 / np.sqrt(var + eps)
+    centered = x - mu.reshape(shape)
+    dweight, dbias = _affine_grads(dy, centered * r.reshape(shape), weight, bias, axes)
+    g = dy * f64(weight).reshape(shape) if weight is not None else dy
+    d_mu = -r * g.sum(axis=axes)
+    d_var = -0.5 * r ** 3 * (g * centered).sum(axis=axes)
+    p = float(gain) if used else 0.0
+    d = mu_b - mu_pred if used else np.zeros_like(mu_b)
+    d_mu_b = (1.0 - p) * d_mu + 2.0 * p * (1.0 - p) * d * d_var
+    d_var_b = (1.0 - p) * d_var
+    dx = (g * r.reshape(shape) + d_mu_b.reshape(shape) / M
+          + d_var_b.reshape(shape) * 2.0 * (x - mu_b.reshape(shape)) / M)
+    grads = {"x": dx, "weight": dweight, "bias": dbias, "A": None, "prior_mean": None,
+             "prior_var": None}
+    if prior_mean is not None:
+        A = f64(A)
+        d_mu_pred = p * d_mu - 2.0 * p * (1.0 - p) * d * d_var
+        d_var_pred = p * d_var
+        grads["A"] = (np.outer(d_mu_pred, f64(prior_mean))
+                      + 2.0 * A * np.outer(d_var_pred, f64(prior_var)))
+        grads["prior_mean"] = A.T @ d_mu_pred
+        grads["prior_var"] = (A * A).T @ d_var_pred
+    return grads

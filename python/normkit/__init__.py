@@ -1,11 +1,11 @@
 """normkit: fast CPU normalization layers, forward and backward, on NumPy arrays."""
 from . import _core, data, functional
 from .fold import fold_batchnorm
-from .layers import (BatchChannelNorm2d, BatchLayerNorm2d, BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchRenorm2d, EvoNormB0_2d,
-                     EvoNormS0_2d, ExtendedBatchNorm2d, FilterResponseNorm2d, FrozenBatchNorm2d,
-                     GhostBatchNorm2d, GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d,
-                     LayerNorm, LayerNorm2d, LocalResponseNorm, ModalityBatchNorm2d, NormLayer, ProxyNorm2d, RMSNorm,
-                     renorm_schedule)
+from .layers import (BatchChannelNorm2d, BatchKalmanNorm2d, BatchLayerNorm2d, BatchNorm1d, BatchNorm2d, BatchNorm3d,
+                     BatchRenorm2d, CrossIterationBatchNorm2d, EvoNormB0_2d, EvoNormS0_2d, ExtendedBatchNorm2d, FilterResponseNorm2d,
+                     FrozenBatchNorm2d, GhostBatchNorm2d, GroupNorm, InstanceNorm1d, InstanceNorm2d,
+                     InstanceNorm3d, LayerNorm, LayerNorm2d, LocalResponseNorm, ModalityBatchNorm2d,
+                     MovingAverageBatchNorm2d, NormLayer, ProxyNorm2d, RMSNorm, renorm_schedule)
 
 __version__ = "0.1.0"
 
@@ -30,6 +30,8 @@ def cpu_info():
 __all__ = ["functional", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceNorm1d",
            "InstanceNorm2d", "InstanceNorm3d", "GroupNorm", "LayerNorm", "RMSNorm", "NormLayer",
            "ExtendedBatchNorm2d", "ModalityBatchNorm2d", "GhostBatchNorm2d", "BatchRenorm2d",
-           "FrozenBatchNorm2d", "renorm_schedule", "data", "FilterResponseNorm2d",
-           "EvoNormB0_2d", "EvoNormS0_2d", "ProxyNorm2d", "BatchChannelNorm2d", "BatchLayerNorm2d", "LayerNorm2d", "LocalResponseNorm",
-           "set_num_threads", "get_num_threads", "cpu_info", "fold_batchnorm", "__version__"]
+           "FrozenBatchNorm2d", "renorm_schedule", "data", "FilterResponseNorm2d", "EvoNormB0_2d",
+           "EvoNormS0_2d", "ProxyNorm2d", "BatchChannelNorm2d", "BatchLayerNorm2d", "LayerNorm2d",
+           "LocalResponseNorm", "MovingAverageBatchNorm2d",
+           "CrossIterationBatchNorm2d", "BatchKalmanNorm2d", "set_num_threads", "get_num_threads",
+           "cpu_info", "fold_batchnorm", "__version__"]

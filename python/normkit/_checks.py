@@ -307,6 +307,14 @@ def positive_int(v, name):
     return int(v)
 
 
+def nonneg_int(v, name):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name}: expected an integer >= 0, got {type(v).__name__} {v!r}")
+    if v < 0:
+        raise ValueError(f"{name}: expected an integer >= 0, got {v!r}")
+    return int(v)
+
+
 def divisor(groups, channels, name="num_groups", of="the input's channels"):
     if channels % groups != 0:
         raise ValueError(f"{name}: expected a divisor of {of} ({channels}), got {groups}")

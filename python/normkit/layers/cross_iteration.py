@@ -1,0 +1,134 @@
+"""CrossIterationBatchNorm2d: statistics over recent iterations, compensated to the current weights (CBN)."""
+from collections import deque
+
+import numpy as np
+
+from .. import _checks, _core, _engine
+from ._variant import StepSaved, VariantLayer, checked_attribute, running_factor, unbiased
+
+
+def _filters(a, C, name, shape=None):
+    """A float array with C rows (one filter per output channel), of `shape` when given, as
+    float64 rows of the filter's fan-in."""
+    _checks.ndarray(a, name)
+    if a.dtype.kind != "f":
+        raise TypeError(f"{name}: expected a float array, got dtype {a.dtype}")
+    if a.ndim < 1 or a.shape[0] != C:
+        raise ValueError(f"{name}: expected C = {C} filters along the first axis, got shape {a.shape}")
+    if shape is not None and a.shape != shape:
+        raise ValueError(f"{name}: expected the preceding layer's weight shape {shape}, got {a.shape}")
+    return np.array(a, np.float64).reshape(C, -1)
+
+
+class CrossIterationBatchNorm2d(VariantLayer):
+    """Cross-Iteration Batch Normalization (Yao et al., "Cross-Iteration Batch Normalization",
+    arXiv 2002.05712), the paper's formulation. A training step t takes the statistics of the
+    last window - 1 steps, compensated to the current weights theta_t of the preceding layer by a
+    first-order Taylor expansion (a dot product over each channel's filter):
+
+        mu_tau(theta_t) = mu_tau + dmu_tau/dtheta . (theta_t - theta_tau),  likewise nu = E[x^2]
+        mu_bar = mean over the window of mu_tau(theta_t)
+        nu_bar = mean over the window of max(nu_tau(theta_t), mu_tau(theta_t)^2)
+        y = weight (x - mu_bar) / sqrt(nu_bar - mu_bar^2 + eps) + bias
+
+    The window is the current step and up to window - 1 earlier ones (fewer while fewer exist),
+    or the current batch alone until `burnin` training steps have passed; window=1 is
+    BatchNorm. The backward flows through the current step's statistics only. Running
+    statistics are the current batch's mean and unbiased variance, torch's rule; inference is
+    BatchNorm with them.
+
+    `layer(x, weight, dmean_dweight, dsqmean_dweight)`: the preceding layer's current weight and
+    the Jacobians of this step's per-channel mean and mean square with respect to it, each of the
+    weight's shape (row c: channel c's derivative w.r.t. filter c;
+    normkit.conv2d_stat_jacobians gives them for a convolution). They may be left out in eval.
+    """
+
+    window = checked_attribute("window", _checks.positive_int)
+    burnin = checked_attribute("burnin", _checks.nonneg_int)
+
+    def __init__(self, num_features, window=4, burnin=0, eps=1e-5, momentum=0.1, affine=True,
+                 dtype=np.float32, layout="NCHW"):
+        super().__init__()
+        self._setup(num_features, eps, affine, dtype, layout)
+        self.window, self.burnin = window, burnin
+        self._running_stats(momentum, True, self.num_features, self.num_features)
+        # Earlier training steps: (mean, sqmean, weight, dmean_dweight, dsqmean_dweight), float64
+        # rows per channel, newest last. Not state_dict's (API.md): a loaded layer refills its
+        # window; num_batches_tracked counts the steps the burn-in waits for.
+        self._history = deque()
+
+    def reset_running_stats(self):
+        self.running_mean.fill(0)
+        self.running_var.fill(1)
+        self.num_batches_tracked[...] = 0
+
+    def forward(self, x, weight=None, dmean_dweight=None, dsqmean_dweight=None):
+        y, self._saved = self._forward(x, weight, dmean_dweight, dsqmean_dweight)
+        return y
+
+    def _window_terms(self, theta):
+        """The earlier steps' (mu, nu) compensated to theta, oldest first."""
+        if int(self.num_batches_tracked) < self.burnin or self.window == 1:
+            return [], []
+        mus, nus = [], []
+        for mean, sqmean, theta_tau, dmean, dsqmean in list(self._history)[-(self.window - 1):]:
+            delta = theta - theta_tau
+            mus.append(mean + np.einsum("cf,cf->c", dmean, delta))
+            nus.append(sqmean + np.einsum("cf,cf->c", dsqmean, delta))
+        return mus, nus
+
+    def _forward(self, x, weight=None, dmean_dweight=None, dsqmean_dweight=None):
+        x, (N, C, S) = self._input(x)
+        plan = self._plan(_core.plan_per_channel(N, C, S))
+        w, b = self._channel_params()
+        if not self._batch_stats():
+            mean = self.running_mean.astype(np.float64)
+            r = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
+            fold = lambda B, A: (r * w, 0.0, 0.0, self._param_grads(r * A, B))
+            return self._apply(plan, x, mean, r * w, b), StepSaved(plan, x, mean, fold, x.shape)
+        if self.training:
+            theta = _filters(weight, C, "weight") if weight is not None else None
+            if theta is None or dmean_dweight is None or dsqmean_dweight is None:
+                missing = [n for n, v in (("weight", weight), ("dmean_dweight", dmean_dweight),
+                                          ("dsqmean_dweight", dsqmean_dweight)) if v is None]
+                raise TypeError(f"{', '.join(missing)}: expected the preceding layer's weight and the two "
+                                f"Jacobians in training, got None")
+            dmean = _filters(dmean_dweight, C, "dmean_dweight", weight.shape)
+            dsqmean = _filters(dsqmean_dweight, C, "dsqmean_dweight", weight.shape)
+            if self._history and self._history[-1][2].shape != theta.shape:
+                raise ValueError(f"weight: expected the shape of the earlier steps' weights "
+                                 f"{self._history[-1][2].shape[1:]} per filter, got {weight.shape}")
+            _checks.more_than_one_value(N * S, "channel", x.shape)
+        if x.size == 0:
+            return self._apply(plan, x, 0.0, 1.0, 0.0), StepSaved(plan, x, np.zeros(C), None, x.shape)
+        mean, var = _core.group_moments(plan, x)  # the current batch, biased
+        sqmean = var + mean * mean
+        mus, nus = self._window_terms(theta) if self.training else ([], [])
+        n = 1 + len(mus)
+        mu_bar = (mean + sum(mus)) / n
+        nu_bar = (sqmean + sum(np.maximum(nu, mu * mu) for mu, nu in zip(mus, nus))) / n
+        r = 1.0 / np.sqrt(nu_bar - mu_bar * mu_bar + self.eps)
+        M = N * S
+
+        # Through the current step's mean and mean square only (tests/reference.py:
+        # cross_iteration_batch_norm_backward): with B = sum dy, A = sum dy (x - mu_bar),
+        # dL/dvar = -r^3 w A/2, and mu_bar, nu_bar each 1/n of the current term,
+        # dx = r w dy + 2 dL/dvar/(n M) (x - mu_bar) - r w B/(n M); dweight = r A, dbias = B.
+        def fold(B, A):
+            dvar = -0.5 * r ** 3 * w * A
+            return r * w, 2 * dvar / (n * M), -r * w * B / (n * M), self._param_grads(r * A, B)
+
+        y = self._apply(plan, x, mu_bar, r * w, b)
+        if self.training:
+            factor = running_factor(self)
+            _engine.running_update(self.running_mean, mean, factor)
+            _engine.running_update(self.running_var, unbiased(var, M), factor)
+            self.num_batches_tracked += 1
+            self._history.append((mean, sqmean, theta, dmean, dsqmean))
+            while len(self._history) > self.window - 1:
+                self._history.popleft()
+        return y, StepSaved(plan, x, mu_bar, fold, x.shape)
+
+    def extra_repr(self):
+        return (f"{self.num_features}, window={self.window}, burnin={self.burnin}, eps={self.eps}, "
+                f"momentum={self.momentum}, affine={self.affine}")
