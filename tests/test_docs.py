@@ -30,6 +30,9 @@ CLASS_PAGES = {
     "BatchLayerNorm2d": "batch_layer_norm.md",
     "LayerNorm2d": "layer_norm_2d.md",
     "LocalResponseNorm": "local_response_norm.md",
+    "MovingAverageBatchNorm2d": "moving_average_batch_norm.md",
+    "CrossIterationBatchNorm2d": "cross_iteration_batch_norm.md",
+    "BatchKalmanNorm2d": "batch_kalman_norm.md",
 }
 
 # What an example may import: the docs promise examples that need nothing but these.

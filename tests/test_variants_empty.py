@@ -15,6 +15,9 @@ LAYERS = {
     "Renorm": lambda: normkit.BatchRenorm2d(4),
     "Frozen": lambda: normkit.FrozenBatchNorm2d(4),
     "BLN": lambda: normkit.BatchLayerNorm2d(4, 8),
+    "MABN": lambda: normkit.MovingAverageBatchNorm2d(4, buffer_size=2, warmup_iters=0),
+    "BKN": lambda: normkit.BatchKalmanNorm2d(4),
+    "BKN-prior-features": lambda: normkit.BatchKalmanNorm2d(4, 3),
 }
 
 

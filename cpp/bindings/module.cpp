@@ -9,6 +9,7 @@
 #include "arrays.h"
 #include "forward_fast.h"
 #include "saved.h"
+#include "normkit/conv.h"
 #include "normkit/normkit.h"
 
 namespace py = pybind11;
@@ -536,6 +537,47 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("plan"), py::arg("x"), py::arg("dy"), py::arg("mean"), py::arg("c1"), py::arg("c2"), py::arg("c3"),
      py::arg("weight"), py::arg("dx"), py::arg("sample_term") = py::none(),
      "dx = c1[k]*weight[s]*dy + c2[k]*(x - mean[k]) + c3[k] [+ the sample term's]; channels-last plans.");
+
+  m.def("conv2d_stat_jacobians", [](const py::array& x, const py::array& weight, int64_t stride_h,
+                                    int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dilation_h,
+                                    int64_t dilation_w, int64_t groups) {
+    if (x.ndim() != 4 || weight.ndim() != 4)
+      throw py::value_error("conv2d_stat_jacobians: expected a 4-D input and a 4-D weight");
+    if (dt_of(weight) != dt_of(x))
+      throw py::type_error("weight: expected the input's dtype " + dtype_of(x) + ", got " + dtype_of(weight));
+    nk::Conv2d c;
+    c.N = x.shape(0), c.C_in = x.shape(1), c.H = x.shape(2), c.W = x.shape(3);
+    c.C_out = weight.shape(0), c.kh = weight.shape(2), c.kw = weight.shape(3);
+    c.stride_h = stride_h, c.stride_w = stride_w, c.pad_h = pad_h, c.pad_w = pad_w;
+    c.dilation_h = dilation_h, c.dilation_w = dilation_w, c.groups = groups;
+    nk::check_conv2d(c);
+    if (weight.shape(1) != c.C_in / c.groups)
+      throw py::value_error("weight: expected C_in/groups = " + std::to_string(c.C_in / c.groups) +
+                            " input channels per filter, got " + std::to_string(weight.shape(1)));
+    py::tuple out;
+    auto run = [&](auto s) {
+      using S = decltype(s);
+      const int64_t n_w = c.C_out * c.fan_in();
+      const S* px = required<S>(x, c.N * c.C_in * c.H * c.W, "x", false);
+      const S* pw = required<S>(weight, n_w, "weight", false);
+      py::array_t<S> dmean({weight.shape(0), weight.shape(1), weight.shape(2), weight.shape(3)});
+      py::array_t<S> dsqmean({weight.shape(0), weight.shape(1), weight.shape(2), weight.shape(3)});
+      S *pm = dmean.mutable_data(), *pq = dsqmean.mutable_data();
+      {
+        py::gil_scoped_release nogil;
+        nk::conv2d_stat_jacobians<S>(c, px, pw, pm, pq);
+      }
+      out = py::make_tuple(dmean, dsqmean);
+    };
+    switch (dt_of(x)) {
+      case Dt::f32: run(float{}); break;
+      case Dt::f64: run(double{}); break;
+      default: throw py::type_error("x: expected float32 or float64, got " + dtype_of(x));
+    }
+    return out;
+  }, py::arg("x"), py::arg("weight"), py::arg("stride_h"), py::arg("stride_w"), py::arg("pad_h"),
+     py::arg("pad_w"), py::arg("dilation_h"), py::arg("dilation_w"), py::arg("groups"),
+     "(dmean_dweight, dsqmean_dweight) of y = conv2d(x, weight), each of the weight's shape (normkit/conv.h).");
 
   def_saved(m);
   def_forward_fast(m);

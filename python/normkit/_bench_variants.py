@@ -1,9 +1,9 @@
-"""`python -m normkit bench --variants`: the variant layers of issue 10 timed beside BatchNorm2d.
+"""`python -m normkit bench --variants`: the variant layers of issues 10 and 12 timed beside BatchNorm2d.
 
 Every variant is timed in training forward+backward and in inference (eval forward), its samples
 taken in turn with those of a BatchNorm2d(C) on the same x and dy in the same process, so the
-ratio variant / BatchNorm2d is meaningful even when the machine's speed drifts. The issue's
-target: every ratio <= 1.5 in the same mode. PyTorch has none of these layers: the table needs
+ratio variant / BatchNorm2d is meaningful even when the machine's speed drifts. The targets:
+every ratio <= 1.5 in the same mode for issue 10's variants, <= 2 for issue 12's (MABN, CBN, BKN). PyTorch has none of these layers: the table needs
 neither torch nor ONNX Runtime.
 
 A second table (after the first one's summary) times the batch-independent layers of issue 11 the
@@ -25,46 +25,66 @@ from . import _bench
 # ghost batches of 2; C=16: groups of 4 channels).
 VARIANT_SHAPES = {"standard": [(32, 64, 56, 56), (8, 256, 14, 14)], "tiny": [(8, 16, 8, 8)]}
 VARIANT_MODES = ("fwd+bwd", "infer")
-TARGET_RATIO = 1.5  # the issue: each variant within 1.5x of BatchNorm2d's time in the same mode
+TARGET_RATIO = 1.5  # issue 10: each variant within 1.5x of BatchNorm2d's time in the same mode
+ITERATION_TARGET_RATIO = 2.0  # issue 12: MABN, CBN and BKN training steps within 2x
 
 
 def ghost_size(shape):
     return max(1, shape[0] // 4)
 
 
-# key -> (label(shape), factory(shape), takes the modality argument)
+def modality(n):
+    """Modality 0, 1, 0, 1, ... over the batch."""
+    return np.arange(n, dtype=np.int64) % 2
+
+
+def conv_inputs(shape):
+    """CBN's extra inputs: a 3x3 convolution's weight (C, C, 3, 3) and two Jacobians of its shape."""
+    rng = np.random.default_rng(0)
+    C = shape[1]
+    return tuple(rng.normal(0.0, scale, (C, C, 3, 3)) for scale in (0.1, 0.01, 0.01))
+
+
+def prior(shape):
+    """BKN's prior (mean, var), one value per channel."""
+    return (np.zeros(shape[1]), np.ones(shape[1]))
+
+
+no_extra = lambda s: ()
+# key -> (label(shape), factory(shape), extra inputs(shape), target ratio)
 VARIANTS = {
     "ebn": (lambda s: "ExtendedBatchNorm2d",
-            lambda s: normkit.ExtendedBatchNorm2d(s[1]), False),
+            lambda s: normkit.ExtendedBatchNorm2d(s[1]), no_extra, TARGET_RATIO),
     "mbn": (lambda s: "ModalityBatchNorm2d(m=0,1,..)",
-            lambda s: normkit.ModalityBatchNorm2d(s[1]), True),
+            lambda s: normkit.ModalityBatchNorm2d(s[1]), lambda s: (modality(s[0]),), TARGET_RATIO),
     "ghost": (lambda s: f"GhostBatchNorm2d(g={ghost_size(s)})",
-              lambda s: normkit.GhostBatchNorm2d(s[1], ghost_batch_size=ghost_size(s)), False),
+              lambda s: normkit.GhostBatchNorm2d(s[1], ghost_batch_size=ghost_size(s)), no_extra, TARGET_RATIO),
     "ghost_gn": (lambda s: f"GhostBatchNorm2d(g={ghost_size(s)},cpg=4) BN+GN",
                  lambda s: normkit.GhostBatchNorm2d(s[1], ghost_batch_size=ghost_size(s),
-                                                    channels_per_group=4), False),
+                                                    channels_per_group=4), no_extra, TARGET_RATIO),
     "ghost_ew": (lambda s: f"GhostBatchNorm2d(g={ghost_size(s)},ew=0.5)",
                  lambda s: normkit.GhostBatchNorm2d(s[1], ghost_batch_size=ghost_size(s),
-                                                    example_weight=0.5), False),
+                                                    example_weight=0.5), no_extra, TARGET_RATIO),
     "renorm": (lambda s: "BatchRenorm2d",
-               lambda s: normkit.BatchRenorm2d(s[1]), False),
+               lambda s: normkit.BatchRenorm2d(s[1]), no_extra, TARGET_RATIO),
     "frozen": (lambda s: "FrozenBatchNorm2d",
-               lambda s: normkit.FrozenBatchNorm2d(s[1]), False),
+               lambda s: normkit.FrozenBatchNorm2d(s[1]), no_extra, TARGET_RATIO),
+    "mabn": (lambda s: "MovingAverageBatchNorm2d",
+             lambda s: normkit.MovingAverageBatchNorm2d(s[1]), no_extra, ITERATION_TARGET_RATIO),
+    "cbn": (lambda s: "CrossIterationBatchNorm2d(window=4)",
+            lambda s: normkit.CrossIterationBatchNorm2d(s[1]), conv_inputs, ITERATION_TARGET_RATIO),
+    "bkn": (lambda s: "BatchKalmanNorm2d(prior)",
+            lambda s: normkit.BatchKalmanNorm2d(s[1]), lambda s: (prior(s),), ITERATION_TARGET_RATIO),
 }
 # Inference paths that are a per-channel (per (modality, channel) for MBN) affine: one pass over
 # x, like BatchNorm2d's eval. Ghost's with example_weight=0 (BN+GN too: group moments of the
 # running statistics, still one scale and shift per channel).
-ONE_PASS_INFER = ("ebn", "mbn", "ghost", "ghost_gn", "renorm", "frozen")
+ONE_PASS_INFER = ("ebn", "mbn", "ghost", "ghost_gn", "renorm", "frozen", "mabn", "cbn", "bkn")
 
 
 def mode_text(key, mode):
     """The mode as the table prints it: the example-weighed inference is the per-sample path."""
     return "infer (per-sample)" if (key, mode) == ("ghost_ew", "infer") else mode
-
-
-def modality(n):
-    """Modality 0, 1, 0, 1, ... over the batch."""
-    return np.arange(n, dtype=np.int64) % 2
 
 
 def calls(layer, x, dy, extra):
@@ -93,14 +113,14 @@ def time_interleaved_min(fns, timing):
 
 def make_row(key, shape, mode, t_variant, t_bn, x_nbytes, copy_bw):
     nbytes = _bench.BYTE_MODEL[mode] * x_nbytes
-    ratio = t_variant / t_bn
+    ratio, target = t_variant / t_bn, VARIANTS[key][3]
     return {"variant": key, "layer": VARIANTS[key][0](shape), "shape": list(shape), "layout": "NCHW",
             "dtype": "float32", "mode": mode, "path": mode_text(key, mode), "bytes": nbytes,
             "normkit_s": t_variant, "batchnorm_s": t_bn, "ratio": ratio,
             "normkit_gbps": nbytes / t_variant / 1e9, "roof_fraction": nbytes / t_variant / copy_bw,
             "batchnorm_roof_fraction": nbytes / t_bn / copy_bw,
             "one_pass_expected": (mode == "infer" and key in ONE_PASS_INFER) or key == "frozen",
-            "target_ratio": TARGET_RATIO, "target_met": ratio <= TARGET_RATIO}
+            "target_ratio": target, "target_met": ratio <= target}
 
 
 def bench_shape(shape, copy_bw, timing, on_row):
@@ -109,9 +129,9 @@ def bench_shape(shape, copy_bw, timing, on_row):
     bn = normkit.BatchNorm2d(shape[1])
     bn_calls = calls(bn, x, dy, ())
     layers = {}
-    for key, (_, factory, takes_modality) in VARIANTS.items():
+    for key, (_, factory, extra, _) in VARIANTS.items():
         layer = factory(shape)
-        layers[key] = (layer, calls(layer, x, dy, (modality(shape[0]),) if takes_modality else ()))
+        layers[key] = (layer, calls(layer, x, dy, extra(shape)))
     rows = []
     for mode in VARIANT_MODES:  # training first: inference then uses trained running statistics
         training = mode != "infer"
@@ -135,7 +155,8 @@ def columns():
             ("BN ms", 8, lambda r: num(r["batchnorm_s"], ".3f", 1e3)),
             ("ratio", 6, lambda r: num(r["ratio"], ".2f", suffix="x")),
             ("% roof", 6, lambda r: num(r["roof_fraction"], ".0f", 100, "%")),
-            ("<=1.5x", 6, lambda r: _bench.mark(r["target_met"]))]
+            ("target", 6, lambda r: f"<={r['target_ratio']:g}x"),
+            ("met", 4, lambda r: _bench.mark(r["target_met"]))]
 
 
 def format_line(cols, texts):
@@ -158,8 +179,12 @@ def header_lines(copy_bw, threads, timing):
             "every row); ratio = variant / BatchNorm2d in the same mode",
             "variants: ModalityBatchNorm2d(C) with modality 0,1,0,1,.. over the batch; "
             "GhostBatchNorm2d(C, ghost_batch_size=g=N//4) (cpg=4: channels_per_group=4, the BN+GN "
-            "combination; ew=0.5: example_weight=0.5); the others (C) with defaults",
-            f"target (issue 10): ratio <= {TARGET_RATIO:g} in the same mode: ok / MISS"]
+            "combination; ew=0.5: example_weight=0.5); CrossIterationBatchNorm2d(C) with a 3x3 "
+            "conv's weight and Jacobians; BatchKalmanNorm2d(C) with a prior (0, 1); the others (C) "
+            "with defaults",
+            f"targets: ratio <= {TARGET_RATIO:g} (issue 10's variants), <= {ITERATION_TARGET_RATIO:g} "
+            f"(issue 12's: MovingAverageBatchNorm2d, CrossIterationBatchNorm2d, BatchKalmanNorm2d), "
+            f"in the same mode: ok / MISS"]
 
 
 def note_lines(rows):
@@ -187,11 +212,12 @@ def note_lines(rows):
 
 def summary_lines(rows):
     misses = [r for r in rows if not r["target_met"]]
-    lines = [f"target ratio <= {TARGET_RATIO:g}: {len(rows) - len(misses)} of {len(rows)} met"]
+    lines = [f"targets: {len(rows) - len(misses)} of {len(rows)} met"]
     if misses:
         lines.append("misses:")
         lines += [f"  {r['layer']} {'x'.join(map(str, r['shape']))} {r['path']}: {r['ratio']:.2f}x "
-                  f"BatchNorm2d ({r['normkit_s'] * 1e3:.3f} ms vs {r['batchnorm_s'] * 1e3:.3f} ms)"
+                  f"BatchNorm2d ({r['normkit_s'] * 1e3:.3f} ms vs {r['batchnorm_s'] * 1e3:.3f} ms; "
+                  f"target <= {r['target_ratio']:g}x)"
                   for r in misses]
     return lines
 
@@ -263,7 +289,7 @@ def write_json(path, threads, copy_bw, rows, notes, timing, quick, free=None):
            "legend": header_lines(copy_bw, threads, timing)[2:],
            "byte_model": {m: _bench.BYTE_MODEL[m] for m in VARIANT_MODES},
            "copy_bandwidth_bytes_per_s": {str(n): bw for n, bw in sorted(copy_bw.items())},
-           "target_ratio": TARGET_RATIO, "variant_rows": rows, "notes": notes,
+           "target_ratios": {k: spec[3] for k, spec in VARIANTS.items()}, "variant_rows": rows, "notes": notes,
            "summary": summary_lines(rows)}
     if free is not None:
         free_rows, free_notes = free[0], free[1]
@@ -396,3 +422,63 @@ def free_summary_lines(rows):
                   f"{r['reference']} ({r['normkit_s'] * 1e3:.3f} ms vs {r['groupnorm_s'] * 1e3:.3f} ms; "
                   f"target <= {r['target_ratio']:g}x)" for r in misses]
     return lines
+
+
+# -- conv2d_stat_jacobians beside torch's convolution weight gradient ------------------------------
+CONV_TARGET_RATIO = 2.0  # the issue: normkit within 2x of torch's weight gradient
+
+
+def bench_conv_jacobians(shape=(32, 64, 56, 56), kernel=3, timing=_bench.FULL, out_channels=None,
+                         dtype=np.float32):
+    """One row: normkit.conv2d_stat_jacobians on a conv input of `shape` (N, C, H, W) and a weight
+    (out_channels or C, C, kernel, kernel), padding kernel // 2, timed in turn with torch's weight
+    gradient of the same convolution (torch.nn.grad.conv2d_weight with dy = y, y computed
+    beforehand) and, for context, torch's forward plus that gradient (normkit's call computes y
+    too). torch runs on normkit's thread count. Without torch the torch fields are None."""
+    N, C, H, W = shape
+    C_out = C if out_channels is None else out_channels
+    padding = kernel // 2
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
+    w = (rng.standard_normal((C_out, C, kernel, kernel), dtype=np.float32)
+         / math.sqrt(C * kernel * kernel)).astype(dtype, copy=False)
+    threads = normkit.get_num_threads()
+    fns = {"normkit": lambda: normkit.conv2d_stat_jacobians(x, w, padding=padding)}
+    if _bench.torch is None:
+        _bench.import_torch()
+    torch = _bench.torch
+    if torch is not None:
+        torch_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        tx, tw = torch.from_numpy(x), torch.from_numpy(w)
+        with torch.no_grad():
+            ty = torch.nn.functional.conv2d(tx, tw, padding=padding)
+
+        def weight_grad():
+            with torch.no_grad():
+                torch.nn.grad.conv2d_weight(tx, tw.shape, ty, padding=padding)
+
+        def forward_and_weight_grad():
+            with torch.no_grad():
+                y = torch.nn.functional.conv2d(tx, tw, padding=padding)
+                torch.nn.grad.conv2d_weight(tx, tw.shape, y, padding=padding)
+
+        fns["torch_weight_grad"] = weight_grad
+        fns["torch_forward_weight_grad"] = forward_and_weight_grad
+    try:
+        times = time_interleaved_min(fns, timing)
+    finally:
+        if torch is not None:
+            torch.set_num_threads(torch_threads)
+    Ho, Wo = H + 2 * padding - kernel + 1, W + 2 * padding - kernel + 1
+    flops = 2 * 2 * N * Ho * Wo * C_out * C * kernel * kernel  # two GEMMs: y, then y x patches
+    t_torch = times.get("torch_weight_grad")
+    ratio = None if t_torch is None else times["normkit"] / t_torch
+    return {"bench": "conv2d_stat_jacobians", "shape": list(shape),
+            "weight_shape": [C_out, C, kernel, kernel], "padding": padding,
+            "dtype": np.dtype(dtype).name, "threads": threads, "normkit_s": times["normkit"],
+            "normkit_gflops": flops / times["normkit"] / 1e9, "torch_weight_grad_s": t_torch,
+            "torch_forward_weight_grad_s": times.get("torch_forward_weight_grad"),
+            "torch_op": None if torch is None else "torch.nn.grad.conv2d_weight",
+            "ratio": ratio, "target_ratio": CONV_TARGET_RATIO,
+            "target_met": None if ratio is None else ratio <= CONV_TARGET_RATIO}

@@ -95,9 +95,9 @@ class CrossIterationBatchNorm2d(VariantLayer):
                                 f"Jacobians in training, got None")
             dmean = _filters(dmean_dweight, C, "dmean_dweight", weight.shape)
             dsqmean = _filters(dsqmean_dweight, C, "dsqmean_dweight", weight.shape)
-            if self._history and self._history[-1][2].shape != theta.shape:
+            if self._history and self._weight_shape != weight.shape:
                 raise ValueError(f"weight: expected the shape of the earlier steps' weights "
-                                 f"{self._history[-1][2].shape[1:]} per filter, got {weight.shape}")
+                                 f"{self._weight_shape}, got {weight.shape}")
             _checks.more_than_one_value(N * S, "channel", x.shape)
         if x.size == 0:
             return self._apply(plan, x, 0.0, 1.0, 0.0), StepSaved(plan, x, np.zeros(C), None, x.shape)
@@ -125,6 +125,7 @@ class CrossIterationBatchNorm2d(VariantLayer):
             _engine.running_update(self.running_var, unbiased(var, M), factor)
             self.num_batches_tracked += 1
             self._history.append((mean, sqmean, theta, dmean, dsqmean))
+            self._weight_shape = weight.shape
             while len(self._history) > self.window - 1:
                 self._history.popleft()
         return y, StepSaved(plan, x, mu_bar, fold, x.shape)

@@ -79,7 +79,8 @@ class BatchKalmanNorm2d(VariantLayer):
             return self._apply(plan, x, mean, r * w, b), StepSaved(plan, x, mean, fold, x.shape)
         if self.training:
             _checks.more_than_one_value(N * S, "channel", x.shape)
-        if x.size == 0:
+        if x.size == 0:  # no statistics, so no posterior for the next layer
+            self.posterior = None
             return self._apply(plan, x, 0.0, 1.0, 0.0), StepSaved(plan, x, np.zeros(C), None, x.shape)
         mu_b, var_b = _core.group_moments(plan, x)
         p = self.gain
