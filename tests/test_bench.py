@@ -407,6 +407,15 @@ def test_variants_quick_run_needs_no_torch_and_writes_json(tmp_path, monkeypatch
         assert r["bytes"] == _bench.BYTE_MODEL[r["mode"]] * np.prod(shape) * 4 and r["roof_fraction"] > 0
     assert doc["batch_free_notes"] == [n[len(bv.FREE_NOTE_PREFIX):] for n in free_notes]
     assert doc["batch_free_summary"][0] in out and len(doc["batch_free_legend"]) == 3
+    # the third table: conv2d_stat_jacobians beside torch's weight gradient; without torch, normkit's time only
+    conv = out[out.index("== conv2d_stat_jacobians (issue 12)"):].splitlines()
+    assert next(ln for ln in conv if ln.startswith("input ")).split()[-3:] == ["ratio", "target", "met"]
+    (row,) = doc["conv_jacobian_rows"]
+    assert row["shape"] == list(shape) and row["weight_shape"] == [16, 16, 3, 3] and row["padding"] == 1
+    assert row["normkit_s"] > 0 and row["normkit_gflops"] > 0
+    assert row["torch_weight_grad_s"] is None and row["ratio"] is None and row["target_met"] is None
+    assert any(ln.startswith("8x16x8x8 ") and ln.split()[-3:] == ["-", "<=2x", "-"] for ln in conv)
+    assert "torch is not installed: normkit's time only" in conv
 
 
 def test_batch_free_row_ratio_roofline_and_target():
@@ -443,3 +452,20 @@ def test_batch_free_layers_follow_the_issue():
         assert (layers["proxy_relu"].activation, layers["proxy_gelu"].activation) == ("relu", "gelu")
         assert all(layer.num_features == shape[1] for k, layer in layers.items() if k != "lrn")
         assert layers["bln"].batch_size == shape[0]
+
+
+def test_conv_jacobians_row_beside_torch_weight_gradient(restore_threads):
+    torch = pytest.importorskip("torch")
+    from normkit import _bench_variants as bv
+    normkit.set_num_threads(1)
+    threads = torch.get_num_threads()
+    row = bv.bench_conv_jacobians((2, 4, 6, 6), 3, _bench.Timing(1, 0.0005, 0.0), out_channels=5)
+    assert torch.get_num_threads() == threads  # torch's own setting comes back
+    assert row["weight_shape"] == [5, 4, 3, 3] and row["threads"] == 1 and row["dtype"] == "float32"
+    assert row["torch_op"] == "torch.nn.grad.conv2d_weight"
+    assert row["torch_weight_grad_s"] > 0 and row["torch_forward_weight_grad_s"] > 0
+    assert row["ratio"] == pytest.approx(row["normkit_s"] / row["torch_weight_grad_s"])
+    assert row["target_met"] == (row["ratio"] <= bv.CONV_TARGET_RATIO) and bv.CONV_TARGET_RATIO == 2.0
+    line = bv.conv_line(row)
+    assert line.startswith("2x4x6x6 ") and " 5x4x3x3 " in line and line.split()[-2] == "<=2x"
+    assert line.split()[-1] == ("ok" if row["target_met"] else "MISS")

@@ -573,9 +573,10 @@ def add_arguments(parser):
     parser.add_argument("--variants", action="store_true",
                         help="instead: time the research variants, the batch-statistics ones beside "
                              "BatchNorm2d and the batch-independent ones beside GroupNorm (training "
-                             "fwd+bwd and inference, float32 NCHW, no torch needed); uses --threads, "
-                             "--quick, --json and --shapes tiny (a smoke test; any other: the issue's "
-                             "two shapes)")
+                             "fwd+bwd and inference, float32 NCHW, no torch needed), then "
+                             "conv2d_stat_jacobians beside torch's convolution weight gradient (when "
+                             "torch is installed); uses --threads, --quick, --json and --shapes tiny "
+                             "(a smoke test; any other: the issue's two shapes)")
 
 
 def plan(args):

@@ -254,9 +254,10 @@ def run(args):
     for line in summary_lines(rows):
         print(line)
     free_rows, free_notes = run_free(shapes, copy_bw, timing)
+    conv_rows = run_conv_jacobians(shapes, timing)
     if args.json:
         write_json(args.json, threads, copy_bw, rows, notes, timing, args.quick,
-                   (free_rows, free_notes, copy_bw, timing))
+                   (free_rows, free_notes, copy_bw, timing), conv_rows)
     return 0
 
 
@@ -282,7 +283,7 @@ def run_free(shapes, copy_bw, timing):
     return rows, notes
 
 
-def write_json(path, threads, copy_bw, rows, notes, timing, quick, free=None):
+def write_json(path, threads, copy_bw, rows, notes, timing, quick, free=None, conv_rows=None):
     doc = {"normkit_version": normkit.__version__, "cpu_info": normkit.cpu_info(), "threads": threads,
            "numpy_version": np.__version__, "python_version": platform.python_version(),
            "quick": quick, "machine": _bench.machine_load(),
@@ -297,6 +298,8 @@ def write_json(path, threads, copy_bw, rows, notes, timing, quick, free=None):
                     "batch_free_target_ratios": {k: spec[2] for k, spec in FREE_LAYERS.items()},
                     "batch_free_rows": free_rows, "batch_free_notes": free_notes,
                     "batch_free_summary": free_summary_lines(free_rows)})
+    if conv_rows is not None:
+        doc["conv_jacobian_rows"] = conv_rows
     with open(path, "w") as f:
         json.dump(doc, f, indent=2)
         f.write("\n")
@@ -482,3 +485,41 @@ def bench_conv_jacobians(shape=(32, 64, 56, 56), kernel=3, timing=_bench.FULL, o
             "torch_op": None if torch is None else "torch.nn.grad.conv2d_weight",
             "ratio": ratio, "target_ratio": CONV_TARGET_RATIO,
             "target_met": None if ratio is None else ratio <= CONV_TARGET_RATIO}
+
+
+def conv_shapes(shapes):
+    """The conv inputs timed: the first variant shape (the issue's (32, 64, 56, 56); the tiny
+    shape under --shapes tiny), with a 3x3 kernel of as many filters as input channels."""
+    return shapes[:1]
+
+
+def conv_line(r):
+    w = "x".join(map(str, r["weight_shape"]))
+    shape = "x".join(map(str, r["shape"]))
+    torch_ms = "-" if r["torch_weight_grad_s"] is None else f"{r['torch_weight_grad_s'] * 1e3:.3f}"
+    both_ms = "-" if r["torch_forward_weight_grad_s"] is None else f"{r['torch_forward_weight_grad_s'] * 1e3:.3f}"
+    ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+    met = "-" if r["target_met"] is None else ("ok" if r["target_met"] else "MISS")
+    return (f"{shape:<14} {w:<12} {r['normkit_s'] * 1e3:>10.3f} {r['normkit_gflops']:>8.1f} {torch_ms:>12} "
+            f"{both_ms:>14} {ratio:>7} {'<=' + format(r['target_ratio'], 'g') + 'x':>7} {met:>5}")
+
+
+def run_conv_jacobians(shapes, timing):
+    """Print the third table: conv2d_stat_jacobians beside torch's convolution weight gradient
+    (issue 12); returns its rows. Without torch the torch columns read '-'."""
+    print("\n== conv2d_stat_jacobians (issue 12) beside torch's convolution weight gradient  NCHW  float32")
+    print("normkit: conv2d_stat_jacobians(x, w, padding=1), which computes y = conv2d(x, w) and both Jacobians "
+          "(GFLOP/s counts its two GEMMs); torch grad: torch.nn.grad.conv2d_weight(x, w.shape, y) with y "
+          "given; torch fwd+grad: the forward too; ratio = normkit / torch grad; target (issue 12): <= "
+          f"{CONV_TARGET_RATIO:g}x")
+    title = (f"{'input':<14} {'weight':<12} {'normkit ms':>10} {'GFLOP/s':>8} {'torch grad':>12} "
+             f"{'torch fwd+grad':>14} {'ratio':>7} {'target':>7} {'met':>5}")
+    print(f"{title}\n{'-' * len(title)}", flush=True)
+    _bench.import_torch()  # each run looks again: the bench runs without torch too
+    rows = []
+    for shape in conv_shapes(shapes):
+        rows.append(bench_conv_jacobians(shape, 3, timing))
+        print(conv_line(rows[-1]), flush=True)
+    if rows and rows[0]["ratio"] is None:
+        print("torch is not installed: normkit's time only")
+    return rows
