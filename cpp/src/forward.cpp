@@ -171,22 +171,28 @@ void normalize_by_sample(const Plan& plan, const S* x, double eps, const compute
   const Kernels<S>& k = kernels().get<S>();
   const Chunks ch = Chunks::moments(plan);  // channels-last: one plane per segment
   const GroupIndex index(plan);
-  const int64_t C = plan.C, gps = plan.groups_per_set();
+  const int64_t C = plan.C, gps = plan.groups_per_set(), cpg = plan.channels_per_group;
   const ChunkResults cr(ch.count);
   double *const cmean = cr.first, *const cm2 = cr.second;
   std::vector<T> shift(plan.planes()), a(plan.planes()), b(plan.planes());
   std::vector<double> pmean(plan.planes()), pm2(plan.planes());
   const bool stream = large_output<S>(plan);
   const SampleTermPlanes<T> t = term ? SampleTermPlanes<T>(*term, C * plan.S) : SampleTermPlanes<T>(SampleTerm{}, 0);
-  parallel_for(plan.N, C * plan.S, [&](int64_t n) {
+  const bool planes = plane_groups(plan);
+  // Where every column is its own group (LayerNorm2d's columns), a sample's wide rows go in
+  // blocks of kWideRow columns, each block's statistics then its output while it is in L2: a
+  // sample of 64 rows of 3136 columns is 800 KB, and its three passes went to memory.
+  const int64_t nb = planes ? ch.col_blocks() : 1;
+  parallel_for(plan.N * nb, C * plan.S / nb, [&](int64_t item) {
+    const int64_t n = item / nb, c0 = nb == 1 ? 0 : (item % nb) * kWideRow;
+    const int64_t width = nb == 1 ? C : std::min(kWideRow, C - c0);
     for (int64_t j = 0; j < ch.per_seg; ++j) {
-      const int64_t slot = ch.slot(n * C, j);
-      k.rows_moments(x + ch.start(n * ch.per_seg + j), ch.length(j), C, C, &cmean[slot], &cm2[slot]);
+      const int64_t slot = ch.slot(n * C, j) + c0;
+      k.rows_moments(x + ch.start(n * ch.per_seg + j) + c0, ch.length(j), width, C, &cmean[slot], &cm2[slot]);
     }
-    merge_plane_chunks(ch, n, 0, C, cmean, cm2, pmean.data(), pm2.data());  // moments.h: per plane,
-    const int64_t cpg = plan.channels_per_group;
-    const bool planes = plane_groups(plan);
-    for (int64_t gi = 0; gi < gps; ++gi) {  // then per group: channels [gi*cpg, (gi+1)*cpg)
+    merge_plane_chunks(ch, n, c0, c0 + width, cmean, cm2, pmean.data(), pm2.data());  // moments.h: per plane,
+    // then per group: channels [gi*cpg, (gi+1)*cpg) (with blocks, the block's columns)
+    for (int64_t gi = c0 / cpg; gi < (c0 + width) / cpg; ++gi) {
       const int64_t g = n * gps + gi;
       finish_group(plan, planes ? Moments{double(plan.S), pmean[g], pm2[g]}
                                 : merge_planes(index, g, plan.S, pmean.data(), pm2.data()), &mean[g], &var[g]);
@@ -200,14 +206,15 @@ void normalize_by_sample(const Plan& plan, const S* x, double eps, const compute
         shift[n * C + c] = f.shift, a[n * C + c] = f.a, b[n * C + c] = f.b;
       }
     }
+    const int64_t p0 = n * C + c0;
     for (int64_t j = 0; j < ch.per_seg; ++j) {
-      const int64_t s = ch.start(n * ch.per_seg + j);
-      const ElementTerm<T> e = term ? t.at(j * ch.step * C) : ElementTerm<T>{};
+      const int64_t s = ch.start(n * ch.per_seg + j) + c0;
+      const ElementTerm<T> e = term ? t.at(j * ch.step * C + c0) : ElementTerm<T>{};
       if (row_weight)
-        k.rows_affine_rows(x + s, y + s, ch.length(j), C, &shift[n * C], &a[n * C], &b[n * C],
+        k.rows_affine_rows(x + s, y + s, ch.length(j), width, C, &shift[p0], &a[p0], &b[p0],
                            row_weight + j * ch.step, row_bias + j * ch.step, term ? &e : nullptr, stream);
       else
-        k.rows_affine(x + s, y + s, ch.length(j), C, C, &shift[n * C], &a[n * C], &b[n * C],
+        k.rows_affine(x + s, y + s, ch.length(j), width, C, &shift[p0], &a[p0], &b[p0],
                       residual ? residual + s : nullptr, relu, stream);
     }
   });

@@ -33,9 +33,9 @@ void apply_coefficients_positions(const Plan& plan, const S* x, const double* me
   const Chunks ch = Chunks::planes(plan);
   const PlaneAffine<T> f = set_channel_affine<T>(plan, mean, scale, offset);
   const bool stream = stream_output(plan.planes() * plan.S * int64_t(sizeof(S)));
-  parallel_for(ch.items(), ch.work(), [&](int64_t it) {
-    const int64_t s = ch.start(it), p0 = ch.sample(it) * ch.C, r0 = ch.chunk(it) * ch.step;
-    k.rows_affine_rows(x + s, y + s, ch.length(ch.chunk(it)), ch.C, &f.shift[p0], &f.a[p0], &f.b[p0],
+  parallel_column_blocks(ch, 1, [&](int64_t it, int64_t c0, int64_t width) {
+    const int64_t s = ch.start(it) + c0, p0 = ch.sample(it) * ch.C + c0, r0 = ch.chunk(it) * ch.step;
+    k.rows_affine_rows(x + s, y + s, ch.length(ch.chunk(it)), width, ch.C, &f.shift[p0], &f.a[p0], &f.b[p0],
                        weight + r0, bias + r0, nullptr, stream);
   });
 }
@@ -52,12 +52,15 @@ void backward_sums_positions(const Plan& plan, const S* x, const S* dy, const do
   const PlaneAffine<T> xhat = set_channel_affine<T>(plan, mean, scale, offset);
   const ChunkResults cr(ch.count);
   double *const A = cr.first, *const B = cr.second;
-  std::vector<double> rg(plan.N * S_), rb(plan.N * S_);  // per (sample, position): dy*xhat, dy
-  parallel_for(ch.items(), 2 * ch.work(), [&](int64_t it) {
-    const int64_t s = ch.start(it), j = ch.chunk(it), n = ch.sample(it), p0 = n * C, slot = ch.slot(p0, j);
-    const int64_t r0 = j * ch.step, rows = ch.length(j);
-    k.rows_dot_weighted(x + s, dy + s, rows, C, &xhat.shift[p0], weight + r0, &A[slot], &B[slot]);
-    k.rows_row_sums(x + s, dy + s, rows, C, &xhat.shift[p0], &xhat.a[p0], &xhat.b[p0], &rg[n * S_ + r0], &rb[n * S_ + r0]);
+  // Per (sample, column block, position): dy*xhat and dy over the block's columns.
+  const int64_t nb = ch.col_blocks();
+  std::vector<double> rg(plan.N * nb * S_), rb(plan.N * nb * S_);
+  parallel_column_blocks(ch, 2, [&](int64_t it, int64_t c0, int64_t width) {
+    const int64_t s = ch.start(it) + c0, j = ch.chunk(it), n = ch.sample(it), p0 = n * C + c0;
+    const int64_t slot = ch.slot(n * C, j) + c0, r0 = j * ch.step, rows = ch.length(j);
+    const int64_t rs = (n * nb + c0 / kWideRow) * S_ + r0;
+    k.rows_dot_weighted(x + s, dy + s, rows, width, C, &xhat.shift[p0], weight + r0, &A[slot], &B[slot]);
+    k.rows_row_sums(x + s, dy + s, rows, width, C, &xhat.shift[p0], &xhat.a[p0], &xhat.b[p0], &rg[rs], &rb[rs]);
   });
   // Per cell: its planes in sample order, each plane's chunks in chunk order; the sums about
   // the shift (mean rounded to T) become sums about the mean.
@@ -71,8 +74,8 @@ void backward_sums_positions(const Plan& plan, const S* x, const S* dy, const do
       sum_dy_xmu[q] += a + (double(xhat.shift[p]) - mean[q]) * b;
     }
   std::fill_n(dweight, S_, 0.0), std::fill_n(dbias, S_, 0.0);
-  for (int64_t n = 0; n < plan.N; ++n)  // per position, in sample order
-    for (int64_t r = 0; r < S_; ++r) dweight[r] += rg[n * S_ + r], dbias[r] += rb[n * S_ + r];
+  for (int64_t i = 0; i < plan.N * nb; ++i)  // per position, in (sample, block) order
+    for (int64_t r = 0; r < S_; ++r) dweight[r] += rg[i * S_ + r], dbias[r] += rb[i * S_ + r];
 }
 
 template <class S>
@@ -88,10 +91,10 @@ void backward_apply_positions(const Plan& plan, const S* x, const S* dy, const d
   const bool stream = stream_output(P * plan.S * int64_t(sizeof(S)));
   if (term && !term->c1) throw std::invalid_argument("backward_apply_positions: the sample term needs its c1");
   const SampleTermPlanes<T> t = term ? SampleTermPlanes<T>(*term, C * plan.S) : SampleTermPlanes<T>(SampleTerm{}, 0);
-  parallel_for(ch.items(), ch.work(), [&](int64_t it) {
-    const int64_t s = ch.start(it), p0 = ch.sample(it) * C, r0 = ch.chunk(it) * ch.step;
-    const ElementTerm<T> e = term ? t.at(r0 * C) : ElementTerm<T>{};
-    k.rows_backward_apply_weighted(x + s, dy + s, dx + s, ch.length(ch.chunk(it)), C, &f.c1[p0], &f.c2[p0],
+  parallel_column_blocks(ch, 1, [&](int64_t it, int64_t c0, int64_t width) {
+    const int64_t s = ch.start(it) + c0, p0 = ch.sample(it) * C + c0, r0 = ch.chunk(it) * ch.step;
+    const ElementTerm<T> e = term ? t.at(r0 * C + c0) : ElementTerm<T>{};
+    k.rows_backward_apply_weighted(x + s, dy + s, dx + s, ch.length(ch.chunk(it)), width, C, &f.c1[p0], &f.c2[p0],
                                    &f.shift[p0], &f.c3[p0], weight + r0, term ? &e : nullptr, stream);
   });
 }

@@ -33,17 +33,17 @@ template <class S, class T> void pointwise_sums(int op, const S* x, const S* dy,
                                                 const PointwisePlane<T>& c, double* sums);
 template <class S, class T> void pointwise_backward(int op, const S* x, const S* dy, S* dx, int64_t n,
                                                     const PointwisePlane<T>& c, T c1, T c2, T c3);
-template <class S, class T> void rows_dot_weighted(const S* x, const S* dy, int64_t rows, int64_t C, const T* shift,
-                                                   const T* w, double* A, double* B);
-template <class S, class T> void rows_row_sums(const S* x, const S* dy, int64_t rows, int64_t C, const T* shift,
-                                               const T* a, const T* b, double* gsum, double* bsum);
-template <class S, class T> void rows_affine_rows(const S* x, S* y, int64_t rows, int64_t C, const T* shift,
-                                                  const T* a, const T* b, const T* g, const T* h,
+template <class S, class T> void rows_dot_weighted(const S* x, const S* dy, int64_t rows, int64_t C, int64_t ld,
+                                                   const T* shift, const T* w, double* A, double* B);
+template <class S, class T> void rows_row_sums(const S* x, const S* dy, int64_t rows, int64_t C, int64_t ld,
+                                               const T* shift, const T* a, const T* b, double* gsum, double* bsum);
+template <class S, class T> void rows_affine_rows(const S* x, S* y, int64_t rows, int64_t C, int64_t ld,
+                                                  const T* shift, const T* a, const T* b, const T* g, const T* h,
                                                   const ElementTerm<T>* term, bool stream);
 template <class S, class T> void rows_backward_apply_weighted(const S* x, const S* dy, S* dx, int64_t rows,
-                                                              int64_t C, const T* c1, const T* c2, const T* shift,
-                                                              const T* c3, const T* w, const ElementTerm<T>* term,
-                                                              bool stream);
+                                                              int64_t C, int64_t ld, const T* c1, const T* c2,
+                                                              const T* shift, const T* c3, const T* w,
+                                                              const ElementTerm<T>* term, bool stream);
 template <class S, class T> void lrn_forward(const S* x, S* y, int64_t C, int64_t stride, int64_t len, int64_t size,
                                              T alpha, T beta, T k);
 template <class S, class T> void lrn_backward(const S* x, const S* dy, S* dx, int64_t C, int64_t stride, int64_t len,

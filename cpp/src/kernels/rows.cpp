@@ -144,13 +144,13 @@ void rows_dot(const S* x, const S* dy, int64_t rows, int64_t C, int64_t ld, cons
 }
 
 template <class S, class T>
-void rows_dot_weighted(const S* x, const S* dy, int64_t rows, int64_t C, const T* shift,
+void rows_dot_weighted(const S* x, const S* dy, int64_t rows, int64_t C, int64_t ld, const T* shift,
                        const T* w, double* A, double* B) {
-  rows_dot_impl<S, true>(x, dy, rows, C, C, shift, w, A, B);
+  rows_dot_impl<S, true>(x, dy, rows, C, ld, shift, w, A, B);
 }
 
 template <class S, class T>
-void rows_row_sums(const S* x, const S* dy, int64_t rows, int64_t C, const T* shift, const T* a,
+void rows_row_sums(const S* x, const S* dy, int64_t rows, int64_t C, int64_t ld, const T* shift, const T* a,
                    const T* b, double* gsum, double* bsum) {
   constexpr int64_t L = lanes<T>;
   const int64_t cv = C - C % L;
@@ -158,15 +158,15 @@ void rows_row_sums(const S* x, const S* dy, int64_t rows, int64_t C, const T* sh
   for (int64_t r = 0; r < rows; ++r) {
     vec<T> g{}, d{};
     for (int64_t c = 0; c < cv; c += L) {
-      const int64_t o = r * C + c;
+      const int64_t o = r * ld + c;
       const vec<T> dv = load_as(dy + o);
       g += dv * ((load_as(x + o) - load(shift + c)) * load(a + c) + load(b + c));
       d += dv;
     }
     double gs = hsum<T>(g), ds = hsum<T>(d);
     for (int64_t c = cv; c < C; ++c) {
-      const T dv = to_compute(dy[r * C + c]);
-      gs += double(dv * ((to_compute(x[r * C + c]) - shift[c]) * a[c] + b[c]));
+      const T dv = to_compute(dy[r * ld + c]);
+      gs += double(dv * ((to_compute(x[r * ld + c]) - shift[c]) * a[c] + b[c]));
       ds += double(dv);
     }
     gsum[r] = gs, bsum[r] = ds;
@@ -226,11 +226,11 @@ void rows_affine(const S* x, S* y, int64_t rows, int64_t C, int64_t ld, const T*
 }
 
 template <class S, class T>
-void rows_affine_rows(const S* x, S* y, int64_t rows, int64_t C, const T* shift, const T* a, const T* b,
+void rows_affine_rows(const S* x, S* y, int64_t rows, int64_t C, int64_t ld, const T* shift, const T* a, const T* b,
                       const T* g, const T* h, const ElementTerm<T>* term, bool stream) {
   stream = stream && streams<S>();
-  if (term) rows_affine_impl<S, false, false, true, true>(x, y, rows, C, C, shift, a, b, nullptr, stream, g, h, term);
-  else rows_affine_impl<S, false, false, true>(x, y, rows, C, C, shift, a, b, nullptr, stream, g, h);
+  if (term) rows_affine_impl<S, false, false, true, true>(x, y, rows, C, ld, shift, a, b, nullptr, stream, g, h, term);
+  else rows_affine_impl<S, false, false, true>(x, y, rows, C, ld, shift, a, b, nullptr, stream, g, h);
 }
 
 template <class S, bool HasX, bool RowWeighted = false, bool Term = false, class T = compute_t<S>>
@@ -293,12 +293,12 @@ void rows_backward_apply(const S* x, const S* dy, S* dx, int64_t rows, int64_t C
 }
 
 template <class S, class T>
-void rows_backward_apply_weighted(const S* x, const S* dy, S* dx, int64_t rows, int64_t C, const T* c1,
-                                  const T* c2, const T* shift, const T* c3, const T* w,
+void rows_backward_apply_weighted(const S* x, const S* dy, S* dx, int64_t rows, int64_t C, int64_t ld,
+                                  const T* c1, const T* c2, const T* shift, const T* c3, const T* w,
                                   const ElementTerm<T>* term, bool stream) {
   stream = stream && streams<S>();
-  if (term) rows_backward_apply_impl<S, true, true, true>(x, dy, dx, rows, C, C, c1, c2, shift, c3, stream, w, term);
-  else rows_backward_apply_impl<S, true, true>(x, dy, dx, rows, C, C, c1, c2, shift, c3, stream, w);
+  if (term) rows_backward_apply_impl<S, true, true, true>(x, dy, dx, rows, C, ld, c1, c2, shift, c3, stream, w, term);
+  else rows_backward_apply_impl<S, true, true>(x, dy, dx, rows, C, ld, c1, c2, shift, c3, stream, w);
 }
 
 // Chan et al.'s merge (moments.h: merge) of the moments of L columns at once; both sides' counts
@@ -354,14 +354,15 @@ void merge_columns(const double* mean, const double* m2, int64_t stride, int64_t
                                   const T*, const S*, bool, bool);                                \
   template void rows_backward_apply<S, T>(const S*, const S*, S*, int64_t, int64_t, int64_t, const T*, \
                                           const T*, const T*, const T*, bool);                    \
-  template void rows_dot_weighted<S, T>(const S*, const S*, int64_t, int64_t, const T*, const T*, \
-                                        double*, double*);                                        \
-  template void rows_row_sums<S, T>(const S*, const S*, int64_t, int64_t, const T*, const T*,     \
-                                    const T*, double*, double*);                                  \
-  template void rows_affine_rows<S, T>(const S*, S*, int64_t, int64_t, const T*, const T*,        \
-                                       const T*, const T*, const T*, const ElementTerm<T>*, bool); \
+  template void rows_dot_weighted<S, T>(const S*, const S*, int64_t, int64_t, int64_t, const T*,  \
+                                        const T*, double*, double*);                              \
+  template void rows_row_sums<S, T>(const S*, const S*, int64_t, int64_t, int64_t, const T*,      \
+                                    const T*, const T*, double*, double*);                        \
+  template void rows_affine_rows<S, T>(const S*, S*, int64_t, int64_t, int64_t, const T*,         \
+                                       const T*, const T*, const T*, const T*, const ElementTerm<T>*, \
+                                       bool);                                                     \
   template void rows_backward_apply_weighted<S, T>(const S*, const S*, S*, int64_t, int64_t,      \
-                                                   const T*, const T*, const T*, const T*,        \
+                                                   int64_t, const T*, const T*, const T*, const T*, \
                                                    const T*, const ElementTerm<T>*, bool);
 NK_INSTANTIATE(float, float)
 NK_INSTANTIATE(double, double)

@@ -70,13 +70,14 @@ struct Kernels {
   //   rows_row_sums                gsum[r] = sum_c dy*((x - shift[c])*a[c] + b[c]), bsum[r] = sum_c dy
   //   rows_backward_apply_weighted dx = c1[c]*w[r]*dy + c2[c]*(x - shift[c]) + c3[c] [+ term]
   // (term: an ElementTerm, or null)
-  void (*rows_affine_rows)(const S* x, S* y, int64_t rows, int64_t C, const T* shift, const T* a,
+  // (ld as above)
+  void (*rows_affine_rows)(const S* x, S* y, int64_t rows, int64_t C, int64_t ld, const T* shift, const T* a,
                            const T* b, const T* g, const T* h, const ElementTerm<T>* term, bool stream);
-  void (*rows_dot_weighted)(const S* x, const S* dy, int64_t rows, int64_t C, const T* shift,
+  void (*rows_dot_weighted)(const S* x, const S* dy, int64_t rows, int64_t C, int64_t ld, const T* shift,
                             const T* w, double* A, double* B);
-  void (*rows_row_sums)(const S* x, const S* dy, int64_t rows, int64_t C, const T* shift,
+  void (*rows_row_sums)(const S* x, const S* dy, int64_t rows, int64_t C, int64_t ld, const T* shift,
                         const T* a, const T* b, double* gsum, double* bsum);
-  void (*rows_backward_apply_weighted)(const S* x, const S* dy, S* dx, int64_t rows, int64_t C,
+  void (*rows_backward_apply_weighted)(const S* x, const S* dy, S* dx, int64_t rows, int64_t C, int64_t ld,
                                        const T* c1, const T* c2, const T* shift, const T* c3,
                                        const T* w, const ElementTerm<T>* term, bool stream);
 
