@@ -1017,6 +1017,30 @@ def test_cbn_a_loaded_layer_refills_its_window(rng, assert_close):
             np.testing.assert_array_equal(getattr(fresh, key), getattr(trained, key), err_msg=key)
 
 
+@pytest.mark.parametrize("how", ["load_state_dict", "reset_running_stats"])
+def test_cbn_a_loaded_or_reset_layer_forgets_its_old_window(how, rng):
+    # The stored steps belong to the run before the load (or reset): compensating the next step
+    # with them would mix two runs' weights. The next step is then the current batch alone:
+    # BatchNorm's output.
+    C, shape = 4, (3, 4, 3, 5)
+    layer, other = cbn(C, window=3), cbn(C, window=3)
+    theta = None
+    for _ in range(3):
+        pre = preceding(rng, C, theta)
+        theta = pre[0]
+        layer(make_input(rng, shape, np.float64), *pre)
+        layer.backward(rng.standard_normal(shape))
+    if how == "load_state_dict":
+        layer.load_state_dict(other.state_dict())
+    else:
+        layer.reset_running_stats()
+    assert int(layer.num_batches_tracked) == 0
+    x, pre = make_input(rng, shape, np.float64), preceding(rng, C, theta)
+    y = layer(x, *pre)
+    mean, var = x.mean(axis=(0, 2, 3), keepdims=True), x.var(axis=(0, 2, 3), keepdims=True)
+    np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + layer.eps), rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("argument, kwargs", [
     pytest.param("window", dict(window=0), id="window=0"),
     pytest.param("burnin", dict(burnin=-1), id="burnin=-1"),

@@ -53,14 +53,22 @@ class CrossIterationBatchNorm2d(VariantLayer):
         self.window, self.burnin = window, burnin
         self._running_stats(momentum, True, self.num_features, self.num_features)
         # Earlier training steps: (mean, sqmean, weight, dmean_dweight, dsqmean_dweight), float64
-        # rows per channel, newest last. Not state_dict's (API.md): a loaded layer refills its
-        # window; num_batches_tracked counts the steps the burn-in waits for.
+        # rows per channel, newest last. Not state_dict's (API.md): a loaded (or reset) layer
+        # refills its window; num_batches_tracked counts the steps the burn-in waits for.
         self._history = deque()
 
     def reset_running_stats(self):
         self.running_mean.fill(0)
         self.running_var.fill(1)
         self.num_batches_tracked[...] = 0
+        self._history.clear()
+
+    def load_state_dict(self, state_dict, strict=True):
+        """As NormLayer's; the window of earlier steps is emptied too (their statistics and
+        weights belong to the run before the load), and refills over the next steps."""
+        super().load_state_dict(state_dict, strict)
+        self._history.clear()
+        return self
 
     def forward(self, x, weight=None, dmean_dweight=None, dsqmean_dweight=None):
         y, self._saved = self._forward(x, weight, dmean_dweight, dsqmean_dweight)
