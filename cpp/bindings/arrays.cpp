@@ -94,16 +94,30 @@ struct Block {
 
 }  // namespace
 
-py::array empty_like(const py::array& a) {
-  const size_t bytes = size_t(a.nbytes());
+namespace {
+
+py::array cached(const py::dtype& dtype, std::vector<py::ssize_t> shape, size_t bytes) {
   Block* block = new Block{output_cache().take(bytes), bytes};
   py::capsule owner(block, [](void* b) {
     Block* blk = static_cast<Block*>(b);
     output_cache().give(blk->data, blk->bytes);
     delete blk;
   });
-  std::vector<py::ssize_t> shape(a.shape(), a.shape() + a.ndim());
-  return py::array(a.dtype(), shape, block->data, owner);
+  return py::array(dtype, shape, block->data, owner);
+}
+
+}  // namespace
+
+py::array empty_like(const py::array& a) {
+  return cached(a.dtype(), std::vector<py::ssize_t>(a.shape(), a.shape() + a.ndim()), size_t(a.nbytes()));
+}
+
+py::array_t<double> doubles(int64_t rows, int64_t cols) {
+  const size_t bytes = size_t(rows) * size_t(cols < 0 ? 1 : cols) * sizeof(double);
+  std::vector<py::ssize_t> shape{py::ssize_t(rows)};
+  if (cols >= 0) shape.push_back(py::ssize_t(cols));
+  if (bytes < kCachedDoublesBytes) return py::array_t<double>(shape);
+  return py::array_t<double>(cached(py::dtype::of<double>(), shape, bytes));
 }
 
 }  // namespace nkpy

@@ -81,4 +81,11 @@ T* required(const py::object& obj, int64_t size, const char* name, bool writable
 // A new uninitialized C-contiguous array of a's shape and dtype, from the output cache.
 py::array empty_like(const py::array& a);
 
+// A new uninitialized float64 array of `rows` values (cols < 0) or rows x cols: the statistics
+// and sums the steps return. From the output cache when it is at least kCachedDoublesBytes:
+// LayerNorm2d's per-(n, h, w) statistics are three 800 KB arrays per call, and fresh ones cost a
+// page fault per 4 KB, a third of its forward.
+constexpr size_t kCachedDoublesBytes = size_t(64) << 10;
+py::array_t<double> doubles(int64_t rows, int64_t cols = -1);
+
 }  // namespace nkpy

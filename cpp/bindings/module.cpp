@@ -21,7 +21,7 @@ template <class S>
 py::tuple moments_impl(const nk::Plan& plan, const py::array& x) {
   nk::check_plan(plan);  // before any size is computed from it
   const S* px = required<S>(x, plan.planes() * plan.S, "x", false);
-  py::array_t<double> mean(plan.num_groups()), var(plan.num_groups());
+  py::array_t<double> mean = doubles(plan.num_groups()), var = doubles(plan.num_groups());
   double *pm = mean.mutable_data(), *pv = var.mutable_data();
   {
     py::gil_scoped_release nogil;
@@ -67,7 +67,7 @@ py::tuple normalize_batch_stats_impl(const nk::Plan& plan, const py::array& x, d
                                      const py::object& y, const py::object& residual, bool relu) {
   const ApplyArrays<S> a(plan, x, weight, bias, y, residual);
   const int64_t G = plan.num_groups();
-  py::array_t<double> mean(G), var(G), rstd(G);
+  py::array_t<double> mean = doubles(G), var = doubles(G), rstd = doubles(G);
   double *pm = mean.mutable_data(), *pv = var.mutable_data(), *pr = rstd.mutable_data();
   {
     py::gil_scoped_release nogil;
@@ -194,7 +194,7 @@ py::tuple backward_sums_impl(const nk::Plan& plan, const py::array& x, const py:
   const S *px = required<S>(x, n, "x", false), *pdy = required<S>(dy, n, "dy", false);
   const Coefficients m(plan, mean, "mean");
   const double* pm = m.data;
-  py::array_t<double> sum_dy(plan.num_sample_sets * plan.C), sum_dy_xmu(plan.num_sample_sets * plan.C);
+  py::array_t<double> sum_dy = doubles(plan.num_sample_sets * plan.C), sum_dy_xmu = doubles(plan.num_sample_sets * plan.C);
   double *pb = sum_dy.mutable_data(), *pa = sum_dy_xmu.mutable_data();
   {
     py::gil_scoped_release nogil;
@@ -391,7 +391,7 @@ PYBIND11_MODULE(_core, m) {
       const int64_t n = plan.planes() * plan.S, K = plan.num_sample_sets * plan.C;
       const S *px = required<S>(x, n, "x", false), *pdy = required<S>(dy, n, "dy", false);
       const nk::PointwiseCoefficients c = pointwise_coefficients(plan, coef);
-      sums = py::array_t<double>({py::ssize_t(nk::kPointwiseSums), py::ssize_t(K)});
+      sums = doubles(nk::kPointwiseSums, K);
       double* ps = sums.mutable_data();
       py::gil_scoped_release nogil;
       nk::pointwise_sums<S>(plan, o, px, pdy, c, ps);
@@ -451,7 +451,7 @@ PYBIND11_MODULE(_core, m) {
       S* py_ = required<S>(out, n, "out", true);
       const T *pw = required<T>(weight, plan.S, "weight", false), *pb = required<T>(bias, plan.S, "bias", false);
       const SampleTermArg term(plan, sample_term, false);
-      py::array_t<double> mean(G), var(G), rstd(G);
+      py::array_t<double> mean = doubles(G), var = doubles(G), rstd = doubles(G);
       double *pm = mean.mutable_data(), *pv = var.mutable_data(), *pr = rstd.mutable_data();
       {
         py::gil_scoped_release nogil;
@@ -504,7 +504,7 @@ PYBIND11_MODULE(_core, m) {
       const S *px = required<S>(x, n, "x", false), *pdy = required<S>(dy, n, "dy", false);
       const T* pw = required<T>(weight, plan.S, "weight", false);
       const Coefficients m(plan, mean, "mean"), sc(plan, scale, "scale"), o(plan, offset, "offset");
-      py::array_t<double> b(K), a(K), dw(plan.S), db(plan.S);
+      py::array_t<double> b = doubles(K), a = doubles(K), dw = doubles(plan.S), db = doubles(plan.S);
       double *pb = b.mutable_data(), *pa = a.mutable_data(), *pdw = dw.mutable_data(), *pdb = db.mutable_data();
       {
         py::gil_scoped_release nogil;
@@ -537,6 +537,33 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("plan"), py::arg("x"), py::arg("dy"), py::arg("mean"), py::arg("c1"), py::arg("c2"), py::arg("c3"),
      py::arg("weight"), py::arg("dx"), py::arg("sample_term") = py::none(),
      "dx = c1[k]*weight[s]*dy + c2[k]*(x - mean[k]) + c3[k] [+ the sample term's]; channels-last plans.");
+
+  m.def("normalize_backward_positions", [](const nk::Plan& plan, const py::array& x, const py::object& dy,
+                                           const py::object& mean, const py::object& rstd, const py::object& weight,
+                                           const py::object& dx) {
+    py::tuple out;
+    dispatch(x, [&](auto s) {
+      using S = decltype(s);
+      using T = nk::compute_t<S>;
+      nk::check_step_plan(plan);
+      const int64_t n = plan.planes() * plan.S, G = plan.num_groups();
+      const S *px = required<S>(x, n, "x", false), *pdy = required<S>(dy, n, "dy", false);
+      S* pdx = required<S>(dx, n, "dx", true);
+      const T* pw = required<T>(weight, plan.S, "weight", false);
+      const double *pm = required<double>(mean, G, "mean", false), *pr = required<double>(rstd, G, "rstd", false);
+      py::array_t<double> dw = doubles(plan.S), db = doubles(plan.S);
+      double *pdw = dw.mutable_data(), *pdb = db.mutable_data();
+      {
+        py::gil_scoped_release nogil;
+        nk::normalize_backward_positions<S>(plan, px, pdy, pm, pr, pw, pdx, pdw, pdb);
+      }
+      out = py::make_tuple(dw, db);
+    });
+    return out;
+  }, py::arg("plan"), py::arg("x"), py::arg("dy"), py::arg("mean"), py::arg("rstd"), py::arg("weight"),
+     py::arg("dx"),
+     "LayerNorm's backward over normalize_batch_stats_positions' plan, mean and rstd: dx, and returns "
+     "(dweight, dbias) per position.");
 
   m.def("conv2d_stat_jacobians", [](const py::array& x, const py::array& weight, int64_t stride_h,
                                     int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dilation_h,

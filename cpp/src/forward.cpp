@@ -174,8 +174,14 @@ void normalize_by_sample(const Plan& plan, const S* x, double eps, const compute
   const int64_t C = plan.C, gps = plan.groups_per_set(), cpg = plan.channels_per_group;
   const ChunkResults cr(ch.count);
   double *const cmean = cr.first, *const cm2 = cr.second;
-  std::vector<T> shift(plan.planes()), a(plan.planes()), b(plan.planes());
-  std::vector<double> pmean(plan.planes()), pm2(plan.planes());
+  // Per plane: its coefficients and its moments (kept: LayerNorm2d has a plane per (n, h, w)).
+  const int64_t P = plan.planes();
+  std::vector<T> own_coefs;
+  std::vector<double> own_moments;
+  T* const shift = kept_storage<kPlaneCoefs>(3 * P, own_coefs);
+  T *const a = shift + P, *const b = a + P;
+  double* const pmean = kept_storage<kPlaneMoments>(2 * P, own_moments);
+  double* const pm2 = pmean + P;
   const bool stream = large_output<S>(plan);
   const SampleTermPlanes<T> t = term ? SampleTermPlanes<T>(*term, C * plan.S) : SampleTermPlanes<T>(SampleTerm{}, 0);
   const bool planes = plane_groups(plan);
@@ -190,12 +196,25 @@ void normalize_by_sample(const Plan& plan, const S* x, double eps, const compute
       const int64_t slot = ch.slot(n * C, j) + c0;
       k.rows_moments(x + ch.start(n * ch.per_seg + j) + c0, ch.length(j), width, C, &cmean[slot], &cm2[slot]);
     }
-    merge_plane_chunks(ch, n, c0, c0 + width, cmean, cm2, pmean.data(), pm2.data());  // moments.h: per plane,
-    // then per group: channels [gi*cpg, (gi+1)*cpg) (with blocks, the block's columns)
+    merge_plane_chunks(ch, n, c0, c0 + width, cmean, cm2, pmean, pm2);  // moments.h: per plane,
+    if (planes && !plan.skip_mean && !term && plan.S > 0 && !plan.column_affine) {
+      // Every column its own group: finish_group and channel_coef's arithmetic in one loop the
+      // compiler vectorizes (LayerNorm2d's cells have C elements each, and their scalar
+      // finishing was as long as their moments).
+      const double count = double(plan.S);
+      for (int64_t c = c0; c < c0 + width; ++c) {
+        const int64_t g = n * C + c;
+        const double mu = pmean[g], v = pm2[g] / count, r = 1.0 / std::sqrt(v + eps);
+        mean[g] = mu, var[g] = v, rstd[g] = r;
+        const double scale = weight ? r * double(weight[c]) : r, offset = bias ? double(bias[c]) : 0.0;
+        const T sh = T(mu);
+        shift[g] = sh, a[g] = T(scale), b[g] = T(offset + (double(sh) - mu) * scale);
+      }
+    } else  // then per group: channels [gi*cpg, (gi+1)*cpg) (with blocks, the block's columns)
     for (int64_t gi = c0 / cpg; gi < (c0 + width) / cpg; ++gi) {
       const int64_t g = n * gps + gi;
       finish_group(plan, planes ? Moments{double(plan.S), pmean[g], pm2[g]}
-                                : merge_planes(index, g, plan.S, pmean.data(), pm2.data()), &mean[g], &var[g]);
+                                : merge_planes(index, g, plan.S, pmean, pm2), &mean[g], &var[g]);
       rstd[g] = 1.0 / std::sqrt(var[g] + eps);
       for (int64_t c = gi * cpg; c < (gi + 1) * cpg; ++c) {
         PlaneCoef<T> f = channel_coef(plan, g, c, mean, rstd, weight, bias);
@@ -211,10 +230,10 @@ void normalize_by_sample(const Plan& plan, const S* x, double eps, const compute
       const int64_t s = ch.start(n * ch.per_seg + j) + c0;
       const ElementTerm<T> e = term ? t.at(j * ch.step * C + c0) : ElementTerm<T>{};
       if (row_weight)
-        k.rows_affine_rows(x + s, y + s, ch.length(j), width, C, &shift[p0], &a[p0], &b[p0],
+        k.rows_affine_rows(x + s, y + s, ch.length(j), width, C, shift + p0, a + p0, b + p0,
                            row_weight + j * ch.step, row_bias + j * ch.step, term ? &e : nullptr, stream);
       else
-        k.rows_affine(x + s, y + s, ch.length(j), width, C, &shift[p0], &a[p0], &b[p0],
+        k.rows_affine(x + s, y + s, ch.length(j), width, C, shift + p0, a + p0, b + p0,
                       residual ? residual + s : nullptr, relu, stream);
     }
   });

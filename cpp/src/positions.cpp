@@ -99,6 +99,59 @@ void backward_apply_positions(const Plan& plan, const S* x, const S* dy, const d
   });
 }
 
+template <class S>
+void normalize_backward_positions(const Plan& plan, const S* x, const S* dy, const double* mean,
+                                  const double* rstd, const compute_t<S>* weight, S* dx, double* dweight,
+                                  double* dbias) {
+  using T = compute_t<S>;
+  check_positions_plan(plan);
+  if (!plane_groups(plan) || plan.skip_mean)
+    throw std::invalid_argument("invalid plan: normalize_backward_positions takes a channels-last plan of one group per column of each sample");
+  const Kernels<S>& k = kernels().get<S>();
+  const Chunks ch = Chunks::planes(plan);
+  const int64_t C = plan.C, S_ = plan.S, nb = ch.col_blocks();
+  const double inv_m = 1.0 / double(S_);
+  const bool stream = stream_output(plan.planes() * S_ * int64_t(sizeof(S)));
+  std::vector<double> rg(plan.N * nb * S_), rb(plan.N * nb * S_);  // per (sample, block, position)
+  parallel_for(plan.N * nb, 3 * S_ * (C / nb), [&](int64_t item) {
+    const int64_t n = item / nb, c0 = nb == 1 ? 0 : (item % nb) * kWideRow;
+    const int64_t width = nb == 1 ? C : std::min(kWideRow, C - c0), p0 = n * C + c0;
+    // The block's columns: x_hat's affine (as set_channel_affine), then the chunks' sums.
+    static thread_local std::vector<T> coef;
+    static thread_local std::vector<double> sums;
+    coef.resize(6 * width), sums.resize(2 * ch.per_seg * width);
+    T *const shift = coef.data(), *const a = shift + width, *const b = a + width;
+    T *const c1 = b + width, *const c2 = c1 + width, *const c3 = c2 + width;
+    for (int64_t c = 0; c < width; ++c) {
+      const double mu = mean[p0 + c], r = rstd[p0 + c];
+      shift[c] = T(mu), a[c] = T(r), b[c] = T((double(shift[c]) - mu) * r);
+    }
+    double *const A = sums.data(), *const B = A + ch.per_seg * width;
+    for (int64_t j = 0; j < ch.per_seg; ++j) {
+      const int64_t s = ch.start(n * ch.per_seg + j) + c0, r0 = j * ch.step, rows = ch.length(j);
+      const int64_t rs = item * S_ + r0;
+      k.rows_dot_weighted(x + s, dy + s, rows, width, C, shift, weight + r0, &A[j * width], &B[j * width]);
+      k.rows_row_sums(x + s, dy + s, rows, width, C, shift, a, b, &rg[rs], &rb[rs]);
+    }
+    for (int64_t c = 0; c < width; ++c) {  // chunks in order, about the mean, then the fold
+      double sa = 0, sb = 0;
+      for (int64_t j = 0; j < ch.per_seg; ++j) sa += A[j * width + c], sb += B[j * width + c];
+      const double mu = mean[p0 + c], r = rstd[p0 + c];
+      sa += (double(shift[c]) - mu) * sb;
+      const double k2 = -r * r * r * sa * inv_m, k3 = -r * sb * inv_m;
+      c1[c] = T(r), c2[c] = T(k2), c3[c] = T(k3 + k2 * (double(shift[c]) - mu));
+    }
+    for (int64_t j = 0; j < ch.per_seg; ++j) {
+      const int64_t s = ch.start(n * ch.per_seg + j) + c0, r0 = j * ch.step;
+      k.rows_backward_apply_weighted(x + s, dy + s, dx + s, ch.length(j), width, C, c1, c2, shift, c3,
+                                     weight + r0, nullptr, stream);
+    }
+  });
+  std::fill_n(dweight, S_, 0.0), std::fill_n(dbias, S_, 0.0);
+  for (int64_t i = 0; i < plan.N * nb; ++i)  // per position, in (sample, block) order
+    for (int64_t r = 0; r < S_; ++r) dweight[r] += rg[i * S_ + r], dbias[r] += rb[i * S_ + r];
+}
+
 #define NK_INSTANTIATE(S)                                                                              \
   template void apply_coefficients_positions<S>(const Plan&, const S*, const double*, const double*,   \
                                                 const double*, const compute_t<S>*, const compute_t<S>*, S*); \
@@ -107,7 +160,9 @@ void backward_apply_positions(const Plan& plan, const S* x, const S* dy, const d
                                            double*);                                                   \
   template void backward_apply_positions<S>(const Plan&, const S*, const S*, const double*, const double*, \
                                             const double*, const double*, const compute_t<S>*, S*,         \
-                                            const SampleTerm*);
+                                            const SampleTerm*);                                     \
+  template void normalize_backward_positions<S>(const Plan&, const S*, const S*, const double*,          \
+                                                const double*, const compute_t<S>*, S*, double*, double*);
 NK_INSTANTIATE(float)
 NK_INSTANTIATE(double)
 NK_INSTANTIATE(f16)

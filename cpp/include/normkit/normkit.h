@@ -107,6 +107,15 @@ template <class S>
 void backward_apply_positions(const Plan& plan, const S* x, const S* dy, const double* mean, const double* c1,
                               const double* c2, const double* c3, const compute_t<S>* weight, S* dx,
                               const SampleTerm* term = nullptr);
+// LayerNorm's backward over a positions plan in one call (normalize_batch_stats_positions'
+// plan, its mean and rstd): per (sample, block of columns) while it is in cache, the sums, the
+// standardization's fold per column (M = plan.S positions: dx = r w dy - r B/M - r^3 (x - mean)
+// A/M with B = sum w dy, A = sum w dy (x - mean)) and dx; dweight[s] and dbias[s] as
+// backward_sums_positions'. The same sums and coefficients as those two steps and the fold.
+template <class S>
+void normalize_backward_positions(const Plan& plan, const S* x, const S* dy, const double* mean,
+                                  const double* rstd, const compute_t<S>* weight, S* dx, double* dweight,
+                                  double* dbias);
 
 // Local response normalization (torch's local_response_norm) of x viewed as (N, C, S): per
 // position, d_c = k + alpha/size * sum of x_j^2 over channels j in [c - size/2, c + (size-1)/2]

@@ -161,9 +161,11 @@ class VariantLayer(NormLayer):
 
     _ranks = " (N, C, H, W)"
 
+    _channels_arg = "num_features"  # the constructor's name for the channel count, for messages
+
     def _setup(self, num_features, eps, affine, dtype, layout, affine_shape=None):
         self.layout = _checks.layout_arg(layout)
-        self.num_features = _checks.positive_int(num_features, "num_features")
+        self.num_features = _checks.positive_int(num_features, self._channels_arg)
         self.eps = _checks.nonneg_float(eps, "eps")
         self.affine = bool(affine)
         self._set_dtype(dtype)
@@ -191,7 +193,7 @@ class VariantLayer(NormLayer):
         nhwc = self.layout == "NHWC"
         _checks.layer_input(x, self.dtype, ndims=(4,), channels=self.num_features,
                             ranks=" (N, H, W, C)" if nhwc else self._ranks,
-                            channel_dim=-1 if nhwc else 1)
+                            channel_dim=-1 if nhwc else 1, channels_arg=self._channels_arg)
         xc = _checks.contiguous(x)
         return xc, _engine.planes(xc, self.layout)
 

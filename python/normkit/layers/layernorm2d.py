@@ -2,7 +2,7 @@
 import numpy as np
 
 from .. import _core
-from ._variant import PositionsSaved, StepSaved, VariantLayer
+from ._variant import StepSaved, VariantLayer
 
 
 class LayerNorm2d(VariantLayer):
@@ -13,10 +13,12 @@ class LayerNorm2d(VariantLayer):
 
     Without a transpose: NCHW memory is read as a channels-last plan whose rows are the channels
     and whose columns are the H*W positions, so each (n, h, w) is a column's statistics group and
-    the per-channel affine is per row (the core's per-position steps). The forward goes sample by
-    sample (its statistics, then its output while it is in cache); the backward is one sums pass
-    and one apply pass.
+    the per-channel affine is per row (the core's per-position steps). Forward and backward each
+    go sample by sample, a block of the sample's columns at a time: its statistics (or sums),
+    then its output (or dx) while the block is in cache.
     """
+
+    _channels_arg = "num_channels"
 
     def __init__(self, num_channels, eps=1e-6, affine=True, dtype=np.float32):
         super().__init__()
@@ -31,20 +33,33 @@ class LayerNorm2d(VariantLayer):
         if x.size == 0:
             return _core.empty_like(x), StepSaved(plan, x, np.zeros(N * S), None, x.shape)
         y = _core.empty_like(x)
+        # Sample by sample, block by block of its columns: their statistics, then their output
+        # while in cache. Without affine the per-row weight is 1 (its gradients unused).
         if self.weight is None:
-            mean, _, r = _core.normalize_batch_stats(plan, x, self.eps, None, None, y)
-        else:  # sample by sample: its columns' statistics, then its output while in cache
-            mean, _, r = _core.normalize_batch_stats_positions(plan, x, self.eps, self.weight, self.bias, y)
-
-        # LayerNorm's backward per cell (tests/reference.py: layer_norm_2d_backward), with the
-        # weight inside the sums: B = sum w dy, A = sum w dy (x - mu) over the C channels,
-        # dx = r w dy - r B/C - r^3 (x - mu) A/C.
-        def fold(B, A):
-            return r, -r ** 3 * A / C, -r * B / C
-
-        if self.weight is None:
-            return y, StepSaved(plan, x, mean, lambda B, A: fold(B, A) + ({},), x.shape)
-        return y, PositionsSaved(plan, x, mean, r, self.weight, fold, x.shape, self._param_grads)
+            compute = np.float64 if x.dtype == np.float64 else np.float32  # the core's compute type
+            weight, bias = np.ones(C, compute), np.zeros(C, compute)
+        else:
+            weight, bias = self.weight, self.bias
+        mean, _, rstd = _core.normalize_batch_stats_positions(plan, x, self.eps, weight, bias, y)
+        return y, LayerNorm2dSaved(plan, x, mean, rstd, weight, x.shape, self._param_grads)
 
     def extra_repr(self):
         return f"{self.num_channels}, eps={self.eps}, affine={self.affine}"
+
+
+class LayerNorm2dSaved:
+    """LayerNorm2d's backward in one core call (tests/reference.py: layer_norm_2d_backward):
+    per cell, with the weight inside the sums, B = sum w dy, A = sum w dy (x - mu) over the C
+    channels, dx = r w dy - r B/C - r^3 (x - mu) A/C; the core folds them column block by
+    column block while the block is in cache."""
+
+    __slots__ = ("plan", "x", "mean", "rstd", "weight", "shape", "grads")
+
+    def __init__(self, plan, x, mean, rstd, weight, shape, grads):
+        self.plan, self.x, self.mean, self.rstd, self.weight = plan, x, mean, rstd, weight
+        self.shape, self.grads = shape, grads
+
+    def backward(self, dy):
+        dx = _core.empty_like(self.x)
+        dw, db = _core.normalize_backward_positions(self.plan, self.x, dy, self.mean, self.rstd, self.weight, dx)
+        return dx.reshape(self.shape), self.grads(dw, db)
