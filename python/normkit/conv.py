@@ -1,7 +1,6 @@
 """The statistics Jacobians of a convolution, for CrossIterationBatchNorm2d."""
 import numbers
 
-
 from . import _checks, _core
 
 
