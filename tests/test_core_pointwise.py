@@ -142,3 +142,133 @@ def test_evonorm_b0_where_the_right_side_is_zero_and_loses_the_gradients_are_fin
     coef[P], coef[Q], coef[R] = 0.75, 1.0, 0.5  # u = -0.5: q u + r = 0 < p
     sums = _core.pointwise_sums(plan, int(_core.Pointwise.evo_b0), np.array([-0.5]), np.ones(1), coef)
     np.testing.assert_allclose(sums[2:, 0], [1 / 0.75, -0.5 / 0.75, 0.5 / 0.75 ** 2, 0.0, 0.0])
+
+
+# -- pointwise_backward_fused: the sums and dx in one pass ----------------------------------------
+# dx = c1*g + (c2 + q2)*(x - center) + c3 + q3, with q2 = sum over a cluster of planes of
+# k2 . sums (k3 likewise): the same as pointwise_sums, the fold in NumPy, then pointwise_backward.
+
+def fused_against_steps(plan, op, x, dy, coef, c1, c2, c3, cluster=1, k2=None, k3=None):
+    """(sums, dx) of the fused call and of the two steps with the fold done here."""
+    dx = np.empty_like(x)
+    sums = _core.pointwise_backward_fused(plan, op, x, dy, coef, c1, c2, c3, dx, cluster, k2, k3)
+    want_sums = _core.pointwise_sums(plan, op, x, dy, coef)
+    K = want_sums.shape[1]
+    q2, q3 = (np.zeros(K) if k is None else
+              np.repeat((k * want_sums).sum(axis=0).reshape(-1, cluster).sum(axis=1), cluster) for k in (k2, k3))
+    want_dx = np.empty_like(x)
+    _core.pointwise_backward(plan, op, x, dy, coef, c1, c2 + q2, c3 + q3, want_dx)
+    return sums, want_sums, dx, want_dx
+
+
+FUSED_CASES = [pytest.param(S, cluster, dt, id=f"S{S}-cluster{cluster}-{np.dtype(dt).name}")
+               for S in (37, 1, 40000) for cluster in (1, 2, 4) for dt in (np.float32, np.float64)]
+FUSED_CASES += [pytest.param(37, 2, np.float16, id="S37-cluster2-float16-g-not-kept"),
+                pytest.param(70000, 4, np.float32, id="S70000-cluster4-float32-g-not-kept")]
+
+
+@pytest.mark.parametrize("S, cluster, dtype", FUSED_CASES)
+@pytest.mark.parametrize("name", ["tlu", "swish_gate", "gelu"])
+def test_fused_backward_with_a_local_fold_equals_the_two_steps(name, cluster, S, dtype, isa, rng, assert_close):
+    # float32/64 keep g = dy*f'(u) of a cluster up to 2^18 elements for dx; float16 and larger
+    # clusters evaluate the activation again
+    plan, x, dy, coef = case(rng, N=2, C=4, S=S)
+    x, dy = x.astype(dtype), dy.astype(dtype)
+    op = int(getattr(_core.Pointwise, name))
+    K = 8
+    c1, c2, c3 = rng.normal(size=K), rng.normal(size=K), rng.normal(size=K)
+    k2, k3 = rng.normal(size=(7, K)) / S, rng.normal(size=(7, K)) / S
+    sums, want_sums, dx, want_dx = fused_against_steps(plan, op, x, dy, coef, c1, c2, c3, cluster, k2, k3)
+    assert_close(sums, want_sums, np.float64 if dtype == np.float64 else np.float32)
+    if dtype == np.float16:  # both float32 math, rounded once to float16: at most one step apart
+        want = want_dx.astype(np.float64)
+        assert np.all(np.abs(dx.astype(np.float64) - want) <= 2.0 ** -10 * np.maximum(np.abs(want), 2.0 ** -14))
+    else:
+        assert_close(dx, want_dx, dtype)
+    assert not np.allclose(dx, fused_against_steps(plan, op, x, dy, coef, c1, c2, c3)[2])  # q2, q3 count
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_fused_backward_without_a_fold_on_a_plan_of_channels(dtype, rng, assert_close):
+    # Proxy Norm's: cells pool every sample's plane of a channel; dx needs no sums
+    N, C, S = 3, 5, 4100
+    x, dy = (rng.normal(size=(N, C, S)).astype(dtype) for _ in range(2))
+    plan = _core.plan_per_channel(N, C, S)
+    coef = np.stack([np.zeros(C), rng.uniform(0.5, 2, C), rng.normal(size=C), *np.zeros((3, C)),
+                     rng.uniform(0.5, 1.5, C), rng.normal(size=C), np.zeros(C)])
+    c1 = rng.uniform(0.5, 1.5, C)
+    sums, want_sums, dx, want_dx = fused_against_steps(plan, int(_core.Pointwise.gelu), x, dy, coef, c1, 0.0, 0.0)
+    assert_close(sums, want_sums, dtype)
+    assert_close(dx, want_dx, dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_fused_backward_bitwise_the_same_for_one_and_two_threads(dtype, rng):
+    plan, x, dy, coef = case(rng, N=4, C=6, S=3000)
+    x, dy = x.astype(dtype), dy.astype(dtype)
+    k2 = rng.normal(size=(7, 24))
+    before, results = normkit.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            normkit.set_num_threads(threads)
+            dx = np.empty_like(x)
+            sums = _core.pointwise_backward_fused(plan, int(_core.Pointwise.swish_gate), x, dy, coef, 1.0, 0.5, 0.0,
+                                                  dx, 3, k2, None)
+            results.append((sums, dx))
+    finally:
+        normkit.set_num_threads(before)
+    for one, two in zip(*results):
+        np.testing.assert_array_equal(one, two)
+
+
+def test_fused_backward_refuses_a_local_fold_it_cannot_do():
+    x, dy, dx = np.ones(24), np.ones(24), np.full(24, 7.0)
+    coef, k2 = np.zeros((9, 3)), np.zeros((7, 3))
+    with pytest.raises(ValueError, match="cells are the planes"):  # cells pool samples
+        _core.pointwise_backward_fused(_core.plan_per_channel(2, 3, 4), 0, x, dy, coef, 1.0, 0.0, 0.0, dx, 1, k2)
+    plan = _core.plan_per_channel_in_sets(2, 3, 4, [0, 1])
+    with pytest.raises(ValueError, match="cluster must divide"):
+        _core.pointwise_backward_fused(plan, 0, x, dy, np.zeros((9, 6)), 1.0, 0.0, 0.0, dx, 2, np.zeros((7, 6)))
+    with pytest.raises(ValueError, match="k2: expected 42 elements"):
+        _core.pointwise_backward_fused(plan, 0, x, dy, np.zeros((9, 6)), 1.0, 0.0, 0.0, dx, 1, k2)
+    assert np.all(dx == 7.0)
+
+
+# -- apply_pointwise_normalized: a cluster's statistics, then its output while in cache ----------
+
+@pytest.mark.parametrize("S", [37, 1, 5000], ids=["S37", "S1", "S5000-chunks"])
+@pytest.mark.parametrize("cluster", [1, 2, 4])
+@pytest.mark.parametrize("skip_mean, scaled", [(True, 0), (False, 1)], ids=["rms-into-a", "std-into-scale"])
+def test_normalized_apply_equals_the_statistics_then_apply_pointwise(skip_mean, scaled, cluster, S, isa, rng,
+                                                                      assert_close):
+    plan, x, _, coef = case(rng, N=2, C=4, S=S)
+    x = x + 3.0  # a mean to subtract (or not)
+    op, eps = int(_core.Pointwise.swish_gate), 1e-3
+    y = np.empty_like(x)
+    mean, var, used = _core.apply_pointwise_normalized(plan, op, x, coef, cluster, skip_mean, eps, scaled, y)
+    groups = x.reshape(-1, cluster * S)
+    want_mean = np.zeros(len(groups)) if skip_mean else groups.mean(axis=1)
+    want_var = (groups ** 2).mean(axis=1) if skip_mean else groups.var(axis=1)
+    assert_close(mean, want_mean, np.float64)
+    assert_close(var, want_var, np.float64)
+    r = np.repeat(1.0 / np.sqrt(want_var + eps), cluster)
+    want_coef = coef.copy()
+    want_coef[1 if scaled == 0 else 6] *= r
+    if not skip_mean:
+        want_coef[8] = np.repeat(want_mean, cluster)
+    assert_close(used, want_coef, np.float64)
+    want_y = np.empty_like(x)
+    _core.apply_pointwise(plan, op, x, used, want_y)
+    np.testing.assert_array_equal(y, want_y)  # the same kernel on the coefficients it reports
+
+
+def test_normalized_apply_refuses_a_plan_it_cannot_do():
+    x, y = np.ones(24), np.full(24, 7.0)
+    with pytest.raises(ValueError, match="cells are the planes"):
+        _core.apply_pointwise_normalized(_core.plan_per_channel(2, 3, 4), 0, x, np.zeros((9, 3)), 1, True, 0.1, 0, y)
+    plan = _core.plan_per_channel_in_sets(2, 3, 4, [0, 1])
+    with pytest.raises(ValueError, match="cluster"):
+        _core.apply_pointwise_normalized(plan, 0, x, np.zeros((9, 6)), 2, True, 0.1, 0, y)
+    with pytest.raises(ValueError, match="scaled"):
+        _core.apply_pointwise_normalized(plan, 0, x, np.zeros((9, 6)), 1, True, 0.1, 2, y)
+    assert np.all(y == 7.0)

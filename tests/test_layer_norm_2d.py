@@ -73,6 +73,16 @@ def same_bits(got, want, what):
     assert np.ascontiguousarray(got).tobytes() == np.ascontiguousarray(want).tobytes(), f"{what} differs"
 
 
+def one_rounding_of(got, want32, half, what):
+    """got (of the half type) is want32 rounded to it, or a neighbour of that half value."""
+    rounded = want32.astype(got.dtype)
+    assert got.dtype == rounded.dtype and got.shape == rounded.shape, what
+    step = HALF_EPS[half] * np.maximum(np.abs(rounded.astype(np.float64)), 2.0 ** -14)  # an ulp, or more
+    off = np.abs(got.astype(np.float64) - rounded.astype(np.float64))
+    assert np.all(off <= step), f"{what}: {np.count_nonzero(off > step)} values beyond one rounding"
+    assert np.count_nonzero(off) <= max(2, got.size // 100), f"{what}: not the float32 result's rounding"
+
+
 def case(shape, note):
     return pytest.param(shape, id=f"{shape_id(shape)}-{note}")
 
@@ -213,9 +223,10 @@ def test_a_samples_output_does_not_depend_on_the_other_samples(rng):
                                    case((1, 70, 25, 25), "C70-S625-blocks-and-chunks")])
 @AFFINE
 def test_half_input_is_computed_in_float32(half, shape, affine):
-    # Computed in float32 from the exact half inputs and rounded once: the bits of the float32
-    # layer on the upcast values, rounded to the half type, with the same float32 parameter
-    # gradients; and so within an ulp of the half type (HALF_EPS) of the float64 reference.
+    # Computed in float32 from the exact half inputs and rounded once: the float32 layer's result
+    # on the upcast values, rounded to the half type, or (where the two compiled kernels' float32
+    # roundings differ, seen in a sanitizer build) the half value next to it; the float32 parameter
+    # gradients up to float32 rounding; and so within an ulp of the half type (HALF_EPS) of the float64 reference.
     hdt = half_dtype(half)
     layer = prepared(shape[1], np.float32, affine)
     rng = np.random.default_rng(1)
@@ -225,11 +236,11 @@ def test_half_input_is_computed_in_float32(half, shape, affine):
     dx32 = layer.backward(dy.astype(np.float32))
     grads32 = dict(layer.grads)
     y, dx = layer(x), layer.backward(dy)
-    same_bits(y, y32.astype(hdt), "y")
-    same_bits(dx, dx32.astype(hdt), "dx")
+    one_rounding_of(y, y32, half, "y")
+    one_rounding_of(dx, dx32, half, "dx")
     assert layer.grads.keys() == grads32.keys()
     for key, g in grads32.items():
-        same_bits(layer.grads[key], g, f"d{key}")
+        np.testing.assert_allclose(layer.grads[key], g, rtol=1e-5, atol=1e-6 * np.max(np.abs(g)), err_msg=key)
     want_dx, want_dw, want_db = reference_backward(layer, x, dy)
     want_grads = {"weight": want_dw, "bias": want_db} if affine else {}
     check_half_input_all(layer, x, dy, reference_y(layer, x), want_dx, want_grads, half)

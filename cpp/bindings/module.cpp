@@ -419,6 +419,65 @@ PYBIND11_MODULE(_core, m) {
      py::arg("c2"), py::arg("c3"), py::arg("dx"),
      "dx = c1[k]*dy*f'(u) + c2[k]*(x - center[k]) + c3[k] per cell (c1..c3 as apply_coefficients').");
 
+  m.def("apply_pointwise_normalized", [](const nk::Plan& plan, int op, const py::array& x, const py::object& coef,
+                                         int64_t cluster, bool skip_mean, double eps, int scaled, const py::object& out) {
+    const nk::Pointwise o = pointwise_op(op);
+    if (scaled != 0 && scaled != 1) throw py::value_error("scaled: expected 0 (a) or 1 (scale)");
+    py::tuple result;
+    dispatch(x, [&](auto s) {
+      using S = decltype(s);
+      nk::check_step_plan(plan);
+      const int64_t n = plan.planes() * plan.S, K = plan.num_sample_sets * plan.C;
+      const S* px = required<S>(x, n, "x", false);
+      S* py_ = required<S>(out, n, "out", true);
+      const nk::PointwiseCoefficients c = pointwise_coefficients(plan, coef);
+      if (cluster < 1 || plan.C % cluster != 0) throw py::value_error("cluster: expected a divisor of the channels");
+      const int64_t G = plan.planes() / cluster;
+      py::array_t<double> mean = doubles(G), var = doubles(G), out_coef = doubles(9, K);
+      double *pm = mean.mutable_data(), *pv = var.mutable_data(), *pc = out_coef.mutable_data();
+      {
+        py::gil_scoped_release nogil;
+        nk::apply_pointwise_normalized<S>(plan, o, px, c, cluster, skip_mean, eps, nk::PointwiseScaled(scaled), py_,
+                                          pm, pv, pc);
+      }
+      result = py::make_tuple(mean, var, out_coef);
+    });
+    return result;
+  }, py::arg("plan"), py::arg("op"), py::arg("x"), py::arg("coef"), py::arg("cluster"), py::arg("skip_mean"),
+     py::arg("eps"), py::arg("scaled"), py::arg("out"),
+     "Per cluster of planes its (mean, var) (skip_mean: 0 and mean of x^2), r = 1/sqrt(var + eps), then out = "
+     "apply_pointwise with coef's a (scaled=0) or scale (scaled=1) times r and center = mean; returns (mean, var, "
+     "the (9, K) coefficients used).");
+
+  m.def("pointwise_backward_fused", [](const nk::Plan& plan, int op, const py::array& x, const py::object& dy,
+                                       const py::object& coef, const py::object& c1, const py::object& c2,
+                                       const py::object& c3, const py::object& dx, int64_t cluster,
+                                       const py::object& k2, const py::object& k3) {
+    const nk::Pointwise o = pointwise_op(op);
+    py::array_t<double> sums;
+    dispatch(x, [&](auto s) {
+      using S = decltype(s);
+      nk::check_step_plan(plan);
+      const int64_t n = plan.planes() * plan.S, K = plan.num_sample_sets * plan.C;
+      const S *px = required<S>(x, n, "x", false), *pdy = required<S>(dy, n, "dy", false);
+      S* pdx = required<S>(dx, n, "dx", true);
+      const nk::PointwiseCoefficients c = pointwise_coefficients(plan, coef);
+      const Coefficients a(plan, c1, "c1"), b(plan, c2, "c2"), d(plan, c3, "c3");
+      const double* pk2 = data_of<double>(k2, nk::kPointwiseSums * K, "k2", false);
+      const double* pk3 = data_of<double>(k3, nk::kPointwiseSums * K, "k3", false);
+      sums = doubles(nk::kPointwiseSums, K);
+      double* ps = sums.mutable_data();
+      py::gil_scoped_release nogil;
+      nk::pointwise_backward_fused<S>(plan, o, px, pdy, c, a.data, b.data, d.data, cluster, pk2, pk3, ps, pdx);
+    });
+    return sums;
+  }, py::arg("plan"), py::arg("op"), py::arg("x"), py::arg("dy"), py::arg("coef"), py::arg("c1"),
+     py::arg("c2"), py::arg("c3"), py::arg("dx"), py::arg("cluster") = 1, py::arg("k2") = py::none(),
+     py::arg("k3") = py::none(),
+     "pointwise_sums and pointwise_backward in one pass: dx = c1[k]*g + (c2[k] + q2)*(x - center[k]) + c3[k] + q3 "
+     "with q2, q3 = sum over the cluster's planes of k2 . sums, k3 . sums (k2, k3: (7, K) or None); returns the "
+     "(7, K) sums.");
+
   m.def("apply_coefficients_positions", [](const nk::Plan& plan, const py::array& x, const py::object& mean,
                                            const py::object& scale, const py::object& offset,
                                            const py::object& weight, const py::object& bias, const py::object& out) {

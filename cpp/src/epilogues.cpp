@@ -3,6 +3,9 @@
 // then one pass applies them; its backward is one sums pass and one apply pass, like the
 // standard layers'. Channels-first plans; cells are (set, channel), as apply_coefficients'.
 #include <algorithm>
+#include <cmath>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "fold.h"
@@ -24,6 +27,13 @@ void check_pointwise_plan(const Plan& plan, Pointwise op) {
 // Per plane, from per-cell coefficients: the shift and the center rounded to T, b and the
 // backward's c3 carrying their roundings (as fold.h's channel_coef).
 template <class T>
+PointwisePlane<T> plane_of(const PointwiseCoefficients& k, int64_t q) {
+  const T sh = T(k.shift[q]);
+  return {sh, T(k.a[q]), T(k.b[q] + (double(sh) - k.shift[q]) * k.a[q]), T(k.p[q]), T(k.q[q]),
+          T(k.r[q]), T(k.scale[q]), T(k.offset[q]), T(k.center[q])};
+}
+
+template <class T>
 struct PointwisePlanes {
   std::vector<PointwisePlane<T>> plane;
   std::vector<double> center_error;  // center - T(center), per plane
@@ -31,13 +41,37 @@ struct PointwisePlanes {
     for (int64_t n = 0, p = 0; n < plan.N; ++n)
       for (int64_t c = 0; c < plan.C; ++c, ++p) {
         const int64_t q = set_channel(plan, n, c);
-        const T sh = T(k.shift[q]), ce = T(k.center[q]);
-        plane[p] = {sh, T(k.a[q]), T(k.b[q] + (double(sh) - k.shift[q]) * k.a[q]), T(k.p[q]), T(k.q[q]),
-                    T(k.r[q]), T(k.scale[q]), T(k.offset[q]), ce};
-        center_error[p] = double(ce) - k.center[q];
+        plane[p] = plane_of<T>(k, q);
+        center_error[p] = double(plane[p].center) - k.center[q];
       }
   }
 };
+
+// The cells' sums (7 x K) from the chunks' (chunk slot s's at [s*7, (s+1)*7)): per cell its
+// planes in sample order, each plane's chunks in chunk order. The x - center sum about
+// T(center) becomes one about center: + (T(center) - center) * sum g.
+void cell_sums(const Plan& plan, const Chunks& ch, const std::vector<double>& center_error,
+               const std::vector<double>& chunk_sums, double* sums) {
+  constexpr int J = kPointwiseSums;
+  const int64_t K = plan.num_sample_sets * plan.C;
+  std::fill_n(sums, J * K, 0.0);
+  for (int64_t n = 0, p = 0; n < plan.N; ++n)
+    for (int64_t c = 0; c < plan.C; ++c, ++p) {
+      double plane[J] = {};
+      for (int64_t j = 0; j < ch.per_seg; ++j)
+        for (int i = 0; i < J; ++i) plane[i] += chunk_sums[ch.slot(p, j) * J + i];
+      plane[3] += center_error[p] * plane[2];
+      const int64_t q = set_channel(plan, n, c);
+      for (int i = 0; i < J; ++i) sums[i * K + q] += plane[i];
+    }
+}
+
+void check_plane_cells(const Plan& plan, int64_t cluster, const char* step) {
+  if (plan.num_sample_sets != plan.N) throw std::invalid_argument("invalid plan: a local fold's cells are the planes");
+  for (int64_t n = 0; n < plan.N; ++n)
+    if (plan.sample_group[n] != n) throw std::invalid_argument("invalid plan: a local fold's cells are the planes");
+  if (cluster < 1 || plan.C % cluster != 0) throw std::invalid_argument(std::string(step) + ": cluster must divide the channels");
+}
 
 }  // namespace
 
@@ -48,9 +82,10 @@ void apply_pointwise(const Plan& plan, Pointwise op, const S* x, const Pointwise
   const Kernels<S>& k = kernels().get<S>();
   const Chunks ch = Chunks::planes(plan);
   const PointwisePlanes<T> f(plan, coef);
+  const bool stream = stream_output(plan.planes() * plan.S * int64_t(sizeof(S)));
   parallel_for(ch.items(), ch.work(), [&](int64_t it) {
     const int64_t p = ch.segment(it), j = ch.chunk(it), s = ch.start(p, j);
-    k.pointwise(int(op), x + s, y + s, ch.length(j), f.plane[p]);
+    k.pointwise(int(op), x + s, y + s, ch.length(j), f.plane[p], stream);
   });
 }
 
@@ -66,21 +101,9 @@ void pointwise_sums(const Plan& plan, Pointwise op, const S* x, const S* dy, con
   std::vector<double> chunk_sums(ch.count * J);  // chunk slot s's sums at [s*J, (s+1)*J)
   parallel_for(ch.items(), ch.work() * 4, [&](int64_t it) {
     const int64_t p = ch.segment(it), j = ch.chunk(it), s = ch.start(p, j);
-    k.pointwise_sums(int(op), x + s, dy + s, ch.length(j), f.plane[p], &chunk_sums[ch.slot(p, j) * J]);
+    k.pointwise_sums(int(op), x + s, dy + s, ch.length(j), f.plane[p], &chunk_sums[ch.slot(p, j) * J], nullptr);
   });
-  // Per cell: its planes in sample order, each plane's chunks in chunk order. The x - center
-  // sum about T(center) becomes one about center: + (T(center) - center) * sum g.
-  const int64_t K = plan.num_sample_sets * plan.C;
-  std::fill_n(sums, J * K, 0.0);
-  for (int64_t n = 0, p = 0; n < plan.N; ++n)
-    for (int64_t c = 0; c < plan.C; ++c, ++p) {
-      double plane[J] = {};
-      for (int64_t j = 0; j < ch.per_seg; ++j)
-        for (int i = 0; i < J; ++i) plane[i] += chunk_sums[ch.slot(p, j) * J + i];
-      plane[3] += f.center_error[p] * plane[2];
-      const int64_t q = set_channel(plan, n, c);
-      for (int i = 0; i < J; ++i) sums[i * K + q] += plane[i];
-    }
+  cell_sums(plan, ch, f.center_error, chunk_sums, sums);
 }
 
 template <class S>
@@ -98,9 +121,135 @@ void pointwise_backward(const Plan& plan, Pointwise op, const S* x, const S* dy,
       // c2*(x - center) = c2*(x - T(center)) + c2*(T(center) - center)
       a[p] = T(c1[q]), b[p] = T(c2[q]), c[p] = T(c3[q] + c2[q] * f.center_error[p]);
     }
+  const bool stream = stream_output(plan.planes() * plan.S * int64_t(sizeof(S)));
   parallel_for(ch.items(), ch.work() * 4, [&](int64_t it) {
     const int64_t p = ch.segment(it), j = ch.chunk(it), s = ch.start(p, j);
-    k.pointwise_backward(int(op), x + s, dy + s, dx + s, ch.length(j), f.plane[p], a[p], b[p], c[p]);
+    k.pointwise_backward(int(op), x + s, dy + s, dx + s, ch.length(j), f.plane[p], a[p], b[p], c[p], stream);
+  });
+}
+
+template <class S>
+void pointwise_backward_fused(const Plan& plan, Pointwise op, const S* x, const S* dy, const PointwiseCoefficients& coef,
+                              const double* c1, const double* c2, const double* c3, int64_t cluster,
+                              const double* k2, const double* k3, double* sums, S* dx) {
+  using T = compute_t<S>;
+  check_pointwise_plan(plan, op);
+  const bool local = k2 || k3;
+  if (local) check_plane_cells(plan, cluster, "pointwise_backward_fused");
+  const Kernels<S>& k = kernels().get<S>();
+  const Chunks ch = Chunks::planes(plan);
+  const PointwisePlanes<T> f(plan, coef);
+  constexpr int J = kPointwiseSums;
+  const int64_t K = plan.num_sample_sets * plan.C;
+  const bool stream = stream_output(plan.planes() * plan.S * int64_t(sizeof(S)));
+  // dx of one plane chunk with the plane's coefficients plus q2, q3: from g = dy*f'(u) where the
+  // sums pass kept it (float and double: an affine of g and x, the activation not evaluated
+  // again; for GELU or SiLU that is half the backward's arithmetic), else from dy.
+  constexpr bool keeps_g = std::is_same_v<S, T>;
+  auto backward_chunk = [&](int64_t p, int64_t j, double q2, double q3, const T* g) {
+    const int64_t s = ch.start(p, j), q = set_channel(plan, p / plan.C, p % plan.C);
+    const double b2 = c2[q] + q2;
+    const T a1 = T(c1[q]), a2 = T(b2), a3 = T(c3[q] + q3 + b2 * f.center_error[p]);
+    if constexpr (keeps_g) {
+      if (g) return k.backward_apply(x + s, g, dx + s, ch.length(j), a1, a2, f.plane[p].center, a3, nullptr, stream);
+    }
+    k.pointwise_backward(int(op), x + s, dy + s, dx + s, ch.length(j), f.plane[p], a1, a2, a3, stream);
+  };
+  // The kept g of a chunk (no-fold path) or of a cluster (local path), per thread; a cluster
+  // larger than kKeptG elements goes without.
+  constexpr int64_t kKeptG = int64_t(1) << 18;
+  auto kept_g = [&](int64_t n) -> T* {
+    static thread_local std::vector<T> buf;
+    if (!keeps_g || n > kKeptG) return nullptr;
+    if (int64_t(buf.size()) < n) buf.resize(n);
+    return buf.data();
+  };
+  if (!local) {
+    // The sums are for the parameters only: each chunk's sums, then its dx while in cache; the
+    // cells' sums after, added as pointwise_sums adds them.
+    std::vector<double> chunk_sums(ch.count * J);
+    parallel_for(ch.items(), ch.work() * 6, [&](int64_t it) {
+      const int64_t p = ch.segment(it), j = ch.chunk(it), s = ch.start(p, j);
+      T* const g = kept_g(ch.length(j));
+      k.pointwise_sums(int(op), x + s, dy + s, ch.length(j), f.plane[p], &chunk_sums[ch.slot(p, j) * J], g);
+      backward_chunk(p, j, 0.0, 0.0, g);
+    });
+    cell_sums(plan, ch, f.center_error, chunk_sums, sums);
+    return;
+  }
+  // Per cluster of planes while it is in cache: each plane's sums (as pointwise_sums'), the
+  // fold's q2 = sum k2 . sums and q3 over the cluster's planes, then their dx.
+  const int64_t P = plan.planes();
+  parallel_for(P / cluster, cluster * ch.len * 6, [&](int64_t g) {
+    double q2 = 0, q3 = 0;
+    T* const kept = kept_g(cluster * ch.len);  // the cluster's g, in memory order
+    for (int64_t p = g * cluster; p < (g + 1) * cluster; ++p) {
+      double plane[J] = {};
+      for (int64_t j = 0; j < ch.per_seg; ++j) {
+        double cs[J];
+        const int64_t s = ch.start(p, j);
+        k.pointwise_sums(int(op), x + s, dy + s, ch.length(j), f.plane[p], cs,
+                         kept ? kept + (s - g * cluster * ch.len) : nullptr);
+        for (int i = 0; i < J; ++i) plane[i] += cs[i];
+      }
+      plane[3] += f.center_error[p] * plane[2];
+      for (int i = 0; i < J; ++i) {
+        sums[i * K + p] = plane[i];
+        if (k2) q2 += k2[i * K + p] * plane[i];
+        if (k3) q3 += k3[i * K + p] * plane[i];
+      }
+    }
+    for (int64_t p = g * cluster; p < (g + 1) * cluster; ++p)
+      for (int64_t j = 0; j < ch.per_seg; ++j)
+        backward_chunk(p, j, q2, q3, kept ? kept + (ch.start(p, j) - g * cluster * ch.len) : nullptr);
+  });
+}
+
+template <class S>
+void apply_pointwise_normalized(const Plan& plan, Pointwise op, const S* x, const PointwiseCoefficients& coef,
+                                int64_t cluster, bool skip_mean, double eps, PointwiseScaled scaled, S* y,
+                                double* mean, double* var, double* out_coef) {
+  using T = compute_t<S>;
+  check_pointwise_plan(plan, op);
+  check_plane_cells(plan, cluster, "apply_pointwise_normalized");
+  const Kernels<S>& k = kernels().get<S>();
+  const int64_t P = plan.planes(), run = cluster * plan.S;
+  // out_coef: coef's nine rows, then a or scale times each cluster's r, and center its mean.
+  double* rows[9];
+  const double* in[9] = {coef.shift, coef.a, coef.b, coef.p, coef.q, coef.r, coef.scale, coef.offset, coef.center};
+  for (int i = 0; i < 9; ++i) rows[i] = out_coef + i * P;
+  const PointwiseCoefficients out{rows[0], rows[1], rows[2], rows[3], rows[4], rows[5], rows[6], rows[7], rows[8]};
+  double* const scaled_row = scaled == PointwiseScaled::a ? rows[1] : rows[6];
+  const bool stream = stream_output(P * plan.S * int64_t(sizeof(S)));
+  parallel_for(P / cluster, run * 3, [&](int64_t g) {
+    // The cluster's statistics, chunk by chunk in order (Chan's merge; skip_mean: the mean of x^2).
+    const S* xg = x + g * run;
+    Moments acc;
+    double q = 0;
+    for (int64_t s = 0; s < run; s += kChunk) {
+      const int64_t n = std::min(kChunk, run - s);
+      if (skip_mean) {
+        double part;
+        k.sum_squares(xg + s, n, &part);
+        q += part;
+      } else {
+        double cm, c2;
+        k.moments(xg + s, n, 1, &cm, &c2);
+        acc = merge(acc, Moments{double(n), cm, c2});
+      }
+    }
+    const double mu = run == 0 ? 0.0 : skip_mean ? 0.0 : acc.mean;
+    const double v = run == 0 ? std::nan("") : skip_mean ? q / double(run) : acc.m2 / double(run);
+    mean[g] = mu, var[g] = v;
+    const double r = 1.0 / std::sqrt(v + eps);
+    for (int64_t p = g * cluster; p < (g + 1) * cluster; ++p) {
+      for (int i = 0; i < 9; ++i) rows[i][p] = in[i][p];
+      scaled_row[p] *= r;
+      if (!skip_mean) rows[8][p] = mu;
+      const PointwisePlane<T> f = plane_of<T>(out, p);
+      for (int64_t s = 0; s < plan.S; s += kChunk)
+        k.pointwise(int(op), x + p * plan.S + s, y + p * plan.S + s, std::min(kChunk, plan.S - s), f, stream);
+    }
   });
 }
 
@@ -110,7 +259,14 @@ void pointwise_backward(const Plan& plan, Pointwise op, const S* x, const S* dy,
                                   const PointwiseCoefficients&, double*);                          \
   template void pointwise_backward<S>(const Plan&, Pointwise, const S*, const S*,                  \
                                       const PointwiseCoefficients&, const double*, const double*,  \
-                                      const double*, S*);
+                                      const double*, S*);                                          \
+  template void pointwise_backward_fused<S>(const Plan&, Pointwise, const S*, const S*,            \
+                                            const PointwiseCoefficients&, const double*, const double*, \
+                                            const double*, int64_t, const double*, const double*,  \
+                                            double*, S*);                                          \
+  template void apply_pointwise_normalized<S>(const Plan&, Pointwise, const S*, const PointwiseCoefficients&, \
+                                              int64_t, bool, double, PointwiseScaled, S*, double*, double*, \
+                                              double*);
 NK_INSTANTIATE(float)
 NK_INSTANTIATE(double)
 NK_INSTANTIATE(f16)

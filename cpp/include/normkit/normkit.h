@@ -146,6 +146,30 @@ template <class S>
 void pointwise_backward(const Plan& plan, Pointwise op, const S* x, const S* dy,
                         const PointwiseCoefficients& coef, const double* c1, const double* c2,
                         const double* c3, S* dx);
+// pointwise_sums and pointwise_backward in one pass, each chunk's sums then its dx while it is in
+// cache: dx = c1[k]*g + (c2[k] + q2)*(x - center[k]) + c3[k] + q3, and the sums as
+// pointwise_sums' (to rounding: float and double keep g = dy*f'(u) for dx, so it is rounded
+// before the sums take it). Without k2 and k3 (null), q2 = q3 = 0: a fold whose coefficients do not
+// depend on the sums (Proxy Norm's), on any plan. With them, a fold local to each cluster of
+// `cluster` consecutive planes of a sample (FRN: one plane; EvoNorm-S0: a group of channels),
+// for plans whose cells are the planes: q2 = sum over the cluster's planes k and the seven sums
+// i of k2[i*K + k]*sums[i*K + k], q3 likewise with k3 (either may be null: 0).
+template <class S>
+void pointwise_backward_fused(const Plan& plan, Pointwise op, const S* x, const S* dy,
+                              const PointwiseCoefficients& coef, const double* c1, const double* c2,
+                              const double* c3, int64_t cluster, const double* k2, const double* k3,
+                              double* sums, S* dx);
+// The statistics of each cluster of `cluster` consecutive planes of a sample (plans whose cells
+// are the planes), then apply_pointwise with them while the cluster is in cache: per cluster g,
+// mean[g] and var[g] (biased; skip_mean: 0 and the mean of x^2), r = 1/sqrt(var + eps); each
+// plane's coefficients are coef's with `scaled` (a: FRN's x/rms inside f; scale: EvoNorm-S0's
+// f(x)/std) times r and, without skip_mean, center = mean[g]: written to out_coef (9 x K), the
+// backward's coefficients.
+enum class PointwiseScaled : int { a = 0, scale = 1 };
+template <class S>
+void apply_pointwise_normalized(const Plan& plan, Pointwise op, const S* x, const PointwiseCoefficients& coef,
+                                int64_t cluster, bool skip_mean, double eps, PointwiseScaled scaled, S* y,
+                                double* mean, double* var, double* out_coef);
 
 void set_num_threads(int n);
 int get_num_threads();

@@ -4,7 +4,8 @@
 // one reads the tensor as often as a standard layer. With u = (x - shift)*a + b:
 //   pointwise           y = f(u)*scale + offset
 //   pointwise_sums      sums[0..6] = dy, dy*f(u), g, g*(x - center), dy*df/dp, dy*df/dq, dy*df/dr
-//                       with g = dy*f'(u), summed in T vector lanes over the chunk, finished in double
+//                       with g = dy*f'(u), summed in T vector lanes over the chunk, finished in
+//                       double; g itself into g_out when given (a fused backward's dx from it)
 //   pointwise_backward  dx = c1*g + c2*(x - center) + c3
 // Vector code (vec.h) with a scalar tail; exp and erf lane by lane.
 #include <cmath>
@@ -114,14 +115,14 @@ struct Coef {  // one plane's coefficients as vectors
 };
 
 template <class S, int Op, class T = compute_t<S>>
-void forward_impl(const S* x, S* y, int64_t n, const PointwisePlane<T>& c) {
+void forward_impl(const S* x, S* y, int64_t n, const PointwisePlane<T>& c, bool stream) {
   constexpr int64_t L = lanes<T>;
   // Scalar math: y = f((x - shift)*a + b)*scale + offset
   const Coef<T> v(c);
   int64_t i = 0;
   for (; i + L <= n; i += L) {
     const vec<T> u = (load_as(x + i) - v.shift) * v.a + v.b;
-    store_as(y + i, value<Op, T>(u, v.p, v.q, v.r).f * v.scale + v.offset);
+    put(y + i, value<Op, T>(u, v.p, v.q, v.r).f * v.scale + v.offset, stream);
   }
   for (; i < n; ++i) {
     const T u = (to_compute(x[i]) - c.shift) * c.a + c.b;
@@ -130,7 +131,7 @@ void forward_impl(const S* x, S* y, int64_t n, const PointwisePlane<T>& c) {
 }
 
 template <class S, int Op, class T = compute_t<S>>
-void sums_impl(const S* x, const S* dy, int64_t n, const PointwisePlane<T>& c, double* sums) {
+void sums_impl(const S* x, const S* dy, int64_t n, const PointwisePlane<T>& c, double* sums, T* g_out) {
   constexpr int64_t L = lanes<T>;
   // Scalar math: with g = dy*f'(u): sums += dy, dy*f(u), g, g*(x - center), dy*df/dp, dy*df/dq, dy*df/dr
   // Lane l of accumulator j sums the same elements whatever the thread count; the chunk's
@@ -142,6 +143,7 @@ void sums_impl(const S* x, const S* dy, int64_t n, const PointwisePlane<T>& c, d
     const vec<T> xi = load_as(x + i), d = load_as(dy + i);
     const Value<vec<T>> f = value<Op, T>((xi - v.shift) * v.a + v.b, v.p, v.q, v.r);
     const vec<T> g = d * f.df;
+    if (g_out) store(g_out + i, g);
     acc[0] += d, acc[1] += d * f.f, acc[2] += g, acc[3] += g * (xi - v.center);
     acc[4] += d * f.dp, acc[5] += d * f.dq, acc[6] += d * f.dr;
   }
@@ -151,6 +153,7 @@ void sums_impl(const S* x, const S* dy, int64_t n, const PointwisePlane<T>& c, d
     const T xi = to_compute(x[i]), d = to_compute(dy[i]);
     const Value<T> f = value<Op, T>((xi - c.shift) * c.a + c.b, c.p, c.q, c.r);
     const T g = d * f.df;
+    if (g_out) g_out[i] = g;
     s[0] += double(d), s[1] += double(d * f.f), s[2] += double(g), s[3] += double(g * (xi - c.center));
     s[4] += double(d * f.dp), s[5] += double(d * f.dq), s[6] += double(d * f.dr);
   }
@@ -158,7 +161,8 @@ void sums_impl(const S* x, const S* dy, int64_t n, const PointwisePlane<T>& c, d
 }
 
 template <class S, int Op, class T = compute_t<S>>
-void backward_impl(const S* x, const S* dy, S* dx, int64_t n, const PointwisePlane<T>& c, T c1, T c2, T c3) {
+void backward_impl(const S* x, const S* dy, S* dx, int64_t n, const PointwisePlane<T>& c, T c1, T c2, T c3,
+                   bool stream) {
   constexpr int64_t L = lanes<T>;
   // Scalar math: dx = c1*dy*f'(u) + c2*(x - center) + c3
   const Coef<T> v(c);
@@ -167,7 +171,7 @@ void backward_impl(const S* x, const S* dy, S* dx, int64_t n, const PointwisePla
   for (; i + L <= n; i += L) {
     const vec<T> xi = load_as(x + i);
     const vec<T> g = load_as(dy + i) * value<Op, T>((xi - v.shift) * v.a + v.b, v.p, v.q, v.r).df;
-    store_as(dx + i, v1 * g + (v2 * (xi - v.center) + v3));
+    put(dx + i, v1 * g + (v2 * (xi - v.center) + v3), stream);
   }
   for (; i < n; ++i) {
     const T xi = to_compute(x[i]);
@@ -193,27 +197,29 @@ void with_op(int op, const F& f) {
 }  // namespace
 
 template <class S, class T>
-void pointwise(int op, const S* x, S* y, int64_t n, const PointwisePlane<T>& c) {
-  with_op(op, [&](auto o) { forward_impl<S, decltype(o)::value>(x, y, n, c); });
+void pointwise(int op, const S* x, S* y, int64_t n, const PointwisePlane<T>& c, bool stream) {
+  stream = stream && streams<S>();
+  with_op(op, [&](auto o) { forward_impl<S, decltype(o)::value>(x, y, n, c, stream); });
 }
 
 template <class S, class T>
-void pointwise_sums(int op, const S* x, const S* dy, int64_t n, const PointwisePlane<T>& c, double* sums) {
-  with_op(op, [&](auto o) { sums_impl<S, decltype(o)::value>(x, dy, n, c, sums); });
+void pointwise_sums(int op, const S* x, const S* dy, int64_t n, const PointwisePlane<T>& c, double* sums, T* g) {
+  with_op(op, [&](auto o) { sums_impl<S, decltype(o)::value>(x, dy, n, c, sums, g); });
 }
 
 template <class S, class T>
 void pointwise_backward(int op, const S* x, const S* dy, S* dx, int64_t n, const PointwisePlane<T>& c,
-                        T c1, T c2, T c3) {
-  with_op(op, [&](auto o) { backward_impl<S, decltype(o)::value>(x, dy, dx, n, c, c1, c2, c3); });
+                        T c1, T c2, T c3, bool stream) {
+  stream = stream && streams<S>();
+  with_op(op, [&](auto o) { backward_impl<S, decltype(o)::value>(x, dy, dx, n, c, c1, c2, c3, stream); });
 }
 
 #define NK_INSTANTIATE(S, T)                                                                       \
-  template void pointwise<S, T>(int, const S*, S*, int64_t, const PointwisePlane<T>&);             \
+  template void pointwise<S, T>(int, const S*, S*, int64_t, const PointwisePlane<T>&, bool);       \
   template void pointwise_sums<S, T>(int, const S*, const S*, int64_t, const PointwisePlane<T>&,   \
-                                     double*);                                                      \
+                                     double*, T*);                                                  \
   template void pointwise_backward<S, T>(int, const S*, const S*, S*, int64_t,                     \
-                                         const PointwisePlane<T>&, T, T, T);
+                                         const PointwisePlane<T>&, T, T, T, bool);
 NK_INSTANTIATE(float, float)
 NK_INSTANTIATE(double, double)
 NK_INSTANTIATE(f16, float)

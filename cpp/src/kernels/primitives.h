@@ -28,11 +28,12 @@ template <class S, class T> void rows_backward_apply(const S* x, const S* dy, S*
                                                      bool stream);
 template <class S, class T> void backward_apply(const S* x, const S* dy, S* dx, int64_t n, T c1, T c2, T shift, T c3, const T* w,
                                                 bool stream);
-template <class S, class T> void pointwise(int op, const S* x, S* y, int64_t n, const PointwisePlane<T>& c);
+template <class S, class T> void pointwise(int op, const S* x, S* y, int64_t n, const PointwisePlane<T>& c,
+                                           bool stream);
 template <class S, class T> void pointwise_sums(int op, const S* x, const S* dy, int64_t n,
-                                                const PointwisePlane<T>& c, double* sums);
+                                                const PointwisePlane<T>& c, double* sums, T* g);
 template <class S, class T> void pointwise_backward(int op, const S* x, const S* dy, S* dx, int64_t n,
-                                                    const PointwisePlane<T>& c, T c1, T c2, T c3);
+                                                    const PointwisePlane<T>& c, T c1, T c2, T c3, bool stream);
 template <class S, class T> void rows_dot_weighted(const S* x, const S* dy, int64_t rows, int64_t C, int64_t ld,
                                                    const T* shift, const T* w, double* A, double* B);
 template <class S, class T> void rows_row_sums(const S* x, const S* dy, int64_t rows, int64_t C, int64_t ld,

@@ -90,11 +90,12 @@ struct Kernels {
 
   // Pointwise epilogues (op: a Pointwise), channels-first chunks: y = f(u)*scale + offset; the
   // seven sums of pointwise.h into sums[0..6]; dx = c1*dy*f'(u) + c2*(x - center) + c3.
-  void (*pointwise)(int op, const S* x, S* y, int64_t n, const PointwisePlane<T>& c);
+  // (stream: as affine's)
+  void (*pointwise)(int op, const S* x, S* y, int64_t n, const PointwisePlane<T>& c, bool stream);
   void (*pointwise_sums)(int op, const S* x, const S* dy, int64_t n, const PointwisePlane<T>& c,
-                         double* sums);
+                         double* sums, T* g);  // g: dy*f'(u) per element, or null
   void (*pointwise_backward)(int op, const S* x, const S* dy, S* dx, int64_t n,
-                             const PointwisePlane<T>& c, T c1, T c2, T c3);
+                             const PointwisePlane<T>& c, T c1, T c2, T c3, bool stream);
 };
 
 struct KernelTable {

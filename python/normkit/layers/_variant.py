@@ -111,6 +111,25 @@ class PointwiseSaved:
         return dx.reshape(self.shape), grads
 
 
+class FusedPointwiseSaved:
+    """A pointwise-epilogue backward in one pass (_core.pointwise_backward_fused), for folds
+    known at the forward: c1, c2, c3 per cell, plus c2 and c3 terms linear in the sums of each
+    cluster of `cluster` planes, k2 . sums and k3 . sums ((7, K) arrays, or None); the sums then
+    give the parameters' gradients, grads(sums)."""
+
+    __slots__ = ("plan", "op", "x", "coef", "fold", "grads", "shape")
+
+    def __init__(self, plan, op, x, coef, fold, grads, shape):
+        self.plan, self.op, self.x, self.coef, self.fold, self.grads, self.shape = plan, op, x, coef, fold, grads, shape
+
+    def backward(self, dy):
+        c1, c2, c3, cluster, k2, k3 = self.fold
+        dx = _core.empty_like(self.x)
+        sums = _core.pointwise_backward_fused(self.plan, self.op, self.x, dy, self.coef, coefficient(c1),
+                                              coefficient(c2), coefficient(c3), dx, cluster, k2, k3)
+        return dx.reshape(self.shape), self.grads(sums)
+
+
 def pointwise_coefficients(K, shift=0.0, a=1.0, b=0.0, p=0.0, q=0.0, r=0.0, scale=1.0, offset=0.0, center=0.0):
     """The (9, K) coefficient array of _core.apply_pointwise, each row broadcast from its value
     (a number, one per channel of a plan's sets, or one per cell)."""

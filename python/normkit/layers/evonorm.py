@@ -2,7 +2,7 @@
 import numpy as np
 
 from .. import _checks, _core, _engine
-from ._variant import PointwiseSaved, VariantLayer, pointwise_coefficients, pool, unbiased
+from ._variant import FusedPointwiseSaved, PointwiseSaved, VariantLayer, pointwise_coefficients, pool, unbiased
 
 
 class _EvoNorm(VariantLayer):
@@ -112,27 +112,30 @@ class EvoNormS0_2d(_EvoNorm):
         x, (N, C, S) = self._input(x)
         G, cpg = self.groups, C // self.groups
         w, b, v = self._params()
-        if x.size:
-            mean, var = (a.reshape(N, G) for a in _core.group_moments(_core.plan_per_sample_group(N, C, S, G), x))
-        else:
-            mean = var = np.zeros((N, G))
-        std = np.repeat(np.sqrt(var + self.eps), cpg, axis=1)  # per (n, c)
-        mu = np.repeat(mean, cpg, axis=1)
         plan = _core.plan_per_channel_in_sets(N, C, S, list(range(N)))  # cells: the planes
+        op = int(_core.Pointwise.swish_gate)
+        coef = pointwise_coefficients(N * C, p=v, scale=w, offset=b)
+        y = _core.empty_like(x)
+        var = np.zeros(N * G)
+        if x.size:  # per sample's group of cpg planes: its mean and var, then y, while in cache
+            _, var, coef = _core.apply_pointwise_normalized(plan, op, x, coef, cpg, False, self.eps, 1, y)
+        std = np.repeat(np.sqrt(var.reshape(N, G) + self.eps), cpg, axis=1)  # per (n, c)
         scale = w / std
-        coef = pointwise_coefficients(N * C, p=v, scale=scale.reshape(-1), offset=b, center=mu.reshape(-1))
 
         # y = h(x) w/std + b with h = x sigmoid(v x); per plane D = dy, F = dy*h, E_p = dy*dh/dv.
         # std depends on x: dL/dstd = -sum_{group} w F / std^2, dstd/dx = (x - mu)/(M std), M = cpg*S:
-        # dx = (w/std) g + dL/dstd/(M std) (x - mu); dweight = sum F/std, dv = sum (w/std) E_p.
-        def fold(sums):
-            D, F, Ep = (sums[i].reshape(N, C) for i in (0, 1, 4))
-            dstd = -(w * F / std ** 2).reshape(N, G, cpg).sum(axis=2)
-            c2 = np.repeat(dstd, cpg, axis=1) / (cpg * S * std)
-            grads = self._grads((F / std).sum(axis=0), D.sum(axis=0), (scale * Ep).sum(axis=0))
-            return scale.reshape(-1), c2.reshape(-1), 0.0, grads
+        # dx = (w/std) g + dL/dstd/(M std) (x - mu), a fold local to each sample's group of cpg
+        # planes: c2 = k2 . sums over the group with k2 = -w/(M std^3) on F (the core's one-pass
+        # backward); dweight = sum F/std, dv = sum (w/std) E_p.
+        k2 = np.zeros((7, N * C))
+        k2[1] = (-w / (cpg * S * std ** 3)).reshape(-1)
 
-        return self._run(plan, int(_core.Pointwise.swish_gate), x, coef, fold)
+        def grads_of(sums):
+            D, F, Ep = (sums[i].reshape(N, C) for i in (0, 1, 4))
+            return self._grads((F / std).sum(axis=0), D.sum(axis=0), (scale * Ep).sum(axis=0))
+
+        return y, FusedPointwiseSaved(plan, op, x, coef, (scale.reshape(-1), 0.0, 0.0, cpg, k2, None), grads_of,
+                                      x.shape)
 
     def extra_repr(self):
         return f"{self.num_features}, groups={self.groups}, eps={self.eps}"

@@ -4,7 +4,7 @@ import math
 import numpy as np
 
 from .. import _checks, _core
-from ._variant import PointwiseSaved, VariantLayer, pointwise_coefficients
+from ._variant import FusedPointwiseSaved, VariantLayer, pointwise_coefficients
 
 ACTIVATIONS = ("relu", "silu", "gelu", "identity")
 _ERF = np.frompyfunc(math.erf, 1, 1)
@@ -82,19 +82,20 @@ class ProxyNorm2d(VariantLayer):
         # parameter t, dZ_k/dg = phi'_k Y_k, dZ_k/db = phi'_k, dZ_k/dgp = phi'_k g U_k, dZ_k/dbp = phi'_k g.
         # Through the proxy, per parameter t with dZ_k/dt = phi'_k h_k: dmu mean_k dZ_k/dt
         # + dv mean_k 2 dev_k dZ_k/dt = sum_k W_k h_k, W_k = phi'_k (dmu + 2 dv dev_k)/K.
-        def fold(sums):
+        def grads_of(sums):
             D, F, Gs, A = sums[0], sums[1], sums[2], sums[3]
             dmu, dv = -r * D, -(F - mu * D) * r ** 3 / 2
             W = dZ * (dmu[:, None] + (2 * dv)[:, None] * dev) / K
             Wsum = W.sum(axis=1)
             grads = {"weight": r * A + (W * Y).sum(axis=1), "bias": r * Gs + Wsum,
                      "proxy_weight": g * (W @ U), "proxy_bias": g * Wsum}
-            return r * g, 0.0, 0.0, {k: v.astype(self.dtype) for k, v in grads.items()}
+            return {k: v.astype(self.dtype) for k, v in grads.items()}
 
+        # dx = r g phi'(u) dy needs no sums: the core's one-pass backward (sums for the parameters)
         y = _core.empty_like(x)
         if x.size:
             _core.apply_pointwise(plan, op, x, coef, y)
-        return y, PointwiseSaved(plan, op, x, coef, fold, x.shape)
+        return y, FusedPointwiseSaved(plan, op, x, coef, (r * g, 0.0, 0.0, 1, None, None), grads_of, x.shape)
 
     def _proxy_moments(self, op, g, b, gp, bp):
         """The proxy points Y (C, K), phi' there, their mean mu, deviations and r = 1/sqrt(v_p +

@@ -2,7 +2,7 @@
 import numpy as np
 
 from .. import _checks, _core, _engine
-from ._variant import PointwiseSaved, VariantLayer, pointwise_coefficients
+from ._variant import FusedPointwiseSaved, VariantLayer, pointwise_coefficients
 
 
 class FilterResponseNorm2d(VariantLayer):
@@ -34,34 +34,38 @@ class FilterResponseNorm2d(VariantLayer):
 
     def _forward(self, x):
         x, (N, C, S) = self._input(x)
-        # nu2 per (n, c): each plane a row of a skip_mean (RMS) plan; cells are the planes.
-        nu2 = _core.group_moments(_core.plan_per_row(N * C, S, True), x)[1] if x.size else np.zeros(N * C)
         eps_l = 0.0 if self.eps_l is None else float(self.eps_l[0])
-        r = 1.0 / np.sqrt(nu2 + self.eps + abs(eps_l))  # (N*C,)
-        plan = _core.plan_per_channel_in_sets(N, C, S, list(range(N)))
+        eps_total = self.eps + abs(eps_l)
+        plan = _core.plan_per_channel_in_sets(N, C, S, list(range(N)))  # cells: the planes
         w, b = self._channel_params()
         tau = 0.0 if self.tau is None else self.tau.astype(np.float64)
         op = int(_core.Pointwise.tlu if self.tlu else _core.Pointwise.identity)
-        scale = (r.reshape(N, C) * w).reshape(-1)  # weight r per cell
-        coef = pointwise_coefficients(N * C, a=scale, b=b, p=tau)
+        coef = pointwise_coefficients(N * C, a=w, b=b, p=tau)
+        y = _core.empty_like(x)
+        nu2 = np.zeros(N * C)
+        if x.size:  # per plane nu2 (the mean of x^2), then u = x*weight*r + bias, while in cache
+            _, nu2, coef = _core.apply_pointwise_normalized(plan, op, x, coef, 1, True, eps_total, 0, y)
+        r = 1.0 / np.sqrt(nu2 + eps_total)  # (N*C,)
 
         # With g = dy*f'(y) per element and A = sum g*x per plane (center 0):
-        # dx = weight r g - weight r^3 A x / S  (r depends on x through nu2);
+        # dx = weight r g - weight r^3 A x / S  (r depends on x through nu2), a fold local to
+        # each plane: c2 = k2 . sums with k2 = -weight r^3 / S on A, the core's one-pass backward.
         # dweight = sum r A, dbias = sum g, dtau = sum dy [y <= tau], deps_l = sum weight A (-r^3/2) sign(eps_l)
-        def fold(sums):
+        rr = r.reshape(N, C)
+        k2 = np.zeros((7, N * C))
+        k2[3] = (-w * rr ** 3 / S).reshape(-1)
+
+        def grads_of(sums):
             G, A, T = (sums[i].reshape(N, C) for i in (2, 3, 4))
-            rr = r.reshape(N, C)
             grads = self._param_grads((rr * A).sum(axis=0), G.sum(axis=0))
             if self.tau is not None:
                 grads["tau"] = T.sum(axis=0).astype(self.dtype)
             if self.eps_l is not None:
                 grads["eps_l"] = np.array([np.sum(w * A * -0.5 * rr ** 3) * np.sign(eps_l)], self.dtype)
-            return (scale, (-w * rr ** 3 * A / S).reshape(-1), 0.0, grads)
+            return grads
 
-        y = _core.empty_like(x)
-        if x.size:
-            _core.apply_pointwise(plan, op, x, coef, y)
-        return y, PointwiseSaved(plan, op, x, coef, fold, x.shape)
+        # c1 = weight r: the a row the core used
+        return y, FusedPointwiseSaved(plan, op, x, coef, (coef[1], 0.0, 0.0, 1, k2, None), grads_of, x.shape)
 
     def backward(self, dy):
         dx = super().backward(dy)
