@@ -37,13 +37,16 @@ template <class T>
 struct PointwisePlanes {
   std::vector<PointwisePlane<T>> plane;
   std::vector<double> center_error;  // center - T(center), per plane
+  // Sample by sample on the threads: 2048 small planes' conversions, one after another, were a
+  // fifth of a small FRN backward.
   PointwisePlanes(const Plan& plan, const PointwiseCoefficients& k) : plane(plan.planes()), center_error(plan.planes()) {
-    for (int64_t n = 0, p = 0; n < plan.N; ++n)
-      for (int64_t c = 0; c < plan.C; ++c, ++p) {
+    parallel_for(plan.N, plan.C * 64, [&](int64_t n) {
+      for (int64_t c = 0, p = n * plan.C; c < plan.C; ++c, ++p) {
         const int64_t q = set_channel(plan, n, c);
         plane[p] = plane_of<T>(k, q);
         center_error[p] = double(plane[p].center) - k.center[q];
       }
+    });
   }
 };
 
