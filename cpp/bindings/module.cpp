@@ -419,36 +419,6 @@ PYBIND11_MODULE(_core, m) {
      py::arg("c2"), py::arg("c3"), py::arg("dx"),
      "dx = c1[k]*dy*f'(u) + c2[k]*(x - center[k]) + c3[k] per cell (c1..c3 as apply_coefficients').");
 
-  m.def("apply_pointwise_normalized", [](const nk::Plan& plan, int op, const py::array& x, const py::object& coef,
-                                         int64_t cluster, bool skip_mean, double eps, int scaled, const py::object& out) {
-    const nk::Pointwise o = pointwise_op(op);
-    if (scaled != 0 && scaled != 1) throw py::value_error("scaled: expected 0 (a) or 1 (scale)");
-    py::tuple result;
-    dispatch(x, [&](auto s) {
-      using S = decltype(s);
-      nk::check_step_plan(plan);
-      const int64_t n = plan.planes() * plan.S, K = plan.num_sample_sets * plan.C;
-      const S* px = required<S>(x, n, "x", false);
-      S* py_ = required<S>(out, n, "out", true);
-      const nk::PointwiseCoefficients c = pointwise_coefficients(plan, coef);
-      if (cluster < 1 || plan.C % cluster != 0) throw py::value_error("cluster: expected a divisor of the channels");
-      const int64_t G = plan.planes() / cluster;
-      py::array_t<double> mean = doubles(G), var = doubles(G), out_coef = doubles(9, K);
-      double *pm = mean.mutable_data(), *pv = var.mutable_data(), *pc = out_coef.mutable_data();
-      {
-        py::gil_scoped_release nogil;
-        nk::apply_pointwise_normalized<S>(plan, o, px, c, cluster, skip_mean, eps, nk::PointwiseScaled(scaled), py_,
-                                          pm, pv, pc);
-      }
-      result = py::make_tuple(mean, var, out_coef);
-    });
-    return result;
-  }, py::arg("plan"), py::arg("op"), py::arg("x"), py::arg("coef"), py::arg("cluster"), py::arg("skip_mean"),
-     py::arg("eps"), py::arg("scaled"), py::arg("out"),
-     "Per cluster of planes its (mean, var) (skip_mean: 0 and mean of x^2), r = 1/sqrt(var + eps), then out = "
-     "apply_pointwise with coef's a (scaled=0) or scale (scaled=1) times r and center = mean; returns (mean, var, "
-     "the (9, K) coefficients used).");
-
   m.def("pointwise_backward_fused", [](const nk::Plan& plan, int op, const py::array& x, const py::object& dy,
                                        const py::object& coef, const py::object& c1, const py::object& c2,
                                        const py::object& c3, const py::object& dx, int64_t cluster,

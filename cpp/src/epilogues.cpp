@@ -3,7 +3,6 @@
 // then one pass applies them; its backward is one sums pass and one apply pass, like the
 // standard layers'. Channels-first plans; cells are (set, channel), as apply_coefficients'.
 #include <algorithm>
-#include <cmath>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -208,54 +207,6 @@ void pointwise_backward_fused(const Plan& plan, Pointwise op, const S* x, const 
   });
 }
 
-template <class S>
-void apply_pointwise_normalized(const Plan& plan, Pointwise op, const S* x, const PointwiseCoefficients& coef,
-                                int64_t cluster, bool skip_mean, double eps, PointwiseScaled scaled, S* y,
-                                double* mean, double* var, double* out_coef) {
-  using T = compute_t<S>;
-  check_pointwise_plan(plan, op);
-  check_plane_cells(plan, cluster, "apply_pointwise_normalized");
-  const Kernels<S>& k = kernels().get<S>();
-  const int64_t P = plan.planes(), run = cluster * plan.S;
-  // out_coef: coef's nine rows, then a or scale times each cluster's r, and center its mean.
-  double* rows[9];
-  const double* in[9] = {coef.shift, coef.a, coef.b, coef.p, coef.q, coef.r, coef.scale, coef.offset, coef.center};
-  for (int i = 0; i < 9; ++i) rows[i] = out_coef + i * P;
-  const PointwiseCoefficients out{rows[0], rows[1], rows[2], rows[3], rows[4], rows[5], rows[6], rows[7], rows[8]};
-  double* const scaled_row = scaled == PointwiseScaled::a ? rows[1] : rows[6];
-  const bool stream = stream_output(P * plan.S * int64_t(sizeof(S)));
-  parallel_for(P / cluster, run * 3, [&](int64_t g) {
-    // The cluster's statistics, chunk by chunk in order (Chan's merge; skip_mean: the mean of x^2).
-    const S* xg = x + g * run;
-    Moments acc;
-    double q = 0;
-    for (int64_t s = 0; s < run; s += kChunk) {
-      const int64_t n = std::min(kChunk, run - s);
-      if (skip_mean) {
-        double part;
-        k.sum_squares(xg + s, n, &part);
-        q += part;
-      } else {
-        double cm, c2;
-        k.moments(xg + s, n, 1, &cm, &c2);
-        acc = merge(acc, Moments{double(n), cm, c2});
-      }
-    }
-    const double mu = run == 0 ? 0.0 : skip_mean ? 0.0 : acc.mean;
-    const double v = run == 0 ? std::nan("") : skip_mean ? q / double(run) : acc.m2 / double(run);
-    mean[g] = mu, var[g] = v;
-    const double r = 1.0 / std::sqrt(v + eps);
-    for (int64_t p = g * cluster; p < (g + 1) * cluster; ++p) {
-      for (int i = 0; i < 9; ++i) rows[i][p] = in[i][p];
-      scaled_row[p] *= r;
-      if (!skip_mean) rows[8][p] = mu;
-      const PointwisePlane<T> f = plane_of<T>(out, p);
-      for (int64_t s = 0; s < plan.S; s += kChunk)
-        k.pointwise(int(op), x + p * plan.S + s, y + p * plan.S + s, std::min(kChunk, plan.S - s), f, stream);
-    }
-  });
-}
-
 #define NK_INSTANTIATE(S)                                                                          \
   template void apply_pointwise<S>(const Plan&, Pointwise, const S*, const PointwiseCoefficients&, S*); \
   template void pointwise_sums<S>(const Plan&, Pointwise, const S*, const S*,                      \
@@ -266,10 +217,7 @@ void apply_pointwise_normalized(const Plan& plan, Pointwise op, const S* x, cons
   template void pointwise_backward_fused<S>(const Plan&, Pointwise, const S*, const S*,            \
                                             const PointwiseCoefficients&, const double*, const double*, \
                                             const double*, int64_t, const double*, const double*,  \
-                                            double*, S*);                                          \
-  template void apply_pointwise_normalized<S>(const Plan&, Pointwise, const S*, const PointwiseCoefficients&, \
-                                              int64_t, bool, double, PointwiseScaled, S*, double*, double*, \
-                                              double*);
+                                            double*, S*);
 NK_INSTANTIATE(float)
 NK_INSTANTIATE(double)
 NK_INSTANTIATE(f16)

@@ -159,18 +159,6 @@ void pointwise_backward_fused(const Plan& plan, Pointwise op, const S* x, const 
                               const PointwiseCoefficients& coef, const double* c1, const double* c2,
                               const double* c3, int64_t cluster, const double* k2, const double* k3,
                               double* sums, S* dx);
-// The statistics of each cluster of `cluster` consecutive planes of a sample (plans whose cells
-// are the planes), then apply_pointwise with them while the cluster is in cache: per cluster g,
-// mean[g] and var[g] (biased; skip_mean: 0 and the mean of x^2), r = 1/sqrt(var + eps); each
-// plane's coefficients are coef's with `scaled` (a: FRN's x/rms inside f; scale: EvoNorm-S0's
-// f(x)/std) times r and, without skip_mean, center = mean[g]: written to out_coef (9 x K), the
-// backward's coefficients.
-enum class PointwiseScaled : int { a = 0, scale = 1 };
-template <class S>
-void apply_pointwise_normalized(const Plan& plan, Pointwise op, const S* x, const PointwiseCoefficients& coef,
-                                int64_t cluster, bool skip_mean, double eps, PointwiseScaled scaled, S* y,
-                                double* mean, double* var, double* out_coef);
-
 void set_num_threads(int n);
 int get_num_threads();
 // The last-level cache size the traversal and the streaming-store choice assume; 0 (the

@@ -14,11 +14,10 @@ offset), and sums -> (c1, c2, c3) and the parameter gradients. A cross-cell redu
 variance, a ghost batch's channel group) is a sum over cells, never a pass over the tensor.
 Where a variant's backward is the standard one over its plan (ghost batches, modalities, Batch
 Renorm with its effective weight) it runs the fused core backward instead, which reads x and dy
-from memory once. Likewise the pointwise layers: where the statistics belong to a cluster of
-planes (FRN's plane, EvoNorm-S0's group) the forward is one core call
-(_core.apply_pointwise_normalized), and where the backward's fold is local to such a cluster and
-linear in its sums (or needs no sums, Proxy Norm's) the fold is handed to the core as
-coefficients (_core.pointwise_backward_fused: FusedPointwiseSaved) and the backward is one pass.
+from memory once. Likewise the pointwise layers: where the backward's fold is local to a cluster
+of planes (FRN's plane, EvoNorm-S0's group) and linear in its sums, or needs no sums (Proxy
+Norm's), the fold is handed to the core as coefficients (_core.pointwise_backward_fused:
+FusedPointwiseSaved) and the backward is one pass.
 """
 import numpy as np
 

@@ -112,15 +112,19 @@ class EvoNormS0_2d(_EvoNorm):
         x, (N, C, S) = self._input(x)
         G, cpg = self.groups, C // self.groups
         w, b, v = self._params()
+        if x.size:
+            mean, var = (a.reshape(N, G) for a in _core.group_moments(_core.plan_per_sample_group(N, C, S, G), x))
+        else:
+            mean = var = np.zeros((N, G))
+        std = np.repeat(np.sqrt(var + self.eps), cpg, axis=1)  # per (n, c)
+        mu = np.repeat(mean, cpg, axis=1)
         plan = _core.plan_per_channel_in_sets(N, C, S, list(range(N)))  # cells: the planes
         op = int(_core.Pointwise.swish_gate)
-        coef = pointwise_coefficients(N * C, p=v, scale=w, offset=b)
-        y = _core.empty_like(x)
-        var = np.zeros(N * G)
-        if x.size:  # per sample's group of cpg planes: its mean and var, then y, while in cache
-            _, var, coef = _core.apply_pointwise_normalized(plan, op, x, coef, cpg, False, self.eps, 1, y)
-        std = np.repeat(np.sqrt(var.reshape(N, G) + self.eps), cpg, axis=1)  # per (n, c)
         scale = w / std
+        coef = pointwise_coefficients(N * C, p=v, scale=scale.reshape(-1), offset=b, center=mu.reshape(-1))
+        y = _core.empty_like(x)
+        if x.size:
+            _core.apply_pointwise(plan, op, x, coef, y)
 
         # y = h(x) w/std + b with h = x sigmoid(v x); per plane D = dy, F = dy*h, E_p = dy*dh/dv.
         # std depends on x: dL/dstd = -sum_{group} w F / std^2, dstd/dx = (x - mu)/(M std), M = cpg*S:
