@@ -61,6 +61,13 @@ THREAD_SHAPES = [pytest.param((5, 6, 55, 57), id="N5-C6-55x57"),
 AXES = (0, 2, 3)
 
 
+def in_mode(layer, training, use_batch_stats):
+    """The layer in train(training) with use_batch_stats set: a mode of the MODES table."""
+    layer.train(training)
+    layer.use_batch_stats = use_batch_stats
+    return layer
+
+
 def pc(v):
     """A per-channel vector, broadcastable against (N, C, H, W)."""
     return np.asarray(v, np.float64).reshape(1, -1, 1, 1)
@@ -449,9 +456,7 @@ def test_mabn_channels_last_matches_channels_first(shape, dtype, rng, assert_clo
 def test_mabn_non_contiguous_input_gives_the_result_of_its_copy(view, training, use_batch_stats,
                                                                 dtype, rng, assert_close):
     def make_layer():
-        layer = mabn_prepared(dtype, (5, 6, 7, 5)).train(training)
-        layer.use_batch_stats = use_batch_stats
-        return layer
+        return in_mode(mabn_prepared(dtype, (5, 6, 7, 5)), training, use_batch_stats)
 
     check_view_matches_copy_any_state(VIEWS[view](rng, dtype), make_layer, rng, dtype, assert_close)
 
@@ -462,9 +467,7 @@ def test_mabn_non_contiguous_input_gives_the_result_of_its_copy(view, training, 
 def test_mabn_bitwise_identical_for_one_and_two_threads(layout, shape, training, use_batch_stats,
                                                         dtype):
     def make_layer():
-        layer = mabn_prepared(dtype, shape, layout=layout).train(training)
-        layer.use_batch_stats = use_batch_stats
-        return layer
+        return in_mode(mabn_prepared(dtype, shape, layout=layout), training, use_batch_stats)
 
     check_threads(make_layer, shape, dtype, layout)
 
@@ -937,9 +940,7 @@ def test_cbn_non_contiguous_input_gives_the_result_of_its_copy(view, training, u
     pre = cbn_prepared(dtype, (5, 6, 7, 5))[1]
 
     def make_layer():
-        layer = cbn_prepared(dtype, (5, 6, 7, 5))[0].train(training)
-        layer.use_batch_stats = use_batch_stats
-        return layer
+        return in_mode(cbn_prepared(dtype, (5, 6, 7, 5))[0], training, use_batch_stats)
 
     check_view_matches_copy_any_state(VIEWS[view](rng, dtype), make_layer, rng, dtype,
                                       assert_close, pre if training else ())
@@ -953,9 +954,7 @@ def test_cbn_bitwise_identical_for_one_and_two_threads(layout, shape, training, 
     pre = cbn_prepared(dtype, shape)[1]
 
     def make_layer():
-        layer = cbn_prepared(dtype, shape, layout=layout)[0].train(training)
-        layer.use_batch_stats = use_batch_stats
-        return layer
+        return in_mode(cbn_prepared(dtype, shape, layout=layout)[0], training, use_batch_stats)
 
     check_threads(make_layer, shape, dtype, layout, pre if training else ())
 
@@ -1459,9 +1458,7 @@ def test_bkn_non_contiguous_input_gives_the_result_of_its_copy(view, training, u
     prior = bkn_prepared(dtype, (5, 6, 7, 5))[1]
 
     def make_layer():
-        layer = bkn_prepared(dtype, (5, 6, 7, 5))[0].train(training)
-        layer.use_batch_stats = use_batch_stats
-        return layer
+        return in_mode(bkn_prepared(dtype, (5, 6, 7, 5))[0], training, use_batch_stats)
 
     # the view check wants grads keyed by the parameters: no prior in this one
     check_view_matches_copy_any_state(VIEWS[view](rng, dtype), make_layer, rng, dtype,
@@ -1485,9 +1482,7 @@ def test_bkn_bitwise_identical_for_one_and_two_threads(layout, shape, training, 
     prior = bkn_prepared(dtype, shape)[1]
 
     def make_layer():
-        layer = bkn_prepared(dtype, shape, layout=layout)[0].train(training)
-        layer.use_batch_stats = use_batch_stats
-        return layer
+        return in_mode(bkn_prepared(dtype, shape, layout=layout)[0], training, use_batch_stats)
 
     check_threads(make_layer, shape, dtype, layout, (prior,))
 
