@@ -106,6 +106,10 @@ SHAPES = [
     pytest.param((3, 17, 5, 7), id="N3-C17-5x7-odd"),
     pytest.param((2, 6, 3, 5), id="N2-C6-3x5-N2"),
     pytest.param((4, 40, 9, 11), id="N4-C40-9x11-big"),
+    # The core sums 256 rows per call and merges the calls: rows of channels past 256 (the
+    # feature statistics), rows of samples past 256 (the batch statistics).
+    pytest.param((2, 300, 3, 2), id="N2-C300-3x2-channel-chunks"),
+    pytest.param((260, 3, 2, 3), id="N260-C3-2x3-sample-chunks"),
 ]
 
 # (training, use_batch_stats): training, eval with the running statistics, eval with the batch's.
@@ -343,8 +347,8 @@ def test_non_contiguous_input_gives_the_result_of_its_copy(view, training, use_b
     check_view_matches_copy_any_state(VIEWS[view](rng, dtype), make_layer, rng, dtype, assert_close)
 
 
-# (5, 6, 55, 57): rows of 3135 > 512 columns (64-row chunks), one chunk per sample;
-# (3, 70, 23, 25): 575 columns, two chunks of 64 and 6 rows per sample.
+# The core works in blocks of (h, w) columns, half the plane's and at most 512: (5, 6, 55, 57)
+# has 3135 columns, seven blocks; (3, 70, 23, 25) 575 columns, two blocks of 288 and 287.
 THREAD_SHAPES = [pytest.param((5, 6, 55, 57), id="N5-C6-55x57"),
                  pytest.param((3, 70, 23, 25), id="N3-C70-23x25")]
 

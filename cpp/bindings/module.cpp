@@ -7,6 +7,7 @@
 #include <pybind11/stl.h>
 
 #include "arrays.h"
+#include "batch_layer.h"
 #include "forward_fast.h"
 #include "saved.h"
 #include "normkit/conv.h"
@@ -637,6 +638,7 @@ PYBIND11_MODULE(_core, m) {
 
   def_saved(m);
   def_forward_fast(m);
+  def_batch_layer(m);
   m.def("empty_like", &empty_like, py::arg("a"),
         "A new uninitialized C-contiguous array of a's shape and dtype, on the C heap.");
   m.def("copy", [](py::array dst, const py::array& src) {

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "kernels/table.h"
+#include "moments.h"
 #include "normkit/normkit.h"
 #include "normkit/plan.h"
 
@@ -109,18 +110,25 @@ struct BackwardPlanes {
 
 // A SampleTerm (normkit.h) in T, over one sample's n elements, as set_channel_affine and
 // BackwardPlanes do it: the shift is the mean rounded to T and b carries the rounding,
-// offset + scale*(shift - mean). `at(e)` points the kernels' ElementTerm at element e.
+// offset + scale*(shift - mean); made on the threads, in kept storage (BatchLayerNorm2d's term
+// is C*H*W elements). `at(e)` points the kernels' ElementTerm at element e; no term: none.
 template <class T>
 struct SampleTermPlanes {
-  std::vector<T> shift, a, b, c1;
-  SampleTermPlanes(const SampleTerm& t, int64_t n) : shift(n), a(n), b(n), c1(t.c1 ? n : 0) {
-    for (int64_t e = 0; e < n; ++e) {
-      shift[e] = T(t.mean[e]), a[e] = T(t.scale[e]);
-      b[e] = T(t.offset[e] + t.scale[e] * (double(shift[e]) - t.mean[e]));
-      if (t.c1) c1[e] = T(t.c1[e]);
-    }
+  std::vector<T> own;
+  T *shift = nullptr, *a = nullptr, *b = nullptr, *c1 = nullptr;
+  SampleTermPlanes(const SampleTerm* t, int64_t n) {
+    if (!t) return;
+    shift = kept_storage<kSampleTerm>(4 * n, own), a = shift + n, b = a + n, c1 = t->c1 ? b + n : nullptr;
+    constexpr int64_t block = 4096;
+    parallel_for((n + block - 1) / block, block, [&](int64_t i) {
+      for (int64_t e = i * block; e < std::min(n, (i + 1) * block); ++e) {
+        shift[e] = T(t->mean[e]), a[e] = T(t->scale[e]);
+        b[e] = T(t->offset[e] + t->scale[e] * (double(shift[e]) - t->mean[e]));
+        if (c1) c1[e] = T(t->c1[e]);
+      }
+    });
   }
-  ElementTerm<T> at(int64_t e) const { return {&shift[e], &a[e], &b[e], c1.empty() ? nullptr : &c1[e]}; }
+  ElementTerm<T> at(int64_t e) const { return {shift + e, a + e, b + e, c1 ? c1 + e : nullptr}; }
 };
 
 }  // namespace nk

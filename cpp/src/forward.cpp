@@ -183,7 +183,7 @@ void normalize_by_sample(const Plan& plan, const S* x, double eps, const compute
   double* const pmean = kept_storage<kPlaneMoments>(2 * P, own_moments);
   double* const pm2 = pmean + P;
   const bool stream = large_output<S>(plan);
-  const SampleTermPlanes<T> t = term ? SampleTermPlanes<T>(*term, C * plan.S) : SampleTermPlanes<T>(SampleTerm{}, 0);
+  const SampleTermPlanes<T> t(term, C * plan.S);
   const bool planes = plane_groups(plan);
   // Where every column is its own group (LayerNorm2d's columns), a sample's wide rows go in
   // blocks of kWideRow columns, each block's statistics then its output while it is in L2: a

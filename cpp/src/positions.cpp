@@ -90,7 +90,7 @@ void backward_apply_positions(const Plan& plan, const S* x, const S* dy, const d
   const BackwardPlanes<T> f(plan, mean, c1, c2, c3);
   const bool stream = stream_output(P * plan.S * int64_t(sizeof(S)));
   if (term && !term->c1) throw std::invalid_argument("backward_apply_positions: the sample term needs its c1");
-  const SampleTermPlanes<T> t = term ? SampleTermPlanes<T>(*term, C * plan.S) : SampleTermPlanes<T>(SampleTerm{}, 0);
+  const SampleTermPlanes<T> t(term, C * plan.S);
   parallel_column_blocks(ch, 1, [&](int64_t it, int64_t c0, int64_t width) {
     const int64_t s = ch.start(it) + c0, p0 = ch.sample(it) * C + c0, r0 = ch.chunk(it) * ch.step;
     const ElementTerm<T> e = term ? t.at(r0 * C + c0) : ElementTerm<T>{};

@@ -117,6 +117,29 @@ void normalize_backward_positions(const Plan& plan, const S* x, const S* dy, con
                                   const double* rstd, const compute_t<S>* weight, S* dx, double* dweight,
                                   double* dbias);
 
+// BatchLayerNorm2d over its feature plan (LayerNorm2d's: N samples of HW columns, its cells
+// (n, hw), and C positions, its channels), one pass over the tensor each way (batch_layer.cpp).
+// Batch moments per (c, hw) of one sample's F = C*HW elements: with batch_stats the batch's own
+// (the forward writes mean_b and var_b, biased), else given (running ones, constants).
+//   batch_layer_forward   y = (feature_scale*(x - mean_f)*rstd_f + batch_scale*(x - mean_b)*rstd_b)
+//                         *weight[c] + bias[c]; writes rstd_b = 1/sqrt(var_b + eps) and the
+//                         feature statistics per cell, biased, as normalize_batch_stats_positions'
+//   batch_layer_backward  dx of that, from the forward's statistics (the batch statistics'
+//                         gradient joins with batch_stats), dweight[c] and dbias[c]
+template <class S>
+void batch_layer_forward(const Plan& feature, const S* x, double eps, double feature_scale, double batch_scale,
+                         bool batch_stats, double* mean_b, double* var_b, double* rstd_b,
+                         const compute_t<S>* weight, const compute_t<S>* bias, S* y, double* mean_f, double* var_f,
+                         double* rstd_f);
+template <class S>
+void batch_layer_backward(const Plan& feature, const S* x, const S* dy, const double* mean_f, const double* rstd_f,
+                          const double* mean_b, const double* rstd_b, double feature_scale, double batch_scale,
+                          bool batch_stats, const compute_t<S>* weight, S* dx, double* dweight, double* dbias);
+// running = (1 - factor)*running + factor*value_scale*value over n elements, in place (torch's
+// running-statistics rule; value_scale: the unbiasing N/(N - 1) of a variance).
+template <class T>
+void running_update(T* running, const double* value, int64_t n, double factor, double value_scale);
+
 // Local response normalization (torch's local_response_norm) of x viewed as (N, C, S): per
 // position, d_c = k + alpha/size * sum of x_j^2 over channels j in [c - size/2, c + (size-1)/2]
 // (those that exist), y = x * d^-beta; and its backward dx (x and dy in, contiguous).

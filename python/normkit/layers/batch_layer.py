@@ -3,17 +3,17 @@ import math
 
 import numpy as np
 
-from .. import _checks, _core, _engine
+from .. import _checks, _core
 from ._variant import VariantLayer, checked_attribute, unbiased
 
 _RUNNING = ("running_mean", "running_var")
 
 
 class _BatchLayerSaved:
-    """BLN's backward: two sums passes (the feature cells', with the weight inside, and the batch
-    columns') and one apply pass with the batch part as the apply's per-element term."""
+    """BLN's backward: one core call, one pass (batch_layer_backward: per block of hw columns,
+    the feature cells' and the batch columns' sums, the fold per cell and per (c, hw), and dx)."""
 
-    __slots__ = ("feature", "batch", "x", "mean_f", "rstd_f", "mean_b", "rstd_b", "with_batch_stats",
+    __slots__ = ("feature", "x", "mean_f", "rstd_f", "mean_b", "rstd_b", "with_batch_stats",
                  "mix", "weight", "shape", "grads")
 
     def __init__(self, **kw):
@@ -21,30 +21,13 @@ class _BatchLayerSaved:
             setattr(self, k, v)
 
     def backward(self, dy):
-        N, C, S = self.shape[0], self.shape[1], self.x.size // (self.shape[0] * self.shape[1])
-        a, b, k = self.mix
-        w = self.weight.astype(np.float64)
-        # Feature cells (n, hw), over the C channels: B = sum w dy, A = sum w dy (x - mu_F); the
-        # weight's feature part, k a sum dy x_F, and the bias's gradient per channel.
-        Bf, Af, dw, db = _core.backward_sums_positions(self.feature, self.x, dy, self.mean_f, a * k * self.rstd_f,
-                                                       0.0, self.weight)
-        # Batch columns (c, hw), over the N samples: sum dy and sum dy (x - mu_B).
-        Bb, Ab = _core.backward_sums(self.batch, self.x, dy, self.mean_b)
-        r_b = self.rstd_b
-        w_cs = np.repeat(w, S)  # the weight of each (c, hw)
-        dw = dw + b * k * (r_b * Ab).reshape(C, S).sum(axis=1)
-        # dx = a * standardize_backward over C of g + b * (standardize_backward over N of g, or
-        # g r_B with running statistics), g = k w dy (tests/reference.py: batch_layer_norm_backward):
-        # the feature cells' coefficients, and the batch part as a term per (c, hw).
-        c1, c2, c3 = a * k * self.rstd_f, -a * k * self.rstd_f ** 3 * Af / C, -a * k * self.rstd_f * Bf / C
-        e1 = b * k * r_b
-        if self.with_batch_stats:
-            e2, e3 = -b * k * r_b ** 3 * w_cs * Ab / N, -b * k * r_b * w_cs * Bb / N
-        else:
-            e2 = e3 = np.zeros_like(r_b)
+        # dx = a*standardize_backward over C of g + b*(standardize_backward over N of g, or g r_B
+        # with running statistics), g = k w dy (tests/reference.py: batch_layer_norm_backward).
+        feature_scale, batch_scale = self.mix
         dx = _core.empty_like(self.x)
-        _core.backward_apply_positions(self.feature, self.x, dy, self.mean_f, c1, c2, c3, self.weight, dx,
-                                       sample_term=(self.mean_b, e1, e2, e3))
+        dw, db = _core.batch_layer_backward(self.feature, self.x, dy, self.mean_f, self.rstd_f,
+                                            self.mean_b, self.rstd_b, feature_scale, batch_scale,
+                                            self.with_batch_stats, self.weight, dx)
         return dx.reshape(self.shape), self.grads(dw, db)
 
 
@@ -64,9 +47,10 @@ class BatchLayerNorm2d(VariantLayer):
     raises ValueError. With `use_batch_stats` after eval() the batch's own statistics are used and
     the running ones left alone.
 
-    Without a transpose: the feature statistics read NCHW memory as rows of channels (LayerNorm2d's
-    plan), the batch statistics read it as one sample of N rows of C*H*W columns, and the batch
-    part joins the feature part's apply pass as a term per (c, h, w).
+    Without a transpose, one pass over the tensor each way: the core takes blocks of (h, w)
+    columns of every sample and channel, reads NCHW memory as rows of channels for the feature
+    statistics (LayerNorm2d's plan) and as rows of samples for the batch statistics, and applies
+    the batch part as a term per (c, h, w) while the block is in cache.
     """
 
     batch_size = checked_attribute("batch_size", _checks.positive_int)
@@ -94,13 +78,10 @@ class BatchLayerNorm2d(VariantLayer):
     def _forward(self, x):
         x, (N, C, S) = self._input(x)
         self._check_running_shape(x)
-        F = C * S
         # The feature cells (n, hw): N samples of C rows of HW columns (LayerNorm2d's reading);
         # the batch columns (c, hw): one sample of N rows of C*HW columns.
         feature = _core.plan_per_sample_group(N, S, C, S)
         feature.channels_last = True
-        batch = _core.plan_per_sample_group(1, F, N, F)
-        batch.channels_last = True
         if x.size == 0:  # nothing to normalize: no statistics, and none made
             return _core.empty_like(x), _EmptySaved(x)
         if self.training:
@@ -109,24 +90,20 @@ class BatchLayerNorm2d(VariantLayer):
             self.running_mean = np.zeros(x.shape[1:], self.dtype)
             self.running_var = np.ones(x.shape[1:], self.dtype)
         with_batch_stats = self._batch_stats()
-        if with_batch_stats:
-            mean_b, var_b = _core.group_moments(batch, x)
-        else:
-            mean_b = self.running_mean.reshape(-1).astype(np.float64)
-            var_b = self.running_var.reshape(-1).astype(np.float64)
-        rstd_b = 1.0 / np.sqrt(var_b + self.eps)
+        running = None if with_batch_stats else (self.running_mean.reshape(-1).astype(np.float64),
+                                                 self.running_var.reshape(-1).astype(np.float64))
         a, b, k = self._mix(C)
         y = _core.empty_like(x)
-        # y = ((x - mu_F) r_F a k + (x - mu_B) r_B b k) weight_c + bias_c, sample by sample.
-        mean_f, _, rstd_f = _core.normalize_batch_stats_positions(
-            feature, x, self.eps, self.weight, self.bias, y,
-            sample_term=(mean_b, b * k * rstd_b, np.zeros(F), a * k))
+        # y = ((x - mu_F) r_F a k + (x - mu_B) r_B b k) weight_c + bias_c, per block of (h, w)
+        # columns of every sample: both statistics, then y.
+        mean_f, rstd_f, mean_b, var_b, rstd_b = _core.batch_layer_forward(
+            feature, x, self.eps, a * k, b * k, self.weight, self.bias, y, running)
         if self.training:
-            _engine.running_update(self.running_mean, mean_b.reshape(x.shape[1:]), self.momentum)
-            _engine.running_update(self.running_var, unbiased(var_b, N).reshape(x.shape[1:]), self.momentum)
-        return y, _BatchLayerSaved(feature=feature, batch=batch, x=x, mean_f=mean_f, rstd_f=rstd_f, mean_b=mean_b,
-                                   rstd_b=rstd_b, with_batch_stats=with_batch_stats, mix=(a, b, k),
-                                   weight=self.weight, shape=x.shape, grads=self._param_grads)
+            _core.running_update(self.running_mean, mean_b, self.momentum)
+            _core.running_update(self.running_var, var_b, self.momentum, unbiased(1.0, N))
+        return y, _BatchLayerSaved(feature=feature, x=x, mean_f=mean_f, rstd_f=rstd_f, mean_b=mean_b,
+                                   rstd_b=rstd_b, with_batch_stats=with_batch_stats,
+                                   mix=(a * k, b * k), weight=self.weight, shape=x.shape, grads=self._param_grads)
 
     def load_state_dict(self, state_dict, strict=True):
         """As every layer's, except that running_mean and running_var may be of any (C, H, W):

@@ -1,0 +1,235 @@
+// BatchLayerNorm2d's two steps (normkit.h: batch_layer_forward, batch_layer_backward), one pass
+// over the tensor each way. BLN has two statistics on crossing axes, the feature cells (n, hw)
+// over C and the batch columns (c, hw) over N, so no sample-by-sample order serves both; a block
+// of hw columns of every sample and channel serves both, and its later readings come from cache. Per block: both statistics, then the output (forward); both sums, the fold per cell
+// and per (c, hw), then dx (backward). Blocks cover fixed columns, so results never depend on
+// the thread count.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "kernels/table.h"
+#include "moments.h"
+#include "normkit/normkit.h"
+#include "parallel.h"
+
+namespace nk {
+
+namespace {
+
+// Rows per call of the row kernels that sum in T (float for float input): a chunk's sums, then
+// merges in double, as the per-sample steps' chunks.
+constexpr int64_t kRowChunk = 256;
+
+// The blocks of hw columns: at most 512 (LayerNorm2d's blocks), and at least two blocks where
+// the plane has 32 columns, so that two threads share a small plane (8x256x14x14: two of 112).
+// Wider blocks measured faster than ones sized to keep a block in L2 (64 columns of 32x64
+// samples and channels, 512 KB): a block's rows are then a few hundred bytes each, and the
+// reading of them scattered. Fixed by the shape alone, so the bits are too.
+struct ColumnBlocks {
+  int64_t N, C, HW, F, width, count;
+  explicit ColumnBlocks(const Plan& feature)
+      : N(feature.N), C(feature.S), HW(feature.C), F(feature.S * feature.C) {
+    width = std::max<int64_t>(16, std::min<int64_t>(512, ((HW + 1) / 2 + 15) / 16 * 16));
+    count = (HW + width - 1) / width;
+  }
+  int64_t first(int64_t b) const { return b * width; }
+  int64_t cols(int64_t b) const { return std::min(width, HW - b * width); }
+};
+
+void check_feature_plan(const Plan& feature) {
+  check_step_plan(feature);
+  if (!feature.channels_last || feature.num_groups() != feature.N * feature.C || feature.skip_mean)
+    throw std::invalid_argument("invalid plan: BatchLayerNorm2d's steps take its feature plan (LayerNorm2d's: a "
+                                "channels-last plan of one group per column of each sample)");
+}
+
+// Mean and m2 per column of `rows` rows of `width` columns, ld apart: kRowChunk rows per
+// rows_moments call, the chunks merged in order (Chan's formula).
+template <class S>
+void column_moments(const Kernels<S>& k, const S* x, int64_t rows, int64_t width, int64_t ld, double* mean,
+                    double* m2) {
+  static thread_local std::vector<double> part;
+  part.resize(2 * width);
+  double *const cm = part.data(), *const cq = cm + width;
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowChunk) {
+    const int64_t len = std::min(kRowChunk, rows - r0);
+    k.rows_moments(x + r0 * ld, len, width, ld, r0 == 0 ? mean : cm, r0 == 0 ? m2 : cq);
+    if (r0 == 0) continue;
+    for (int64_t i = 0; i < width; ++i) {
+      const Moments m = merge({double(r0), mean[i], m2[i]}, {double(len), cm[i], cq[i]});
+      mean[i] = m.mean, m2[i] = m.m2;
+    }
+  }
+}
+
+// Sums per column of `rows` rows (A about shift, as rows_dot's), chunked as column_moments; with
+// w, rows_dot_weighted's.
+template <class S>
+void column_dots(const Kernels<S>& k, const S* x, const S* dy, int64_t rows, int64_t width, int64_t ld,
+                 const compute_t<S>* shift, const compute_t<S>* w, double* A, double* B) {
+  static thread_local std::vector<double> part;
+  part.resize(2 * width);
+  double *const ca = part.data(), *const cb = ca + width;
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowChunk) {
+    const int64_t len = std::min(kRowChunk, rows - r0), o = r0 * ld;
+    double *const a = r0 == 0 ? A : ca, *const b = r0 == 0 ? B : cb;
+    if (w) k.rows_dot_weighted(x + o, dy + o, len, width, ld, shift, w + r0, a, b);
+    else k.rows_dot(x + o, dy + o, len, width, ld, shift, a, b);
+    if (r0 == 0) continue;
+    for (int64_t i = 0; i < width; ++i) A[i] += ca[i], B[i] += cb[i];
+  }
+}
+
+}  // namespace
+
+template <class S>
+void batch_layer_forward(const Plan& feature, const S* x, double eps, double feature_scale, double batch_scale,
+                         bool batch_stats, double* mean_b, double* var_b, double* rstd_b,
+                         const compute_t<S>* weight, const compute_t<S>* bias, S* y, double* mean_f, double* var_f,
+                         double* rstd_f) {
+  using T = compute_t<S>;
+  check_feature_plan(feature);
+  const Kernels<S>& k = kernels().get<S>();
+  const ColumnBlocks bl(feature);
+  const int64_t N = bl.N, C = bl.C, HW = bl.HW, F = bl.F;
+  std::vector<T> own;
+  T* const term = kept_storage<kSampleTerm>(3 * F, own);  // per (c, hw): the batch part's shift, a, b
+  const bool stream = stream_output(N * F * int64_t(sizeof(S)));
+  parallel_for(bl.count, N * C * bl.width, [&](int64_t it) {
+    const int64_t h0 = bl.first(it), w = bl.cols(it);
+    static thread_local std::vector<T> coef;
+    coef.resize(3 * N * w);  // per (n, column): the feature part's shift, a, b
+    T *const fs = coef.data(), *const fa = fs + N * w, *const fb = fa + N * w;
+    for (int64_t n = 0; n < N; ++n) {  // the feature cells, over the C rows of each sample
+      double* const m = &mean_f[n * HW + h0];
+      double* const v = &var_f[n * HW + h0];
+      column_moments(k, x + n * F + h0, C, w, HW, m, v);
+      for (int64_t i = 0; i < w; ++i) {
+        const double var = v[i] / double(C), r = 1.0 / std::sqrt(var + eps), sc = feature_scale * r;
+        const T sh = T(m[i]);
+        v[i] = var, rstd_f[n * HW + h0 + i] = r;
+        fs[n * w + i] = sh, fa[n * w + i] = T(sc), fb[n * w + i] = T((double(sh) - m[i]) * sc);
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {  // the batch columns, over the N samples
+      const int64_t e0 = c * HW + h0;
+      if (batch_stats) {
+        column_moments(k, x + e0, N, w, F, &mean_b[e0], &var_b[e0]);
+        for (int64_t i = 0; i < w; ++i) var_b[e0 + i] /= double(N);
+      }
+      for (int64_t e = e0; e < e0 + w; ++e) rstd_b[e] = 1.0 / std::sqrt(var_b[e] + eps);
+      for (int64_t e = e0; e < e0 + w; ++e) {
+        const double sc = batch_scale * rstd_b[e];
+        const T sh = T(mean_b[e]);
+        term[e] = sh, term[F + e] = T(sc), term[2 * F + e] = T((double(sh) - mean_b[e]) * sc);
+      }
+    }
+    const ElementTerm<T> t{term + h0, term + F + h0, term + 2 * F + h0, nullptr};
+    for (int64_t n = 0; n < N; ++n)
+      k.rows_affine_rows(x + n * F + h0, y + n * F + h0, C, w, HW, fs + n * w, fa + n * w, fb + n * w, weight,
+                         bias, &t, stream);
+  });
+}
+
+template <class S>
+void batch_layer_backward(const Plan& feature, const S* x, const S* dy, const double* mean_f, const double* rstd_f,
+                          const double* mean_b, const double* rstd_b, double feature_scale, double batch_scale,
+                          bool batch_stats, const compute_t<S>* weight, S* dx, double* dweight, double* dbias) {
+  using T = compute_t<S>;
+  check_feature_plan(feature);
+  const Kernels<S>& k = kernels().get<S>();
+  const ColumnBlocks bl(feature);
+  const int64_t N = bl.N, C = bl.C, HW = bl.HW, F = bl.F;
+  std::vector<T> own_term;
+  T* const term = kept_storage<kSampleTerm>(4 * F, own_term);  // per (c, hw): shift, a, b, c1
+  std::vector<double> own_parts;  // per (block, channel): the weight's and the bias's partial sums
+  double* const parts = kept_storage<kBatchTerms>(2 * bl.count * C, own_parts);
+  const double inv_n = 1.0 / double(N), inv_c = 1.0 / double(C);
+  const bool stream = stream_output(N * F * int64_t(sizeof(S)));
+  parallel_for(bl.count, 3 * N * C * bl.width, [&](int64_t it) {
+    const int64_t h0 = bl.first(it), w = bl.cols(it);
+    static thread_local std::vector<T> coef;
+    static thread_local std::vector<double> sums;
+    coef.resize(6 * N * w), sums.resize(2 * w + 2 * C);
+    T *const fs = coef.data(), *const fa = fs + N * w, *const fb = fa + N * w;  // x_F's affine
+    T *const c1 = fb + N * w, *const c2 = c1 + N * w, *const c3 = c2 + N * w;  // the feature fold
+    double *const A = sums.data(), *const B = A + w, *const rg = B + w, *const rb = rg + C;
+    double *const gpart = parts + it * C, *const bpart = parts + (bl.count + it) * C;
+    std::fill_n(gpart, C, 0.0), std::fill_n(bpart, C, 0.0);
+    // The feature cells: B = sum w dy, A = sum w dy (x - mu_F) over the C rows, the weight's
+    // feature part (sum dy x_F, scaled) and the bias's per row, then the fold per cell.
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t p = n * w, g0 = n * HW + h0, s = n * F + h0;
+      for (int64_t i = 0; i < w; ++i) {
+        const double mu = mean_f[g0 + i], sc = feature_scale * rstd_f[g0 + i];
+        const T sh = T(mu);
+        fs[p + i] = sh, fa[p + i] = T(sc), fb[p + i] = T((double(sh) - mu) * sc);
+      }
+      column_dots(k, x + s, dy + s, C, w, HW, fs + p, weight, A, B);
+      k.rows_row_sums(x + s, dy + s, C, w, HW, fs + p, fa + p, fb + p, rg, rb);
+      for (int64_t r = 0; r < C; ++r) gpart[r] += rg[r], bpart[r] += rb[r];
+      for (int64_t i = 0; i < w; ++i) {
+        const double mu = mean_f[g0 + i], r = rstd_f[g0 + i], sc = feature_scale * r;
+        const double shift = double(fs[p + i]), a = A[i] + (shift - mu) * B[i];
+        const double k2 = -sc * r * r * a * inv_c, k3 = -sc * B[i] * inv_c;
+        c1[p + i] = T(sc), c2[p + i] = T(k2), c3[p + i] = T(k3 + k2 * (shift - mu));
+      }
+    }
+    // The batch columns: sum dy and sum dy (x - mu_B) over the N samples, the weight's batch
+    // part, and the batch part of dx as a term per (c, hw).
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t e0 = c * HW + h0;
+      T* const sh = term + e0;
+      for (int64_t i = 0; i < w; ++i) sh[i] = T(mean_b[e0 + i]);
+      column_dots(k, x + e0, dy + e0, N, w, F, sh, static_cast<const T*>(nullptr), A, B);
+      // dx's batch part: batch_scale r (w dy - w B/N - r^2 (x - mu_B) w A/N); no batch
+      // statistics: batch_scale r w dy alone. The weight's: batch_scale sum r A.
+      const double wn = batch_stats ? double(weight[c]) * inv_n : 0.0;
+      double g = 0;
+      for (int64_t i = 0, e = e0; i < w; ++i, ++e) {
+        const double r = rstd_b[e], shift = double(sh[i]);
+        const double a = A[i] + (shift - mean_b[e]) * B[i], br = batch_scale * r;
+        g += r * a;
+        const double k2 = -br * r * r * wn * a, k3 = -br * wn * B[i];
+        term[F + e] = T(k2), term[2 * F + e] = T(k3 + k2 * (shift - mean_b[e])), term[3 * F + e] = T(br);
+      }
+      gpart[c] += batch_scale * g;
+    }
+    const ElementTerm<T> t{term + h0, term + F + h0, term + 2 * F + h0, term + 3 * F + h0};
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t p = n * w, s = n * F + h0;
+      k.rows_backward_apply_weighted(x + s, dy + s, dx + s, C, w, HW, c1 + p, c2 + p, fs + p, c3 + p, weight, &t,
+                                     stream);
+    }
+  });
+  std::fill_n(dweight, C, 0.0), std::fill_n(dbias, C, 0.0);
+  for (int64_t it = 0; it < bl.count; ++it)  // per channel, in block order
+    for (int64_t c = 0; c < C; ++c) dweight[c] += parts[it * C + c], dbias[c] += parts[(bl.count + it) * C + c];
+}
+
+template <class T>
+void running_update(T* running, const double* value, int64_t n, double factor, double value_scale) {
+  constexpr int64_t block = 4096;
+  parallel_for((n + block - 1) / block, block, [&](int64_t i) {
+    for (int64_t e = i * block; e < std::min(n, (i + 1) * block); ++e)
+      running[e] = T((1.0 - factor) * double(running[e]) + factor * (value_scale * value[e]));
+  });
+}
+
+#define NK_INSTANTIATE(S)                                                                                   \
+  template void batch_layer_forward<S>(const Plan&, const S*, double, double, double, bool, double*, double*, \
+                                       double*, const compute_t<S>*, const compute_t<S>*, S*, double*,       \
+                                       double*, double*);                                                   \
+  template void batch_layer_backward<S>(const Plan&, const S*, const S*, const double*, const double*,        \
+                                        const double*, const double*, double, double, bool,                   \
+                                        const compute_t<S>*, S*, double*, double*);
+NK_INSTANTIATE(float)
+NK_INSTANTIATE(double)
+NK_INSTANTIATE(f16)
+NK_INSTANTIATE(bf16)
+#undef NK_INSTANTIATE
+template void running_update<float>(float*, const double*, int64_t, double, double);
+template void running_update<double>(double*, const double*, int64_t, double, double);
+
+}  // namespace nk
