@@ -1,0 +1,1 @@
+"""`python -m normkit demo`: the small-batch study (see docs/demo.md)."""
