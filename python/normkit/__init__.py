@@ -7,7 +7,7 @@ from .layers import (BatchChannelNorm2d, BatchKalmanNorm2d, BatchLayerNorm2d, Ba
                      BatchRenorm2d, CrossIterationBatchNorm2d, EvoNormB0_2d, EvoNormS0_2d, ExtendedBatchNorm2d, FilterResponseNorm2d,
                      FrozenBatchNorm2d, GhostBatchNorm2d, GroupNorm, InstanceNorm1d, InstanceNorm2d,
                      InstanceNorm3d, LayerNorm, LayerNorm2d, LocalResponseNorm, ModalityBatchNorm2d,
-                     MovingAverageBatchNorm2d, NormLayer, ProxyNorm2d, RMSNorm, renorm_schedule)
+                     MovingAverageBatchNorm2d, NormLayer, ProxyNorm2d, RMSNorm, SyncBatchNorm, renorm_schedule)
 
 __version__ = "0.1.0"
 
@@ -35,5 +35,5 @@ __all__ = ["functional", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceN
            "FrozenBatchNorm2d", "renorm_schedule", "data", "FilterResponseNorm2d", "EvoNormB0_2d",
            "EvoNormS0_2d", "ProxyNorm2d", "BatchChannelNorm2d", "BatchLayerNorm2d", "LayerNorm2d",
            "LocalResponseNorm", "MovingAverageBatchNorm2d",
-           "CrossIterationBatchNorm2d", "BatchKalmanNorm2d", "set_num_threads", "get_num_threads",
+           "CrossIterationBatchNorm2d", "BatchKalmanNorm2d", "SyncBatchNorm", "set_num_threads", "get_num_threads",
            "cpu_info", "fold_batchnorm", "conv2d_stat_jacobians", "StateError", "__version__"]

@@ -19,10 +19,11 @@ from .moving_average import MovingAverageBatchNorm2d
 from .proxy import ProxyNorm2d
 from .renorm import BatchRenorm2d, renorm_schedule
 from .response import FilterResponseNorm2d
+from .sync_batchnorm import SyncBatchNorm
 
 __all__ = ["NormLayer", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceNorm1d",
            "InstanceNorm2d", "InstanceNorm3d", "GroupNorm", "LayerNorm", "RMSNorm",
            "ExtendedBatchNorm2d", "ModalityBatchNorm2d", "GhostBatchNorm2d", "BatchRenorm2d",
            "FrozenBatchNorm2d", "renorm_schedule", "FilterResponseNorm2d", "EvoNormB0_2d",
            "EvoNormS0_2d", "ProxyNorm2d", "BatchChannelNorm2d", "BatchLayerNorm2d", "LayerNorm2d", "LocalResponseNorm",
-           "MovingAverageBatchNorm2d", "CrossIterationBatchNorm2d", "BatchKalmanNorm2d"]
+           "MovingAverageBatchNorm2d", "CrossIterationBatchNorm2d", "BatchKalmanNorm2d", "SyncBatchNorm"]
