@@ -577,6 +577,11 @@ def add_arguments(parser):
                              "conv2d_stat_jacobians beside torch's convolution weight gradient (when "
                              "torch is installed); uses --threads, --quick, --json and --shapes tiny "
                              "(a smoke test; any other: the issue's two shapes)")
+    parser.add_argument("--torch", action="store_true",
+                        help="instead: time normkit.torch's BatchNorm2d, GroupNorm and LayerNorm "
+                             "modules against torch.nn's, both through torch autograd (fwd+bwd, "
+                             "infer), beside the NumPy layer; uses --threads, --ops, --layouts, "
+                             "--dtypes, --shapes, --quick and --json")
 
 
 def plan(args):
@@ -605,6 +610,9 @@ def run(args):
     if args.variants:
         from . import _bench_variants
         return _bench_variants.run(args)
+    if args.torch:
+        from . import _bench_torch
+        return _bench_torch.run(args)
     import_torch()
     _bench_onnx.import_onnx()
     if args.threads is not None:
