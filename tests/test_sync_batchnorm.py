@@ -498,19 +498,26 @@ def test_torchrun_workers(n):
 
 def _torch_sync():
     torch = pytest.importorskip("torch")
-    try:
-        cls = importlib.import_module("normkit.torch").SyncBatchNorm
-    except (ImportError, AttributeError):  # the package does not export it (yet): the module
-        cls = importlib.import_module("normkit.torch._sync").SyncBatchNorm
-    return torch, cls
+    return torch, importlib.import_module("normkit.torch").SyncBatchNorm
 
 
 def test_torch_export_is_the_sync_module():
     _torch_sync()
-    mod = importlib.import_module("normkit.torch")
-    if not hasattr(mod, "SyncBatchNorm"):
-        pytest.skip("normkit.torch does not export SyncBatchNorm yet")
-    assert mod.SyncBatchNorm is importlib.import_module("normkit.torch._sync").SyncBatchNorm
+    assert importlib.import_module("normkit.torch").SyncBatchNorm is \
+        importlib.import_module("normkit.torch._sync").SyncBatchNorm
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_torch_gradcheck_in_float64(training):
+    torch, cls = _torch_sync()
+    torch.manual_seed(0)
+    m = cls(C, dtype=torch.float64).train(training)
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+        m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
+    m.momentum = 0.0  # the running statistics stay put across gradcheck's many forwards
+    x = torch.randn(4, C, 3, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: m(x), (x, m.weight, m.bias))
 
 
 def test_torch_constructor_is_torchs():
