@@ -2,7 +2,7 @@
 from . import _core, data, functional
 from ._checks import StateError
 from .conv import conv2d_stat_jacobians
-from .fold import fold_batchnorm
+from .fold import fold_batchnorm, inference_affine
 from .layers import (BatchChannelNorm2d, BatchKalmanNorm2d, BatchLayerNorm2d, BatchNorm1d, BatchNorm2d, BatchNorm3d,
                      BatchRenorm2d, CrossIterationBatchNorm2d, EvoNormB0_2d, EvoNormS0_2d, ExtendedBatchNorm2d, FilterResponseNorm2d,
                      FrozenBatchNorm2d, GhostBatchNorm2d, GroupNorm, InstanceNorm1d, InstanceNorm2d,
@@ -36,4 +36,4 @@ __all__ = ["functional", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceN
            "EvoNormS0_2d", "ProxyNorm2d", "BatchChannelNorm2d", "BatchLayerNorm2d", "LayerNorm2d",
            "LocalResponseNorm", "MovingAverageBatchNorm2d",
            "CrossIterationBatchNorm2d", "BatchKalmanNorm2d", "SyncBatchNorm", "set_num_threads", "get_num_threads",
-           "cpu_info", "fold_batchnorm", "conv2d_stat_jacobians", "StateError", "__version__"]
+           "cpu_info", "fold_batchnorm", "inference_affine", "conv2d_stat_jacobians", "StateError", "__version__"]

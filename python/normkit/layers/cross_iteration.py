@@ -138,6 +138,13 @@ class CrossIterationBatchNorm2d(VariantLayer):
                 self._history.popleft()
         return y, StepSaved(plan, x, mu_bar, fold, x.shape)
 
+    def _inference_affine(self, modality):
+        """normkit.inference_affine's (scale, shift): inference is BatchNorm's with the running
+        statistics, y = weight (x - running_mean) / sqrt(running_var + eps) + bias."""
+        w, b = self._channel_params()
+        scale = w / np.sqrt(self.running_var.astype(np.float64) + self.eps)
+        return scale, b - self.running_mean.astype(np.float64) * scale
+
     def extra_repr(self):
         return (f"{self.num_features}, window={self.window}, burnin={self.burnin}, eps={self.eps}, "
                 f"momentum={self.momentum}, affine={self.affine}")

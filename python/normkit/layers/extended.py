@@ -59,6 +59,13 @@ class ExtendedBatchNorm2d(VariantLayer):
             self.num_batches_tracked += 1
         return y, StepSaved(plan, x, mean, fold, x.shape)
 
+    def _inference_affine(self, modality):
+        """normkit.inference_affine's (scale, shift): the one running variance for every channel,
+        y = weight_c (x - running_mean_c) / sqrt(running_var[0] + eps) + bias_c."""
+        w, b = self._channel_params()
+        scale = w / np.sqrt(float(self.running_var[0]) + self.eps)
+        return scale, b - self.running_mean.astype(np.float64) * scale
+
     def extra_repr(self):
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
                 f"track_running_stats={self.track_running_stats}")

@@ -51,5 +51,11 @@ class FrozenBatchNorm2d(NormLayer):
             state_dict = {k: state_dict[k] for k in state_dict.keys() if k != "num_batches_tracked"}
         return super().load_state_dict(state_dict, strict)
 
+    def _inference_affine(self, modality):
+        """normkit.inference_affine's (scale, shift): y = weight (x - running_mean) /
+        sqrt(running_var + eps) + bias (in eval; in training too, but a fold is for eval)."""
+        scale = self.weight.astype(np.float64) / np.sqrt(self.running_var.astype(np.float64) + self.eps)
+        return scale, self.bias.astype(np.float64) - self.running_mean.astype(np.float64) * scale
+
     def extra_repr(self):
         return f"{self.num_features}, eps={self.eps}"

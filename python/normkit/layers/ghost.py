@@ -132,6 +132,24 @@ class GhostBatchNorm2d(VariantLayer):
         y = self._apply(plan, x, cell_mu, cell_rs * w, b)
         return y, StepSaved(plan, x, cell_mu.reshape(-1), fold, x.shape)
 
+    def _inference_affine(self, modality):
+        """normkit.inference_affine's (scale, shift): with example_weight = 0 the population's
+        moments alone, per channel group P1 = mean of running_mean, P2 = mean of (running_var +
+        running_mean^2), mu = P1, var = max(P2 - P1^2, 0) (running_mean, running_var themselves
+        with channels_per_group = 1): y = weight (x - mu) / sqrt(var + eps) + bias."""
+        if self.example_weight != 0.0:
+            raise TypeError(f"layer: GhostBatchNorm2d has no per-channel affine inference: "
+                            f"example_weight={self.example_weight} > 0 mixes in each sample's own moments")
+        cpg, C = self.channels_per_group, self.num_features
+        rm, rv = self.running_mean.astype(np.float64), self.running_var.astype(np.float64)
+        if cpg > 1:
+            P1 = rm.reshape(C // cpg, cpg).mean(axis=1)
+            P2 = (rv + rm ** 2).reshape(C // cpg, cpg).mean(axis=1)
+            rm, rv = np.repeat(P1, cpg), np.repeat(np.maximum(P2 - P1 ** 2, 0.0), cpg)
+        w, b = self._channel_params()
+        scale = w / np.sqrt(rv + self.eps)
+        return scale, b - rm * scale
+
     def extra_repr(self):
         return (f"{self.num_features}, ghost_batch_size={self.ghost_batch_size}, "
                 f"channels_per_group={self.channels_per_group}, example_weight={self.example_weight}, "

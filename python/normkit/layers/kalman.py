@@ -133,6 +133,13 @@ class BatchKalmanNorm2d(VariantLayer):
             self.num_batches_tracked += 1
         return y, StepSaved(plan, x, mu, fold, x.shape)
 
+    def _inference_affine(self, modality):
+        """normkit.inference_affine's (scale, shift): inference is BatchNorm's with the running
+        statistics, y = weight (x - running_mean) / sqrt(running_var + eps) + bias."""
+        w, b = self._channel_params()
+        scale = w / np.sqrt(self.running_var.astype(np.float64) + self.eps)
+        return scale, b - self.running_mean.astype(np.float64) * scale
+
     def _prior_grads(self, prior, grads):
         """grads["prior_mean"], grads["prior_var"] (float64): zeros where the prior is unused."""
         if prior is None:

@@ -107,6 +107,23 @@ class ModalityBatchNorm2d(VariantLayer):
             self.num_batches_tracked += 1
         return y, saved
 
+    def _inference_affine(self, modality):
+        """normkit.inference_affine's (scale, shift) for one modality m (an int): inference
+        normalizes m's samples with m's running statistics and affine (row m with
+        separate_affine), y = weight (x - running_mean[m]) / sqrt(running_var[m] + eps) + bias."""
+        M = self.num_modalities
+        if modality is None or isinstance(modality, bool) or not isinstance(modality, (int, np.integer)):
+            raise TypeError(f"modality: expected the int modality to fold, in [0, {M}) (each modality has "
+                            f"its own running statistics), got {modality!r}")
+        if not 0 <= modality < M:
+            raise ValueError(f"modality: expected an int in [0, {M}) (num_modalities), got {modality}")
+        m = int(modality)
+        w, b = self._channel_params()
+        if self.separate_affine:
+            w, b = w[m], b[m]
+        scale = w / np.sqrt(self.running_var[m].astype(np.float64) + self.eps)
+        return scale, b - self.running_mean[m].astype(np.float64) * scale
+
     def _update_running(self, mean, var, samples, S):
         """Each present modality's row moves toward its batch statistics (unbiased variance)."""
         for m in np.flatnonzero(samples[:mean.shape[0]]):

@@ -106,6 +106,12 @@ class MovingAverageBatchNorm2d(VariantLayer):
         self.running_var[...] = self.momentum * self.running_var.astype(np.float64) + (1 - self.momentum) * chi2_s
         return y, _TrainingStep(self, plan, x, t, slot, s, r, w)
 
+    def _inference_affine(self, modality):
+        """normkit.inference_affine's (scale, shift): no mean subtraction,
+        y = weight x / sqrt(running_var + eps) + bias."""
+        w, b = self._channel_params()
+        return w / np.sqrt(self.running_var.astype(np.float64) + self.eps), b
+
     def backward(self, dy):
         saved = self._saved
         if isinstance(saved, _TrainingStep) and saved.done:

@@ -97,6 +97,17 @@ class ProxyNorm2d(VariantLayer):
             _core.apply_pointwise(plan, op, x, coef, y)
         return y, FusedPointwiseSaved(plan, op, x, coef, (r * g, 0.0, 0.0, 1, None, None), grads_of, x.shape)
 
+    def _inference_affine(self, modality):
+        """normkit.inference_affine's (scale, shift): with the identity activation z = weight x +
+        bias, and y = (z - mu_p) r, r = 1/sqrt(v_p + eps): scale = r weight, shift = r (bias - mu_p)."""
+        if self.activation != "identity":
+            raise TypeError(f"layer: ProxyNorm2d has no per-channel affine inference: activation="
+                            f"{self.activation!r} is not affine (only 'identity' is)")
+        g, b = self._channel_params()
+        gp, bp = self.proxy_weight.astype(np.float64), self.proxy_bias.astype(np.float64)
+        _, _, mu, _, r = self._proxy_moments(int(_core.Pointwise.identity), g, b, gp, bp)
+        return r * g, r * (b - mu)
+
     def _proxy_moments(self, op, g, b, gp, bp):
         """The proxy points Y (C, K), phi' there, their mean mu, deviations and r = 1/sqrt(v_p +
         eps); kept while the four parameters, eps and the activation stay as they were (inference

@@ -86,6 +86,13 @@ class BatchRenorm2d(VariantLayer):
             self.num_batches_tracked += 1
         return y, saved
 
+    def _inference_affine(self, modality):
+        """normkit.inference_affine's (scale, shift): y = weight (x - running_mean) / running_std
+        + bias (no eps: sigma_B carried it into running_std)."""
+        w, b = self._channel_params()
+        scale = w / self.running_std.astype(np.float64)
+        return scale, b - self.running_mean.astype(np.float64) * scale
+
     def extra_repr(self):
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, r_max={self.r_max}, "
                 f"d_max={self.d_max}, affine={self.affine}")

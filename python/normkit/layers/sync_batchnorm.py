@@ -276,6 +276,15 @@ class SyncBatchNorm(NormLayer):
             grads["bias"] = db.reshape(self.bias.shape)
         return dx, grads
 
+    def _inference_affine(self, modality):
+        """normkit.inference_affine's (scale, shift): eval with running statistics is
+        y = weight (x - running_mean) / sqrt(running_var + eps) + bias."""
+        C = self.num_features
+        w = np.ones(C) if self.weight is None else self.weight.astype(np.float64)
+        b = np.zeros(C) if self.bias is None else self.bias.astype(np.float64)
+        scale = w / np.sqrt(self.running_var.astype(np.float64) + self.eps)
+        return scale, b - self.running_mean.astype(np.float64) * scale
+
     def extra_repr(self):
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
                 f"track_running_stats={self.track_running_stats}")
