@@ -5,6 +5,37 @@ from .. import _checks, _core, _engine, functional as F
 from .base import NormLayer
 
 
+
+def setup_batchnorm_state(layer, num_features, eps, momentum, affine, track_running_stats, dtype):
+    """torch's BatchNorm arguments, checked, and its parameters and buffers on `layer` (also
+    SyncBatchNorm's)."""
+    layer.num_features = _checks.positive_int(num_features, "num_features")
+    layer.eps = _checks.nonneg_float(eps, "eps")
+    layer.momentum = _checks.momentum_value(momentum)
+    layer.affine = bool(affine)
+    layer.track_running_stats = bool(track_running_stats)
+    layer._set_dtype(dtype)
+    C = layer.num_features
+    layer._param("weight", np.ones(C, layer.dtype) if affine else None)
+    layer._param("bias", np.zeros(C, layer.dtype) if affine else None)
+    if layer.track_running_stats:
+        layer._buffer("running_mean", np.zeros(C, layer.dtype))
+        layer._buffer("running_var", np.ones(C, layer.dtype))
+        layer._buffer("num_batches_tracked", np.array(0, dtype=np.int64))
+    else:
+        layer.running_mean = layer.running_var = layer.num_batches_tracked = None
+
+
+def running_stats_affine(layer):
+    """normkit.inference_affine's (scale, shift) of a BatchNorm-like layer: eval with running
+    statistics is y = weight (x - running_mean) / sqrt(running_var + eps) + bias."""
+    C = layer.num_features
+    w = np.ones(C) if layer.weight is None else layer.weight.astype(np.float64)
+    b = np.zeros(C) if layer.bias is None else layer.bias.astype(np.float64)
+    scale = w / np.sqrt(layer.running_var.astype(np.float64) + layer.eps)
+    return scale, b - layer.running_mean.astype(np.float64) * scale
+
+
 class _BatchNorm(NormLayer):
     _expected_ndims = ()  # input ranks this class accepts
     _ranks_mask = 0  # the same, as forward_fast's bit mask
@@ -14,21 +45,7 @@ class _BatchNorm(NormLayer):
                  track_running_stats=True, dtype=np.float32, layout="NCHW"):
         super().__init__()
         self.layout = _checks.layout_arg(layout)  # "NHWC": input is (N, *spatial, C)
-        self.num_features = _checks.positive_int(num_features, "num_features")
-        self.eps = _checks.nonneg_float(eps, "eps")
-        self.momentum = _checks.momentum_value(momentum)
-        self.affine = bool(affine)
-        self.track_running_stats = bool(track_running_stats)
-        self._set_dtype(dtype)
-        C = self.num_features
-        self._param("weight", np.ones(C, self.dtype) if affine else None)
-        self._param("bias", np.zeros(C, self.dtype) if affine else None)
-        if self.track_running_stats:
-            self._buffer("running_mean", np.zeros(C, self.dtype))
-            self._buffer("running_var", np.ones(C, self.dtype))
-            self._buffer("num_batches_tracked", np.array(0, dtype=np.int64))
-        else:
-            self.running_mean = self.running_var = self.num_batches_tracked = None
+        setup_batchnorm_state(self, num_features, eps, momentum, affine, track_running_stats, dtype)
         # After eval(): normalize with the batch's own statistics, leaving the running ones alone
         # (arXiv 1802.07590; it couples the samples of a test batch).
         self.use_batch_stats = False
@@ -68,13 +85,7 @@ class _BatchNorm(NormLayer):
         return result
 
     def _inference_affine(self, modality):
-        """normkit.inference_affine's (scale, shift): eval with running statistics is
-        y = weight (x - running_mean) / sqrt(running_var + eps) + bias."""
-        C = self.num_features
-        w = np.ones(C) if self.weight is None else self.weight.astype(np.float64)
-        b = np.zeros(C) if self.bias is None else self.bias.astype(np.float64)
-        scale = w / np.sqrt(self.running_var.astype(np.float64) + self.eps)
-        return scale, b - self.running_mean.astype(np.float64) * scale
+        return running_stats_affine(self)
 
     def extra_repr(self):
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "

@@ -5,6 +5,7 @@ import numpy as np
 
 from .. import _checks, _core, _engine
 from ._variant import StepSaved, VariantLayer, checked_attribute, running_factor, unbiased
+from .batchnorm import running_stats_affine
 
 
 def _filters(a, C, name, shape=None):
@@ -139,11 +140,7 @@ class CrossIterationBatchNorm2d(VariantLayer):
         return y, StepSaved(plan, x, mu_bar, fold, x.shape)
 
     def _inference_affine(self, modality):
-        """normkit.inference_affine's (scale, shift): inference is BatchNorm's with the running
-        statistics, y = weight (x - running_mean) / sqrt(running_var + eps) + bias."""
-        w, b = self._channel_params()
-        scale = w / np.sqrt(self.running_var.astype(np.float64) + self.eps)
-        return scale, b - self.running_mean.astype(np.float64) * scale
+        return running_stats_affine(self)  # inference is BatchNorm's with the running statistics
 
     def extra_repr(self):
         return (f"{self.num_features}, window={self.window}, burnin={self.burnin}, eps={self.eps}, "

@@ -3,6 +3,7 @@ import numpy as np
 
 from .. import _checks, _core, _engine, functional as F
 from .base import NormLayer
+from .batchnorm import running_stats_affine
 
 
 class FrozenBatchNorm2d(NormLayer):
@@ -52,10 +53,7 @@ class FrozenBatchNorm2d(NormLayer):
         return super().load_state_dict(state_dict, strict)
 
     def _inference_affine(self, modality):
-        """normkit.inference_affine's (scale, shift): y = weight (x - running_mean) /
-        sqrt(running_var + eps) + bias (in eval; in training too, but a fold is for eval)."""
-        scale = self.weight.astype(np.float64) / np.sqrt(self.running_var.astype(np.float64) + self.eps)
-        return scale, self.bias.astype(np.float64) - self.running_mean.astype(np.float64) * scale
+        return running_stats_affine(self)  # inference is BatchNorm's with the running statistics
 
     def extra_repr(self):
         return f"{self.num_features}, eps={self.eps}"

@@ -3,6 +3,7 @@ import numpy as np
 
 from .. import _checks, _core, _engine
 from ._variant import StepSaved, VariantLayer, checked_attribute, running_factor
+from .batchnorm import running_stats_affine
 
 
 class BatchKalmanNorm2d(VariantLayer):
@@ -134,11 +135,7 @@ class BatchKalmanNorm2d(VariantLayer):
         return y, StepSaved(plan, x, mu, fold, x.shape)
 
     def _inference_affine(self, modality):
-        """normkit.inference_affine's (scale, shift): inference is BatchNorm's with the running
-        statistics, y = weight (x - running_mean) / sqrt(running_var + eps) + bias."""
-        w, b = self._channel_params()
-        scale = w / np.sqrt(self.running_var.astype(np.float64) + self.eps)
-        return scale, b - self.running_mean.astype(np.float64) * scale
+        return running_stats_affine(self)  # inference is BatchNorm's with the running statistics
 
     def _prior_grads(self, prior, grads):
         """grads["prior_mean"], grads["prior_var"] (float64): zeros where the prior is unused."""

@@ -26,6 +26,7 @@ import numpy as np
 from .. import _checks, _core, _engine, functional as F
 from ._variant import running_factor, unbiased
 from .base import NormLayer
+from .batchnorm import running_stats_affine, setup_batchnorm_state
 
 
 class _SingleProcess:
@@ -130,21 +131,7 @@ class SyncBatchNorm(NormLayer):
                  track_running_stats=True, process_group=None, dtype=np.float32):
         super().__init__()
         self.process_group = process_group_arg(process_group)
-        self.num_features = _checks.positive_int(num_features, "num_features")
-        self.eps = _checks.nonneg_float(eps, "eps")
-        self.momentum = _checks.momentum_value(momentum)
-        self.affine = bool(affine)
-        self.track_running_stats = bool(track_running_stats)
-        self._set_dtype(dtype)
-        C = self.num_features
-        self._param("weight", np.ones(C, self.dtype) if affine else None)
-        self._param("bias", np.zeros(C, self.dtype) if affine else None)
-        if self.track_running_stats:
-            self._buffer("running_mean", np.zeros(C, self.dtype))
-            self._buffer("running_var", np.ones(C, self.dtype))
-            self._buffer("num_batches_tracked", np.array(0, dtype=np.int64))
-        else:
-            self.running_mean = self.running_var = self.num_batches_tracked = None
+        setup_batchnorm_state(self, num_features, eps, momentum, affine, track_running_stats, dtype)
         self.use_batch_stats = False  # as BatchNorm's (eval only; local, as torch's)
 
     def reset_running_stats(self):
@@ -277,13 +264,7 @@ class SyncBatchNorm(NormLayer):
         return dx, grads
 
     def _inference_affine(self, modality):
-        """normkit.inference_affine's (scale, shift): eval with running statistics is
-        y = weight (x - running_mean) / sqrt(running_var + eps) + bias."""
-        C = self.num_features
-        w = np.ones(C) if self.weight is None else self.weight.astype(np.float64)
-        b = np.zeros(C) if self.bias is None else self.bias.astype(np.float64)
-        scale = w / np.sqrt(self.running_var.astype(np.float64) + self.eps)
-        return scale, b - self.running_mean.astype(np.float64) * scale
+        return running_stats_affine(self)
 
     def extra_repr(self):
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
