@@ -372,6 +372,17 @@ def test_bfloat16_view_is_the_tensor_memory():
     assert back.dtype == torch.bfloat16 and back.data_ptr() == t.data_ptr()
 
 
+def test_without_ml_dtypes_float64_stays_float64_and_bfloat16_is_refused(monkeypatch):
+    monkeypatch.setattr(_bridge, "_BF16", None)  # as if ml_dtypes were not installed
+    a = np.arange(3.0)
+    back = _bridge.tensor_view(a)  # np.dtype("float64") == None: it must not read as bfloat16
+    assert back.dtype == torch.float64 and back.tolist() == [0.0, 1.0, 2.0]
+    bits = _bridge.numpy_view(torch.ones(2, dtype=torch.bfloat16))
+    assert bits.dtype == np.int16  # the raw bits, which normkit's dtype checks refuse
+    with pytest.raises(TypeError):
+        normkit.functional.layer_norm(bits, (2,))
+
+
 # -- the module's tensors stay the layer's -------------------------------------------------------
 def test_double_and_replaced_tensors_reach_the_layer():
     ours, ref = nkt.BatchNorm2d(3).double(), nn.BatchNorm2d(3).double()

@@ -1,4 +1,8 @@
 """normkit: fast CPU normalization layers, forward and backward, on NumPy arrays."""
+from __future__ import annotations
+
+from typing import Any
+
 from . import _core, data, functional
 from ._checks import StateError
 from .conv import conv2d_stat_jacobians
@@ -12,18 +16,18 @@ from .layers import (BatchChannelNorm2d, BatchKalmanNorm2d, BatchLayerNorm2d, Ba
 __version__ = "0.1.0"
 
 
-def set_num_threads(n):
+def set_num_threads(n: int) -> None:
     """Threads every normkit kernel uses (default: OpenMP's, which honours OMP_NUM_THREADS)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n: expected a positive integer, got {n!r}")
     _core.set_num_threads(n)
 
 
-def get_num_threads():
+def get_num_threads() -> int:
     return _core.get_num_threads()
 
 
-def cpu_info():
+def cpu_info() -> dict[str, Any]:
     """The SIMD level the kernels run at, and the levels this CPU supports."""
     return {"isa": _core.isa_name(), "supported": list(_core.supported_isas()),
             "num_threads": _core.get_num_threads()}

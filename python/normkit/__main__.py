@@ -1,13 +1,16 @@
 """`python -m normkit <command>` (also the `normkit` console script); the commands are `bench`
 (time normkit's layers) and `demo` (the small-batch study, docs/demo.md)."""
+from __future__ import annotations
+
 import argparse
 import sys
+from collections.abc import Sequence
 
 from . import _bench
 from .demo import cli as _demo
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m normkit",
                                      description="normkit command-line tools")
     commands = parser.add_subparsers(dest="command", metavar="command")

@@ -4,6 +4,8 @@ issue's targets.
 
 Only the timing harness runs in Python; every tensor-sized operation is one library call.
 """
+from __future__ import annotations
+
 import argparse
 import itertools
 import json
@@ -13,32 +15,54 @@ import platform
 import statistics
 import sys
 import time
-from collections import namedtuple
+from types import ModuleType
+from typing import Any, Callable, Mapping, NamedTuple, Sequence, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 
 import normkit
 
 from . import _bench_onnx, _checks, _core
 
+ml_dtypes: ModuleType | None
 try:  # bfloat16 arrays come from ml_dtypes; without it the bfloat16 tables are skipped
     import ml_dtypes
 except ImportError:  # pragma: no cover
     ml_dtypes = None
 
-torch = None  # set by import_torch(): torch is slow to import, and optional
+torch: Any = None  # set by import_torch(): torch is slow to import, and optional
+
+T = TypeVar("T")
+Shape = tuple[int, ...]
+# A factory's shape: logical (N, C, *spatial) or (rows, features); bench_overhead gives the row
+# ops (rows, (C, H, W)), a normalized_shape as the last entry.
+LayerShape = tuple[Any, ...]
+Call = Callable[[], object]  # a timed zero-argument call
+Setup = Callable[[], Call]  # run once before timing, returns the timed call
+Row = dict[str, Any]  # a table row, as the JSON holds it
+Column = tuple[str, int, Callable[[Row], str]]  # (title, width, row -> text)
+# layer name -> ORT graph (None: none loaded) -> the shapes on which it was the fastest
+Graphs = dict[str, dict[str | None, list[str]]]
 
 BIG_SHAPE = (64, 128, 56, 56)  # 103 MB in float32: the data comes from memory (roofline targets)
 BN_TARGET_SHAPE = (32, 64, 56, 56)  # the issue's 4x BatchNorm2d forward+backward shape
 OVERHEAD_SHAPE = (2, 16, 8, 8)  # per-call overhead: a tensor too small to measure anything else
 OVERHEAD_TARGET_US = 3.0
 # preset -> (shapes of the conv ops (N, C, H, W), shapes of the row ops (rows, features))
-SHAPES = {
+SHAPES: dict[str, tuple[list[Shape], list[Shape]]] = {
     "all": ([(32, 64, 56, 56), BIG_SHAPE, (8, 256, 14, 14), (2, 16, 8, 8)], [(8192, 1024)]),
     "standard": ([(32, 64, 56, 56), (8, 256, 14, 14), (2, 16, 8, 8)], [(8192, 1024)]),
     "tiny": ([(2, 16, 8, 8)], [(64, 256)]),  # a smoke test of the bench itself
 }
-Timing = namedtuple("Timing", "repeats min_sample_s warmup_s")
+
+
+class Timing(NamedTuple):
+    repeats: int
+    min_sample_s: float
+    warmup_s: float
+
+
 FULL, QUICK = Timing(7, 0.02, 0.2), Timing(3, 0.005, 0.05)
 MODES = ("fwd", "bwd", "fwd+bwd", "infer")
 LAYOUTS = ("NCHW", "NHWC")
@@ -50,7 +74,7 @@ BYTE_MODEL_TEXT = ("bytes = fwd, infer: read x + write y = 2|x|;  bwd: read x, r
                    "fwd+bwd: 5|x|  (parameters and statistics ignored)")
 
 
-def group_count(channels):
+def group_count(channels: int) -> int:
     """32 groups where the channels allow it, else their largest divisor below 32."""
     return max(g for g in range(1, 33) if channels % g == 0)
 
@@ -58,7 +82,8 @@ def group_count(channels):
 # op key -> (layer name, "conv" (N, C, *spatial; NHWC too) or "row" (normalizes the last dim),
 #            normkit factory (shape, parameter dtype, layout), torch factory (shape, torch dtype)).
 # Shapes are logical (N, C, H, W) in both layouts.
-OPS = {
+OPS: dict[str, tuple[str, str, Callable[[LayerShape, np.dtype[Any], str], normkit.NormLayer],
+                     Callable[[LayerShape, Any], Any]]] = {
     "bn": ("BatchNorm2d", "conv",
            lambda s, dt, lo: normkit.BatchNorm2d(s[1], dtype=dt, layout=lo),
            lambda s, dt: torch.nn.BatchNorm2d(s[1], dtype=dt)),
@@ -80,9 +105,10 @@ OPS = {
 }
 
 
-def import_torch():
+def import_torch() -> None:
     """Import torch if it is installed; the bench runs without its column otherwise."""
     global torch
+    module: ModuleType | None
     try:
         import torch as module
     except ImportError:
@@ -91,14 +117,14 @@ def import_torch():
 
 
 # -- timing harness ------------------------------------------------------------------------------
-def seconds_per_call(fn, iters):
+def seconds_per_call(fn: Call, iters: int) -> float:
     t0 = time.perf_counter()
     for _ in range(iters):
         fn()
     return (time.perf_counter() - t0) / iters
 
 
-def warm_up(fn, seconds):
+def warm_up(fn: Call, seconds: float) -> None:
     """Call fn for `seconds` (at least twice): first-touch page faults and caches settle."""
     end = time.perf_counter() + seconds
     fn()
@@ -107,7 +133,7 @@ def warm_up(fn, seconds):
         fn()
 
 
-def calibrate(fn, min_sample_s):
+def calibrate(fn: Call, min_sample_s: float) -> int:
     """The iteration count that makes one timed sample last >= min_sample_s."""
     iters = 1
     while True:
@@ -117,21 +143,21 @@ def calibrate(fn, min_sample_s):
         iters = max(2 * iters, math.ceil(1.2 * iters * min_sample_s / max(t, 1e-9)))
 
 
-def time_call(fn, timing):
+def time_call(fn: Call, timing: Timing) -> float:
     """Median seconds per call over `timing.repeats` samples of a timed loop, after a warm-up."""
     return time_interleaved({"fn": fn}, timing)["fn"]
 
 
-def time_interleaved(fns, timing):
+def time_interleaved(fns: Mapping[str, Call], timing: Timing) -> dict[str, float]:
     """Median seconds per call of each function in `fns` (name -> fn), after a warm-up and a
     calibration each, their samples taken in turn (a, b, c, a, b, c, ...): a drift in the
     machine's speed (other tenants' memory traffic, clocks) then hits every library alike, and
     the ratios between them stay meaningful even when the absolute times move."""
-    iters = {}
+    iters: dict[str, int] = {}
     for name, fn in fns.items():
         warm_up(fn, timing.warmup_s)
         iters[name] = calibrate(fn, timing.min_sample_s)
-    samples = {name: [] for name in fns}
+    samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(timing.repeats):
         for name, fn in fns.items():
             samples[name].append(seconds_per_call(fn, iters[name]))
@@ -139,7 +165,7 @@ def time_interleaved(fns, timing):
 
 
 # -- the reference: a copy's bandwidth -----------------------------------------------------------
-def last_level_cache_bytes(default=32 << 20):
+def last_level_cache_bytes(default: int = 32 << 20) -> int:
     try:
         with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
             text = f.read().strip()
@@ -148,7 +174,7 @@ def last_level_cache_bytes(default=32 << 20):
         return default
 
 
-def copy_call(nbytes):
+def copy_call(nbytes: int) -> Call:
     """A zero-argument copy of `nbytes` (read + write), on normkit's threads, whose source has
     been evicted since it was last touched: slots of a pool three times the last-level cache."""
     slots = max(3, math.ceil(3 * last_level_cache_bytes() / nbytes))
@@ -157,7 +183,7 @@ def copy_call(nbytes):
     return lambda: _core.copy(*next(pairs))
 
 
-def copy_bandwidth(nbytes, timing):
+def copy_bandwidth(nbytes: int, timing: Timing) -> float:
     """Bytes/s of a copy between arrays of `nbytes` each, counted as read + write, on normkit's
     threads (_core.copy: a parallel memcpy; np.copyto would use one core).
 
@@ -169,19 +195,20 @@ def copy_bandwidth(nbytes, timing):
 
 
 # -- the same data and layer in each library -----------------------------------------------------
-def numpy_dtype(name):
+def numpy_dtype(name: str) -> np.dtype[Any] | None:
     """The NumPy dtype of a --dtypes name; None for bfloat16 without ml_dtypes."""
     if name == "bfloat16":
         return np.dtype(ml_dtypes.bfloat16) if ml_dtypes else None
     return np.dtype(name)
 
 
-def stored_shape(shape, layout):
+def stored_shape(shape: Sequence[int], layout: str) -> Shape:
     """The array shape of logical (N, C, *spatial) `shape` in `layout` (NHWC: (N, *spatial, C))."""
     return tuple(shape) if layout == "NCHW" else (shape[0],) + tuple(shape[2:]) + (shape[1],)
 
 
-def inputs(shape, dtype, layout="NCHW", seed=0):
+def inputs(shape: Sequence[int], dtype: npt.DTypeLike, layout: str = "NCHW",
+           seed: int = 0) -> tuple[npt.NDArray[Any], ...]:
     """x and dy, standard normal, of logical `shape` stored in `layout`."""
     rng = np.random.default_rng(seed)
     draw = np.float64 if dtype == np.float64 else np.float32
@@ -189,12 +216,13 @@ def inputs(shape, dtype, layout="NCHW", seed=0):
                  for _ in range(2))
 
 
-def normkit_layer(op, shape, dtype, layout="NCHW"):
+def normkit_layer(op: str, shape: LayerShape, dtype: npt.DTypeLike,
+                  layout: str = "NCHW") -> normkit.NormLayer:
     """The normkit layer for input of `dtype` (half inputs take a float32 layer)."""
     return OPS[op][2](shape, _checks.param_dtype(np.dtype(dtype)), layout)
 
 
-def torch_module(op, shape, dtype, layout="NCHW"):
+def torch_module(op: str, shape: LayerShape, dtype: npt.DTypeLike, layout: str = "NCHW") -> Any:
     """The torch twin of the normkit layer in `dtype` (half types: a half module, as after
     module.to(dtype)), or None without torch or without that layer."""
     if torch is None:
@@ -206,7 +234,7 @@ def torch_module(op, shape, dtype, layout="NCHW"):
     return module.to(memory_format=torch.channels_last) if layout == "NHWC" else module
 
 
-def to_torch(a, layout="NCHW"):
+def to_torch(a: npt.NDArray[Any], layout: str = "NCHW") -> Any:
     """A torch tensor over a's memory (no copy); an NHWC array becomes the NCHW-shaped tensor
     in channels_last memory format, i.e. exactly what torch's channels_last path reads."""
     if ml_dtypes and a.dtype == ml_dtypes.bfloat16:
@@ -218,12 +246,13 @@ def to_torch(a, layout="NCHW"):
 
 # -- each library's calls ------------------------------------------------------------------------
 # mode -> setup(): run once before timing (after the caller set train/eval), returns the timed call.
-def normkit_calls(layer, x, dy):
-    def bwd():
+def normkit_calls(layer: normkit.NormLayer, x: npt.NDArray[Any],
+                  dy: npt.NDArray[Any]) -> dict[str, Setup]:
+    def bwd() -> Call:
         layer(x)  # backward only reads what this forward saved, so it may be called repeatedly
         return lambda: layer.backward(dy)
 
-    def fwd_bwd():
+    def fwd_bwd() -> None:
         layer(x)
         layer.backward(dy)
 
@@ -231,16 +260,16 @@ def normkit_calls(layer, x, dy):
             "infer": lambda: lambda: layer(x)}
 
 
-def torch_calls(module, tx, tdy):
+def torch_calls(module: Any, tx: Any, tdy: Any) -> dict[str, Setup]:
     """The same modes on a torch.nn.Module (autograd.grad: fresh gradients every call)."""
     gx = tx.detach().clone().requires_grad_(True)  # clone keeps channels_last strides
     wrt = [gx] + list(module.parameters())
 
-    def bwd():
+    def bwd() -> Call:
         y = module(gx)  # one graph, kept by retain_graph
         return lambda: torch.autograd.grad(y, wrt, tdy, retain_graph=True)
 
-    def infer():
+    def infer() -> None:
         with torch.inference_mode():
             module(tx)
 
@@ -249,9 +278,10 @@ def torch_calls(module, tx, tdy):
             "infer": lambda: infer}
 
 
-def ort_time(op, layer, x, threads, timing):
+def ort_time(op: str, layer: normkit.NormLayer, x: npt.NDArray[Any], threads: int,
+             timing: Timing) -> tuple[float, str] | None:
     """(seconds per call, graph) of the fastest of the layer's ONNX Runtime eval twins."""
-    best = None
+    best: tuple[float, str] | None = None
     for sess, text in _bench_onnx.twins(op, layer, x.shape, threads):
         call, _ = _bench_onnx.runner(sess, x)
         t = time_call(call, timing)
@@ -260,7 +290,7 @@ def ort_time(op, layer, x, threads, timing):
     return best
 
 
-def attempt(fn, who, mode, notes):
+def attempt(fn: Callable[[], T], who: str, mode: str, notes: list[str]) -> T | None:
     """fn(), or None with a note when another library cannot run a case (e.g. no kernel)."""
     try:
         return fn()
@@ -271,7 +301,8 @@ def attempt(fn, who, mode, notes):
 
 
 # -- targets -------------------------------------------------------------------------------------
-def row_targets(op, shape, layout, dtype, mode, threads):
+def row_targets(op: str, shape: Sequence[int], layout: str, dtype: npt.DTypeLike, mode: str,
+                threads: int) -> list[tuple[str, float]]:
     """[(metric, threshold)] the issue sets for a row (all must hold); [] where it sets none.
 
     float32 only. At 1 thread: never slower than torch. Otherwise: forward+backward >= 2x torch
@@ -282,7 +313,7 @@ def row_targets(op, shape, layout, dtype, mode, threads):
         return []
     if threads == 1:
         return [("torch_speedup", 1.0)]
-    out = []
+    out: list[tuple[str, float]] = []
     if mode == "fwd+bwd":
         big_bn = op == "bn" and tuple(shape) == BN_TARGET_SHAPE and layout == "NCHW"
         out.append(("torch_speedup", 4.0 if big_bn else 2.0))
@@ -293,40 +324,44 @@ def row_targets(op, shape, layout, dtype, mode, threads):
     return out
 
 
-def target_text(targets):
+def target_text(targets: Sequence[tuple[str, float]]) -> str:
     words = {"torch_speedup": "{:g}x torch", "speedup": "{:g}x best", "roof_fraction": "{:.0%} roof"}
     return ", ".join(words[m].format(t) for m, t in targets) or "-"
 
 
-def target_met(row, targets):
+def target_met(row: Mapping[str, Any], targets: Sequence[tuple[str, float]]) -> bool | None:
     """True/False against the targets; None when there are none or a value is missing."""
-    values = [row.get(m) for m, _ in targets]
+    values: list[Any] = [row.get(m) for m, _ in targets]
     if not targets or any(v is None for v in values):
         return None
     return all(v >= t for v, (_, t) in zip(values, targets))
 
 
-def mark(met):
+def mark(met: bool | None) -> str:
     return {True: "ok", False: "MISS", None: "n/a"}[met]
 
 
 # -- the benchmark -------------------------------------------------------------------------------
-def label(op, shape):
+def label(op: str, shape: Sequence[int]) -> str:
     """The layer's name; GroupNorm's with its group count."""
     return f"GroupNorm({group_count(shape[1])})" if op == "gn" else OPS[op][0]
 
 
-def make_row(op, shape, layout, dtype, mode, times, x_nbytes, copy_bw, threads):
+def make_row(op: str, shape: Sequence[int], layout: str, dtype: npt.DTypeLike, mode: str,
+             times: Mapping[str, float | None], x_nbytes: int, copy_bw: float,
+             threads: int) -> Row:
     """A table row: every library's time, the speedup against the fastest, the roofline, targets."""
     t_nk = times["normkit"]
+    assert t_nk is not None  # normkit's time is always measured
     others = {k: t for k, t in times.items() if k != "normkit" and t is not None}
-    best = min(others, key=others.get) if others else None
+    best = min(others, key=others.__getitem__) if others else None
     nbytes = BYTE_MODEL[mode] * x_nbytes
+    t_th = times.get("torch")
     row = {"op": op, "layer": label(op, shape), "shape": list(shape), "layout": layout,
            "dtype": np.dtype(dtype).name, "mode": mode, "bytes": nbytes, "normkit_s": t_nk,
            "torch_s": times.get("torch"), "ort_s": times.get("ort"), "best": best,
            "speedup": others[best] / t_nk if best else None,
-           "torch_speedup": times["torch"] / t_nk if times.get("torch") else None,
+           "torch_speedup": t_th / t_nk if t_th else None,
            "normkit_gbps": nbytes / t_nk / 1e9, "roof_fraction": nbytes / t_nk / copy_bw}
     targets = row_targets(op, shape, layout, dtype, mode, threads)
     row["targets"] = [{"metric": m, "threshold": t} for m, t in targets]
@@ -335,7 +370,8 @@ def make_row(op, shape, layout, dtype, mode, times, x_nbytes, copy_bw, threads):
     return row
 
 
-def bench_case(op, shape, layout, dtype, copy_bw, timing, threads, graphs):
+def bench_case(op: str, shape: Shape, layout: str, dtype: np.dtype[Any], copy_bw: float,
+               timing: Timing, threads: int, graphs: Graphs) -> tuple[list[Row], list[str]]:
     """One table row per mode for one (op, shape, layout, dtype); returns (rows, notes).
     graphs[layer name][ORT graph] collects the shapes on which that graph was ORT's fastest."""
     x, dy = inputs(shape, dtype, layout)
@@ -343,7 +379,8 @@ def bench_case(op, shape, layout, dtype, copy_bw, timing, threads, graphs):
     nk = normkit_calls(layer, x, dy)
     th = torch_calls(module, to_torch(x, layout), to_torch(dy, layout)) if module is not None else None
     with_ort = _bench_onnx.ort is not None and layout == "NCHW" and dtype == np.float32
-    rows, notes = [], []
+    rows: list[Row] = []
+    notes: list[str] = []
     # Out of cache, the roofline's copy is timed in turn with the ops (below), not once up front.
     copy = copy_call(x.nbytes) if x.nbytes > last_level_cache_bytes() else None
     for mode in MODES:
@@ -352,15 +389,16 @@ def bench_case(op, shape, layout, dtype, copy_bw, timing, threads, graphs):
         fns = {"normkit": nk[mode]()}
         if th:
             module.train(training)
-            fn = attempt(lambda: th[mode](), "torch", mode, notes)  # set up, then one trial call
-            fn = fn and attempt(lambda: (fn(), fn)[1], "torch", mode, notes)
+            call = attempt(lambda: th[mode](), "torch", mode, notes)  # set up, then one trial call
+            fn = call and attempt(lambda: (call(), call)[1], "torch", mode, notes)
             if fn is not None:
                 fns["torch"] = fn
         if copy is not None:
             fns["copy"] = copy
-        times = {"torch": None, "ort": None, **time_interleaved(fns, timing)}
-        row_copy_bw = 2 * x.nbytes / times.pop("copy") if copy is not None else copy_bw
-        ort_graph = None
+        timed = time_interleaved(fns, timing)
+        row_copy_bw = 2 * x.nbytes / timed.pop("copy") if copy is not None else copy_bw
+        times: dict[str, float | None] = {"torch": None, "ort": None, **timed}
+        ort_graph: str | None = None
         if mode == "infer" and with_ort:  # after training: the twin takes the running statistics
             times["ort"], ort_graph = attempt(lambda: ort_time(op, layer, x, threads, timing),
                                               "ort", mode, notes) or (None, None)
@@ -370,24 +408,26 @@ def bench_case(op, shape, layout, dtype, copy_bw, timing, threads, graphs):
     return rows, notes
 
 
-def bench_overhead(ops, timing):
+def bench_overhead(ops: Sequence[str], timing: Timing) -> list[Row]:
     """Per-call cost of eval-mode layer(x) from Python on a tiny float32 tensor, per op. The row
     ops normalize each sample's (C, H, W), as torch's LayerNorm docs do for images: 2 rows of
     1024 (256 rows of 8 would time per-row work, not the call's overhead)."""
     x, _ = inputs(OVERHEAD_SHAPE, np.float32)
-    out = []
+    out: list[Row] = []
     for op in ops:
         row = OPS[op][1] == "row"
         # the row factories normalize shape[-1]: here, the whole (C, H, W); BatchNorm1d takes
         # it as 2 rows of C*H*W features
-        shape = (OVERHEAD_SHAPE[0], tuple(OVERHEAD_SHAPE[1:])) if row else OVERHEAD_SHAPE
+        shape: LayerShape = ((OVERHEAD_SHAPE[0], tuple(OVERHEAD_SHAPE[1:])) if row
+                             else OVERHEAD_SHAPE)
         xin = x
         if op == "bn1d":
             xin = x.reshape(OVERHEAD_SHAPE[0], -1)
             shape = xin.shape
         layer = normkit_layer(op, shape, np.float32).eval()
         t_nk = time_call(lambda: layer(xin), timing)
-        t_th, module = None, torch_module(op, shape, np.float32)
+        t_th: float | None = None
+        module = torch_module(op, shape, np.float32)
         if module is not None:
             t_th = time_call(torch_calls(module.eval(), to_torch(xin), None)["infer"](), timing)
         name = label(op, OVERHEAD_SHAPE) + ("(" + "x".join(map(str, OVERHEAD_SHAPE[1:])) + ")" if row else "")
@@ -399,15 +439,15 @@ def bench_overhead(ops, timing):
 
 
 # -- output --------------------------------------------------------------------------------------
-def number(value, spec, scale=1.0, suffix=""):
+def number(value: float | None, spec: str, scale: float = 1.0, suffix: str = "") -> str:
     return "n/a" if value is None else f"{value * scale:{spec}}{suffix}"
 
 
-def columns(with_torch, with_ort):
+def columns(with_torch: bool, with_ort: bool) -> list[Column]:
     """(title, width, row -> text) for each table column; the first two are left-aligned."""
-    cols = [("shape", 15, lambda r: "x".join(map(str, r["shape"]))),
-            ("mode", 7, lambda r: r["mode"]),
-            ("normkit ms", 10, lambda r: number(r["normkit_s"], ".3f", 1e3))]
+    cols: list[Column] = [("shape", 15, lambda r: "x".join(map(str, r["shape"]))),
+                          ("mode", 7, lambda r: r["mode"]),
+                          ("normkit ms", 10, lambda r: number(r["normkit_s"], ".3f", 1e3))]
     if with_torch:
         cols.append(("torch ms", 9, lambda r: number(r["torch_s"], ".3f", 1e3)))
     if with_ort:
@@ -422,25 +462,25 @@ def columns(with_torch, with_ort):
     return cols
 
 
-def format_line(cols, texts):
+def format_line(cols: Sequence[Column], texts: Sequence[str]) -> str:
     return "  ".join(t.ljust(w) if i < 2 or i >= len(cols) - 2 else t.rjust(w)
                      for i, ((_, w, _), t) in enumerate(zip(cols, texts))).rstrip()
 
 
-def format_row(cols, row):
+def format_row(cols: Sequence[Column], row: Row) -> str:
     return format_line(cols, [f(row) for _, _, f in cols])
 
 
-def format_title(cols):
+def format_title(cols: Sequence[Column]) -> str:
     return format_line(cols, [t for t, _, _ in cols])
 
 
-def table_title(op, layout, dtype):
+def table_title(op: str, layout: str, dtype: npt.DTypeLike) -> str:
     groups = "  (groups: the largest divisor of C up to 32)" if op == "gn" else ""
     return f"== {OPS[op][0]}  {layout}  {np.dtype(dtype).name}{groups}"
 
 
-def header_lines(copy_bw, threads):
+def header_lines(copy_bw: Mapping[int, float], threads: int) -> list[str]:
     info = normkit.cpu_info()
     ort_v = _bench_onnx.versions()["onnxruntime"]
     libs = [f"torch {torch.__version__}" if torch else "torch not installed",
@@ -468,7 +508,7 @@ def header_lines(copy_bw, threads):
             "torch instead; met: ok / MISS / n/a (a time is missing)"]
 
 
-def machine_load():
+def machine_load() -> str:
     """CPU count and 1-minute load average (with a warning when other work skews the timings)."""
     cpus = os.cpu_count() or 1
     try:
@@ -479,14 +519,14 @@ def machine_load():
     return f"{cpus} cpus, load {load:.2f}{busy}"
 
 
-def format_bytes(n):
+def format_bytes(n: int) -> str:
     for unit, size in (("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{n} B"
 
 
-def overhead_lines(rows):
+def overhead_lines(rows: Sequence[Row]) -> list[str]:
     lines = [f"per-call overhead: eval-mode layer(x) from Python on {'x'.join(map(str, OVERHEAD_SHAPE))} "
              f"float32 (target: <= {OVERHEAD_TARGET_US:g} us per call)",
              f"{'layer':<16}{'normkit us':>11}{'torch us':>10}  met"]
@@ -496,7 +536,7 @@ def overhead_lines(rows):
     return lines
 
 
-def summarize(rows, overhead):
+def summarize(rows: list[Row], overhead: list[Row]) -> dict[str, Any]:
     """Counts of rows meeting their targets, and a line per miss."""
     judged = [r for r in rows if r["targets"]]
     misses = [f"{r['layer']} {r['layout']} {r['dtype']} {'x'.join(map(str, r['shape']))} {r['mode']}: "
@@ -508,14 +548,14 @@ def summarize(rows, overhead):
             "not_evaluated": sum(r["target_met"] is None for r in judged), "misses": misses}
 
 
-def miss_text(row):
+def miss_text(row: Row) -> str:
     got = {"torch_speedup": lambda v: f"{v:.2f}x torch", "speedup": lambda v: f"{v:.2f}x {row['best']}",
            "roof_fraction": lambda v: f"{v:.0%} roof"}
     below = [(t["metric"], t["threshold"]) for t in row["targets"] if row[t["metric"]] < t["threshold"]]
     return ", ".join(f"{got[m](row[m])} (target {target_text([(m, t)])})" for m, t in below)
 
 
-def summary_lines(s):
+def summary_lines(s: Mapping[str, Any]) -> list[str]:
     lines = [f"targets: {s['met']} of {s['rows_with_targets']} met"
              + (f" ({s['not_evaluated']} not evaluated: a time is missing)" if s["not_evaluated"] else "")]
     if s["misses"]:
@@ -525,9 +565,9 @@ def summary_lines(s):
 
 
 # -- command line --------------------------------------------------------------------------------
-def comma_list(allowed, what):
+def comma_list(allowed: Sequence[str], what: str) -> Callable[[str], list[str]]:
     """An argparse type: a non-empty comma list of `allowed` words, in the given order."""
-    def parse(text):
+    def parse(text: str) -> list[str]:
         words = [w.strip() for w in text.split(",") if w.strip()]
         bad = [w for w in words if w not in allowed]
         if bad or not words:
@@ -540,7 +580,7 @@ def comma_list(allowed, what):
 ops_list = comma_list(tuple(OPS), "ops")
 
 
-def positive_int(text):
+def positive_int(text: str) -> int:
     try:
         n = int(text)
     except ValueError:
@@ -550,7 +590,7 @@ def positive_int(text):
     return n
 
 
-def add_arguments(parser):
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="threads for normkit, torch and ONNX Runtime (default: normkit's, "
                              "i.e. OpenMP's)")
@@ -584,11 +624,12 @@ def add_arguments(parser):
                              "--dtypes, --shapes, --quick and --json")
 
 
-def plan(args):
+def plan(args: argparse.Namespace) -> tuple[list[str], list[np.dtype[Any]], str, list[str]]:
     """(layouts, dtypes, shape preset, skipped-dtype messages) from the arguments and --quick."""
     layouts = args.layouts or (["NCHW"] if args.quick else list(LAYOUTS))
     preset = args.shapes or ("standard" if args.quick else "all")
-    dtypes, skipped = [], []
+    dtypes: list[np.dtype[Any]] = []
+    skipped: list[str] = []
     for name in args.dtypes or ["float32"]:
         dt = numpy_dtype(name)
         if dt is None:
@@ -598,14 +639,15 @@ def plan(args):
     return layouts, dtypes, preset, skipped
 
 
-def cases(ops, layouts, dtypes, preset):
+def cases(ops: Sequence[str], layouts: Sequence[str], dtypes: Sequence[np.dtype[Any]],
+          preset: str) -> list[tuple[np.dtype[Any], str, str, list[Shape]]]:
     """(dtype, op, layout, shapes) per table, in print order (no NHWC table for the row ops)."""
     return [(dt, op, layout, SHAPES[preset][0 if OPS[op][1] == "conv" else 1])
             for dt in dtypes for op in ops for layout in layouts
             if layout == "NCHW" or OPS[op][1] == "conv"]
 
 
-def run(args):
+def run(args: argparse.Namespace) -> int:
     """Entry point of `python -m normkit bench`; returns the exit status."""
     if args.variants:
         from . import _bench_variants
@@ -633,7 +675,9 @@ def run(args):
     for line in header_lines(copy_bw, threads):
         print(line)
     cols = columns(torch is not None, _bench_onnx.ort is not None)
-    rows, notes, graphs = [], [], {}
+    rows: list[Row] = []
+    notes: list[str] = []
+    graphs: Graphs = {}
     for dtype, op, layout, shapes in tables:
         print(f"\n{table_title(op, layout, dtype)}\n{format_title(cols)}\n{'-' * len(format_title(cols))}",
               flush=True)
@@ -668,7 +712,9 @@ def run(args):
     return 0
 
 
-def write_json(path, threads, copy_bw, rows, overhead, summary, graphs, notes, quick):
+def write_json(path: str, threads: int, copy_bw: Mapping[int, float], rows: Sequence[Row],
+               overhead: Sequence[Row], summary: Mapping[str, Any], graphs: Graphs,
+               notes: Sequence[str], quick: bool) -> None:
     doc = {"normkit_version": normkit.__version__, "cpu_info": normkit.cpu_info(), "threads": threads,
            "torch_version": torch.__version__ if torch else None,
            **{f"{k}_version": v for k, v in _bench_onnx.versions().items()},

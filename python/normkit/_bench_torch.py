@@ -5,8 +5,13 @@ Beside them, the plain normkit layer on the same arrays (no torch at all): the d
 what the torch wrapping costs (the autograd Function, the tensor views, the parameter-gradient
 tensors). The timing helpers, shapes, factories and modes are _bench's.
 """
+from __future__ import annotations
+
+import argparse
 import json
 import sys
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -19,7 +24,7 @@ MODES = ("fwd+bwd", "infer")
 TARGET = ("bn", _bench.BN_TARGET_SHAPE, "NCHW", "fwd+bwd", 2.0)  # >= 2x torch.nn there
 
 
-def columns():
+def columns() -> list[_bench.Column]:
     n = _bench.number
     return [("shape", 15, lambda r: "x".join(map(str, r["shape"]))),
             ("mode", 7, lambda r: r["mode"]),
@@ -32,7 +37,8 @@ def columns():
             ("met", 4, lambda r: _bench.mark(r["target_met"]) if r["target"] != "-" else "")]
 
 
-def bench_case(op, shape, layout, dtype, timing, nkt):
+def bench_case(op: str, shape: _bench.Shape, layout: str, dtype: np.dtype[Any],
+               timing: _bench.Timing, nkt: ModuleType) -> list[_bench.Row]:
     """One row per mode: normkit.torch, torch.nn and the NumPy layer, timed in turn."""
     pdt = normkit._checks.param_dtype(dtype)
     ref = _bench.torch_module(op, shape, dtype, layout)
@@ -42,7 +48,7 @@ def bench_case(op, shape, layout, dtype, timing, nkt):
     tx, tdy = _bench.to_torch(x, layout), _bench.to_torch(dy, layout)
     calls = {"nkt": _bench.torch_calls(ours, tx, tdy), "torch": _bench.torch_calls(ref, tx, tdy),
              "normkit": _bench.normkit_calls(layer, x, dy)}
-    rows = []
+    rows: list[_bench.Row] = []
     for mode in MODES:
         train = mode != "infer"
         for m in (ours, ref, layer):
@@ -59,7 +65,7 @@ def bench_case(op, shape, layout, dtype, timing, nkt):
     return rows
 
 
-def header_lines(threads, timing):
+def header_lines(threads: int, timing: _bench.Timing) -> list[str]:
     torch = _bench.torch
     info = normkit.cpu_info()
     return [f"normkit {normkit.__version__} (isa {info.get('isa')})  |  threads {threads}  |  torch "
@@ -73,7 +79,7 @@ def header_lines(threads, timing):
             f"time: median per call of {timing.repeats} samples, the three taken in turn; speedup = torch / nk.torch"]
 
 
-def run(args):
+def run(args: argparse.Namespace) -> int:
     """`python -m normkit bench --torch`; uses --threads, --ops (bn, gn, ln), --layouts,
     --dtypes, --shapes, --quick and --json."""
     _bench.import_torch()
@@ -99,7 +105,7 @@ def run(args):
         print(line)
     cols = columns()
     title = _bench.format_title(cols)
-    rows = []
+    rows: list[_bench.Row] = []
     for dtype, op, layout, shapes in tables:
         print(f"\n{_bench.table_title(op, layout, dtype)}\n{title}\n{'-' * len(title)}", flush=True)
         for shape in shapes:

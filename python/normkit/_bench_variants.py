@@ -11,48 +11,56 @@ same way beside a GroupNorm(G, C), G = 32 where C allows (the bench's group_coun
 <= 1.5 for FilterResponseNorm2d, EvoNormB0_2d, EvoNormS0_2d and BatchChannelNorm2d, <= 3 for
 ProxyNorm2d. Its rows are under their own JSON keys (batch_free_*).
 """
+from __future__ import annotations
+
+import argparse
 import json
 import math
 import platform
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 import normkit
 
 from . import _bench
+from ._bench import Call, Column, Row, Shape, Timing
 
 # preset -> shapes (N, C, H, W), float32 NCHW. The issue's two shapes; tiny: a smoke test (N=8:
 # ghost batches of 2; C=16: groups of 4 channels).
-VARIANT_SHAPES = {"standard": [(32, 64, 56, 56), (8, 256, 14, 14)], "tiny": [(8, 16, 8, 8)]}
+VARIANT_SHAPES: dict[str, list[Shape]] = {"standard": [(32, 64, 56, 56), (8, 256, 14, 14)],
+                                         "tiny": [(8, 16, 8, 8)]}
 VARIANT_MODES = ("fwd+bwd", "infer")
 TARGET_RATIO = 1.5  # issue 10: each variant within 1.5x of BatchNorm2d's time in the same mode
 ITERATION_TARGET_RATIO = 2.0  # issue 12: MABN, CBN and BKN training steps within 2x
 
 
-def ghost_size(shape):
+def ghost_size(shape: Sequence[int]) -> int:
     return max(1, shape[0] // 4)
 
 
-def modality(n):
+def modality(n: int) -> npt.NDArray[np.int64]:
     """Modality 0, 1, 0, 1, ... over the batch."""
     return np.arange(n, dtype=np.int64) % 2
 
 
-def conv_inputs(shape):
+def conv_inputs(shape: Sequence[int]) -> tuple[npt.NDArray[np.float64], ...]:
     """CBN's extra inputs: a 3x3 convolution's weight (C, C, 3, 3) and two Jacobians of its shape."""
     rng = np.random.default_rng(0)
     C = shape[1]
     return tuple(rng.normal(0.0, scale, (C, C, 3, 3)) for scale in (0.1, 0.01, 0.01))
 
 
-def prior(shape):
+def prior(shape: Sequence[int]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """BKN's prior (mean, var), one value per channel."""
     return (np.zeros(shape[1]), np.ones(shape[1]))
 
 
 no_extra = lambda s: ()
 # key -> (label(shape), factory(shape), extra inputs(shape), target ratio)
-VARIANTS = {
+VARIANTS: dict[str, tuple[Callable[[Shape], str], Callable[[Shape], normkit.NormLayer],
+                          Callable[[Shape], tuple[object, ...]], float]] = {
     "ebn": (lambda s: "ExtendedBatchNorm2d",
             lambda s: normkit.ExtendedBatchNorm2d(s[1]), no_extra, TARGET_RATIO),
     "mbn": (lambda s: "ModalityBatchNorm2d(m=0,1,..)",
@@ -82,36 +90,38 @@ VARIANTS = {
 ONE_PASS_INFER = ("ebn", "mbn", "ghost", "ghost_gn", "renorm", "frozen", "mabn", "cbn", "bkn")
 
 
-def mode_text(key, mode):
+def mode_text(key: str, mode: str) -> str:
     """The mode as the table prints it: the example-weighed inference is the per-sample path."""
     return "infer (per-sample)" if (key, mode) == ("ghost_ew", "infer") else mode
 
 
-def calls(layer, x, dy, extra):
+def calls(layer: normkit.NormLayer, x: npt.NDArray[Any], dy: npt.NDArray[Any],
+          extra: tuple[object, ...]) -> dict[str, Call]:
     """mode -> the timed zero-argument call (the caller sets train/eval)."""
-    def fwd_bwd():
+    def fwd_bwd() -> None:
         layer(x, *extra)
         layer.backward(dy)
 
     return {"fwd+bwd": fwd_bwd, "infer": lambda: layer(x, *extra)}
 
 
-def time_interleaved_min(fns, timing):
+def time_interleaved_min(fns: Mapping[str, Call], timing: Timing) -> dict[str, float]:
     """The fastest seconds per call of each function in `fns` (name -> fn) over
     `timing.repeats` samples, after a warm-up and a calibration each (the bench's helpers), their
     samples taken in turn (a, b, a, b, ...)."""
-    iters = {}
+    iters: dict[str, int] = {}
     for name, fn in fns.items():
         _bench.warm_up(fn, timing.warmup_s)
         iters[name] = _bench.calibrate(fn, timing.min_sample_s)
-    samples = {name: [] for name in fns}
+    samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(timing.repeats):
         for name, fn in fns.items():
             samples[name].append(_bench.seconds_per_call(fn, iters[name]))
     return {name: min(v) for name, v in samples.items()}
 
 
-def make_row(key, shape, mode, t_variant, t_bn, x_nbytes, copy_bw):
+def make_row(key: str, shape: Shape, mode: str, t_variant: float, t_bn: float, x_nbytes: int,
+             copy_bw: float) -> Row:
     nbytes = _bench.BYTE_MODEL[mode] * x_nbytes
     ratio, target = t_variant / t_bn, VARIANTS[key][3]
     return {"variant": key, "layer": VARIANTS[key][0](shape), "shape": list(shape), "layout": "NCHW",
@@ -123,16 +133,17 @@ def make_row(key, shape, mode, t_variant, t_bn, x_nbytes, copy_bw):
             "target_ratio": target, "target_met": ratio <= target}
 
 
-def bench_shape(shape, copy_bw, timing, on_row):
+def bench_shape(shape: Shape, copy_bw: float, timing: Timing,
+                on_row: Callable[[Row], object]) -> list[Row]:
     """The rows of one shape: per mode, per variant, timed in turn with a BatchNorm2d."""
     x, dy = _bench.inputs(shape, np.float32)
     bn = normkit.BatchNorm2d(shape[1])
     bn_calls = calls(bn, x, dy, ())
-    layers = {}
+    layers: dict[str, tuple[normkit.NormLayer, dict[str, Call]]] = {}
     for key, (_, factory, extra, _) in VARIANTS.items():
         layer = factory(shape)
         layers[key] = (layer, calls(layer, x, dy, extra(shape)))
-    rows = []
+    rows: list[Row] = []
     for mode in VARIANT_MODES:  # training first: inference then uses trained running statistics
         training = mode != "infer"
         bn.train(training)
@@ -145,7 +156,7 @@ def bench_shape(shape, copy_bw, timing, on_row):
 
 
 # -- output --------------------------------------------------------------------------------------
-def columns():
+def columns() -> list[Column]:
     """(title, width, row -> text); the first three are left-aligned, the last one too."""
     num = _bench.number
     return [("variant", 38, lambda r: r["layer"]),
@@ -159,12 +170,12 @@ def columns():
             ("met", 4, lambda r: _bench.mark(r["target_met"]))]
 
 
-def format_line(cols, texts):
+def format_line(cols: Sequence[Column], texts: Sequence[str]) -> str:
     return "  ".join(t.ljust(w) if i < 3 or i == len(cols) - 1 else t.rjust(w)
                      for i, ((_, w, _), t) in enumerate(zip(cols, texts))).rstrip()
 
 
-def header_lines(copy_bw, threads, timing):
+def header_lines(copy_bw: Mapping[int, float], threads: int, timing: Timing) -> list[str]:
     info = normkit.cpu_info()
     copies = ",  ".join(f"{_bench.format_bytes(n)}: {bw / 1e9:.1f} GB/s" for n, bw in sorted(copy_bw.items()))
     return [f"normkit {normkit.__version__} (isa {info.get('isa')})  |  threads {threads}  |  "
@@ -187,8 +198,8 @@ def header_lines(copy_bw, threads, timing):
             f"in the same mode: ok / MISS"]
 
 
-def note_lines(rows):
-    def ratios(key, mode):
+def note_lines(rows: Sequence[Row]) -> list[str]:
+    def ratios(key: str, mode: str) -> str:
         return ", ".join(f"{r['ratio']:.2f}x on {'x'.join(map(str, r['shape']))}"
                          for r in rows if (r["variant"], r["mode"]) == (key, mode))
 
@@ -210,7 +221,7 @@ def note_lines(rows):
     return lines
 
 
-def summary_lines(rows):
+def summary_lines(rows: Sequence[Row]) -> list[str]:
     misses = [r for r in rows if not r["target_met"]]
     lines = [f"targets: {len(rows) - len(misses)} of {len(rows)} met"]
     if misses:
@@ -223,12 +234,12 @@ def summary_lines(rows):
 
 
 # -- entry point ---------------------------------------------------------------------------------
-def shapes_for(preset):
+def shapes_for(preset: str | None) -> list[Shape]:
     """--shapes tiny: the smoke-test shape; any other preset (or none): the issue's two shapes."""
     return VARIANT_SHAPES["tiny" if preset == "tiny" else "standard"]
 
 
-def run(args):
+def run(args: argparse.Namespace) -> int:
     """`python -m normkit bench --variants`; returns the exit status. Uses --threads, --quick,
     --shapes (tiny or not) and --json; --ops, --layouts and --dtypes do not apply."""
     if args.threads is not None:
@@ -243,7 +254,7 @@ def run(args):
     cols = columns()
     title = format_line(cols, [t for t, _, _ in cols])
     print(f"\n== variants beside BatchNorm2d  NCHW  float32\n{title}\n{'-' * len(title)}", flush=True)
-    rows = []
+    rows: list[Row] = []
     for shape in shapes:
         rows += bench_shape(shape, copy_bw[math.prod(shape) * 4], timing,
                             lambda r: print(format_line(cols, [f(r) for _, _, f in cols]), flush=True))
@@ -261,7 +272,8 @@ def run(args):
     return 0
 
 
-def run_free(shapes, copy_bw, timing):
+def run_free(shapes: Sequence[Shape], copy_bw: Mapping[int, float],
+             timing: Timing) -> tuple[list[Row], list[str]]:
     """Print the second table (issue 11's layers beside GroupNorm), its notes and summary; returns
     (rows, notes)."""
     cols = free_columns()
@@ -270,7 +282,7 @@ def run_free(shapes, copy_bw, timing):
     for line in free_header_lines(timing):
         print(line)
     print(f"{title}\n{'-' * len(title)}", flush=True)
-    rows = []
+    rows: list[Row] = []
     for shape in shapes:
         rows += bench_free_shape(shape, copy_bw[math.prod(shape) * 4], timing,
                                  lambda r: print(format_line(cols, [f(r) for _, _, f in cols]), flush=True))
@@ -283,7 +295,10 @@ def run_free(shapes, copy_bw, timing):
     return rows, notes
 
 
-def write_json(path, threads, copy_bw, rows, notes, timing, quick, free=None, conv_rows=None):
+def write_json(path: str, threads: int, copy_bw: Mapping[int, float], rows: Sequence[Row],
+               notes: Sequence[str], timing: Timing, quick: bool,
+               free: tuple[list[Row], list[str], Mapping[int, float], Timing] | None = None,
+               conv_rows: list[Row] | None = None) -> None:
     doc = {"normkit_version": normkit.__version__, "cpu_info": normkit.cpu_info(), "threads": threads,
            "numpy_version": np.__version__, "python_version": platform.python_version(),
            "quick": quick, "machine": _bench.machine_load(),
@@ -315,14 +330,15 @@ FREE_TARGET_TEXT = (f"ratio <= {FREE_TARGET_RATIO:g} for FilterResponseNorm2d, E
                     f"LocalResponseNorm")
 
 
-def groups(shape):
+def groups(shape: Sequence[int]) -> int:
     """The groups of the GroupNorm reference, EvoNormS0_2d and BatchChannelNorm2d: 32 where C
     allows, else C's largest divisor below 32 (the bench's group_count)."""
     return _bench.group_count(shape[1])
 
 
 # key -> (label(shape), factory(shape), target ratio)
-FREE_LAYERS = {
+FREE_LAYERS: dict[str, tuple[Callable[[Shape], str], Callable[[Shape], normkit.NormLayer],
+                             float]] = {
     "frn": (lambda s: "FilterResponseNorm2d(tlu)",
             lambda s: normkit.FilterResponseNorm2d(s[1], tlu=True), FREE_TARGET_RATIO),
     "evonorm_b0": (lambda s: "EvoNormB0_2d",
@@ -344,7 +360,8 @@ FREE_LAYERS = {
 }
 
 
-def make_free_row(key, shape, mode, t_layer, t_gn, x_nbytes, copy_bw):
+def make_free_row(key: str, shape: Shape, mode: str, t_layer: float, t_gn: float, x_nbytes: int,
+                  copy_bw: float) -> Row:
     nbytes = _bench.BYTE_MODEL[mode] * x_nbytes
     ratio, target = t_layer / t_gn, FREE_LAYERS[key][2]
     return {"variant": key, "layer": FREE_LAYERS[key][0](shape), "reference": f"GroupNorm({groups(shape)})",
@@ -355,16 +372,17 @@ def make_free_row(key, shape, mode, t_layer, t_gn, x_nbytes, copy_bw):
             "target_ratio": target, "target_met": ratio <= target}
 
 
-def bench_free_shape(shape, copy_bw, timing, on_row):
+def bench_free_shape(shape: Shape, copy_bw: float, timing: Timing,
+                     on_row: Callable[[Row], object]) -> list[Row]:
     """The rows of one shape: per mode, per layer, timed in turn with a GroupNorm(G, C)."""
     x, dy = _bench.inputs(shape, np.float32)
     gn = normkit.GroupNorm(groups(shape), shape[1])
     gn_calls = calls(gn, x, dy, ())
-    layers = {}
+    layers: dict[str, tuple[normkit.NormLayer, dict[str, Call]]] = {}
     for key, (_, factory, _) in FREE_LAYERS.items():
         layer = factory(shape)
         layers[key] = (layer, calls(layer, x, dy, ()))
-    rows = []
+    rows: list[Row] = []
     for mode in VARIANT_MODES:  # training first: inference then uses trained running statistics
         training = mode != "infer"
         gn.train(training)
@@ -376,7 +394,7 @@ def bench_free_shape(shape, copy_bw, timing, on_row):
     return rows
 
 
-def free_columns():
+def free_columns() -> list[Column]:
     """The first table's columns with GroupNorm's time, and each row's target before its mark."""
     num = _bench.number
     return [("layer", 38, lambda r: r["layer"]),
@@ -390,7 +408,7 @@ def free_columns():
             ("met", 4, lambda r: _bench.mark(r["target_met"]))]
 
 
-def free_header_lines(timing):
+def free_header_lines(timing: Timing) -> list[str]:
     return [f"time: min per call over {timing.repeats} samples, each layer's samples taken in turn with "
             "those of a GroupNorm(G, C) on the same x and dy (GN ms: that GroupNorm, re-timed for every "
             "row); ratio = layer / GroupNorm in the same mode; bytes and % roof as above",
@@ -400,8 +418,8 @@ def free_header_lines(timing):
             f"target (issue 11): {FREE_TARGET_TEXT}, in the same mode: ok / MISS"]
 
 
-def free_note_lines(rows):
-    def ratios(key, mode):
+def free_note_lines(rows: Sequence[Row]) -> list[str]:
+    def ratios(key: str, mode: str) -> str:
         return ", ".join(f"{r['ratio']:.2f}x on {'x'.join(map(str, r['shape']))}"
                          for r in rows if (r["variant"], r["mode"]) == (key, mode))
 
@@ -415,7 +433,7 @@ def free_note_lines(rows):
             f"element in that pass) {ratios('proxy_gelu', 'infer')}"]
 
 
-def free_summary_lines(rows):
+def free_summary_lines(rows: Sequence[Row]) -> list[str]:
     misses = [r for r in rows if not r["target_met"]]
     lines = [f"beside GroupNorm (issue 11), target {FREE_TARGET_TEXT}: "
              f"{len(rows) - len(misses)} of {len(rows)} met"]
@@ -431,8 +449,9 @@ def free_summary_lines(rows):
 CONV_TARGET_RATIO = 2.0  # the issue: normkit within 2x of torch's weight gradient
 
 
-def bench_conv_jacobians(shape=(32, 64, 56, 56), kernel=3, timing=_bench.FULL, out_channels=None,
-                         dtype=np.float32):
+def bench_conv_jacobians(shape: Shape = (32, 64, 56, 56), kernel: int = 3,
+                         timing: Timing = _bench.FULL, out_channels: int | None = None,
+                         dtype: npt.DTypeLike = np.float32) -> Row:
     """One row: normkit.conv2d_stat_jacobians on a conv input of `shape` (N, C, H, W) and a weight
     (out_channels or C, C, kernel, kernel), padding kernel // 2, timed in turn with torch's weight
     gradient of the same convolution (torch.nn.grad.conv2d_weight with dy = y, y computed
@@ -446,7 +465,7 @@ def bench_conv_jacobians(shape=(32, 64, 56, 56), kernel=3, timing=_bench.FULL, o
     w = (rng.standard_normal((C_out, C, kernel, kernel), dtype=np.float32)
          / math.sqrt(C * kernel * kernel)).astype(dtype, copy=False)
     threads = normkit.get_num_threads()
-    fns = {"normkit": lambda: normkit.conv2d_stat_jacobians(x, w, padding=padding)}
+    fns: dict[str, Call] = {"normkit": lambda: normkit.conv2d_stat_jacobians(x, w, padding=padding)}
     if _bench.torch is None:
         _bench.import_torch()
     torch = _bench.torch
@@ -457,11 +476,11 @@ def bench_conv_jacobians(shape=(32, 64, 56, 56), kernel=3, timing=_bench.FULL, o
         with torch.no_grad():
             ty = torch.nn.functional.conv2d(tx, tw, padding=padding)
 
-        def weight_grad():
+        def weight_grad() -> None:
             with torch.no_grad():
                 torch.nn.grad.conv2d_weight(tx, tw.shape, ty, padding=padding)
 
-        def forward_and_weight_grad():
+        def forward_and_weight_grad() -> None:
             with torch.no_grad():
                 y = torch.nn.functional.conv2d(tx, tw, padding=padding)
                 torch.nn.grad.conv2d_weight(tx, tw.shape, y, padding=padding)
@@ -487,13 +506,13 @@ def bench_conv_jacobians(shape=(32, 64, 56, 56), kernel=3, timing=_bench.FULL, o
             "target_met": None if ratio is None else ratio <= CONV_TARGET_RATIO}
 
 
-def conv_shapes(shapes):
+def conv_shapes(shapes: list[Shape]) -> list[Shape]:
     """The conv inputs timed: the first variant shape (the issue's (32, 64, 56, 56); the tiny
     shape under --shapes tiny), with a 3x3 kernel of as many filters as input channels."""
     return shapes[:1]
 
 
-def conv_line(r):
+def conv_line(r: Row) -> str:
     w = "x".join(map(str, r["weight_shape"]))
     shape = "x".join(map(str, r["shape"]))
     torch_ms = "-" if r["torch_weight_grad_s"] is None else f"{r['torch_weight_grad_s'] * 1e3:.3f}"
@@ -504,7 +523,7 @@ def conv_line(r):
             f"{both_ms:>14} {ratio:>7} {'<=' + format(r['target_ratio'], 'g') + 'x':>7} {met:>5}")
 
 
-def run_conv_jacobians(shapes, timing):
+def run_conv_jacobians(shapes: list[Shape], timing: Timing) -> list[Row]:
     """Print the third table: conv2d_stat_jacobians beside torch's convolution weight gradient
     (issue 12); returns its rows. Without torch the torch columns read '-'."""
     print("\n== conv2d_stat_jacobians (issue 12) beside torch's convolution weight gradient  NCHW  float32")
@@ -516,7 +535,7 @@ def run_conv_jacobians(shapes, timing):
              f"{'torch fwd+grad':>14} {'ratio':>7} {'target':>7} {'met':>5}")
     print(f"{title}\n{'-' * len(title)}", flush=True)
     _bench.import_torch()  # each run looks again: the bench runs without torch too
-    rows = []
+    rows: list[Row] = []
     for shape in conv_shapes(shapes):
         rows.append(bench_conv_jacobians(shape, 3, timing))
         print(conv_line(rows[-1]), flush=True)

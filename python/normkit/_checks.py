@@ -5,15 +5,23 @@ Every check runs before any computation, so a rejected call never writes into a 
 "<argument>: expected <what>, got <what>"; TypeError for a wrong type or dtype, ValueError for a
 wrong value or shape. The checks are O(1) or O(channels): nothing here touches every element.
 """
+from __future__ import annotations
+
 import numbers
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import Any, Literal, TypeVar, overload
 
 import numpy as np
+import numpy.typing as npt
+
+_T = TypeVar("_T")
 
 try:  # bfloat16 arrays come from ml_dtypes (a test extra); without it, bfloat16 is unknown
     import ml_dtypes
-    _BFLOAT16 = (np.dtype(ml_dtypes.bfloat16),)
+    _BFLOAT16: tuple[np.dtype[Any], ...] = (np.dtype(ml_dtypes.bfloat16),)
 except ImportError:  # pragma: no cover
-    ml_dtypes, _BFLOAT16 = None, ()
+    # why: the optional module's name is None without it (only read when _BFLOAT16 is non-empty)
+    ml_dtypes, _BFLOAT16 = None, ()  # type: ignore[assignment]
 
 # Parameters, running statistics and their gradients are float32 or float64; inputs may also be
 # float16 or bfloat16, stored as such and computed in float32 (their parameters are float32).
@@ -24,20 +32,22 @@ _FLOAT_NAMES = "float32 or float64"
 _INPUT_NAMES = "float32, float64, float16 or bfloat16"
 
 
-def param_dtype(input_dtype):
+def param_dtype(input_dtype: npt.DTypeLike) -> np.dtype[Any]:
     """The dtype of the parameters, statistics and gradients that go with an input dtype."""
     return COMPUTE_DTYPES[0] if input_dtype in HALF_DTYPES else np.dtype(input_dtype)
 
 
-def machine_eps(dtype):
+def machine_eps(dtype: np.dtype[Any]) -> float:
     """finfo(dtype).eps, bfloat16 included (rms_norm's default eps, as torch)."""
-    return float(ml_dtypes.finfo(dtype).eps if dtype in _BFLOAT16 else np.finfo(dtype).eps)
+    # why the ignore: ml_dtypes.finfo's constructor has no annotations
+    return float(ml_dtypes.finfo(dtype).eps  # type: ignore[no-untyped-call]
+                 if dtype in _BFLOAT16 else np.finfo(dtype).eps)
 
 
-_MACHINE_EPS = {}
+_MACHINE_EPS: dict[np.dtype[Any], float | None] = {}
 
 
-def machine_eps_of(x):
+def machine_eps_of(x: object) -> float | None:
     """machine_eps of an array's dtype, cached per dtype (None for anything else)."""
     if not isinstance(x, np.ndarray):
         return None
@@ -62,12 +72,12 @@ class StateDictError(ValueError, KeyError):
     the first version of normkit.
     """
 
-    def __str__(self):  # KeyError would quote the message
+    def __str__(self) -> str:  # KeyError would quote the message
         return Exception.__str__(self)
 
 
 # -- arrays -----------------------------------------------------------------------------------
-def ndarray(x, name):
+def ndarray(x: object, name: str) -> npt.NDArray[Any]:
     """x itself, if it is a plain numpy.ndarray (subclasses that change indexing or hide data,
     such as masked arrays, are refused)."""
     if not isinstance(x, np.ndarray) or isinstance(x, np.ma.MaskedArray):
@@ -75,7 +85,8 @@ def ndarray(x, name):
     return x
 
 
-def float_dtype(x, name, dtype=None, whose="the input's"):
+def float_dtype(x: npt.NDArray[Any], name: str, dtype: npt.DTypeLike | None = None,
+                whose: str = "the input's") -> None:
     """x's dtype is float32/float64 in native byte order (and exactly `dtype` when given)."""
     if x.dtype not in COMPUTE_DTYPES:
         raise TypeError(f"{name}: expected dtype {_FLOAT_NAMES}, got {x.dtype}")
@@ -83,7 +94,7 @@ def float_dtype(x, name, dtype=None, whose="the input's"):
         raise TypeError(f"{name}: expected dtype {np.dtype(dtype)} ({whose}), got {x.dtype}")
 
 
-def input_dtype(x, name, param=None):
+def input_dtype(x: npt.NDArray[Any], name: str, param: npt.DTypeLike | None = None) -> None:
     """An input's dtype is float32/64, float16 or bfloat16 in native byte order; with `param`
     (a layer's dtype), one whose parameters are of that dtype (float32 takes the half types)."""
     if x.dtype not in INPUT_DTYPES:
@@ -93,7 +104,7 @@ def input_dtype(x, name, param=None):
         raise TypeError(f"{name}: expected dtype {np.dtype(param)}{also} (the layer's dtype), got {x.dtype}")
 
 
-def contiguous(a, dtype=None):
+def contiguous(a: npt.NDArray[Any], dtype: npt.DTypeLike | None = None) -> npt.NDArray[Any]:
     """a as an aligned, C-contiguous base-class ndarray: itself when it already is, else a copy
     (strided, negative-stride, Fortran-order, broadcast and misaligned arrays are copied; the core
     reads plain contiguous memory only)."""
@@ -103,7 +114,7 @@ def contiguous(a, dtype=None):
     return np.require(a, dtype, ("C", "A", "E"))
 
 
-def input_array(x, name="input", min_ndim=1):
+def input_array(x: npt.NDArray[Any], name: str = "input", min_ndim: int = 1) -> npt.NDArray[Any]:
     """The input as a C-contiguous array of an input dtype (a copy only when it is not already)."""
     ndarray(x, name)
     input_dtype(x, name)
@@ -112,8 +123,10 @@ def input_array(x, name="input", min_ndim=1):
     return contiguous(x)
 
 
-def layer_input(x, dtype, ndims=None, min_ndim=1, channels=None, channel_dim=1,
-                ranks="", channels_arg="num_features", name="input"):
+def layer_input(x: npt.NDArray[Any], dtype: npt.DTypeLike | None,
+                ndims: Collection[int] | None = None, min_ndim: int = 1,
+                channels: int | None = None, channel_dim: int = 1, ranks: str = "",
+                channels_arg: str = "num_features", name: str = "input") -> npt.NDArray[Any]:
     """A layer's input: an ndarray of the layer's dtype whose rank is in `ndims` (or at least
     `min_ndim`) and, when `channels` is given, with that many channels in `channel_dim`.
     Returns x unchanged (the functional call makes it contiguous)."""
@@ -131,7 +144,8 @@ def layer_input(x, dtype, ndims=None, min_ndim=1, channels=None, channel_dim=1,
     return x
 
 
-def param_array(p, name, shape, dtype):
+def param_array(p: npt.NDArray[Any] | None, name: str, shape: Sequence[int],
+                dtype: npt.DTypeLike) -> npt.NDArray[Any] | None:
     """An optional parameter (weight, bias) of exactly `shape` and `dtype` (param_dtype of the
     input's), contiguous."""
     if p is None:
@@ -143,7 +157,8 @@ def param_array(p, name, shape, dtype):
     return contiguous(p)
 
 
-def stats_array(s, name, length, writable, dtype=None):
+def stats_array(s: npt.NDArray[Any] | None, name: str, length: int, writable: bool,
+                dtype: npt.DTypeLike | None = None) -> npt.NDArray[Any] | None:
     """A running-statistics buffer of shape (length,) and the input's dtype, updated in place
     (so any strides are fine, but it must be writable when it will be updated)."""
     if s is None:
@@ -157,19 +172,21 @@ def stats_array(s, name, length, writable, dtype=None):
     return s
 
 
-def separate(a, name_a, b, name_b):
+def separate(a: npt.NDArray[Any] | None, name_a: str, b: npt.NDArray[Any] | None,
+             name_b: str) -> None:
     """Two buffers that are both updated in place must not share memory."""
     if a is not None and b is not None and np.shares_memory(a, b):
         raise ValueError(f"{name_b}: expected an array separate from {name_a}, got one sharing its memory")
 
 
-def required(v, name, when):
+def required(v: _T | None, name: str, when: str) -> _T:
     if v is None:
         raise ValueError(f"{name}: expected an array when {when}, got None")
     return v
 
 
-def no_affine_on_empty(weight, bias, x, what):
+def no_affine_on_empty(weight: npt.NDArray[Any] | None, bias: npt.NDArray[Any] | None,
+                       x: npt.NDArray[Any], what: str) -> None:
     """torch cannot apply weight/bias to an input without (sample, channel) planes (C == 0 for
     batch_norm; N*C == 0 for instance_norm): it raises, so normkit does too. Call it only then."""
     for name, p in (("weight", weight), ("bias", bias)):
@@ -178,7 +195,8 @@ def no_affine_on_empty(weight, bias, x, what):
                              f"rejects an affine there too), got an array of shape {p.shape}")
 
 
-def grad_output(dy, shape, dtype):
+def grad_output(dy: npt.NDArray[Any], shape: Sequence[int],
+                dtype: npt.DTypeLike) -> npt.NDArray[Any]:
     """dy of a backward: exactly the shape and dtype of the last forward's output."""
     ndarray(dy, "dy")
     if dy.dtype != dtype:
@@ -188,7 +206,8 @@ def grad_output(dy, shape, dtype):
     return contiguous(dy)
 
 
-def more_than_one_value(count, what="channel", shape=None):
+def more_than_one_value(count: int, what: str = "channel",
+                        shape: Sequence[int] | None = None) -> None:
     """torch's training check: statistics of a single value are not statistics."""
     if count == 1:
         got = f"input of shape {tuple(shape)}" if shape is not None else f"{count}"
@@ -199,7 +218,7 @@ def more_than_one_value(count, what="channel", shape=None):
 LAYOUTS = ("NCHW", "NHWC")
 
 
-def layout_arg(layout):
+def layout_arg(layout: str) -> str:
     """"NCHW" (channels in dim 1) or "NHWC" (channels last); never guessed from strides."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected 'NCHW' or 'NHWC', got {layout!r}")
@@ -211,14 +230,17 @@ class Epilogue:
 
     __slots__ = ("out", "residual", "relu")
 
-    def __init__(self, out=None, residual=None, relu=False):
+    def __init__(self, out: npt.NDArray[Any] | None = None,
+                 residual: npt.NDArray[Any] | None = None, relu: bool = False) -> None:
         self.out, self.residual, self.relu = out, residual, relu
 
 
 PLAIN = Epilogue()
 
 
-def epilogue(input, x, out, residual, activation, others=()):
+def epilogue(input: npt.NDArray[Any], x: npt.NDArray[Any], out: npt.NDArray[Any] | None,
+             residual: npt.NDArray[Any] | None, activation: str | None,
+             others: Iterable[tuple[str, npt.NDArray[Any] | None]] = ()) -> Epilogue:
     """Checks out=, residual= and activation= against the input (shape and dtype): out must be a
     writable C-contiguous array, either the input itself (in place) or sharing no memory with it
     or with the parameters and statistics in `others`; residual may be out itself."""
@@ -251,19 +273,19 @@ def epilogue(input, x, out, residual, activation, others=()):
     return Epilogue(out, residual, activation == "relu")
 
 
-def _same_memory(a, b):
+def _same_memory(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> bool:
     return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
             and a.shape == b.shape and a.strides == b.strides)
 
 
 # -- scalars ----------------------------------------------------------------------------------
-def _real(v, name):
+def _real(v: object, name: str) -> float:
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name}: expected a real number, got {type(v).__name__}")
     return float(v)
 
 
-def nonneg_float(v, name):
+def nonneg_float(v: object, name: str) -> float:
     """eps and friends: a finite number >= 0."""
     f = _real(v, name)
     if not np.isfinite(f) or f < 0:
@@ -271,7 +293,7 @@ def nonneg_float(v, name):
     return f
 
 
-def number_at_least(v, name, low):
+def number_at_least(v: object, name: str, low: float) -> float:
     """A real number >= low (r_max >= 1, d_max >= 0)."""
     f = _real(v, name)
     if not f >= low:
@@ -279,7 +301,7 @@ def number_at_least(v, name, low):
     return f
 
 
-def number_in(v, name, low, high):
+def number_in(v: object, name: str, low: float, high: float) -> float:
     """A real number in [low, high] (example_weight)."""
     f = _real(v, name)
     if not low <= f <= high:
@@ -287,7 +309,11 @@ def number_in(v, name, low, high):
     return f
 
 
-def momentum_value(m, name="momentum", allow_none=True):
+@overload
+def momentum_value(m: object, name: str = ..., *, allow_none: Literal[False]) -> float: ...
+@overload
+def momentum_value(m: object, name: str = ..., allow_none: bool = ...) -> float | None: ...
+def momentum_value(m: object, name: str = "momentum", allow_none: bool = True) -> float | None:
     """A momentum in [0, 1]; None (a cumulative average) where the caller allows it."""
     if m is None:
         if allow_none:
@@ -299,7 +325,7 @@ def momentum_value(m, name="momentum", allow_none=True):
     return f
 
 
-def positive_int(v, name):
+def positive_int(v: object, name: str) -> int:
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
         raise TypeError(f"{name}: expected a positive integer, got {type(v).__name__} {v!r}")
     if v < 1:
@@ -307,7 +333,7 @@ def positive_int(v, name):
     return int(v)
 
 
-def nonneg_int(v, name):
+def nonneg_int(v: object, name: str) -> int:
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
         raise TypeError(f"{name}: expected an integer >= 0, got {type(v).__name__} {v!r}")
     if v < 0:
@@ -315,12 +341,13 @@ def nonneg_int(v, name):
     return int(v)
 
 
-def divisor(groups, channels, name="num_groups", of="the input's channels"):
+def divisor(groups: int, channels: int, name: str = "num_groups",
+            of: str = "the input's channels") -> None:
     if channels % groups != 0:
         raise ValueError(f"{name}: expected a divisor of {of} ({channels}), got {groups}")
 
 
-def float_dtype_arg(dtype, name="dtype"):
+def float_dtype_arg(dtype: npt.DTypeLike | None, name: str = "dtype") -> np.dtype[Any]:
     """A layer's dtype argument; None is torch's default dtype (float32)."""
     if dtype is None:
         return np.dtype(np.float32)
@@ -333,7 +360,7 @@ def float_dtype_arg(dtype, name="dtype"):
     return dt
 
 
-def normalized_shape_tuple(shape, name="normalized_shape"):
+def normalized_shape_tuple(shape: object, name: str = "normalized_shape") -> tuple[int, ...]:
     """An int or a non-empty sequence of ints >= 0, as a tuple."""
     if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
         shape = (shape,)
@@ -350,14 +377,15 @@ def normalized_shape_tuple(shape, name="normalized_shape"):
     return shape
 
 
-def check_trailing_shape(x, shape, name="input"):
+def check_trailing_shape(x: npt.NDArray[Any], shape: Sequence[int], name: str = "input") -> None:
     if x.ndim < len(shape) or tuple(x.shape[x.ndim - len(shape):]) != tuple(shape):
         raise ValueError(f"{name}: expected shape (*, {', '.join(map(str, shape))}) ending in "
                          f"normalized_shape {tuple(shape)}, got {x.shape}")
 
 
 # -- state dicts ------------------------------------------------------------------------------
-def state_dict_entries(own, state_dict, strict):
+def state_dict_entries(own: Mapping[str, npt.NDArray[Any]], state_dict: Mapping[str, Any],
+                       strict: bool) -> dict[str, npt.NDArray[Any]]:
     """The entries of `state_dict` to copy into a layer whose current state is `own` (name ->
     array), each as a NumPy array of the right shape; raises before anything is copied.
 
@@ -371,7 +399,7 @@ def state_dict_entries(own, state_dict, strict):
     if strict and (missing or unexpected):
         raise StateDictError(f"state_dict: expected the keys {list(own)}, got missing keys {missing} "
                              f"and unexpected keys {unexpected}")
-    staged = {}
+    staged: dict[str, npt.NDArray[Any]] = {}
     for k, cur in own.items():
         if k not in state_dict:
             continue

@@ -5,9 +5,14 @@ groups into statistics sets): `apply_batch_stats` (statistics from x), `apply` (
 e.g. running ones) and `backward`. The common case skips it: `_core.forward_fast` does a whole
 forward in one call and returns the same (y, Saved). Everything tensor-sized happens in `_core`.
 """
+from __future__ import annotations
+
 import math
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from . import _checks, _core
 
@@ -21,17 +26,20 @@ ANY_RANK = (1 << 64) - 1
 RANK_2_UP = ANY_RANK & ~0b11
 
 
-def ranks_mask(ndims):
+def ranks_mask(ndims: Iterable[int]) -> int:
     return sum(1 << d for d in ndims)
 
 
-def rstd_of(var, eps):
+def rstd_of(var: npt.ArrayLike, eps: float) -> npt.NDArray[np.float64]:
     # NaN, Inf and negative variances (a caller's running_var) propagate silently, as in torch.
     with np.errstate(invalid="ignore", divide="ignore"):
         return 1.0 / np.sqrt(np.asarray(var, dtype=np.float64) + eps)
 
 
-def apply(plan, x, mean, var, eps, weight, bias, batch_stats, shape, epilogue=_checks.PLAIN):
+def apply(plan: _core.Plan, x: npt.NDArray[Any], mean: npt.NDArray[Any] | None,
+          var: npt.ArrayLike | None, eps: float, weight: npt.NDArray[Any] | None,
+          bias: npt.NDArray[Any] | None, batch_stats: bool, shape: tuple[int, ...],
+          epilogue: _checks.Epilogue = _checks.PLAIN) -> tuple[npt.NDArray[Any], Saved]:
     """y = (x - mean)/sqrt(var + eps)*weight + bias; returns y (in `shape`) and a Saved.
 
     An empty x (a zero-size dimension) gets an empty y without a call into the core, so that
@@ -41,6 +49,7 @@ def apply(plan, x, mean, var, eps, weight, bias, batch_stats, shape, epilogue=_c
     y = _core.empty_like(x) if epilogue.out is None else epilogue.out
     if x.size == 0:
         return (y.reshape(shape) if epilogue.out is None else y), Saved(plan, x, None, None, weight, batch_stats, shape)
+    assert mean is not None and var is not None  # only an empty x comes without statistics
     mean = _checks.contiguous(mean, np.float64)  # a caller's running_mean may be strided
     rstd = rstd_of(var, eps)
     _core.normalize(plan, x, mean, rstd, weight, bias, y, epilogue.residual, epilogue.relu)
@@ -48,7 +57,10 @@ def apply(plan, x, mean, var, eps, weight, bias, batch_stats, shape, epilogue=_c
     return y, Saved(plan, x, mean, rstd, weight, batch_stats, shape)
 
 
-def apply_batch_stats(plan, x, eps, weight, bias, shape, epilogue=_checks.PLAIN):
+def apply_batch_stats(plan: _core.Plan, x: npt.NDArray[Any], eps: float,
+                      weight: npt.NDArray[Any] | None, bias: npt.NDArray[Any] | None,
+                      shape: tuple[int, ...], epilogue: _checks.Epilogue = _checks.PLAIN
+                      ) -> tuple[npt.NDArray[Any], Saved, npt.NDArray[np.float64]]:
     """Statistics from x, then y, in one core call (group by group where the tensor allows, so
     x is read from memory once); returns (y in `shape`, Saved, var). x must not be empty."""
     y = _core.empty_like(x) if epilogue.out is None else epilogue.out
@@ -58,7 +70,8 @@ def apply_batch_stats(plan, x, eps, weight, bias, shape, epilogue=_checks.PLAIN)
     return y, Saved(plan, x, mean, rstd, weight, True, shape), var
 
 
-def backward(saved, dy, want_weight, want_bias):
+def backward(saved: Saved, dy: npt.NDArray[Any], want_weight: bool, want_bias: bool
+             ) -> tuple[npt.NDArray[Any], npt.NDArray[Any] | None, npt.NDArray[Any] | None]:
     """(dx, dweight, dbias) for the forward that made `saved`."""
     x = saved.x
     dx = _core.empty_like(x)  # outputs come from the core's reusable buffers
@@ -74,20 +87,20 @@ def backward(saved, dy, want_weight, want_bias):
     return dx.reshape(saved.shape), dw, db
 
 
-def planes(x, layout="NCHW"):
+def planes(x: npt.NDArray[Any], layout: str = "NCHW") -> tuple[int, int, int]:
     """(N, C, S) of an (N, C, *spatial) array, or of an (N, *spatial, C) one for "NHWC"."""
     spatial = x.shape[2:] if layout == "NCHW" else x.shape[1:-1]
     S = math.prod(spatial)  # a Python int: the core checks N*C*S for overflow
     return x.shape[0], x.shape[1] if layout == "NCHW" else x.shape[-1], S
 
 
-def in_layout(plan, layout):
+def in_layout(plan: _core.Plan, layout: str) -> _core.Plan:
     """The plan reading memory in `layout` (statistics groups are layout-free)."""
     plan.channels_last = layout == "NHWC"
     return plan
 
 
-def running_update(running, batch_value, factor):
+def running_update(running: npt.NDArray[Any], batch_value: npt.ArrayLike, factor: float) -> None:
     """running = (1 - factor)*running + factor*batch_value, in place, as torch does."""
     with np.errstate(invalid="ignore", over="ignore"):  # NaN and Inf propagate silently, as in torch
         running[...] = (1.0 - factor) * running.astype(np.float64) + factor * np.asarray(batch_value)

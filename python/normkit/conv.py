@@ -1,12 +1,18 @@
 """The statistics Jacobians of a convolution, for CrossIterationBatchNorm2d."""
+from __future__ import annotations
+
 import numbers
+from typing import Any, TypeGuard
+
+import numpy as np
+import numpy.typing as npt
 
 from . import _checks, _core
 
 
-def _pair(v, name, low, what):
+def _pair(v: int | tuple[int, int] | list[int], name: str, low: int, what: str) -> tuple[int, int]:
     """An int or a pair of ints, each >= low, as an (h, w) tuple (torch's conv2d arguments)."""
-    def is_int(e):
+    def is_int(e: object) -> TypeGuard[numbers.Integral]:
         return isinstance(e, numbers.Integral) and not isinstance(e, bool)
 
     pair = (v, v) if is_int(v) else tuple(v) if isinstance(v, (tuple, list)) else None
@@ -17,7 +23,7 @@ def _pair(v, name, low, what):
     return int(pair[0]), int(pair[1])
 
 
-def _array4(a, name, dtype=None):
+def _array4(a: npt.NDArray[Any], name: str, dtype: np.dtype[Any] | None = None) -> npt.NDArray[Any]:
     _checks.ndarray(a, name)
     _checks.float_dtype(a, name, dtype, "conv_input's")
     if a.ndim != 4:
@@ -26,7 +32,10 @@ def _array4(a, name, dtype=None):
     return _checks.contiguous(a)
 
 
-def conv2d_stat_jacobians(conv_input, weight, stride=1, padding=0, dilation=1, groups=1):
+def conv2d_stat_jacobians(conv_input: npt.NDArray[Any], weight: npt.NDArray[Any],
+                          stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
+                          dilation: int | tuple[int, int] = 1, groups: int = 1
+                          ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
     """(dmean_dweight, dsqmean_dweight) of y = conv2d(conv_input, weight) (torch's semantics: NCHW,
     zero padding, no bias), each of the weight's shape and dtype.
 

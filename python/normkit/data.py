@@ -8,20 +8,25 @@ balanced batches (one image per class) and show that what the network learns cha
 protocol (iterating yields batches of indices, `len()` is the number of batches), so it can be passed
 as `torch.utils.data.DataLoader(dataset, batch_sampler=...)` as well as used on plain arrays.
 """
+from __future__ import annotations
+
 import numbers
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 __all__ = ["BalancedBatchSampler"]
 
 
-def _int_arg(v, name, what):
+def _int_arg(v: object, name: str, what: str) -> int:
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
         raise TypeError(f"{name}: expected {what}, got {type(v).__name__} {v!r}")
     return int(v)
 
 
-def _labels_arg(labels):
+def _labels_arg(labels: Any) -> npt.NDArray[np.integer[Any]]:
     """labels as a 1-D integer ndarray (a copy: later edits of the caller's array change nothing)."""
     if isinstance(labels, (str, bytes)):
         raise TypeError(f"labels: expected a 1-D array of integers, got {type(labels).__name__}")
@@ -41,7 +46,7 @@ def _labels_arg(labels):
     return arr
 
 
-def _max_batches(slots, per_batch):
+def _max_batches(slots: npt.NDArray[np.integer[Any]], per_batch: int) -> int:
     """The largest B with sum_c min(slots[c], B) >= per_batch * B: the most batches of `per_batch`
     distinct classes that can be formed when class c can appear in at most slots[c] batches.
 
@@ -101,7 +106,8 @@ class BalancedBatchSampler:
     count, and a negative seed.
     """
 
-    def __init__(self, labels, classes_per_batch=None, samples_per_class=1, seed=0):
+    def __init__(self, labels: npt.ArrayLike, classes_per_batch: int | None = None,
+                 samples_per_class: int = 1, seed: int = 0) -> None:
         labels = _labels_arg(labels)
         if classes_per_batch is not None:
             classes_per_batch = _int_arg(classes_per_batch, "classes_per_batch",
@@ -137,42 +143,42 @@ class BalancedBatchSampler:
         self._epoch = 0
 
     @property
-    def num_classes(self):
+    def num_classes(self) -> int:
         """K, the number of distinct labels."""
         return len(self.classes)
 
     @property
-    def batch_size(self):
+    def batch_size(self) -> int:
         """Indices in every batch: classes_per_batch * samples_per_class."""
         return self.classes_per_batch * self.samples_per_class
 
     @property
-    def epoch(self):
+    def epoch(self) -> int:
         """The epoch the next iter() yields."""
         return self._epoch
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch: int) -> None:
         """Make the next iter() yield epoch `epoch` (later iterations continue from it)."""
         epoch = _int_arg(epoch, "epoch", "an integer >= 0")
         if epoch < 0:
             raise ValueError(f"epoch: expected an integer >= 0, got {epoch}")
         self._epoch = epoch
 
-    def __len__(self):
+    def __len__(self) -> int:
         return self._len
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[npt.NDArray[np.int64]]:
         # The epoch number is taken now, at iter(), not at the first next(): iterators created
         # together get consecutive epochs whatever order they are consumed in.
         epoch, self._epoch = self._epoch, self._epoch + 1
         return iter(self._schedule(epoch))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"BalancedBatchSampler(num_classes={self.num_classes}, "
                 f"classes_per_batch={self.classes_per_batch}, "
                 f"samples_per_class={self.samples_per_class}, seed={self.seed}, len={self._len})")
 
-    def _schedule(self, epoch):
+    def _schedule(self, epoch: int) -> list[npt.NDArray[np.int64]]:
         """Epoch `epoch`'s batches, as a list of new int64 arrays."""
         rng = np.random.default_rng((self.seed, epoch))
         B, P, s = self._len, self.classes_per_batch, self.samples_per_class

@@ -5,7 +5,12 @@ A layer folds when its inference is a per-channel affine map, y = scale[c] * x +
 `_inference_affine(modality)` method next to its forward. Layers that normalize a sample with
 statistics of that sample (GroupNorm, LayerNorm, ...) have no such method and are refused here.
 """
+from __future__ import annotations
+
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 from . import _checks
 from .layers.base import NormLayer
@@ -32,21 +37,22 @@ _SAMPLE_DEPENDENT = {
 }
 
 
-def not_affine(layer, reason):
+def not_affine(layer: object, reason: str) -> NotAffineError:
     """NotAffineError naming the layer and why its inference is not a per-channel affine."""
     return NotAffineError(f"layer: {type(layer).__name__} has no per-channel affine inference: {reason}")
 
 
-def _channel_vector(v, default, C):
+def _channel_vector(v: Any, default: float, C: int | None) -> npt.NDArray[np.float64]:
     """A layer attribute (NumPy, torch tensor or None) as a float64 vector."""
     if v is None:
+        assert C is not None  # only running_mean's (never None here) comes without C
         return np.full(C, default, np.float64)
     if hasattr(v, "detach"):  # a torch tensor
         v = v.detach().cpu().numpy()
     return np.asarray(v, np.float64).reshape(-1)
 
 
-def _duck_batchnorm(layer):
+def _duck_batchnorm(layer: Any) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """(scale, shift) of anything with running_mean, running_var, eps, weight and bias (a torch
     BatchNorm module): BatchNorm's eval map."""
     mean = _channel_vector(layer.running_mean, 0.0, None)
@@ -61,7 +67,8 @@ def _duck_batchnorm(layer):
     return scale, beta - mean * scale
 
 
-def inference_affine(layer, modality=None):
+def inference_affine(layer: object, modality: int | None = None
+                     ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """The per-channel affine map of `layer`'s inference: (scale, shift) with
 
         y = scale[c] * x + shift[c]   for every value x of channel c,
@@ -103,7 +110,8 @@ def inference_affine(layer, modality=None):
     return np.asarray(scale, np.float64), np.asarray(shift, np.float64)
 
 
-def fold_batchnorm(weight, bias, bn, *, modality=None):
+def fold_batchnorm(weight: npt.ArrayLike, bias: npt.ArrayLike | None, bn: object, *,
+                   modality: int | None = None) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
     """Weight and bias of conv/linear -> a per-channel affine layer (eval) as one conv/linear.
 
     With the layer's inference y = scale[c] * x + shift[c] (`inference_affine(bn, modality)`;

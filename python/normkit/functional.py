@@ -2,17 +2,28 @@
 
 Running statistics passed in are updated in place, as torch.nn.functional does.
 """
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 from . import _checks, _core, _engine
+
+_Array = npt.NDArray[Any]
+_F64 = npt.NDArray[np.float64]
 
 __all__ = ["batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm",
            "weight_standardization", "weight_standardization_backward", "weight_centralization",
            "weight_centralization_backward"]
 
 
-def _fast(kind, input, channels_last, weight, bias, running_mean, running_var, batch_stats,
-          momentum, eps, groups=0, normalized_shape=None, plain=True):
+def _fast(kind: int, input: _Array, channels_last: bool, weight: _Array | None,
+          bias: _Array | None, running_mean: _Array | None, running_var: _Array | None,
+          batch_stats: bool, momentum: float, eps: float | None, groups: int = 0,
+          normalized_shape: int | Iterable[int] | None = None, plain: bool = True) -> _Array | None:
     """The whole forward in one call for the common case (see _core.forward_fast); None when
     the call is anything else (strided input, out=, an invalid argument): the Python path."""
     if not plain:
@@ -23,18 +34,22 @@ def _fast(kind, input, channels_last, weight, bias, running_mean, running_var, b
     return None if fast is None else fast[0]
 
 
-def _plain(layout, out, residual, activation):
+def _plain(layout: str, out: _Array | None, residual: _Array | None,
+           activation: str | None) -> bool:
     """No epilogue and a valid layout: forward_fast's territory."""
     return (out is None and residual is None and activation is None
             and (layout == "NCHW" or layout == "NHWC"))
 
 
-def _unbiased(var, count):
+def _unbiased(var: _F64, count: int) -> _F64:
     return var * (count / (count - 1)) if count > 1 else var * np.nan
 
 
-def _channel_args(input, running_mean, running_var, weight, bias, batch_stats, momentum, eps,
-                  layout, flag):
+def _channel_args(input: _Array, running_mean: _Array | None, running_var: _Array | None,
+                  weight: _Array | None, bias: _Array | None, batch_stats: bool, momentum: float,
+                  eps: float, layout: str, flag: str
+                  ) -> tuple[_Array, str, tuple[int, int, int], _Array | None, _Array | None,
+                             _Array | None, _Array | None, float, float]:
     """The checks batch_norm and instance_norm share: per-channel weight, bias and running
     statistics of the input's parameter dtype; with batch statistics the running ones are updated
     in place (writable, separate), without them (`flag`=False) they are required."""
@@ -56,8 +71,11 @@ def _channel_args(input, running_mean, running_var, weight, bias, batch_stats, m
     return x, layout, (N, C, S), weight, bias, running_mean, running_var, momentum, eps
 
 
-def batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                    layout="NCHW", out=None, residual=None, activation=None):
+def batch_norm_impl(input: _Array, running_mean: _Array | None, running_var: _Array | None,
+                    weight: _Array | None, bias: _Array | None, training: bool, momentum: float,
+                    eps: float, layout: str = "NCHW", out: _Array | None = None,
+                    residual: _Array | None = None, activation: str | None = None
+                    ) -> tuple[_Array, _core.Saved]:
     """batch_norm's body; returns (y, Saved) so that the layers can run backward.
 
     Everything is checked first; the running statistics are updated last, after y exists, so a
@@ -79,6 +97,7 @@ def batch_norm_impl(input, running_mean, running_var, weight, bias, training, mo
     if not training:  # one pass: the fold of the running statistics, then the fused apply
         return _engine.apply(plan, x, running_mean, running_var, eps, weight, bias, False, x.shape, ep)
     y, saved, var = _engine.apply_batch_stats(plan, x, eps, weight, bias, x.shape, ep)
+    assert saved.mean is not None  # the batch's, just computed
     if running_mean is not None:
         _engine.running_update(running_mean, saved.mean, momentum)
     if running_var is not None:
@@ -93,8 +112,11 @@ EXTRAS_DOC = """
     ReLU after it, both fused into the output pass (inference blocks: norm + add + ReLU)."""
 
 
-def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5, *, layout="NCHW", out=None, residual=None, activation=None):
+def batch_norm(input: _Array, running_mean: _Array | None, running_var: _Array | None,
+               weight: _Array | None = None, bias: _Array | None = None, training: bool = False,
+               momentum: float = 0.1, eps: float = 1e-5, *, layout: str = "NCHW",
+               out: _Array | None = None, residual: _Array | None = None,
+               activation: str | None = None) -> _Array:
     """Batch normalization over (N, *spatial) per channel of an (N, C, *spatial) input."""
     y = _fast(_core.FAST_BATCH, input, layout == "NHWC", weight, bias, running_mean, running_var,
               bool(training), momentum, eps, plain=_plain(layout, out, residual, activation))
@@ -104,11 +126,15 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
                            layout, out, residual, activation)[0]
 
 
-batch_norm.__doc__ += EXTRAS_DOC
+if batch_norm.__doc__ is not None:  # None under python -OO
+    batch_norm.__doc__ += EXTRAS_DOC
 
 
-def instance_norm_impl(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps,
-                       layout="NCHW", out=None, residual=None, activation=None):
+def instance_norm_impl(input: _Array, running_mean: _Array | None, running_var: _Array | None,
+                       weight: _Array | None, bias: _Array | None, use_input_stats: bool,
+                       momentum: float, eps: float, layout: str = "NCHW",
+                       out: _Array | None = None, residual: _Array | None = None,
+                       activation: str | None = None) -> tuple[_Array, _core.Saved]:
     """instance_norm's body; returns (y, Saved). Zero-size inputs follow torch (which runs
     batch_norm on the (1, N*C, *) view): an empty output; weight or bias with no (sample, channel)
     planes raises; running statistics are untouched when the planes are empty, and become NaN
@@ -135,6 +161,7 @@ def instance_norm_impl(input, running_mean, running_var, weight, bias, use_input
                     s[...] = np.nan
         return result
     y, saved, var = _engine.apply_batch_stats(plan, x, eps, weight, bias, x.shape, ep)
+    assert saved.mean is not None  # the batch's, just computed
     # torch: running stats move toward the batch average of the per-instance statistics.
     if running_mean is not None:
         _engine.running_update(running_mean, saved.mean.reshape(N, C).mean(axis=0), momentum)
@@ -143,9 +170,11 @@ def instance_norm_impl(input, running_mean, running_var, weight, bias, use_input
     return y, saved
 
 
-def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
-                  use_input_stats=True, momentum=0.1, eps=1e-5, *, layout="NCHW", out=None,
-                  residual=None, activation=None):
+def instance_norm(input: _Array, running_mean: _Array | None = None,
+                  running_var: _Array | None = None, weight: _Array | None = None,
+                  bias: _Array | None = None, use_input_stats: bool = True, momentum: float = 0.1,
+                  eps: float = 1e-5, *, layout: str = "NCHW", out: _Array | None = None,
+                  residual: _Array | None = None, activation: str | None = None) -> _Array:
     """Instance normalization: each (sample, channel) plane on its own statistics."""
     y = _fast(_core.FAST_INSTANCE, input, layout == "NHWC", weight, bias, running_mean, running_var,
               bool(use_input_stats), momentum, eps, plain=_plain(layout, out, residual, activation))
@@ -155,11 +184,14 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
                               momentum, eps, layout, out, residual, activation)[0]
 
 
-instance_norm.__doc__ += EXTRAS_DOC
+if instance_norm.__doc__ is not None:  # None under python -OO
+    instance_norm.__doc__ += EXTRAS_DOC
 
 
-def group_norm_impl(input, num_groups, weight, bias, eps, layout="NCHW", out=None, residual=None,
-                    activation=None):
+def group_norm_impl(input: _Array, num_groups: int, weight: _Array | None, bias: _Array | None,
+                    eps: float, layout: str = "NCHW", out: _Array | None = None,
+                    residual: _Array | None = None, activation: str | None = None
+                    ) -> tuple[_Array, _core.Saved]:
     x = _checks.input_array(input, "input", min_ndim=2)
     layout = _checks.layout_arg(layout)
     N, C, S = _engine.planes(x, layout)
@@ -176,8 +208,10 @@ def group_norm_impl(input, num_groups, weight, bias, eps, layout="NCHW", out=Non
     return _engine.apply_batch_stats(plan, x, eps, weight, bias, x.shape, ep)[:2]
 
 
-def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, layout="NCHW", out=None,
-               residual=None, activation=None):
+def group_norm(input: _Array, num_groups: int, weight: _Array | None = None,
+               bias: _Array | None = None, eps: float = 1e-5, *, layout: str = "NCHW",
+               out: _Array | None = None, residual: _Array | None = None,
+               activation: str | None = None) -> _Array:
     """Group normalization: each sample's channels in num_groups groups."""
     y = _fast(_core.FAST_GROUP, input, layout == "NHWC", weight, bias, None, None, True, 0.0, eps,
               groups=num_groups, plain=_plain(layout, out, residual, activation))
@@ -186,11 +220,14 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, layout="N
     return group_norm_impl(input, num_groups, weight, bias, eps, layout, out, residual, activation)[0]
 
 
-group_norm.__doc__ += EXTRAS_DOC
+if group_norm.__doc__ is not None:  # None under python -OO
+    group_norm.__doc__ += EXTRAS_DOC
 
 
-def _row_norm(input, normalized_shape, weight, bias, eps, skip_mean, out=None, residual=None,
-              activation=None):
+def _row_norm(input: _Array, normalized_shape: int | Iterable[int], weight: _Array | None,
+              bias: _Array | None, eps: float | None, skip_mean: bool, out: _Array | None = None,
+              residual: _Array | None = None, activation: str | None = None
+              ) -> tuple[_Array, _core.Saved]:
     shape = _checks.normalized_shape_tuple(normalized_shape)
     x = _checks.input_array(input, "input", min_ndim=len(shape))
     _checks.check_trailing_shape(x, shape)
@@ -211,13 +248,16 @@ def _row_norm(input, normalized_shape, weight, bias, eps, skip_mean, out=None, r
     return _engine.apply_batch_stats(plan, x, eps, w, b, x.shape, ep)[:2]
 
 
-def layer_norm_impl(input, normalized_shape, weight, bias, eps, out=None, residual=None,
-                    activation=None):
+def layer_norm_impl(input: _Array, normalized_shape: int | Iterable[int], weight: _Array | None,
+                    bias: _Array | None, eps: float, out: _Array | None = None,
+                    residual: _Array | None = None, activation: str | None = None
+                    ) -> tuple[_Array, _core.Saved]:
     return _row_norm(input, normalized_shape, weight, bias, eps, False, out, residual, activation)
 
 
-def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None,
-               residual=None, activation=None):
+def layer_norm(input: _Array, normalized_shape: int | Iterable[int], weight: _Array | None = None,
+               bias: _Array | None = None, eps: float = 1e-5, *, out: _Array | None = None,
+               residual: _Array | None = None, activation: str | None = None) -> _Array:
     """Layer normalization over the trailing `normalized_shape` dimensions.
 
     Keyword-only extras (not in torch): out=, residual=, activation="relu" as in batch_norm."""
@@ -228,12 +268,15 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out
     return layer_norm_impl(input, normalized_shape, weight, bias, eps, out, residual, activation)[0]
 
 
-def rms_norm_impl(input, normalized_shape, weight, eps, out=None, residual=None, activation=None):
+def rms_norm_impl(input: _Array, normalized_shape: int | Iterable[int], weight: _Array | None,
+                  eps: float | None, out: _Array | None = None, residual: _Array | None = None,
+                  activation: str | None = None) -> tuple[_Array, _core.Saved]:
     return _row_norm(input, normalized_shape, weight, None, eps, True, out, residual, activation)
 
 
-def rms_norm(input, normalized_shape, weight=None, eps=None, *, out=None, residual=None,
-             activation=None):
+def rms_norm(input: _Array, normalized_shape: int | Iterable[int], weight: _Array | None = None,
+             eps: float | None = None, *, out: _Array | None = None,
+             residual: _Array | None = None, activation: str | None = None) -> _Array:
     """RMS normalization: x / sqrt(mean(x^2) + eps) * weight over `normalized_shape`.
 
     Keyword-only extras (not in torch): out=, residual=, activation="relu" as in batch_norm."""
@@ -249,13 +292,13 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, out=None, residu
 # Per output filter (dim 0) over its fan-in: the weight viewed as (C_out, fan_in) rows, each row a
 # statistics group of a per-row plan (LayerNorm's, without affine).
 
-def _filters(weight, name="weight"):
+def _filters(weight: _Array, name: str = "weight") -> _Array:
     """weight checked (an array of rank >= 2, an input dtype) as a contiguous (C_out, fan_in) view."""
     w = _checks.input_array(weight, name, min_ndim=2)
     return w.reshape(w.shape[0], -1)
 
 
-def _filter_gradient(grad_output, weight):
+def _filter_gradient(grad_output: _Array, weight: _Array) -> tuple[_Array, _Array]:
     """(grad_output, weight) checked, both as (C_out, fan_in) views: the gradient has the weight's
     shape and dtype."""
     w = _filters(weight)
@@ -267,7 +310,7 @@ def _filter_gradient(grad_output, weight):
     return _checks.contiguous(g).reshape(w.shape), w
 
 
-def weight_standardization(weight, eps=1e-5):
+def weight_standardization(weight: _Array, eps: float = 1e-5) -> _Array:
     """W_hat = (W - mean) / sqrt(var + eps) per output filter over its fan-in (biased variance):
     Weight Standardization (Qiao et al., arXiv 1903.10520), for a conv or linear weight of shape
     (C_out, ...), any rank >= 2."""
@@ -276,7 +319,8 @@ def weight_standardization(weight, eps=1e-5):
     return layer_norm_impl(w, (w.shape[1],), None, None, eps)[0].reshape(np.shape(weight))
 
 
-def weight_standardization_backward(grad_output, weight, eps=1e-5):
+def weight_standardization_backward(grad_output: _Array, weight: _Array,
+                                    eps: float = 1e-5) -> _Array:
     """dL/dW of weight_standardization, through each filter's mean and variance."""
     g, w = _filter_gradient(grad_output, weight)
     eps = _checks.nonneg_float(eps, "eps")
@@ -284,7 +328,7 @@ def weight_standardization_backward(grad_output, weight, eps=1e-5):
     return _engine.backward(saved, g, False, False)[0].reshape(np.shape(weight))
 
 
-def _centre_rows(w):
+def _centre_rows(w: _Array) -> _Array:
     """w - mean per row: the per-row plan's statistics, then its apply with rstd 1."""
     plan = _core.plan_per_row(w.shape[0], w.shape[1], False)
     y = _core.empty_like(w)
@@ -294,12 +338,12 @@ def _centre_rows(w):
     return y
 
 
-def weight_centralization(weight):
+def weight_centralization(weight: _Array) -> _Array:
     """W - mean per output filter over its fan-in (the centred weights MABN assumes), any rank >= 2."""
     return _centre_rows(_filters(weight)).reshape(np.shape(weight))
 
 
-def weight_centralization_backward(grad_output, weight):
+def weight_centralization_backward(grad_output: _Array, weight: _Array) -> _Array:
     """dL/dW of weight_centralization: grad_output minus its mean per filter."""
     g, _ = _filter_gradient(grad_output, weight)
     return _centre_rows(g).reshape(np.shape(weight))

@@ -1,8 +1,15 @@
 """`python -m normkit demo`: its options, their checks, and the run (data, jobs, table, files)."""
+from __future__ import annotations
+
 import argparse
 import os
 import sys
 import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 DEFAULT_BATCH_SIZES = (2, 4, 8, 32)
 DEFAULT_EPOCHS = 8
@@ -12,7 +19,8 @@ PLOT_NAME = "accuracy_vs_batch_size.png"
 INSTALL_HINT = 'pip install "normkit[demo]"'
 
 
-def _positive_int(text):
+def _positive_int(text: str) -> int:
+    value: int | None
     try:
         value = int(text, 10)
     except (TypeError, ValueError):
@@ -22,11 +30,11 @@ def _positive_int(text):
     return value
 
 
-def _batch_sizes(text):
+def _batch_sizes(text: str) -> list[int]:
     parts = [p.strip() for p in text.split(",")]
     if not text.strip() or any(not p for p in parts):
         raise argparse.ArgumentTypeError(f"expected comma-separated batch sizes such as 2,4,8,32, got {text!r}")
-    sizes = []
+    sizes: list[int] = []
     for p in parts:
         try:
             bs = int(p, 10)
@@ -39,7 +47,7 @@ def _batch_sizes(text):
     return sorted(set(sizes))
 
 
-def _variants(text):
+def _variants(text: str) -> list[str]:
     from .norms import VARIANTS
 
     parts = [p.strip() for p in text.split(",")]
@@ -54,7 +62,7 @@ def _variants(text):
     return list(dict.fromkeys(parts))  # in the given order, once each
 
 
-def add_arguments(parser):
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", type=_variants, default="all", metavar="NAME,...",
                         help="normalizations to compare: normkit class names and none (default: all)")
     parser.add_argument("--batch-sizes", type=_batch_sizes, default=list(DEFAULT_BATCH_SIZES), metavar="B,...",
@@ -72,7 +80,7 @@ def add_arguments(parser):
     parser.add_argument("--limit", type=_positive_int, default=None, help=argparse.SUPPRESS)
 
 
-def _missing_dependency():
+def _missing_dependency() -> str | None:
     for module, package in (("sklearn", "scikit-learn"), ("matplotlib", "matplotlib")):
         try:
             __import__(module)
@@ -81,7 +89,7 @@ def _missing_dependency():
     return None
 
 
-def run(args, parser):
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     missing = _missing_dependency()
     if missing:
         parser.exit(2, f"{parser.prog}: error: the demo needs scikit-learn and matplotlib ({missing} is not "
@@ -115,7 +123,7 @@ def run(args, parser):
     return 0
 
 
-def config(args, data):
+def config(args: argparse.Namespace, data: Mapping[str, npt.NDArray[Any]]) -> dict[str, Any]:
     """What results.json records about the run (everything that decides its numbers)."""
     import normkit
 

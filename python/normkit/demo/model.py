@@ -7,15 +7,21 @@ comes out of the batched matmul; im2col and its adjoint are each one matmul with
 matrix (a few hundred microseconds of slicing per step at batch size 2 became a few). tests/test_demo.py checks every backward by central finite
 differences in float64.
 """
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 K = 3  # kernel size; padding 1 keeps H x W
 
 
-_GATHER = {}
+_GATHER: dict[tuple[int, int, np.dtype[Any]], npt.NDArray[Any]] = {}
 
 
-def gather_matrix(H, W, dtype):
+def gather_matrix(H: int, W: int, dtype: npt.DTypeLike) -> npt.NDArray[Any]:
     """G (H*W, 9*H*W) of 0s and 1s with x_plane @ G = the plane's nine shifted copies (kernel
     offset (i, j) at column block 3i + j, zero where the shift leaves the plane): im2col as one
     matmul, and col2im as one with G^T. Cached per (H, W, dtype)."""
@@ -36,48 +42,58 @@ def gather_matrix(H, W, dtype):
     return G
 
 
-def im2col(x):
+def im2col(x: npt.NDArray[Any]) -> npt.NDArray[Any]:
     """cols (N, C*9, H*W) of x (N, C, H, W) for a 3x3 convolution with zero padding 1."""
     N, C, H, W = x.shape
-    return (x.reshape(N * C, H * W) @ gather_matrix(H, W, x.dtype)).reshape(N, C * K * K, H * W)
+    cols: npt.NDArray[Any] = x.reshape(N * C, H * W) @ gather_matrix(H, W, x.dtype)
+    return cols.reshape(N, C * K * K, H * W)
 
 
-def col2im(dcols, shape):
+def col2im(dcols: npt.NDArray[Any], shape: tuple[int, ...]) -> npt.NDArray[Any]:
     """The adjoint of im2col: dx (N, C, H, W) from dcols (N, C*9, H*W)."""
     N, C, H, W = shape
-    return (dcols.reshape(N * C, K * K * H * W) @ gather_matrix(H, W, dcols.dtype).T).reshape(shape)
+    dx: npt.NDArray[Any] = dcols.reshape(N * C, K * K * H * W) @ gather_matrix(H, W, dcols.dtype).T
+    return dx.reshape(shape)
 
 
-def conv_forward(cols, w, b, hw):
+def conv_forward(cols: npt.NDArray[Any], w: npt.NDArray[Any], b: npt.NDArray[Any] | None,
+                 hw: tuple[int, int]) -> npt.NDArray[Any]:
     """y (N, C_out, H, W) = conv2d(x, w) + b from x's cols; w (C_out, C, 3, 3), b (C_out,) or None."""
     N = cols.shape[0]
-    y = np.matmul(w.reshape(w.shape[0], -1), cols)  # (N, C_out, H*W)
+    y: npt.NDArray[Any] = np.matmul(w.reshape(w.shape[0], -1), cols)  # (N, C_out, H*W)
     if b is not None:
         y += b[:, None]
     return y.reshape(N, w.shape[0], *hw)
 
 
-def conv_backward(dy, cols, w, need_dx, x_shape=None):
+def conv_backward(dy: npt.NDArray[Any], cols: npt.NDArray[Any], w: npt.NDArray[Any], need_dx: bool,
+                  x_shape: tuple[int, ...] | None = None
+                  ) -> tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any] | None]:
     """(dw, db, dx) of conv_forward: dw = sum_n dy[n] cols[n]^T, db = sum dy over (n, h, w),
     dx = col2im(w^T dy) (None unless need_dx)."""
     N, C_out = dy.shape[:2]
     d = dy.reshape(N, C_out, -1)
     dw = np.matmul(d, cols.transpose(0, 2, 1)).sum(axis=0).reshape(w.shape)
     db = d.sum(axis=(0, 2))
-    dx = col2im(np.matmul(w.reshape(C_out, -1).T, d), x_shape) if need_dx else None
+    dx = None
+    if need_dx:
+        assert x_shape is not None  # the callers pass x's shape with need_dx
+        dx = col2im(np.matmul(w.reshape(C_out, -1).T, d), x_shape)
     return dw, db, dx
 
 
-def _corners(x):
+def _corners(x: npt.NDArray[Any]
+             ) -> tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]:
     """The four strided views of x (N, C, H, W): each 2x2 window's (0,0), (0,1), (1,0), (1,1)."""
     return x[:, :, 0::2, 0::2], x[:, :, 0::2, 1::2], x[:, :, 1::2, 0::2], x[:, :, 1::2, 1::2]
 
 
-def pool_forward(x):
+def pool_forward(x: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], list[npt.NDArray[np.bool_]]]:
     """2x2 max pooling, stride 2: (y, the four corners' masks: each window's first maximum)."""
     a, b, c, d = _corners(x)
     y = np.maximum(np.maximum(a, b), np.maximum(c, d))
-    masks, taken = [], None
+    masks: list[npt.NDArray[np.bool_]] = []
+    taken: npt.NDArray[np.bool_] | None = None
     for corner in (a, b, c):  # ties go to the first corner, as argmax: one gradient per window
         m = corner == y
         if taken is not None:
@@ -86,11 +102,12 @@ def pool_forward(x):
         else:
             taken = m.copy()
         masks.append(m)
+    assert taken is not None  # set by the first corner
     masks.append(~taken)
     return y, masks
 
 
-def pool_backward(dy, masks):
+def pool_backward(dy: npt.NDArray[Any], masks: Sequence[npt.NDArray[np.bool_]]) -> npt.NDArray[Any]:
     """dx of pool_forward: each window's gradient goes to its (first) maximum."""
     N, C, h, w = dy.shape
     dx = np.empty((N, C, 2 * h, 2 * w), dy.dtype)
@@ -99,25 +116,30 @@ def pool_backward(dy, masks):
     return dx
 
 
-def relu_forward(x):
-    return np.maximum(x, 0)
+def relu_forward(x: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    y: npt.NDArray[Any] = np.maximum(x, 0)
+    return y
 
 
-def relu_backward(dy, x):
+def relu_backward(dy: npt.NDArray[Any], x: npt.NDArray[Any]) -> npt.NDArray[Any]:
     return dy * (x > 0)
 
 
-def linear_forward(x, w, b):
+def linear_forward(x: npt.NDArray[Any], w: npt.NDArray[Any], b: npt.NDArray[Any]
+                   ) -> npt.NDArray[Any]:
     """y = x w^T + b; x (N, F), w (classes, F)."""
-    return x @ w.T + b
+    y: npt.NDArray[Any] = x @ w.T + b
+    return y
 
 
-def linear_backward(dy, x, w):
+def linear_backward(dy: npt.NDArray[Any], x: npt.NDArray[Any], w: npt.NDArray[Any]
+                    ) -> tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]:
     """(dw, db, dx) of linear_forward."""
     return dy.T @ x, dy.sum(axis=0), dy @ w
 
 
-def cross_entropy(logits, labels):
+def cross_entropy(logits: npt.NDArray[Any], labels: npt.NDArray[np.integer[Any]]
+                  ) -> tuple[float, npt.NDArray[Any]]:
     """(mean softmax cross-entropy, its gradient with respect to logits)."""
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)

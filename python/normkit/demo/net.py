@@ -8,10 +8,15 @@ values). The norm slot is a variant's (norms.py); normkit's layers do its forwar
 and normkit.functional the conv's weight transform where the variant has one. Plain SGD with
 momentum updates every parameter in place, the norm layers' through their live parameters().
 """
+from __future__ import annotations
+
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 from . import model
-from .norms import TRANSFORMS, make_norm
+from .norms import TRANSFORMS, FrozenNorm, Moments, Variant, make_norm
 
 WIDTHS = (8, 16)
 IMAGE = (1, 8, 8)
@@ -19,16 +24,18 @@ CLASSES = 10
 
 
 class Block:
-    def __init__(self, c_in, c_out, hw, variant, batch_size, prev_channels, rng):
+    def __init__(self, c_in: int, c_out: int, hw: tuple[int, int], variant: Variant,
+                 batch_size: int, prev_channels: int | None, rng: np.random.Generator) -> None:
         self.hw = hw
         self.w = (rng.standard_normal((c_out, c_in, 3, 3)) * np.sqrt(2.0 / (9 * c_in))).astype(np.float32)
         self.b = np.zeros(c_out, np.float32) if variant.conv_bias else None
         self.norm = make_norm(variant, c_out, hw[0], hw[1], batch_size, prev_channels)
         self.transform, self.transform_backward = TRANSFORMS[variant.transform]
         self.activation = variant.activation
-        self.grads = {}
+        self.grads: dict[str, npt.NDArray[Any]] = {}
 
-    def forward(self, x, cols, prior, calibrate=False):
+    def forward(self, x: npt.NDArray[Any], cols: npt.NDArray[Any], prior: Moments | None,
+                calibrate: bool = False) -> npt.NDArray[Any]:
         """The block on x (its im2col cols given); prior: the previous block's posterior."""
         self.x, self.cols = x, cols
         self.w_eff = w = self.transform(self.w)
@@ -37,6 +44,7 @@ class Block:
             self.y = y
             y = model.relu_forward(y)
         if calibrate:
+            assert isinstance(self.norm, FrozenNorm)  # only the frozen kind calibrates
             self.norm.calibrate(y)
         z = self.norm.forward(y, x, w, prior)
         p, self.idx = model.pool_forward(z)
@@ -45,7 +53,8 @@ class Block:
             p = model.relu_forward(p)
         return p
 
-    def backward(self, dout, posterior_grad, need_dx):
+    def backward(self, dout: npt.NDArray[Any], posterior_grad: Moments | None,
+                 need_dx: bool) -> npt.NDArray[Any] | None:
         if self.activation == "after":
             dout = model.relu_backward(dout, self.p)
         dz = model.pool_backward(dout, self.idx)
@@ -58,17 +67,18 @@ class Block:
             self.grads["b"] = db
         return dx
 
-    def parameters(self):
+    def parameters(self) -> dict[str, npt.NDArray[Any]]:
         own = {"w": self.w} if self.b is None else {"w": self.w, "b": self.b}
         return {**own, **{f"norm.{k}": v for k, v in self.norm.parameters().items()}}
 
-    def gradients(self):
+    def gradients(self) -> dict[str, npt.NDArray[Any]]:
         return {**self.grads, **{f"norm.{k}": v for k, v in self.norm.grads().items()}}
 
 
 class Net:
-    def __init__(self, variant, batch_size, rng):
-        self.blocks = []
+    def __init__(self, variant: Variant, batch_size: int, rng: np.random.Generator) -> None:
+        self.blocks: list[Block] = []
+        prev: int | None
         c, h, prev = IMAGE[0], IMAGE[1], None
         for width in WIDTHS:
             self.blocks.append(Block(c, width, (h, h), variant, batch_size, prev, rng))
@@ -77,9 +87,10 @@ class Net:
         self.fc_w = (rng.standard_normal((CLASSES, features)) / np.sqrt(features)).astype(np.float32)
         self.fc_b = np.zeros(CLASSES, np.float32)
 
-    def forward(self, x, cols, calibrate=False):
+    def forward(self, x: npt.NDArray[Any], cols: npt.NDArray[Any],
+                calibrate: bool = False) -> npt.NDArray[Any]:
         """Logits of images x (N, 1, 8, 8); cols: x's im2col (precomputed for the data set)."""
-        prior = None
+        prior: Moments | None = None
         for i, block in enumerate(self.blocks):
             if i:
                 cols = model.im2col(x)
@@ -89,42 +100,45 @@ class Net:
         self.flat = x.reshape(len(x), -1)
         return model.linear_forward(self.flat, self.fc_w, self.fc_b)
 
-    def backward(self, dlogits):
+    def backward(self, dlogits: npt.NDArray[Any]) -> None:
         dw, db, dflat = model.linear_backward(dlogits, self.flat, self.fc_w)
         self.fc_grads = {"fc.w": dw, "fc.b": db}
+        d: npt.NDArray[Any] | None
+        post: Moments | None
         d, post = dflat.reshape(self.flat_shape), None
         for i in range(len(self.blocks) - 1, -1, -1):
             block = self.blocks[i]
+            assert d is not None  # the later block's dx (need_dx for every block but the first)
             d = block.backward(d, post, need_dx=i > 0)
             post = block.norm.prior_grad
 
-    def parameters(self):
+    def parameters(self) -> dict[str, npt.NDArray[Any]]:
         out = {f"{i}.{k}": v for i, b in enumerate(self.blocks) for k, v in b.parameters().items()}
         out.update({"fc.w": self.fc_w, "fc.b": self.fc_b})
         return out
 
-    def gradients(self):
+    def gradients(self) -> dict[str, npt.NDArray[Any]]:
         out = {f"{i}.{k}": v for i, b in enumerate(self.blocks) for k, v in b.gradients().items()}
         out.update(self.fc_grads)
         return out
 
-    def train(self, mode=True):
+    def train(self, mode: bool = True) -> Net:
         for block in self.blocks:
             block.norm.train(mode)
         return self
 
-    def eval(self):
+    def eval(self) -> Net:
         return self.train(False)
 
 
 class SGD:
     """SGD with (heavy-ball) momentum on a dict of live arrays: v = m v + g; p -= lr v."""
 
-    def __init__(self, params, momentum=0.9):
+    def __init__(self, params: dict[str, npt.NDArray[Any]], momentum: float = 0.9) -> None:
         self.params, self.momentum = params, momentum
         self.velocity = {k: np.zeros_like(p) for k, p in params.items()}
 
-    def step(self, grads, lr):
+    def step(self, grads: dict[str, npt.NDArray[Any]], lr: float) -> None:
         m = self.momentum
         for k, p in self.params.items():
             v = self.velocity[k]

@@ -8,10 +8,21 @@ pool, AlexNet's order for LRN; "built-in": the layer is a normalization-activati
 whether the conv has a bias (only where nothing after it has a shift). The choices for the odd
 ones are argued in docs/demo.md.
 """
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 import normkit
 from normkit import functional as F
+
+# (channels C, plane H, W, batch size, the previous block's channels or None) -> the slot's layers
+Builder = Callable[[int, int, int, int, int | None], list[normkit.NormLayer]]
+# BatchKalmanNorm2d's (mean, var): a block's posterior, the next one's prior, and their gradients
+Moments = tuple[npt.NDArray[Any], npt.NDArray[Any]]
 
 GROUPS = 4  # channel groups wherever a layer has them (C = 8 and 16: 2 and 4 channels per group)
 
@@ -19,12 +30,13 @@ GROUPS = 4  # channel groups wherever a layer has them (C = 8 and 16: 2 and 4 ch
 class Variant:
     __slots__ = ("name", "build", "kind", "transform", "activation", "conv_bias")
 
-    def __init__(self, name, build, kind="plain", transform=None, activation="after", conv_bias=False):
+    def __init__(self, name: str, build: Builder, kind: str = "plain", transform: str | None = None,
+                 activation: str = "after", conv_bias: bool = False) -> None:
         self.name, self.build, self.kind, self.transform = name, build, kind, transform
         self.activation, self.conv_bias = activation, conv_bias
 
 
-def _variants():
+def _variants() -> dict[str, Variant]:
     f32 = np.float32
     v = [
         Variant("none", lambda C, H, W, B, prev: [], conv_bias=True),
@@ -75,28 +87,30 @@ class Norm:
     """A block's norm slot: its layers in order, forward and backward, their parameters and
     gradients under "<layer index>.<name>" keys, and the hooks the special kinds override."""
 
-    def __init__(self, layers):
+    def __init__(self, layers: list[normkit.NormLayer]) -> None:
         self.layers = layers
-        self.posterior = None  # BatchKalmanNorm2d's (mean, var) for the next block
-        self.prior_grad = None  # BatchKalmanNorm2d's gradient with respect to its prior
+        self.posterior: Moments | None = None  # BatchKalmanNorm2d's (mean, var) for the next block
+        # BatchKalmanNorm2d's gradient with respect to its prior
+        self.prior_grad: Moments | None = None
 
-    def forward(self, y, conv_input, conv_weight, prior):
+    def forward(self, y: npt.NDArray[Any], conv_input: npt.NDArray[Any],
+                conv_weight: npt.NDArray[Any], prior: Moments | None) -> npt.NDArray[Any]:
         for layer in self.layers:
             y = layer(y)
         return y
 
-    def backward(self, dy, posterior_grad):
+    def backward(self, dy: npt.NDArray[Any], posterior_grad: Moments | None) -> npt.NDArray[Any]:
         for layer in reversed(self.layers):
             dy = layer.backward(dy)
         return dy
 
-    def parameters(self):
+    def parameters(self) -> dict[str, npt.NDArray[Any]]:
         return {f"{i}.{k}": v for i, layer in enumerate(self.layers) for k, v in layer.parameters().items()}
 
-    def grads(self):
+    def grads(self) -> dict[str, npt.NDArray[Any]]:
         return {f"{i}.{k}": layer.grads[k] for i, layer in enumerate(self.layers) for k in layer.parameters()}
 
-    def train(self, mode):
+    def train(self, mode: bool) -> None:
         for layer in self.layers:
             layer.train(mode)
 
@@ -104,7 +118,8 @@ class Norm:
 class ModalityNorm(Norm):
     """ModalityBatchNorm2d with one modality: every sample is modality 0 (the digits have one)."""
 
-    def forward(self, y, conv_input, conv_weight, prior):
+    def forward(self, y: npt.NDArray[Any], conv_input: npt.NDArray[Any],
+                conv_weight: npt.NDArray[Any], prior: Moments | None) -> npt.NDArray[Any]:
         return self.layers[0](y, np.zeros(len(y), np.int64))
 
 
@@ -112,7 +127,8 @@ class CrossIterationNorm(Norm):
     """CrossIterationBatchNorm2d: in training, the conv's current weight and the Jacobians of this
     step's channel means and mean squares with respect to it (normkit.conv2d_stat_jacobians)."""
 
-    def forward(self, y, conv_input, conv_weight, prior):
+    def forward(self, y: npt.NDArray[Any], conv_input: npt.NDArray[Any],
+                conv_weight: npt.NDArray[Any], prior: Moments | None) -> npt.NDArray[Any]:
         layer = self.layers[0]
         if not layer.training:
             return layer(y)
@@ -124,14 +140,17 @@ class KalmanNorm(Norm):
     """BatchKalmanNorm2d: the previous block's posterior is this block's prior (the first block
     has none), and the gradient with respect to the prior flows back to the previous block."""
 
-    def forward(self, y, conv_input, conv_weight, prior):
+    def forward(self, y: npt.NDArray[Any], conv_input: npt.NDArray[Any],
+                conv_weight: npt.NDArray[Any], prior: Moments | None) -> npt.NDArray[Any]:
         layer = self.layers[0]
+        assert isinstance(layer, normkit.BatchKalmanNorm2d)  # the kalman kind's one layer
         out = layer(y, prior)
         self.posterior = layer.posterior
         return out
 
-    def backward(self, dy, posterior_grad):
+    def backward(self, dy: npt.NDArray[Any], posterior_grad: Moments | None) -> npt.NDArray[Any]:
         layer = self.layers[0]
+        assert isinstance(layer, normkit.BatchKalmanNorm2d)  # the kalman kind's one layer
         dx = layer.backward(dy, posterior_grad)
         g = layer.grads
         self.prior_grad = (g["prior_mean"], g["prior_var"]) if "prior_mean" in g else None
@@ -142,8 +161,9 @@ class FrozenNorm(Norm):
     """FrozenBatchNorm2d: statistics measured once, before training, on the training set
     (`calibrate`), then fixed; its weight and bias stay 1 and 0 (buffers, not learned)."""
 
-    def calibrate(self, y):
+    def calibrate(self, y: npt.NDArray[Any]) -> None:
         layer = self.layers[0]
+        assert isinstance(layer, normkit.FrozenBatchNorm2d)  # the frozen kind's one layer
         y64 = y.astype(np.float64)
         layer.running_mean[...] = y64.mean(axis=(0, 2, 3))
         layer.running_var[...] = y64.var(axis=(0, 2, 3))
@@ -152,12 +172,15 @@ class FrozenNorm(Norm):
 KINDS = {"plain": Norm, "modality": ModalityNorm, "cross-iteration": CrossIterationNorm,
          "kalman": KalmanNorm, "frozen": FrozenNorm}
 
-TRANSFORMS = {  # weight -> (effective weight, d effective -> d weight)
+Transform = tuple[Callable[[npt.NDArray[Any]], npt.NDArray[Any]],
+                  Callable[[npt.NDArray[Any], npt.NDArray[Any]], npt.NDArray[Any]]]
+TRANSFORMS: dict[str | None, Transform] = {  # weight -> (effective weight, d effective -> d weight)
     None: (lambda w: w, lambda g, w: g),
     "ws": (F.weight_standardization, F.weight_standardization_backward),
     "wc": (F.weight_centralization, F.weight_centralization_backward),
 }
 
 
-def make_norm(variant, C, H, W, batch_size, prev_channels):
+def make_norm(variant: Variant, C: int, H: int, W: int, batch_size: int,
+              prev_channels: int | None) -> Norm:
     return KINDS[variant.kind](variant.build(C, H, W, batch_size, prev_channels))

@@ -1,11 +1,18 @@
 """The study's outputs: the terminal table, results.json and the accuracy-against-batch-size plot."""
+from __future__ import annotations
+
 import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+# study.summarize's {variant: {batch size: {"accuracy", "std", "per_seed", "diverged"}}}
+Summary = Mapping[str, Mapping[int, Mapping[str, Any]]]
 
 REFERENCES = ("none", "BatchNorm2d")  # drawn on both panels of the plot, for comparison
 STANDARD = ("none", "BatchNorm2d", "GroupNorm", "InstanceNorm2d", "LayerNorm", "RMSNorm")
 
 
-def format_table(summary, batch_sizes, seeds):
+def format_table(summary: Summary, batch_sizes: Iterable[int], seeds: int) -> str:
     """Test accuracy (%) per variant (rows) and batch size (columns), mean over the seeds, with
     the spread (population standard deviation over the seeds) and a `!` where a seed diverged."""
     sizes = sorted(batch_sizes)
@@ -22,14 +29,14 @@ def format_table(summary, batch_sizes, seeds):
     return "\n".join(lines)
 
 
-def _cell(entry, seeds):
+def _cell(entry: Mapping[str, Any], seeds: int) -> str:
     text = f"{100 * entry['accuracy']:.1f}"
     if seeds > 1:
         text += f" +-{100 * entry['std']:.1f}"
     return text + ("!" if entry["diverged"] else "")
 
 
-def write_json(path, config, summary):
+def write_json(path: str, config: Mapping[str, Any], summary: Summary) -> None:
     payload = {"config": config,
                "results": {v: {str(bs): entry for bs, entry in row.items()} for v, row in summary.items()}}
     with open(path, "w", encoding="utf-8") as f:
@@ -37,20 +44,23 @@ def write_json(path, config, summary):
         f.write("\n")
 
 
-def plot(path, summary, batch_sizes, title):
+def plot(path: str, summary: Summary, batch_sizes: Iterable[int], title: str) -> None:
     """Accuracy against batch size (log2 axis), one line per variant: the standard layers on the
     left, the research variants on the right, `none` and BatchNorm2d on both for reference."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
 
     sizes = sorted(batch_sizes)
     standard = [v for v in summary if v in STANDARD]
     research = [v for v in summary if v not in STANDARD]
     panels = [(t, vs) for t, vs in (("standard layers", standard), ("research variants", research)) if vs]
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5.5), squeeze=False)
-    colors = plt.get_cmap("tab20").colors
+    cmap = plt.get_cmap("tab20")
+    assert isinstance(cmap, ListedColormap) and isinstance(cmap.colors, tuple)  # tab20's 20 colors
+    colors = cmap.colors
     for ax, (name, names) in zip(axes[0], panels):
         shown = list(names) + [r for r in REFERENCES if r in summary and r not in names]
         for i, v in enumerate(shown):

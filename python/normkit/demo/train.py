@@ -8,7 +8,13 @@ standard deviation. Training drops the last partial batch of each epoch (a batch
 batch statistics). The learning rate follows the linear scaling rule, LR * batch_size / 32, with
 a linear decay to zero over the run; SGD with momentum 0.9, no weight decay.
 """
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 from . import model
 from .net import Net, SGD
@@ -21,11 +27,11 @@ TEST_FRACTION = 0.25
 SPLIT_SEED = 0
 
 
-def learning_rate(batch_size):
+def learning_rate(batch_size: int) -> float:
     return LR * batch_size / REFERENCE_BATCH
 
 
-def load_data(limit=None):
+def load_data(limit: int | None = None) -> dict[str, npt.NDArray[Any]]:
     """The digits split: dict of float32 images (N, 1, 8, 8), their im2col cols and int labels;
     `limit`: keep only the first `limit` training images (for quick checks)."""
     from sklearn.datasets import load_digits
@@ -40,10 +46,11 @@ def load_data(limit=None):
     return prepare(x_train, y_train, x_test, y_test)
 
 
-def prepare(x_train, y_train, x_test, y_test):
+def prepare(x_train: npt.NDArray[Any], y_train: npt.ArrayLike, x_test: npt.NDArray[Any],
+            y_test: npt.ArrayLike) -> dict[str, npt.NDArray[Any]]:
     """The data dict from raw images (N, 8, 8) and labels: standardized, float32, with cols."""
     mean, std = x_train.mean(), x_train.std()
-    data = {}
+    data: dict[str, npt.NDArray[Any]] = {}
     for part, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
         x = ((x - mean) / std).astype(np.float32)[:, None]
         data[f"x_{part}"] = np.ascontiguousarray(x)
@@ -52,11 +59,12 @@ def prepare(x_train, y_train, x_test, y_test):
     return data
 
 
-def steps_per_epoch(n_train, batch_size):
+def steps_per_epoch(n_train: int, batch_size: int) -> int:
     return n_train // batch_size
 
 
-def run_job(variant, batch_size, seed, epochs, data):
+def run_job(variant: str, batch_size: int, seed: int, epochs: int,
+            data: Mapping[str, npt.NDArray[Any]]) -> dict[str, Any]:
     """Train and test one (variant, batch size, seed): a dict with the test accuracy, the mean
     training loss of the last epoch, and whether training diverged (a non-finite loss: training
     stops there, and the accuracy is that of the model as it is)."""

@@ -19,10 +19,25 @@ of planes (FRN's plane, EvoNorm-S0's group) and linear in its sums, or needs no 
 Norm's), the fold is handed to the core as coefficients (_core.pointwise_backward_fused:
 FusedPointwiseSaved) and the backward is one pass.
 """
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
 import numpy as np
+import numpy.typing as npt
 
 from .. import _checks, _core, _engine
 from .base import NormLayer
+
+_F64 = npt.NDArray[np.float64]
+Grads = dict[str, npt.NDArray[Any]]  # a backward's parameter gradients by name
+_Coef = float | _F64  # a coefficient as the core's steps take it (a number, or one per cell ...)
+_CoefLike = npt.ArrayLike  # ... and as `coefficient` takes it (a fold's c1, c2, c3)
+# (dweight, dbias) -> grads; the gradients are None where the backward computed none.
+_ParamGrads = Callable[[npt.NDArray[Any] | None, npt.NDArray[Any] | None], Grads]
+# A step-path fold: the sums (B, A) -> (c1, c2, c3, grads).
+_StepFold = Callable[[_F64, _F64], tuple[_CoefLike, _CoefLike, _CoefLike, Grads]]
 
 
 # -- standardization of cells and of their pools --------------------------------------------------
@@ -31,7 +46,7 @@ from .base import NormLayer
 # the ghost batches, a channel group of one ghost batch). Per group, exactly (Chan):
 #   M = sum n_k,  mu = sum n_k m_k / M,  var = sum n_k (v_k + (m_k - mu)^2) / M.
 
-def pool(n, mean, var, axis):
+def pool(n: npt.ArrayLike, mean: _F64, var: _F64, axis: int) -> tuple[_F64, _F64]:
     """(mu, var) of the cells along `axis` of mean and var; n: their element counts, a number
     (the same for every cell) or an array of mean's rank with size 1 off `axis`."""
     n = np.asarray(n, np.float64)
@@ -41,7 +56,9 @@ def pool(n, mean, var, axis):
     return mu.squeeze(axis), pooled.squeeze(axis)
 
 
-def standard_backward_coefficients(B, A, w, r, M):
+def standard_backward_coefficients(B: _F64, A: _F64, w: _F64, r: _F64,
+                                   M: int | npt.NDArray[np.integer[Any]]
+                                   ) -> tuple[_F64, _F64, _F64]:
     """(c1, c2, c3) per cell standardized with its own batch statistics (M elements, rstd r,
     weight w). With g = dy*w (tests/reference.py: standardize_backward):
     dx = r w dy - r^3 (x - mu) w A/M - r w B/M; dweight = r A, dbias = B."""
@@ -49,7 +66,7 @@ def standard_backward_coefficients(B, A, w, r, M):
         return r * w, -r ** 3 * w * A / M, -r * w * B / M
 
 
-def coefficient(a):
+def coefficient(a: _CoefLike) -> _Coef:
     """A coefficient for the core's steps: a number, or a float64 array of one value per cell,
     per channel, or one value (the core broadcasts)."""
     return float(a) if isinstance(a, (float, int)) else np.ascontiguousarray(a, np.float64).reshape(-1)
@@ -63,10 +80,13 @@ class StepSaved:
 
     __slots__ = ("plan", "x", "mean", "fold", "shape")
 
-    def __init__(self, plan, x, mean, fold, shape):
+    # fold is None only for an empty x, whose backward never reaches it (VariantLayer.backward).
+    def __init__(self, plan: _core.Plan, x: npt.NDArray[Any], mean: _Coef, fold: _StepFold | None,
+                 shape: tuple[int, ...]) -> None:
         self.plan, self.x, self.mean, self.fold, self.shape = plan, x, mean, fold, shape
 
-    def backward(self, dy):
+    def backward(self, dy: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], Grads]:
+        assert self.fold is not None  # x is not empty
         B, A = _core.backward_sums(self.plan, self.x, dy, self.mean)
         c1, c2, c3, grads = self.fold(B, A)
         c1, c2, c3 = (coefficient(c) for c in (c1, c2, c3))
@@ -83,16 +103,20 @@ class PositionsSaved:
 
     __slots__ = ("plan", "x", "mean", "scale", "weight", "fold", "shape", "grads")
 
-    def __init__(self, plan, x, mean, scale, weight, fold, shape, grads):
+    def __init__(self, plan: _core.Plan, x: npt.NDArray[Any], mean: _Coef, scale: _Coef,
+                 weight: npt.NDArray[Any],
+                 fold: Callable[[_F64, _F64], tuple[_CoefLike, _CoefLike, _CoefLike]],
+                 shape: tuple[int, ...], grads: Callable[[_F64, _F64], Grads]) -> None:
         self.plan, self.x, self.mean, self.scale, self.weight = plan, x, mean, scale, weight
         self.fold, self.shape, self.grads = fold, shape, grads
 
-    def backward(self, dy):
+    def backward(self, dy: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], Grads]:
         B, A, dw, db = _core.backward_sums_positions(self.plan, self.x, dy, self.mean, self.scale, 0.0, self.weight)
         c1, c2, c3 = self.fold(B, A)
         dx = _core.empty_like(self.x)
-        _core.backward_apply_positions(self.plan, self.x, dy, self.mean, *(coefficient(c) for c in (c1, c2, c3)),
-                                       self.weight, dx)
+        k1, k2, k3 = (coefficient(c) for c in (c1, c2, c3))
+        _core.backward_apply_positions(self.plan, self.x, dy, self.mean, k1, k2, k3, self.weight,
+                                       dx)
         return dx.reshape(self.shape), self.grads(dw, db)
 
 
@@ -103,14 +127,17 @@ class PointwiseSaved:
 
     __slots__ = ("plan", "op", "x", "coef", "fold", "shape")
 
-    def __init__(self, plan, op, x, coef, fold, shape):
+    def __init__(self, plan: _core.Plan, op: int, x: npt.NDArray[Any], coef: _F64,
+                 fold: Callable[[_F64], tuple[_CoefLike, _CoefLike, _CoefLike, Grads]],
+                 shape: tuple[int, ...]) -> None:
         self.plan, self.op, self.x, self.coef, self.fold, self.shape = plan, op, x, coef, fold, shape
 
-    def backward(self, dy):
+    def backward(self, dy: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], Grads]:
         sums = _core.pointwise_sums(self.plan, self.op, self.x, dy, self.coef)
         c1, c2, c3, grads = self.fold(sums)
         dx = _core.empty_like(self.x)
-        _core.pointwise_backward(self.plan, self.op, self.x, dy, self.coef, *(coefficient(c) for c in (c1, c2, c3)), dx)
+        k1, k2, k3 = (coefficient(c) for c in (c1, c2, c3))
+        _core.pointwise_backward(self.plan, self.op, self.x, dy, self.coef, k1, k2, k3, dx)
         return dx.reshape(self.shape), grads
 
 
@@ -122,10 +149,12 @@ class FusedPointwiseSaved:
 
     __slots__ = ("plan", "op", "x", "coef", "fold", "grads", "shape")
 
-    def __init__(self, plan, op, x, coef, fold, grads, shape):
+    def __init__(self, plan: _core.Plan, op: int, x: npt.NDArray[Any], coef: _F64,
+                 fold: tuple[_CoefLike, _CoefLike, _CoefLike, int, _F64 | None, _F64 | None],
+                 grads: Callable[[_F64], Grads], shape: tuple[int, ...]) -> None:
         self.plan, self.op, self.x, self.coef, self.fold, self.grads, self.shape = plan, op, x, coef, fold, grads, shape
 
-    def backward(self, dy):
+    def backward(self, dy: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], Grads]:
         c1, c2, c3, cluster, k2, k3 = self.fold
         dx = _core.empty_like(self.x)
         sums = _core.pointwise_backward_fused(self.plan, self.op, self.x, dy, self.coef, coefficient(c1),
@@ -133,7 +162,10 @@ class FusedPointwiseSaved:
         return dx.reshape(self.shape), self.grads(sums)
 
 
-def pointwise_coefficients(K, shift=0.0, a=1.0, b=0.0, p=0.0, q=0.0, r=0.0, scale=1.0, offset=0.0, center=0.0):
+def pointwise_coefficients(K: int, shift: npt.ArrayLike = 0.0, a: npt.ArrayLike = 1.0,
+                           b: npt.ArrayLike = 0.0, p: npt.ArrayLike = 0.0, q: npt.ArrayLike = 0.0,
+                           r: npt.ArrayLike = 0.0, scale: npt.ArrayLike = 1.0,
+                           offset: npt.ArrayLike = 0.0, center: npt.ArrayLike = 0.0) -> _F64:
     """The (9, K) coefficient array of _core.apply_pointwise, each row broadcast from its value
     (a number, one per channel of a plan's sets, or one per cell)."""
     coef = np.empty((9, K))
@@ -152,19 +184,20 @@ class FusedSaved:
 
     __slots__ = ("saved", "want_weight", "want_bias", "grads")
 
-    def __init__(self, saved, want_weight, want_bias, grads):
+    def __init__(self, saved: _core.Saved, want_weight: bool, want_bias: bool,
+                 grads: _ParamGrads) -> None:
         self.saved, self.want_weight, self.want_bias, self.grads = saved, want_weight, want_bias, grads
 
     x = property(lambda self: self.saved.x)
     shape = property(lambda self: self.saved.shape)
 
-    def backward(self, dy):
+    def backward(self, dy: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], Grads]:
         fast = _core.backward_fast(self.saved, dy, self.want_weight, self.want_bias)
         dx, dw, db = fast if fast is not None else _engine.backward(self.saved, dy, self.want_weight, self.want_bias)
         return dx.reshape(self.saved.shape), self.grads(dw, db)
 
 
-def checked_attribute(name, check):
+def checked_attribute(name: str, check: Callable[[Any, str], object]) -> property:
     """A plain attribute (a hyperparameter the caller may change between steps) whose every
     assignment is checked by check(value, name) first."""
     private = "_" + name
@@ -173,6 +206,18 @@ def checked_attribute(name, check):
 
 
 # -- the layer base -----------------------------------------------------------------------------------
+
+class _Saved(Protocol):
+    """What VariantLayer.backward needs of a saved forward (the classes above, or a layer's own)."""
+
+    @property
+    def x(self) -> npt.NDArray[Any]: ...
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def backward(self, dy: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], Grads]: ...
+
 
 class VariantLayer(NormLayer):
     """Base of the research variants over (N, C, H, W) input (or (N, H, W, C) with layout="NHWC").
@@ -185,7 +230,21 @@ class VariantLayer(NormLayer):
 
     _channels_arg = "num_features"  # the constructor's name for the channel count, for messages
 
-    def _setup(self, num_features, eps, affine, dtype, layout, affine_shape=None):
+    # Set by _setup:
+    layout: str
+    num_features: int
+    eps: float
+    affine: bool
+    # Set by _running_stats (the buffers None without track_running_stats), or by the layer:
+    momentum: float | None
+    track_running_stats: bool
+    use_batch_stats: bool
+    running_mean: npt.NDArray[Any] | None
+    running_var: npt.NDArray[Any] | None
+    num_batches_tracked: npt.NDArray[np.int64] | None
+
+    def _setup(self, num_features: int, eps: float, affine: bool, dtype: npt.DTypeLike, layout: str,
+               affine_shape: tuple[int, ...] | None = None) -> None:
         self.layout = _checks.layout_arg(layout)
         self.num_features = _checks.positive_int(num_features, self._channels_arg)
         self.eps = _checks.nonneg_float(eps, "eps")
@@ -195,7 +254,8 @@ class VariantLayer(NormLayer):
         self._param("weight", np.ones(shape, self.dtype) if self.affine else None)
         self._param("bias", np.zeros(shape, self.dtype) if self.affine else None)
 
-    def _running_stats(self, momentum, track_running_stats, mean_shape, var_shape):
+    def _running_stats(self, momentum: float | None, track_running_stats: bool,
+                       mean_shape: int | tuple[int, ...], var_shape: int | tuple[int, ...]) -> None:
         """momentum, and running_mean (zeros), running_var (ones) and num_batches_tracked as
         torch's BatchNorm keeps them (None without track_running_stats)."""
         self.momentum = _checks.momentum_value(momentum)
@@ -209,7 +269,7 @@ class VariantLayer(NormLayer):
         else:
             self.running_mean = self.running_var = self.num_batches_tracked = None
 
-    def _input(self, x):
+    def _input(self, x: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], tuple[int, int, int]]:
         """x checked (a 4-D array of the layer's dtype family with num_features channels), as a
         contiguous array, and its (N, C, S) planes."""
         nhwc = self.layout == "NHWC"
@@ -219,44 +279,47 @@ class VariantLayer(NormLayer):
         xc = _checks.contiguous(x)
         return xc, _engine.planes(xc, self.layout)
 
-    def _plan(self, plan):
+    def _plan(self, plan: _core.Plan) -> _core.Plan:
         return _engine.in_layout(plan, self.layout)
 
-    def _batch_stats(self):
+    def _batch_stats(self) -> bool:
         """Statistics from the batch: in training, and in eval with use_batch_stats."""
         return self.training or self.use_batch_stats
 
-    def _channel_params(self):
+    def _channel_params(self) -> tuple[_F64, _F64]:
         """weight and bias as float64 arrays (ones and zeros without an affine)."""
         shape = (self.num_features,) if self.weight is None else self.weight.shape
         w = np.ones(shape) if self.weight is None else self.weight.astype(np.float64)
         b = np.zeros(shape) if self.bias is None else self.bias.astype(np.float64)
         return w, b
 
-    def _param_grads(self, dw, db):
+    def _param_grads(self, dw: npt.ArrayLike | None, db: npt.ArrayLike | None) -> Grads:
         """The grads dict of the affine parameters from float64 gradients of their shape."""
         if self.weight is None:
             return {}
+        assert self.bias is not None  # made with the weight (affine)
         return {"weight": np.asarray(dw).reshape(self.weight.shape).astype(self.weight.dtype),
                 "bias": np.asarray(db).reshape(self.bias.shape).astype(self.bias.dtype)}
 
-    def _apply(self, plan, x, mean, scale, offset):
+    def _apply(self, plan: _core.Plan, x: npt.NDArray[Any], mean: _CoefLike, scale: _CoefLike,
+               offset: _CoefLike) -> npt.NDArray[Any]:
         """y = (x - mean_k)*scale_k + offset_k, in x's shape (empty x: no core call)."""
         y = _core.empty_like(x)
         if x.size:
             _core.apply_coefficients(plan, x, coefficient(mean), coefficient(scale), coefficient(offset), y)
         return y
 
-    def _fused_saved(self, plan, x, mean, rstd, weight, grads):
+    def _fused_saved(self, plan: _core.Plan, x: npt.NDArray[Any], mean: _CoefLike, rstd: _CoefLike,
+                     weight: npt.NDArray[Any] | None, grads: _ParamGrads) -> FusedSaved:
         """The core's standard backward over `plan` with per-channel `weight` (of the layer's
         parameter dtype, or None); `grads(dw, db)` maps its gradients to the layer's."""
         saved = _engine.Saved(plan, x, coefficient(mean), coefficient(rstd), weight, True, None)
         want = self.weight is not None
         return FusedSaved(saved, want, want, grads)
 
-    def backward(self, dy):
+    def backward(self, dy: npt.NDArray[Any]) -> npt.NDArray[Any]:
         """Gradient w.r.t. the input of the last forward; parameter gradients go to `grads`."""
-        saved = self._saved
+        saved: _Saved | None = self._saved
         if saved is None:
             raise _checks.StateError(
                 f"backward: expected a forward call first, got none on this {type(self).__name__}")
@@ -269,13 +332,27 @@ class VariantLayer(NormLayer):
         return dx
 
 
-def running_factor(layer):
+class _Tracked(Protocol):
+    """What running_factor reads of a layer (a variant's, SyncBatchNorm)."""
+
+    @property
+    def momentum(self) -> float | None: ...
+
+    @property
+    def num_batches_tracked(self) -> npt.NDArray[np.integer[Any]] | None: ...
+
+
+def running_factor(layer: _Tracked) -> float:
     """The running-statistics factor of a training step: momentum, or 1/count for momentum=None
     (a cumulative average), num_batches_tracked counting this step; as torch's _BatchNorm."""
+    assert layer.num_batches_tracked is not None  # called with track_running_stats only
     count = int(layer.num_batches_tracked) + 1
     return 1.0 / count if layer.momentum is None else layer.momentum
 
 
-def unbiased(var, count):
+_Var = TypeVar("_Var", float, _F64)
+
+
+def unbiased(var: _Var, count: float) -> _Var:
     """var * count/(count - 1) (count: one number), NaN for a single value, as torch's running_var."""
     return var * (count / (count - 1)) if count > 1 else var * np.nan

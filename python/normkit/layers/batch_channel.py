@@ -1,5 +1,11 @@
 """BatchChannelNorm2d: a batch part, then a per-sample channel (group) part (BCN)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 from .. import _checks, _core, _engine
 from ._variant import StepSaved, VariantLayer, pool, unbiased
@@ -28,8 +34,18 @@ class BatchChannelNorm2d(VariantLayer):
     output pass; the backward is one sums pass and one apply pass: no intermediate tensor.
     """
 
-    def __init__(self, num_features, num_groups=32, eps=1e-5, momentum=0.1, estimate=False,
-                 estimate_rate=0.1, dtype=np.float32):
+    # Registered by name (_param, _buffer): the two parts' affines and the batch part's statistics.
+    bn_weight: npt.NDArray[Any]
+    bn_bias: npt.NDArray[Any]
+    gn_weight: npt.NDArray[Any]
+    gn_bias: npt.NDArray[Any]
+    running_mean: npt.NDArray[Any]
+    running_var: npt.NDArray[Any]
+    momentum: float  # never None here
+
+    def __init__(self, num_features: int, num_groups: int = 32, eps: float = 1e-5,
+                 momentum: float = 0.1, estimate: bool = False, estimate_rate: float = 0.1,
+                 dtype: npt.DTypeLike = np.float32) -> None:
         super().__init__()
         C = _checks.positive_int(num_features, "num_features")
         self.num_groups = _checks.positive_int(num_groups, "num_groups")
@@ -51,7 +67,7 @@ class BatchChannelNorm2d(VariantLayer):
         # After eval(): the batch part normalizes with the batch's own statistics.
         self.use_batch_stats = False
 
-    def _forward(self, x):
+    def _forward(self, x: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], StepSaved]:
         x, (N, C, S) = self._input(x)
         G, cpg = self.num_groups, C // self.num_groups
         plan = _core.plan_per_channel_in_sets(N, C, S, list(range(N)))  # cells: the (n, c) planes
@@ -81,11 +97,12 @@ class BatchChannelNorm2d(VariantLayer):
         a, b = bw * r, bb - mu * bw * r  # x1 = a x + b per channel
         # The group part's statistics of x1, from the cells' moments: x1's cell mean a m + b,
         # variance a^2 v, pooled over each sample's groups of cpg channels.
-        grouped = lambda t: t.reshape(N, G, cpg)
+        grouped: Callable[[npt.NDArray[Any]], npt.NDArray[Any]] = lambda t: t.reshape(N, G, cpg)
         m1 = a * m + b
         mu_g, var_g = pool(1, grouped(m1), grouped(a * a * v), 2)  # (N, G)
         r_g = 1.0 / np.sqrt(var_g + self.eps)
-        expand = lambda t: np.repeat(t, cpg, axis=1)  # (N, G) -> (N, C)
+        expand: Callable[[npt.NDArray[Any]], npt.NDArray[Any]] = (
+            lambda t: np.repeat(t, cpg, axis=1))  # (N, G) -> (N, C)
         rg, mug = expand(r_g), expand(mu_g)
         # y = gw r_g (a x + b - mu_g) + gb = gw r_g a (x - m) + gw r_g (m1 - mu_g) + gb per cell
         y = self._apply(plan, x, m, gw * rg * a, gw * rg * (m1 - mug) + gb)
@@ -97,7 +114,9 @@ class BatchChannelNorm2d(VariantLayer):
         # batch part then sums z = dL/dx1 over each channel's cells: Z = sum (e1 B + h S),
         # ZX = sum (e1 (A + (m - mu) B) + f S v + h S (m - mu)), and with batch statistics
         # dx = bw r z - bw r Z/M - bw r^3 (x - mu) ZX/M, M = N*S; else dx = bw r z.
-        def fold(B, A):
+        def fold(B: npt.NDArray[np.float64], A: npt.NDArray[np.float64]
+                 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64],
+                            npt.NDArray[np.float64], dict[str, npt.NDArray[Any]]]:
             B, A = B.reshape(N, C), A.reshape(N, C)
             P = grouped(B).sum(axis=2)
             Q = grouped(a * A + (m1 - mug) * B).sum(axis=2)
@@ -117,13 +136,13 @@ class BatchChannelNorm2d(VariantLayer):
 
         return y, StepSaved(plan, x, m.reshape(-1), fold, x.shape)
 
-    def backward(self, dy):
+    def backward(self, dy: npt.NDArray[Any]) -> npt.NDArray[Any]:
         dx = super().backward(dy)
         if self._saved.x.size == 0:  # sums over no elements: zero gradients for the four parameters
             self.grads = {n: np.zeros_like(p) for n, p in self.parameters().items()}
         return dx
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return (f"{self.num_features}, num_groups={self.num_groups}, eps={self.eps}, momentum={self.momentum}, "
                 f"estimate={self.estimate}, estimate_rate={self.estimate_rate}")
 

@@ -1,10 +1,18 @@
 """BatchLayerNorm2d: a mix of per-(c, h, w) batch and per-(n, h, w) feature standardization (BLN)."""
+from __future__ import annotations
+
 import math
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 
 from .. import _checks, _core
 from ._variant import VariantLayer, checked_attribute, unbiased
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 _RUNNING = ("running_mean", "running_var")
 
@@ -16,11 +24,26 @@ class _BatchLayerSaved:
     __slots__ = ("feature", "x", "mean_f", "rstd_f", "mean_b", "rstd_b", "with_batch_stats",
                  "mix", "weight", "shape", "grads")
 
-    def __init__(self, **kw):
+    # Set by __init__'s keywords, one per slot:
+    feature: _core.Plan
+    x: npt.NDArray[Any]
+    mean_f: npt.NDArray[np.float64]
+    rstd_f: npt.NDArray[np.float64]
+    mean_b: npt.NDArray[np.float64]
+    rstd_b: npt.NDArray[np.float64]
+    with_batch_stats: bool
+    mix: tuple[float, float]
+    weight: npt.NDArray[Any]
+    shape: tuple[int, ...]
+    grads: Callable[[npt.NDArray[np.float64], npt.NDArray[np.float64]],
+                    dict[str, npt.NDArray[Any]]]
+
+    def __init__(self, **kw: Any) -> None:
         for k, v in kw.items():
             setattr(self, k, v)
 
-    def backward(self, dy):
+    def backward(self, dy: npt.NDArray[Any]
+                 ) -> tuple[npt.NDArray[Any], dict[str, npt.NDArray[Any]]]:
         # dx = a*standardize_backward over C of g + b*(standardize_backward over N of g, or g r_B
         # with running statistics), g = k w dy (tests/reference.py: batch_layer_norm_backward).
         feature_scale, batch_scale = self.mix
@@ -55,7 +78,15 @@ class BatchLayerNorm2d(VariantLayer):
 
     batch_size = checked_attribute("batch_size", _checks.positive_int)
 
-    def __init__(self, num_features, batch_size, eps=1e-3, momentum=0.1, dtype=np.float32):
+    weight: npt.NDArray[Any]  # always affine
+    bias: npt.NDArray[Any]
+    momentum: float  # never None here
+    # (C, H, W), None until the first forward or a load_state_dict gives them their shape.
+    running_mean: npt.NDArray[Any] | None
+    running_var: npt.NDArray[Any] | None
+
+    def __init__(self, num_features: int, batch_size: int, eps: float = 1e-3,
+                 momentum: float = 0.1, dtype: npt.DTypeLike = np.float32) -> None:
         super().__init__()
         self._setup(num_features, eps, True, dtype, "NCHW")
         self.batch_size = batch_size
@@ -66,16 +97,17 @@ class BatchLayerNorm2d(VariantLayer):
         # After eval(): normalize with the batch's own statistics, leaving the running ones alone.
         self.use_batch_stats = False
 
-    def _mix(self, C):
+    def _mix(self, C: int) -> tuple[float, float, float]:
         B = float(self.batch_size)
         return 1.0 / B - 1e-4, 1.0 - 1.0 / B - 1e-4, 1.0 / math.sqrt(C)
 
-    def _check_running_shape(self, x):
+    def _check_running_shape(self, x: npt.NDArray[Any]) -> None:
         if self.running_mean is not None and self.running_mean.shape != x.shape[1:]:
             raise ValueError(f"input: expected (C, H, W) = {self.running_mean.shape} (the running statistics' "
                              f"shape), got input of shape {x.shape}")
 
-    def _forward(self, x):
+    def _forward(self, x: npt.NDArray[Any]
+                 ) -> tuple[npt.NDArray[Any], _BatchLayerSaved | _EmptySaved]:
         x, (N, C, S) = self._input(x)
         self._check_running_shape(x)
         # The feature cells (n, hw): N samples of C rows of HW columns (LayerNorm2d's reading);
@@ -89,6 +121,7 @@ class BatchLayerNorm2d(VariantLayer):
         if self.running_mean is None:
             self.running_mean = np.zeros(x.shape[1:], self.dtype)
             self.running_var = np.ones(x.shape[1:], self.dtype)
+        assert self.running_var is not None  # made (or loaded) with running_mean
         with_batch_stats = self._batch_stats()
         running = None if with_batch_stats else (self.running_mean.reshape(-1).astype(np.float64),
                                                  self.running_var.reshape(-1).astype(np.float64))
@@ -105,7 +138,7 @@ class BatchLayerNorm2d(VariantLayer):
                                    rstd_b=rstd_b, with_batch_stats=with_batch_stats,
                                    mix=(a * k, b * k), weight=self.weight, shape=x.shape, grads=self._param_grads)
 
-    def load_state_dict(self, state_dict, strict=True):
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> Self:
         """As every layer's, except that running_mean and running_var may be of any (C, H, W):
         the loaded ones set the shape later inputs must have."""
         shapes = {n: np.shape(state_dict[n]) for n in _RUNNING if hasattr(state_dict, "keys") and n in state_dict}
@@ -128,7 +161,7 @@ class BatchLayerNorm2d(VariantLayer):
                 setattr(self, n, v)
             raise
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"{self.num_features}, batch_size={self.batch_size}, eps={self.eps}, momentum={self.momentum}"
 
 
@@ -137,5 +170,5 @@ class _EmptySaved:
 
     __slots__ = ("x", "shape")
 
-    def __init__(self, x):
+    def __init__(self, x: npt.NDArray[Any]) -> None:
         self.x, self.shape = x, x.shape

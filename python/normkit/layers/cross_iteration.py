@@ -1,14 +1,27 @@
 """CrossIterationBatchNorm2d: statistics over recent iterations, compensated to the current weights (CBN)."""
+from __future__ import annotations
+
 from collections import deque
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 
 from .. import _checks, _core, _engine
 from ._variant import StepSaved, VariantLayer, checked_attribute, running_factor, unbiased
 from .batchnorm import running_stats_affine
 
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
-def _filters(a, C, name, shape=None):
+_F64 = npt.NDArray[np.float64]
+_Grads = dict[str, npt.NDArray[Any]]  # parameter gradients by name
+# An earlier training step: (mean, sqmean, weight, dmean_dweight, dsqmean_dweight), float64.
+_Step = tuple[_F64, _F64, _F64, _F64, _F64]
+
+
+def _filters(a: npt.NDArray[Any], C: int, name: str, shape: tuple[int, ...] | None = None) -> _F64:
     """A float array with C rows (one filter per output channel), of `shape` when given, as
     float64 rows of the filter's fan-in."""
     _checks.ndarray(a, name)
@@ -47,8 +60,14 @@ class CrossIterationBatchNorm2d(VariantLayer):
     window = checked_attribute("window", _checks.positive_int)
     burnin = checked_attribute("burnin", _checks.nonneg_int)
 
-    def __init__(self, num_features, window=4, burnin=0, eps=1e-5, momentum=0.1, affine=True,
-                 dtype=np.float32, layout="NCHW"):
+    running_mean: npt.NDArray[Any]
+    running_var: npt.NDArray[Any]
+    num_batches_tracked: npt.NDArray[np.int64]
+    _weight_shape: tuple[int, ...]  # the earlier steps' weight shape, set by a training step
+
+    def __init__(self, num_features: int, window: int = 4, burnin: int = 0, eps: float = 1e-5,
+                 momentum: float | None = 0.1, affine: bool = True,
+                 dtype: npt.DTypeLike = np.float32, layout: str = "NCHW") -> None:
         super().__init__()
         self._setup(num_features, eps, affine, dtype, layout)
         self.window, self.burnin = window, burnin
@@ -56,48 +75,56 @@ class CrossIterationBatchNorm2d(VariantLayer):
         # Earlier training steps: (mean, sqmean, weight, dmean_dweight, dsqmean_dweight), float64
         # rows per channel, newest last. Not state_dict's (API.md): a loaded (or reset) layer
         # refills its window; num_batches_tracked counts the steps the burn-in waits for.
-        self._history = deque()
+        self._history: deque[_Step] = deque()
 
-    def reset_running_stats(self):
+    def reset_running_stats(self) -> None:
         self.running_mean.fill(0)
         self.running_var.fill(1)
         self.num_batches_tracked[...] = 0
         self._history.clear()
 
-    def load_state_dict(self, state_dict, strict=True):
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> Self:
         """As NormLayer's; the window of earlier steps is emptied too (their statistics and
         weights belong to the run before the load), and refills over the next steps."""
         super().load_state_dict(state_dict, strict)
         self._history.clear()
         return self
 
-    def forward(self, x, weight=None, dmean_dweight=None, dsqmean_dweight=None):
+    def forward(self, x: npt.NDArray[Any], weight: npt.NDArray[Any] | None = None,
+                dmean_dweight: npt.NDArray[Any] | None = None,
+                dsqmean_dweight: npt.NDArray[Any] | None = None) -> npt.NDArray[Any]:
         y, self._saved = self._forward(x, weight, dmean_dweight, dsqmean_dweight)
         return y
 
-    def _window_terms(self, theta):
+    def _window_terms(self, theta: _F64 | None) -> tuple[list[_F64], list[_F64]]:
         """The earlier steps' (mu, nu) compensated to theta, oldest first."""
         if int(self.num_batches_tracked) < self.burnin or self.window == 1:
             return [], []
-        mus, nus = [], []
+        assert theta is not None  # a training step's weight, checked by _forward
+        mus: list[_F64] = []
+        nus: list[_F64] = []
         for mean, sqmean, theta_tau, dmean, dsqmean in list(self._history)[-(self.window - 1):]:
             delta = theta - theta_tau
             mus.append(mean + np.einsum("cf,cf->c", dmean, delta))
             nus.append(sqmean + np.einsum("cf,cf->c", dsqmean, delta))
         return mus, nus
 
-    def _forward(self, x, weight=None, dmean_dweight=None, dsqmean_dweight=None):
+    def _forward(self, x: npt.NDArray[Any], weight: npt.NDArray[Any] | None = None,
+                 dmean_dweight: npt.NDArray[Any] | None = None,
+                 dsqmean_dweight: npt.NDArray[Any] | None = None
+                 ) -> tuple[npt.NDArray[Any], StepSaved]:
         x, (N, C, S) = self._input(x)
         plan = self._plan(_core.plan_per_channel(N, C, S))
         w, b = self._channel_params()
         if not self._batch_stats():
             mean = self.running_mean.astype(np.float64)
             r = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
-            fold = lambda B, A: (r * w, 0.0, 0.0, self._param_grads(r * A, B))
-            return self._apply(plan, x, mean, r * w, b), StepSaved(plan, x, mean, fold, x.shape)
+            running_fold = lambda B, A: (r * w, 0.0, 0.0, self._param_grads(r * A, B))
+            return (self._apply(plan, x, mean, r * w, b),
+                    StepSaved(plan, x, mean, running_fold, x.shape))
         if self.training:
             theta = _filters(weight, C, "weight") if weight is not None else None
-            if theta is None or dmean_dweight is None or dsqmean_dweight is None:
+            if weight is None or theta is None or dmean_dweight is None or dsqmean_dweight is None:
                 missing = [n for n, v in (("weight", weight), ("dmean_dweight", dmean_dweight),
                                           ("dsqmean_dweight", dsqmean_dweight)) if v is None]
                 raise TypeError(f"{', '.join(missing)}: expected the preceding layer's weight and the two "
@@ -123,7 +150,7 @@ class CrossIterationBatchNorm2d(VariantLayer):
         # cross_iteration_batch_norm_backward): with B = sum dy, A = sum dy (x - mu_bar),
         # dL/dvar = -r^3 w A/2, and mu_bar, nu_bar each 1/n of the current term,
         # dx = r w dy + 2 dL/dvar/(n M) (x - mu_bar) - r w B/(n M); dweight = r A, dbias = B.
-        def fold(B, A):
+        def fold(B: _F64, A: _F64) -> tuple[_F64, _F64, _F64, _Grads]:
             dvar = -0.5 * r ** 3 * w * A
             return r * w, 2 * dvar / (n * M), -r * w * B / (n * M), self._param_grads(r * A, B)
 
@@ -133,15 +160,16 @@ class CrossIterationBatchNorm2d(VariantLayer):
             _engine.running_update(self.running_mean, mean, factor)
             _engine.running_update(self.running_var, unbiased(var, M), factor)
             self.num_batches_tracked += 1
+            assert weight is not None and theta is not None  # checked above, in training
             self._history.append((mean, sqmean, theta, dmean, dsqmean))
             self._weight_shape = weight.shape
             while len(self._history) > self.window - 1:
                 self._history.popleft()
         return y, StepSaved(plan, x, mu_bar, fold, x.shape)
 
-    def _inference_affine(self, modality):
+    def _inference_affine(self, modality: object) -> tuple[_F64, _F64]:
         return running_stats_affine(self)  # inference is BatchNorm's with the running statistics
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return (f"{self.num_features}, window={self.window}, burnin={self.burnin}, eps={self.eps}, "
                 f"momentum={self.momentum}, affine={self.affine}")

@@ -1,30 +1,45 @@
 """EvoNormB0_2d and EvoNormS0_2d: the evolved normalization-activation layers (timm's definitions)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 from .. import _checks, _core, _engine
 from ._variant import FusedPointwiseSaved, PointwiseSaved, VariantLayer, pointwise_coefficients, pool, unbiased
+
+_F64 = npt.NDArray[np.float64]
+_Grads = dict[str, npt.NDArray[Any]]  # parameter gradients by name
 
 
 class _EvoNorm(VariantLayer):
     """What both EvoNorms share: weight, bias and v per channel (init 1, 0, 1), NCHW 4-D input."""
 
-    def _evo_setup(self, num_features, eps, dtype):
+    weight: npt.NDArray[Any]  # always affine
+    bias: npt.NDArray[Any]
+    v: npt.NDArray[Any]
+
+    def _evo_setup(self, num_features: int, eps: float, dtype: npt.DTypeLike) -> None:
         self._setup(num_features, eps, True, dtype, "NCHW")
         self._param("v", np.ones(self.num_features, self.dtype))
 
-    def _params(self):
+    def _params(self) -> tuple[_F64, _F64, _F64]:
         return self.weight.astype(np.float64), self.bias.astype(np.float64), self.v.astype(np.float64)
 
-    def _grads(self, dw, db, dv):
+    def _grads(self, dw: _F64, db: _F64, dv: _F64) -> _Grads:
         return {"weight": dw.astype(self.dtype), "bias": db.astype(self.dtype), "v": dv.astype(self.dtype)}
 
-    def _run(self, plan, op, x, coef, fold):
+    def _run(self, plan: _core.Plan, op: int, x: npt.NDArray[Any], coef: _F64,
+             fold: Callable[[_F64], tuple[npt.ArrayLike, npt.ArrayLike, npt.ArrayLike, _Grads]]
+             ) -> tuple[npt.NDArray[Any], PointwiseSaved]:
         y = _core.empty_like(x)
         if x.size:
             _core.apply_pointwise(plan, op, x, coef, y)
         return y, PointwiseSaved(plan, op, x, coef, fold, x.shape)
 
-    def backward(self, dy):
+    def backward(self, dy: npt.NDArray[Any]) -> npt.NDArray[Any]:
         dx = super().backward(dy)
         if self._saved.x.size == 0:
             self.grads["v"] = np.zeros_like(self.v)
@@ -43,7 +58,11 @@ class EvoNormB0_2d(_EvoNorm):
     the two terms (torch.maximum's rule, as timm).
     """
 
-    def __init__(self, num_features, eps=1e-3, momentum=0.1, dtype=np.float32):
+    momentum: float  # never None here
+    running_var: npt.NDArray[Any]
+
+    def __init__(self, num_features: int, eps: float = 1e-3, momentum: float = 0.1,
+                 dtype: npt.DTypeLike = np.float32) -> None:
         super().__init__()
         self._evo_setup(num_features, eps, dtype)
         self.momentum = _checks.momentum_value(momentum, allow_none=False)
@@ -51,7 +70,7 @@ class EvoNormB0_2d(_EvoNorm):
         # After eval(): normalize with the batch's own statistics, leaving the running ones alone.
         self.use_batch_stats = False
 
-    def _forward(self, x):
+    def _forward(self, x: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], PointwiseSaved]:
         x, (N, C, S) = self._input(x)
         batch = self._batch_stats()
         if self.training:
@@ -75,7 +94,7 @@ class EvoNormB0_2d(_EvoNorm):
         # plane the sums D = dy, F = dy*f, E_p, E_q, E_r = dy*df/dp, dq, dr. Then
         # dx = w g + k_I (x - mu_I) + k_B (x - mu_B), k_I = w E_r/(S d_I),
         # k_B = w sum_n E_p/(N S d_B) (batch statistics only); dv = sum w E_q, dweight = sum F.
-        def fold(sums):
+        def fold(sums: _F64) -> tuple[_F64, _F64, _F64, _Grads]:
             D, F, Ep, Eq, Er = (sums[i].reshape(N, C) for i in (0, 1, 4, 5, 6))
             k_i = w * Er / (S * d_i)
             k_b = w * Ep.sum(axis=0) / (N * S * d_b) if batch else np.zeros(C)
@@ -88,7 +107,7 @@ class EvoNormB0_2d(_EvoNorm):
             _engine.running_update(self.running_var, unbiased(var_b, N * S), self.momentum)
         return y, saved
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
 
 
@@ -102,13 +121,14 @@ class EvoNormS0_2d(_EvoNorm):
     (groups of one channel allowed). No running statistics.
     """
 
-    def __init__(self, num_features, groups=32, eps=1e-5, dtype=np.float32):
+    def __init__(self, num_features: int, groups: int = 32, eps: float = 1e-5,
+                 dtype: npt.DTypeLike = np.float32) -> None:
         super().__init__()
         self.groups = _checks.positive_int(groups, "groups")
         _checks.divisor(self.groups, _checks.positive_int(num_features, "num_features"), "groups", "num_features")
         self._evo_setup(num_features, eps, dtype)
 
-    def _forward(self, x):
+    def _forward(self, x: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], FusedPointwiseSaved]:
         x, (N, C, S) = self._input(x)
         G, cpg = self.groups, C // self.groups
         w, b, v = self._params()
@@ -134,12 +154,12 @@ class EvoNormS0_2d(_EvoNorm):
         k2 = np.zeros((7, N * C))
         k2[1] = (-w / (cpg * S * std ** 3)).reshape(-1)
 
-        def grads_of(sums):
+        def grads_of(sums: _F64) -> _Grads:
             D, F, Ep = (sums[i].reshape(N, C) for i in (0, 1, 4))
             return self._grads((F / std).sum(axis=0), D.sum(axis=0), (scale * Ep).sum(axis=0))
 
         return y, FusedPointwiseSaved(plan, op, x, coef, (scale.reshape(-1), 0.0, 0.0, cpg, k2, None), grads_of,
                                       x.shape)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"{self.num_features}, groups={self.groups}, eps={self.eps}"

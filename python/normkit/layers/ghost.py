@@ -1,8 +1,18 @@
 """GhostBatchNorm2d: ghost batches, BN+GN mixing, and inference example weighing."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 from .. import _checks, _core, _engine
-from ._variant import StepSaved, VariantLayer, checked_attribute, pool, running_factor, unbiased
+from ._variant import (FusedSaved, StepSaved, VariantLayer, checked_attribute, pool,
+                       running_factor, unbiased)
+
+# The forward's small reshaping helpers (lambdas over float64 arrays).
+_ArrayMap = Callable[[npt.NDArray[np.float64]], npt.NDArray[np.float64]]
 
 
 class GhostBatchNorm2d(VariantLayer):
@@ -29,9 +39,10 @@ class GhostBatchNorm2d(VariantLayer):
     exact (through E1_i and E2_i when alpha > 0).
     """
 
-    def __init__(self, num_features, ghost_batch_size, channels_per_group=1, example_weight=0.0,
-                 eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, dtype=np.float32,
-                 layout="NCHW"):
+    def __init__(self, num_features: int, ghost_batch_size: int, channels_per_group: int = 1,
+                 example_weight: float = 0.0, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True,
+                 dtype: npt.DTypeLike = np.float32, layout: str = "NCHW") -> None:
         super().__init__()
         self.ghost_batch_size = _checks.positive_int(ghost_batch_size, "ghost_batch_size")
         self.channels_per_group = _checks.positive_int(channels_per_group, "channels_per_group")
@@ -43,13 +54,14 @@ class GhostBatchNorm2d(VariantLayer):
 
     example_weight = checked_attribute("example_weight", lambda v, name: _checks.number_in(v, name, 0.0, 1.0))
 
-    def _forward(self, x):
+    def _forward(self, x: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], StepSaved | FusedSaved]:
         x, (N, C, S) = self._input(x)
         if self._batch_stats() or self.running_mean is None:
             return self._ghost_batches(x, N, C, S)
         return self._weighted_inference(x, N, C, S)
 
-    def _ghost_batches(self, x, N, C, S):
+    def _ghost_batches(self, x: npt.NDArray[Any], N: int, C: int, S: int
+                       ) -> tuple[npt.NDArray[Any], StepSaved | FusedSaved]:
         cpg, gbs = self.channels_per_group, self.ghost_batch_size
         sets = (np.arange(N) // gbs).tolist()
         sizes = np.bincount(sets, minlength=1)[:, None]  # examples per ghost batch, (sets, 1)
@@ -70,14 +82,16 @@ class GhostBatchNorm2d(VariantLayer):
             # statistics need the channels' own moments, which the groups' do not give.
             cells = self._plan(_core.plan_per_channel_in_sets(N, C, S, sets))
             cell_mean, cell_var = (a.reshape(-1, C) for a in _core.group_moments(cells, x))
-            grouped = lambda a: a.reshape(a.shape[0], C // cpg, cpg)
+            grouped: _ArrayMap = lambda a: a.reshape(a.shape[0], C // cpg, cpg)
             mean, var = pool(1, grouped(cell_mean), grouped(cell_var), 2)  # (sets, C/cpg)
             rstd = 1.0 / np.sqrt(var + self.eps)
             w, b = self._channel_params()
-            expand = lambda a: np.repeat(a, cpg, axis=1)  # per cell
+            expand: _ArrayMap = lambda a: np.repeat(a, cpg, axis=1)  # per cell
             y = self._apply(cells, x, expand(mean), expand(rstd) * w, b)
         saved = self._fused_saved(plan, x, mean, rstd, self.weight, self._param_grads)
         if self.training and self.track_running_stats:
+            assert (self.running_mean is not None and self.running_var is not None
+                    and self.num_batches_tracked is not None)  # registered with tracking
             # The whole batch's per-channel statistics, pooled from the ghost batches' cells.
             bmean, bvar = pool(sizes * S, cell_mean, cell_var, 0)
             factor = running_factor(self)
@@ -86,13 +100,16 @@ class GhostBatchNorm2d(VariantLayer):
             self.num_batches_tracked += 1
         return y, saved
 
-    def _weighted_inference(self, x, N, C, S):
+    def _weighted_inference(self, x: npt.NDArray[Any], N: int, C: int, S: int
+                            ) -> tuple[npt.NDArray[Any], StepSaved]:
         cpg, alpha = self.channels_per_group, self.example_weight
+        assert self.running_mean is not None and self.running_var is not None  # see _forward
         rm = self.running_mean.astype(np.float64)
         rv = self.running_var.astype(np.float64)
         w, b = self._channel_params()
-        group_mean = lambda a: a.reshape(a.shape[:-1] + (C // cpg, cpg)).mean(axis=-1)  # over a group's channels
-        expand = lambda a: np.repeat(a, cpg, axis=-1)  # per channel
+        # over a group's channels
+        group_mean: _ArrayMap = lambda a: a.reshape(a.shape[:-1] + (C // cpg, cpg)).mean(axis=-1)
+        expand: _ArrayMap = lambda a: np.repeat(a, cpg, axis=-1)  # per channel
         if alpha == 0.0 and cpg == 1:
             mu, var = rm, rv  # BatchNorm's inference
         else:
@@ -103,8 +120,8 @@ class GhostBatchNorm2d(VariantLayer):
             if cpg > 1:
                 mu, var = expand(P1), expand(np.maximum(P2 - P1 ** 2, 0.0))
             r = 1.0 / np.sqrt(var + self.eps)
-            fold = lambda B, A: (r * w, 0.0, 0.0, self._param_grads(r * A, B))
-            return self._apply(plan, x, mu, r * w, b), StepSaved(plan, x, mu, fold, x.shape)
+            running_fold = lambda B, A: (r * w, 0.0, 0.0, self._param_grads(r * A, B))
+            return self._apply(plan, x, mu, r * w, b), StepSaved(plan, x, mu, running_fold, x.shape)
         # Each sample's own moments per (sample, channel) cell, pooled into its channel groups.
         plan = self._plan(_core.plan_per_channel_in_sets(N, C, S, list(range(N))))
         if x.size == 0:
@@ -121,7 +138,9 @@ class GhostBatchNorm2d(VariantLayer):
         # dx = rs w dy + c2 (x - mu) + c3 with, per (sample, group), Aw = sum w A, Bw = sum w B:
         #   c2 = -alpha rs^3 Aw / M (0 where var_i is clamped), c3 = -alpha rs Bw / M
         # (docs/ghost_batch_norm.md; tests/reference.py: ghost_batch_norm_eval_backward).
-        def fold(B, A):
+        def fold(B: npt.NDArray[np.float64], A: npt.NDArray[np.float64]
+                 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64],
+                            npt.NDArray[np.float64], dict[str, npt.NDArray[Any]]]:
             A, B = A.reshape(N, C), B.reshape(N, C)
             Aw, Bw = group_mean(w * A) * cpg, group_mean(w * B) * cpg
             c2 = np.where(clamped, 0.0, -alpha * rs ** 3 * Aw / M)
@@ -132,7 +151,8 @@ class GhostBatchNorm2d(VariantLayer):
         y = self._apply(plan, x, cell_mu, cell_rs * w, b)
         return y, StepSaved(plan, x, cell_mu.reshape(-1), fold, x.shape)
 
-    def _inference_affine(self, modality):
+    def _inference_affine(self, modality: object
+                          ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
         """normkit.inference_affine's (scale, shift): with example_weight = 0 the population's
         moments alone, per channel group P1 = mean of running_mean, P2 = mean of (running_var +
         running_mean^2), mu = P1, var = max(P2 - P1^2, 0) (running_mean, running_var themselves
@@ -141,6 +161,8 @@ class GhostBatchNorm2d(VariantLayer):
             raise TypeError(f"layer: GhostBatchNorm2d has no per-channel affine inference: "
                             f"example_weight={self.example_weight} > 0 mixes in each sample's own moments")
         cpg, C = self.channels_per_group, self.num_features
+        # inference_affine calls this only on a layer with running statistics.
+        assert self.running_mean is not None and self.running_var is not None
         rm, rv = self.running_mean.astype(np.float64), self.running_var.astype(np.float64)
         if cpg > 1:
             P1 = rm.reshape(C // cpg, cpg).mean(axis=1)
@@ -150,7 +172,7 @@ class GhostBatchNorm2d(VariantLayer):
         scale = w / np.sqrt(rv + self.eps)
         return scale, b - rm * scale
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return (f"{self.num_features}, ghost_batch_size={self.ghost_batch_size}, "
                 f"channels_per_group={self.channels_per_group}, example_weight={self.example_weight}, "
                 f"eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "

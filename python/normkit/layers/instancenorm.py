@@ -1,7 +1,11 @@
 """InstanceNorm1d/2d/3d: torch.nn.InstanceNorm semantics (unbatched input accepted)."""
+from __future__ import annotations
+
 import warnings
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from .. import _checks, _core, functional as F
 from .batchnorm import _BatchNorm
@@ -10,11 +14,12 @@ from .batchnorm import _BatchNorm
 class _InstanceNorm(_BatchNorm):
     _spatial_dims = 0
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False,
-                 track_running_stats=False, dtype=np.float32, layout="NCHW"):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = False, track_running_stats: bool = False,
+                 dtype: npt.DTypeLike = np.float32, layout: str = "NCHW") -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype, layout)
 
-    def _forward(self, x):
+    def _forward(self, x: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], _core.Saved]:
         d = self._spatial_dims
         use_input_stats = self.training or not self.track_running_stats or self.use_batch_stats
         momentum = self.momentum if self.momentum is not None else 0.0  # as torch
@@ -44,7 +49,7 @@ class _InstanceNorm(_BatchNorm):
         saved.shape = shape
         return y.reshape(shape), saved
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
                 f"track_running_stats={self.track_running_stats}")
 

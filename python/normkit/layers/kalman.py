@@ -1,9 +1,18 @@
 """BatchKalmanNorm2d: batch statistics combined with the previous layer's estimate (BKN)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 from .. import _checks, _core, _engine
 from ._variant import StepSaved, VariantLayer, checked_attribute, running_factor
 from .batchnorm import running_stats_affine
+
+_F64 = npt.NDArray[np.float64]
+_Grads = dict[str, npt.NDArray[Any]]  # parameter gradients by name
 
 
 class BatchKalmanNorm2d(VariantLayer):
@@ -28,8 +37,16 @@ class BatchKalmanNorm2d(VariantLayer):
 
     gain = checked_attribute("gain", lambda v, name: _checks.number_in(v, name, 0.0, 1.0))
 
-    def __init__(self, num_features, prior_features=None, gain=0.9, eps=1e-5, momentum=0.1, affine=True,
-                 dtype=np.float32, layout="NCHW"):
+    A: npt.NDArray[Any]  # (C, prior_features)
+    running_mean: npt.NDArray[Any]
+    running_var: npt.NDArray[Any]
+    num_batches_tracked: npt.NDArray[np.int64]
+    posterior: tuple[_F64, _F64] | None  # (mu, var) of the last forward
+    _post: tuple[float | _F64, ...]  # the backward's posterior_grad, (dmean, dvar)
+
+    def __init__(self, num_features: int, prior_features: int | None = None, gain: float = 0.9,
+                 eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 dtype: npt.DTypeLike = np.float32, layout: str = "NCHW") -> None:
         super().__init__()
         self._setup(num_features, eps, affine, dtype, layout)
         C = self.num_features
@@ -40,17 +57,17 @@ class BatchKalmanNorm2d(VariantLayer):
         self.posterior = None
         self._post = (0.0, 0.0)
 
-    def reset_running_stats(self):
+    def reset_running_stats(self) -> None:
         self.running_mean.fill(0)
         self.running_var.fill(1)
         self.num_batches_tracked[...] = 0
 
-    def _prior(self, prior):
+    def _prior(self, prior: Sequence[npt.ArrayLike] | None) -> tuple[_F64, ...] | None:
         if prior is None:
             return None
         if not isinstance(prior, (tuple, list)) or len(prior) != 2:
             raise TypeError(f"prior: expected None or a pair (mean, var), got {type(prior).__name__}")
-        out = []
+        out: list[_F64] = []
         for part, what in zip(prior, ("mean", "var")):
             a = np.asarray(part)
             if a.dtype.kind not in "fiu":
@@ -61,11 +78,13 @@ class BatchKalmanNorm2d(VariantLayer):
             out.append(a.astype(np.float64))
         return tuple(out)
 
-    def forward(self, x, prior=None):
+    def forward(self, x: npt.NDArray[Any], prior: Sequence[npt.ArrayLike] | None = None
+                ) -> npt.NDArray[Any]:
         y, self._saved = self._forward(x, prior)
         return y
 
-    def _forward(self, x, prior=None):
+    def _forward(self, x: npt.NDArray[Any], prior: Sequence[npt.ArrayLike] | None = None
+                 ) -> tuple[npt.NDArray[Any], StepSaved]:
         x, (N, C, S) = self._input(x)
         prior = self._prior(prior)
         plan = self._plan(_core.plan_per_channel(N, C, S))
@@ -74,10 +93,12 @@ class BatchKalmanNorm2d(VariantLayer):
         if not self._batch_stats():
             mean, var = self.running_mean.astype(np.float64), self.running_var.astype(np.float64)
             r = 1.0 / np.sqrt(var + self.eps)
-            fold = lambda B, A_: (r * w, 0.0, 0.0, {**self._param_grads(r * A_, B), **no_prior,
-                                                    **self._prior_grads(prior, None)})
+            running_fold = lambda B, A_: (r * w, 0.0, 0.0, {**self._param_grads(r * A_, B),
+                                                            **no_prior,
+                                                            **self._prior_grads(prior, None)})
             self.posterior = (mean, var)
-            return self._apply(plan, x, mean, r * w, b), StepSaved(plan, x, mean, fold, x.shape)
+            return (self._apply(plan, x, mean, r * w, b),
+                    StepSaved(plan, x, mean, running_fold, x.shape))
         if self.training:
             _checks.more_than_one_value(N * S, "channel", x.shape)
         if x.size == 0:  # no statistics, so no posterior for the next layer
@@ -87,6 +108,7 @@ class BatchKalmanNorm2d(VariantLayer):
         p = self.gain
         use_prior = prior is not None and self.training
         if use_prior:
+            assert prior is not None  # use_prior
             A = self.A.astype(np.float64)
             mu_pred, var_pred = A @ prior[0], (A * A) @ prior[1]
             with np.errstate(divide="ignore", invalid="ignore"):  # a constant channel: Inf or NaN, discarded
@@ -105,12 +127,13 @@ class BatchKalmanNorm2d(VariantLayer):
         # dL/dvar, dL/dvar_B = (1-p) dL/dvar, and x: dx = r w dy + dL/dmu_B/M + 2 dL/dvar_B
         # (x - mu_B)/M; into the prediction dL/dmu_pred = p dL/dmu - 2p(1-p)(mu_B - mu_pred)
         # dL/dvar, dL/dvar_pred = p dL/dvar, then A and the prior.
-        def fold(B, A_):
+        def fold(B: _F64, A_: _F64) -> tuple[_F64, _F64, _F64, _Grads]:
             post = self._post  # the next layer's gradient with respect to the posterior
             dmu = -r * w * B + post[0]
             dvar = -0.5 * r ** 3 * w * A_ + post[1]
             grads = self._param_grads(r * A_, B)
             if use_prior:
+                assert prior is not None  # use_prior
                 dmu_b = (1 - p) * dmu + 2 * p * (1 - p) * (mu_b - mu_pred) * dvar
                 dvar_b = (1 - p) * dvar
                 dmu_pred = p * dmu - 2 * p * (1 - p) * (mu_b - mu_pred) * dvar
@@ -134,10 +157,11 @@ class BatchKalmanNorm2d(VariantLayer):
             self.num_batches_tracked += 1
         return y, StepSaved(plan, x, mu, fold, x.shape)
 
-    def _inference_affine(self, modality):
+    def _inference_affine(self, modality: object) -> tuple[_F64, _F64]:
         return running_stats_affine(self)  # inference is BatchNorm's with the running statistics
 
-    def _prior_grads(self, prior, grads):
+    def _prior_grads(self, prior: tuple[_F64, ...] | None,
+                     grads: tuple[_F64, _F64] | None) -> dict[str, _F64]:
         """grads["prior_mean"], grads["prior_var"] (float64): zeros where the prior is unused."""
         if prior is None:
             return {}
@@ -145,7 +169,8 @@ class BatchKalmanNorm2d(VariantLayer):
             return {"prior_mean": np.zeros(self.prior_features), "prior_var": np.zeros(self.prior_features)}
         return {"prior_mean": grads[0], "prior_var": grads[1]}
 
-    def backward(self, dy, posterior_grad=None):
+    def backward(self, dy: npt.NDArray[Any], posterior_grad: Sequence[npt.ArrayLike] | None = None
+                 ) -> npt.NDArray[Any]:
         """dx of the last forward; grads gets weight, bias, A and, with a prior, prior_mean and
         prior_var. posterior_grad: (dmean, dvar) of the loss with respect to `posterior` (the
         next layer's grads["prior_mean"], grads["prior_var"]), each (C,); in inference the
@@ -159,10 +184,10 @@ class BatchKalmanNorm2d(VariantLayer):
             self.grads["A"] = np.zeros_like(self.A)
         return dx
 
-    def _posterior_grad(self, g):
+    def _posterior_grad(self, g: Sequence[npt.ArrayLike]) -> tuple[_F64, ...]:
         if not isinstance(g, (tuple, list)) or len(g) != 2:
             raise TypeError(f"posterior_grad: expected None or a pair (dmean, dvar), got {type(g).__name__}")
-        out = []
+        out: list[_F64] = []
         for part, what in zip(g, ("dmean", "dvar")):
             a = np.asarray(part, np.float64)
             if a.shape != (self.num_features,):
@@ -170,7 +195,7 @@ class BatchKalmanNorm2d(VariantLayer):
             out.append(a)
         return tuple(out)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return (f"{self.num_features}, prior_features={self.prior_features}, gain={self.gain}, eps={self.eps}, "
                 f"momentum={self.momentum}, affine={self.affine}")
 

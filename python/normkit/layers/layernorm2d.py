@@ -1,5 +1,11 @@
 """LayerNorm2d: LayerNorm over the channels of each (n, h, w) of an NCHW tensor (ConvNeXt's)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 from .. import _core
 from ._variant import StepSaved, VariantLayer
@@ -20,12 +26,14 @@ class LayerNorm2d(VariantLayer):
 
     _channels_arg = "num_channels"
 
-    def __init__(self, num_channels, eps=1e-6, affine=True, dtype=np.float32):
+    def __init__(self, num_channels: int, eps: float = 1e-6, affine: bool = True,
+                 dtype: npt.DTypeLike = np.float32) -> None:
         super().__init__()
         self._setup(num_channels, eps, affine, dtype, "NCHW")
         self.num_channels = self.num_features
 
-    def _forward(self, x):
+    def _forward(self, x: npt.NDArray[Any]
+                 ) -> tuple[npt.NDArray[Any], StepSaved | LayerNorm2dSaved]:
         x, (N, C, S) = self._input(x)
         # N samples of C rows (positions) of S columns (cells): the channels-last reading.
         plan = _core.plan_per_sample_group(N, S, C, S)
@@ -35,15 +43,18 @@ class LayerNorm2d(VariantLayer):
         y = _core.empty_like(x)
         # Sample by sample, block by block of its columns: their statistics, then their output
         # while in cache. Without affine the per-row weight is 1 (its gradients unused).
+        weight: npt.NDArray[Any]
+        bias: npt.NDArray[Any]
         if self.weight is None:
             compute = np.float64 if x.dtype == np.float64 else np.float32  # the core's compute type
             weight, bias = np.ones(C, compute), np.zeros(C, compute)
         else:
+            assert self.bias is not None  # made with the weight (affine)
             weight, bias = self.weight, self.bias
         mean, _, rstd = _core.normalize_batch_stats_positions(plan, x, self.eps, weight, bias, y)
         return y, LayerNorm2dSaved(plan, x, mean, rstd, weight, x.shape, self._param_grads)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"{self.num_channels}, eps={self.eps}, affine={self.affine}"
 
 
@@ -55,11 +66,15 @@ class LayerNorm2dSaved:
 
     __slots__ = ("plan", "x", "mean", "rstd", "weight", "shape", "grads")
 
-    def __init__(self, plan, x, mean, rstd, weight, shape, grads):
+    def __init__(self, plan: _core.Plan, x: npt.NDArray[Any], mean: npt.NDArray[np.float64],
+                 rstd: npt.NDArray[np.float64], weight: npt.NDArray[Any], shape: tuple[int, ...],
+                 grads: Callable[[npt.NDArray[Any], npt.NDArray[Any]], dict[str, npt.NDArray[Any]]]
+                 ) -> None:
         self.plan, self.x, self.mean, self.rstd, self.weight = plan, x, mean, rstd, weight
         self.shape, self.grads = shape, grads
 
-    def backward(self, dy):
+    def backward(self, dy: npt.NDArray[Any]
+                 ) -> tuple[npt.NDArray[Any], dict[str, npt.NDArray[Any]]]:
         dx = _core.empty_like(self.x)
         dw, db = _core.normalize_backward_positions(self.plan, self.x, dy, self.mean, self.rstd, self.weight, dx)
         return dx.reshape(self.shape), self.grads(dw, db)

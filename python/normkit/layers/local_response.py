@@ -1,5 +1,10 @@
 """LocalResponseNorm: torch.nn.LocalResponseNorm, forward and backward."""
+from __future__ import annotations
+
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 from .. import _checks, _core, _engine
 from .base import NormLayer
@@ -18,7 +23,11 @@ class LocalResponseNorm(NormLayer):
     dx_j = dy_j d_j^-beta - 2 alpha beta/size x_j sum_{c: j in window(c)} dy_c x_c d_c^(-beta-1).
     """
 
-    def __init__(self, size, alpha=1e-4, beta=0.75, k=1.0, dtype=np.float32):
+    # The last forward's contiguous x and its (N, C, S) planes (None before a forward).
+    _saved: tuple[npt.NDArray[Any], tuple[int, int, int]] | None
+
+    def __init__(self, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0,
+                 dtype: npt.DTypeLike = np.float32) -> None:
         super().__init__()
         self.size = _checks.positive_int(size, "size")
         self.alpha = _checks._real(alpha, "alpha")
@@ -26,7 +35,8 @@ class LocalResponseNorm(NormLayer):
         self.k = _checks._real(k, "k")
         self._set_dtype(dtype)
 
-    def _forward(self, x):
+    def _forward(self, x: npt.NDArray[Any]
+                 ) -> tuple[npt.NDArray[Any], tuple[npt.NDArray[Any], tuple[int, int, int]]]:
         _checks.layer_input(x, self.dtype, ndims=(3, 4, 5), ranks=" (N, C, *) with 1 to 3 spatial dimensions")
         x = _checks.contiguous(x)
         N, C, S = _engine.planes(x)
@@ -35,7 +45,7 @@ class LocalResponseNorm(NormLayer):
             _core.local_response_norm(N, C, S, x, y, self.size, self.alpha, self.beta, self.k)
         return y, (x, (N, C, S))
 
-    def backward(self, dy):
+    def backward(self, dy: npt.NDArray[Any]) -> npt.NDArray[Any]:
         """dx of the last forward (no parameters, so grads stays empty)."""
         if self._saved is None:
             raise _checks.StateError(
@@ -48,5 +58,5 @@ class LocalResponseNorm(NormLayer):
         self.grads = {}
         return dx
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"{self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}"

@@ -1,5 +1,10 @@
 """MovingAverageBatchNorm2d: batch normalization by moving averages of the statistics (MABN)."""
+from __future__ import annotations
+
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 from .. import _checks, _core
 from ._variant import StepSaved, VariantLayer, checked_attribute
@@ -10,11 +15,14 @@ class _TrainingStep:
 
     __slots__ = ("layer", "plan", "x", "shape", "t", "slot", "s", "r", "w", "done")
 
-    def __init__(self, layer, plan, x, t, slot, s, r, w):
+    def __init__(self, layer: MovingAverageBatchNorm2d, plan: _core.Plan, x: npt.NDArray[Any],
+                 t: int, slot: int, s: npt.NDArray[np.float64], r: npt.NDArray[np.float64],
+                 w: npt.NDArray[np.float64]) -> None:
         self.layer, self.plan, self.x, self.shape = layer, plan, x, x.shape
         self.t, self.slot, self.s, self.r, self.w, self.done = t, slot, s, r, w, False
 
-    def backward(self, dy):
+    def backward(self, dy: npt.NDArray[Any]
+                 ) -> tuple[npt.NDArray[Any], dict[str, npt.NDArray[Any]]]:
         layer, s, r, w = self.layer, self.s, self.r, self.w
         M = self.x.size // layer.num_features  # elements per channel
         B, A = _core.backward_sums(self.plan, self.x, dy, 0.0)  # sum dy, sum dy x per channel
@@ -51,12 +59,23 @@ class MovingAverageBatchNorm2d(VariantLayer):
     chi2_B in its place (and the exact backward), the state untouched.
     """
 
-    buffer_size = property(lambda self: self.buffer_x2.shape[0])
+    @property
+    def buffer_size(self) -> int:
+        return self.buffer_x2.shape[0]
+
     warmup_iters = checked_attribute("warmup_iters", _checks.nonneg_int)
     r_max = checked_attribute("r_max", lambda v, name: _checks.number_at_least(v, name, 1.0))
 
-    def __init__(self, num_features, buffer_size=16, eps=1e-5, momentum=0.98, warmup_iters=100, r_max=5.0,
-                 affine=True, dtype=np.float32, layout="NCHW"):
+    momentum: float  # never None here
+    running_var: npt.NDArray[Any]
+    buffer_x2: np.ndarray[tuple[int, int], np.dtype[Any]]  # (buffer_size, C) rings
+    buffer_gz: np.ndarray[tuple[int, int], np.dtype[Any]]
+    iters: npt.NDArray[np.int64]
+
+    def __init__(self, num_features: int, buffer_size: int = 16, eps: float = 1e-5,
+                 momentum: float = 0.98, warmup_iters: int = 100, r_max: float = 5.0,
+                 affine: bool = True, dtype: npt.DTypeLike = np.float32,
+                 layout: str = "NCHW") -> None:
         super().__init__()
         self._setup(num_features, eps, affine, dtype, layout)
         size = _checks.positive_int(buffer_size, "buffer_size")
@@ -70,11 +89,11 @@ class MovingAverageBatchNorm2d(VariantLayer):
         # After eval(): normalize with the batch's own statistics, leaving the state alone.
         self.use_batch_stats = False
 
-    def _warming_up(self, t):
+    def _warming_up(self, t: int) -> bool:
         """While the rings are not full, or before warmup_iters: the batch's own statistic."""
         return t <= self.buffer_size or t < self.warmup_iters
 
-    def _forward(self, x):
+    def _forward(self, x: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], StepSaved | _TrainingStep]:
         x, (N, C, S) = self._input(x)
         plan = self._plan(_core.plan_per_channel(N, C, S))
         w, b = self._channel_params()
@@ -106,13 +125,14 @@ class MovingAverageBatchNorm2d(VariantLayer):
         self.running_var[...] = self.momentum * self.running_var.astype(np.float64) + (1 - self.momentum) * chi2_s
         return y, _TrainingStep(self, plan, x, t, slot, s, r, w)
 
-    def _inference_affine(self, modality):
+    def _inference_affine(self, modality: object
+                          ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
         """normkit.inference_affine's (scale, shift): no mean subtraction,
         y = weight x / sqrt(running_var + eps) + bias."""
         w, b = self._channel_params()
         return w / np.sqrt(self.running_var.astype(np.float64) + self.eps), b
 
-    def backward(self, dy):
+    def backward(self, dy: npt.NDArray[Any]) -> npt.NDArray[Any]:
         saved = self._saved
         if isinstance(saved, _TrainingStep) and saved.done:
             raise _checks.StateError(
@@ -120,6 +140,6 @@ class MovingAverageBatchNorm2d(VariantLayer):
                 "MovingAverageBatchNorm2d (its psi ring already holds this step)")
         return super().backward(dy)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return (f"{self.num_features}, buffer_size={self.buffer_size}, eps={self.eps}, momentum={self.momentum}, "
                 f"warmup_iters={self.warmup_iters}, r_max={self.r_max}, affine={self.affine}")

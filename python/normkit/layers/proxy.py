@@ -1,16 +1,21 @@
 """ProxyNorm2d: proxy normalization of an activation (Labatie et al.)."""
+from __future__ import annotations
+
 import math
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from .. import _checks, _core
 from ._variant import FusedPointwiseSaved, VariantLayer, pointwise_coefficients
 
 ACTIVATIONS = ("relu", "silu", "gelu", "identity")
 _ERF = np.frompyfunc(math.erf, 1, 1)
+_F64 = npt.NDArray[np.float64]
 
 
-def _phi_at_proxy_points(op, g, b, Y):
+def _phi_at_proxy_points(op: int, g: _F64, b: _F64, Y: _F64) -> tuple[_F64, _F64]:
     """(phi(g Y + b), phi'(g Y + b)) over the (C, K) proxy points, float64, by the core's pointwise
     kernels (the erf of GELU, vectorized, where math.erf per point cost milliseconds)."""
     C, K = Y.shape
@@ -22,17 +27,17 @@ def _phi_at_proxy_points(op, g, b, Y):
     return Z, dZ
 
 
-def _erfinv(y):
+def _erfinv(y: npt.ArrayLike) -> _F64:
     """erfinv to double precision: Newton's method on math.erf (a few hundred values, once)."""
     y = np.asarray(y, np.float64)
-    x = np.sign(y) * np.sqrt(-np.log1p(-y * y))  # a start within the basin of convergence
+    x: _F64 = np.sign(y) * np.sqrt(-np.log1p(-y * y))  # a start within the basin of convergence
     for _ in range(60):
-        e = _ERF(x).astype(np.float64) - y
+        e = np.asarray(_ERF(x), np.float64) - y  # (frompyfunc gives an object array)
         x = x - e / (2.0 / math.sqrt(math.pi) * np.exp(-x * x))
     return x
 
 
-def proxy_points(num_points):
+def proxy_points(num_points: int) -> _F64:
     """U_k = sqrt(2) erfinv(2 (k + 1/2)/K - 1): K quantiles of the standard normal."""
     k = np.arange(num_points)
     return math.sqrt(2.0) * _erfinv(2.0 * (k + 0.5) / num_points - 1.0)
@@ -53,7 +58,14 @@ class ProxyNorm2d(VariantLayer):
     0; proxy_weight, proxy_bias init 0). Training and inference are the same.
     """
 
-    def __init__(self, num_features, activation="relu", eps=0.03, num_points=200, dtype=np.float32):
+    proxy_weight: npt.NDArray[Any]
+    proxy_bias: npt.NDArray[Any]
+    # The last _proxy_moments: its key (op, eps and the parameters' bytes) and (Y, dZ, mu, dev, r).
+    _proxy_key: tuple[int, float, bytes, bytes, bytes, bytes]
+    _proxy: tuple[_F64, _F64, _F64, _F64, _F64]
+
+    def __init__(self, num_features: int, activation: str = "relu", eps: float = 0.03,
+                 num_points: int = 200, dtype: npt.DTypeLike = np.float32) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation: expected one of {', '.join(map(repr, ACTIVATIONS))}, got {activation!r}")
@@ -65,7 +77,7 @@ class ProxyNorm2d(VariantLayer):
         self._param("proxy_bias", np.zeros(C, self.dtype))
         self._U = proxy_points(self.num_points)
 
-    def _forward(self, x):
+    def _forward(self, x: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], FusedPointwiseSaved]:
         x, (N, C, S) = self._input(x)
         g, b = self._channel_params()
         gp, bp = self.proxy_weight.astype(np.float64), self.proxy_bias.astype(np.float64)
@@ -82,7 +94,7 @@ class ProxyNorm2d(VariantLayer):
         # parameter t, dZ_k/dg = phi'_k Y_k, dZ_k/db = phi'_k, dZ_k/dgp = phi'_k g U_k, dZ_k/dbp = phi'_k g.
         # Through the proxy, per parameter t with dZ_k/dt = phi'_k h_k: dmu mean_k dZ_k/dt
         # + dv mean_k 2 dev_k dZ_k/dt = sum_k W_k h_k, W_k = phi'_k (dmu + 2 dv dev_k)/K.
-        def grads_of(sums):
+        def grads_of(sums: _F64) -> dict[str, npt.NDArray[Any]]:
             D, F, Gs, A = sums[0], sums[1], sums[2], sums[3]
             dmu, dv = -r * D, -(F - mu * D) * r ** 3 / 2
             W = dZ * (dmu[:, None] + (2 * dv)[:, None] * dev) / K
@@ -97,7 +109,7 @@ class ProxyNorm2d(VariantLayer):
             _core.apply_pointwise(plan, op, x, coef, y)
         return y, FusedPointwiseSaved(plan, op, x, coef, (r * g, 0.0, 0.0, 1, None, None), grads_of, x.shape)
 
-    def _inference_affine(self, modality):
+    def _inference_affine(self, modality: object) -> tuple[_F64, _F64]:
         """normkit.inference_affine's (scale, shift): with the identity activation z = weight x +
         bias, and y = (z - mu_p) r, r = 1/sqrt(v_p + eps): scale = r weight, shift = r (bias - mu_p)."""
         if self.activation != "identity":
@@ -108,7 +120,8 @@ class ProxyNorm2d(VariantLayer):
         _, _, mu, _, r = self._proxy_moments(int(_core.Pointwise.identity), g, b, gp, bp)
         return r * g, r * (b - mu)
 
-    def _proxy_moments(self, op, g, b, gp, bp):
+    def _proxy_moments(self, op: int, g: _F64, b: _F64, gp: _F64, bp: _F64
+                       ) -> tuple[_F64, _F64, _F64, _F64, _F64]:
         """The proxy points Y (C, K), phi' there, their mean mu, deviations and r = 1/sqrt(v_p +
         eps); kept while the four parameters, eps and the activation stay as they were (inference
         calls then skip the O(C*K) work)."""
@@ -122,13 +135,13 @@ class ProxyNorm2d(VariantLayer):
             self._proxy_key, self._proxy = key, (Y, dZ, mu, dev, r)
         return self._proxy
 
-    def backward(self, dy):
-        saved = self._saved
+    def backward(self, dy: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        saved: FusedPointwiseSaved | None = self._saved
         if saved is not None and saved.x.size == 0:  # the proxy terms stay: no elements, no dy
             _checks.grad_output(dy, saved.shape, saved.x.dtype)
             self.grads = {n: np.zeros_like(p) for n, p in self.parameters().items()}
             return _core.empty_like(saved.x).reshape(saved.shape)
         return super().backward(dy)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"{self.num_features}, activation={self.activation!r}, eps={self.eps}, num_points={self.num_points}"

@@ -1,11 +1,17 @@
 """BatchRenorm2d: batch renormalization (Ioffe 2017), and its r_max/d_max schedule."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 from .. import _checks, _core, _engine
-from ._variant import StepSaved, VariantLayer, checked_attribute
+from ._variant import FusedSaved, StepSaved, VariantLayer, checked_attribute
 
 
-def renorm_schedule(step):
+def renorm_schedule(step: int) -> tuple[float, float]:
     """The paper's (r_max, d_max) at training step `step` (arXiv 1702.03275, section 4):
     (1, 0) for the first 5000 steps (plain BatchNorm), then linear ramps reaching r_max = 3 at
     step 40000 and d_max = 5 at step 25000, constant after."""
@@ -13,7 +19,7 @@ def renorm_schedule(step):
         raise TypeError(f"step: expected an integer, got {type(step).__name__} {step!r}")
     if step < 0:
         raise ValueError(f"step: expected an integer >= 0, got {step!r}")
-    ramp = lambda end: min(max((int(step) - 5000) / (end - 5000), 0.0), 1.0)
+    ramp: Callable[[int], float] = lambda end: min(max((int(step) - 5000) / (end - 5000), 0.0), 1.0)
     return 1.0 + 2.0 * ramp(40000), 5.0 * ramp(25000)
 
 
@@ -34,8 +40,15 @@ class BatchRenorm2d(VariantLayer):
     r_max = 1 and d_max = 0 the layer is BatchNorm2d.
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.01, r_max=3.0, d_max=5.0, affine=True,
-                 dtype=np.float32, layout="NCHW"):
+    momentum: float  # never None (no cumulative average)
+    # Buffers registered by name (always: the layer has no track_running_stats).
+    running_mean: npt.NDArray[Any]
+    running_std: npt.NDArray[Any]
+    num_batches_tracked: npt.NDArray[np.int64]
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.01,
+                 r_max: float = 3.0, d_max: float = 5.0, affine: bool = True,
+                 dtype: npt.DTypeLike = np.float32, layout: str = "NCHW") -> None:
         super().__init__()
         self._setup(num_features, eps, affine, dtype, layout)
         self.momentum = _checks.momentum_value(momentum, allow_none=False)
@@ -50,12 +63,12 @@ class BatchRenorm2d(VariantLayer):
     r_max = checked_attribute("r_max", lambda v, name: _checks.number_at_least(v, name, 1.0))
     d_max = checked_attribute("d_max", lambda v, name: _checks.number_at_least(v, name, 0.0))
 
-    def reset_running_stats(self):
+    def reset_running_stats(self) -> None:
         self.running_mean.fill(0)
         self.running_std.fill(1)
         self.num_batches_tracked[...] = 0
 
-    def _forward(self, x):
+    def _forward(self, x: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], StepSaved | FusedSaved]:
         x, (N, C, S) = self._input(x)
         plan = self._plan(_core.plan_per_channel(N, C, S))
         w, b = self._channel_params()
@@ -79,20 +92,22 @@ class BatchRenorm2d(VariantLayer):
         # with the weight (weight r), fused; dweight = sum dy (r xhat_B + d) = r dw' + d db.
         w_eff = (w * r).astype(self.dtype)
         saved = self._fused_saved(plan, x, mean, 1.0 / sigma_b, w_eff,
-                                  lambda dw, db: {} if dw is None else self._param_grads(r * dw + d * db, db))
+                                  lambda dw, db: {} if dw is None or db is None  # both or neither
+                                  else self._param_grads(r * dw + d * db, db))
         if self.training:
             _engine.running_update(self.running_mean, mean, self.momentum)
             _engine.running_update(self.running_std, sigma_b, self.momentum)
             self.num_batches_tracked += 1
         return y, saved
 
-    def _inference_affine(self, modality):
+    def _inference_affine(self, modality: object
+                          ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
         """normkit.inference_affine's (scale, shift): y = weight (x - running_mean) / running_std
         + bias (no eps: sigma_B carried it into running_std)."""
         w, b = self._channel_params()
         scale = w / self.running_std.astype(np.float64)
         return scale, b - self.running_mean.astype(np.float64) * scale
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, r_max={self.r_max}, "
                 f"d_max={self.d_max}, affine={self.affine}")

@@ -1,5 +1,10 @@
 """FilterResponseNorm2d: filter response normalization with the thresholded linear unit (FRN+TLU)."""
+from __future__ import annotations
+
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 from .. import _checks, _core, _engine
 from ._variant import FusedPointwiseSaved, VariantLayer, pointwise_coefficients
@@ -19,20 +24,24 @@ class FilterResponseNorm2d(VariantLayer):
     same. Input (N, C) or (N, C, *spatial), NCHW.
     """
 
-    def __init__(self, num_features, eps=1e-6, learnable_eps=False, tlu=True, dtype=np.float32):
+    tau: npt.NDArray[Any] | None  # with tlu
+    eps_l: npt.NDArray[Any] | None  # with learnable_eps
+
+    def __init__(self, num_features: int, eps: float = 1e-6, learnable_eps: bool = False,
+                 tlu: bool = True, dtype: npt.DTypeLike = np.float32) -> None:
         super().__init__()
         self._setup(num_features, eps, True, dtype, "NCHW")
         self.learnable_eps, self.tlu = bool(learnable_eps), bool(tlu)
         self._param("tau", np.zeros(self.num_features, self.dtype) if self.tlu else None)
         self._param("eps_l", np.full(1, 1e-4, self.dtype) if self.learnable_eps else None)
 
-    def _input(self, x):
+    def _input(self, x: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], tuple[int, int, int]]:
         _checks.layer_input(x, self.dtype, min_ndim=2, channels=self.num_features,
                             ranks=" (N, C) or (N, C, *spatial)")
         xc = _checks.contiguous(x)
         return xc, _engine.planes(xc)
 
-    def _forward(self, x):
+    def _forward(self, x: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], FusedPointwiseSaved]:
         x, (N, C, S) = self._input(x)
         eps_l = 0.0 if self.eps_l is None else float(self.eps_l[0])
         eps_total = self.eps + abs(eps_l)
@@ -59,7 +68,7 @@ class FilterResponseNorm2d(VariantLayer):
         k2 = np.zeros((7, N * C))
         k2[3] = (-w * rr ** 3 / S).reshape(-1)
 
-        def grads_of(sums):
+        def grads_of(sums: npt.NDArray[np.float64]) -> dict[str, npt.NDArray[Any]]:
             G, A, T = (sums[i].reshape(N, C) for i in (2, 3, 4))
             grads = self._param_grads((rr * A).sum(axis=0), G.sum(axis=0))
             if self.tau is not None:
@@ -70,11 +79,11 @@ class FilterResponseNorm2d(VariantLayer):
 
         return y, FusedPointwiseSaved(plan, op, x, coef, (scale, 0.0, 0.0, 1, k2, None), grads_of, x.shape)
 
-    def backward(self, dy):
+    def backward(self, dy: npt.NDArray[Any]) -> npt.NDArray[Any]:
         dx = super().backward(dy)
         if self._saved.x.size == 0:  # no elements: zero gradients for tau and eps_l too
             self.grads.update({n: np.zeros_like(p) for n, p in self.parameters().items() if n not in self.grads})
         return dx
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, learnable_eps={self.learnable_eps}, tlu={self.tlu}"

@@ -21,25 +21,37 @@ Running statistics follow torch: the global mean, and the global biased variance
 M/(M - 1). Eval (with running statistics) and batch statistics outside training are local, with
 no communication, as in torch.
 """
+from __future__ import annotations
+
+from typing import Any, Protocol
+
 import numpy as np
+import numpy.typing as npt
 
 from .. import _checks, _core, _engine, functional as F
 from ._variant import running_factor, unbiased
-from .base import NormLayer
-from .batchnorm import running_stats_affine, setup_batchnorm_state
+from .batchnorm import BatchNormState, running_stats_affine, setup_batchnorm_state
+
+
+class _ProcessGroup(Protocol):
+    """What SyncBatchNorm calls on a process_group: mpi4py's buffer-based Allgather (and its
+    size, Get_size() or `size`, which _size_of looks up)."""
+
+    def Allgather(self, sendbuf: npt.NDArray[np.float64], recvbuf: npt.NDArray[np.float64],
+                  /) -> object: ...
 
 
 class _SingleProcess:
     """The process group of a job of one process (process_group=None without mpi4py)."""
 
-    def Get_size(self):
+    def Get_size(self) -> int:
         return 1
 
-    def Allgather(self, sendbuf, recvbuf):
+    def Allgather(self, sendbuf: npt.NDArray[np.float64], recvbuf: npt.NDArray[np.float64]) -> None:
         np.copyto(recvbuf.reshape(np.shape(sendbuf)), sendbuf)
 
 
-def _size_of(group):
+def _size_of(group: _ProcessGroup) -> int:
     """The number of processes of a communicator: mpi4py's Get_size(), or a `size` attribute."""
     get = getattr(group, "Get_size", None)
     size = get() if callable(get) else getattr(group, "size", None)
@@ -49,7 +61,7 @@ def _size_of(group):
     return int(size)
 
 
-def process_group_arg(group):
+def process_group_arg(group: _ProcessGroup | None) -> _ProcessGroup | None:
     """None (resolved at the first synchronized forward), or an object with mpi4py's
     buffer-based Allgather(sendbuf, recvbuf) and its size (Get_size() or size)."""
     if group is None:
@@ -63,7 +75,7 @@ def process_group_arg(group):
     return group
 
 
-def default_process_group():
+def default_process_group() -> _ProcessGroup:
     """MPI.COMM_WORLD when mpi4py is installed, else a single process."""
     try:
         from mpi4py import MPI
@@ -81,7 +93,10 @@ class RemoteInputError(ValueError):
 _REJECTED = -1.0
 
 
-def merge_moments(n, mean, m2):
+def merge_moments(n: npt.NDArray[np.float64], mean: npt.NDArray[np.float64],
+                  m2: npt.NDArray[np.float64]
+                  ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64],
+                             npt.NDArray[np.float64]]:
     """Chan's merge of per-rank (count, mean, M2) rows, (P, C) each, in rank order: (n, mean,
     M2) of the union, (C,) each; ranks with n = 0 change nothing."""
     tn, tm, tm2 = n[0].copy(), mean[0].copy(), m2[0].copy()
@@ -97,9 +112,9 @@ def merge_moments(n, mean, m2):
     return tn, tm, tm2
 
 
-def sum_in_rank_order(rows):
+def sum_in_rank_order(rows: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     """The sum of (P, C) rows, rank 0 first (one fixed order on every rank)."""
-    total = rows[0].copy()
+    total: npt.NDArray[np.float64] = rows[0].copy()
     for r in range(1, rows.shape[0]):
         total += rows[r]
     return total
@@ -111,12 +126,14 @@ class SyncSaved:
 
     __slots__ = ("plan", "x", "mean", "rstd", "count", "w", "shape", "group")
 
-    def __init__(self, plan, x, mean, rstd, count, w, shape, group):
+    def __init__(self, plan: _core.Plan, x: npt.NDArray[Any], mean: npt.NDArray[np.float64],
+                 rstd: npt.NDArray[np.float64], count: float, w: npt.NDArray[np.float64],
+                 shape: tuple[int, ...], group: _ProcessGroup) -> None:
         self.plan, self.x, self.mean, self.rstd, self.count = plan, x, mean, rstd, count
         self.w, self.shape, self.group = w, shape, group
 
 
-class SyncBatchNorm(NormLayer):
+class SyncBatchNorm(BatchNormState):
     """Batch normalization of (N, C, *spatial) input (any rank >= 2) with statistics over
     every process of `process_group`: torch.nn.SyncBatchNorm on NumPy arrays.
 
@@ -127,36 +144,41 @@ class SyncBatchNorm(NormLayer):
     and dtype; batch sizes may differ, down to 0 samples.
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, process_group=None, dtype=np.float32):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True,
+                 process_group: _ProcessGroup | None = None,
+                 dtype: npt.DTypeLike = np.float32) -> None:
         super().__init__()
         self.process_group = process_group_arg(process_group)
         setup_batchnorm_state(self, num_features, eps, momentum, affine, track_running_stats, dtype)
         self.use_batch_stats = False  # as BatchNorm's (eval only; local, as torch's)
 
-    def reset_running_stats(self):
+    def reset_running_stats(self) -> None:
         if self.track_running_stats:
+            assert (self.running_mean is not None and self.running_var is not None
+                    and self.num_batches_tracked is not None)  # registered with tracking
             self.running_mean.fill(0)
             self.running_var.fill(1)
             self.num_batches_tracked[...] = 0
 
-    def _group(self):
+    def _group(self) -> _ProcessGroup:
         if self.process_group is None:
             self.process_group = default_process_group()
         return self.process_group
 
-    def _allgather(self, group, send):
+    def _allgather(self, group: _ProcessGroup,
+                   send: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         size = _size_of(group)
         recv = np.empty((size,) + send.shape, np.float64)
         group.Allgather(send, recv)
         return recv
 
-    def _check_input(self, x):
+    def _check_input(self, x: npt.NDArray[Any]) -> None:
         _checks.layer_input(x, self.dtype, min_ndim=2, channels=self.num_features,
                             ranks=" (N, C, *spatial)")
 
     # -- forward ------------------------------------------------------------------------------
-    def _forward(self, x):
+    def _forward(self, x: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], SyncSaved | _core.Saved]:
         if not self.training:  # local, as torch's SyncBatchNorm in eval
             self._check_input(x)
             use_batch = self.running_mean is None or self.use_batch_stats
@@ -182,8 +204,8 @@ class SyncBatchNorm(NormLayer):
         if rejected.size:
             raise RemoteInputError(f"input: rank {int(rejected[0])} of the process_group rejected its "
                                    f"input, so this forward is abandoned on every rank")
-        M, mean, m2 = merge_moments(got[:, 0], got[:, 1], got[:, 2])
-        M = float(M[0])
+        counts, mean, m2 = merge_moments(got[:, 0], got[:, 1], got[:, 2])
+        M = float(counts[0])
         if M == 1:
             raise ValueError(f"input: expected more than 1 value per channel when training, got 1 "
                              f"over the process_group (this rank's input has shape {x.shape})")
@@ -196,6 +218,8 @@ class SyncBatchNorm(NormLayer):
         w = np.ones(C) if self.weight is None else self.weight.astype(np.float64)
         saved = SyncSaved(plan, x, mean, rstd, M, w, x.shape, group)
         if self.track_running_stats:  # every check has passed: the state changes now
+            assert (self.running_mean is not None and self.running_var is not None
+                    and self.num_batches_tracked is not None)  # registered with tracking
             if M > 0:  # an empty global batch leaves them alone, as BatchNorm
                 factor = running_factor(self)
                 _engine.running_update(self.running_mean, mean, factor)
@@ -204,7 +228,7 @@ class SyncBatchNorm(NormLayer):
         return y, saved
 
     # -- backward -----------------------------------------------------------------------------
-    def backward(self, dy):
+    def backward(self, dy: npt.NDArray[Any]) -> npt.NDArray[Any]:
         """Gradient w.r.t. the input of the last forward; this rank's parameter gradients go to
         `grads` (in training their sum over the ranks is BatchNorm's)."""
         saved = self._saved
@@ -214,7 +238,8 @@ class SyncBatchNorm(NormLayer):
         dx, self.grads = self.backward_of(saved, dy)
         return dx
 
-    def backward_of(self, saved, dy):
+    def backward_of(self, saved: SyncSaved | _core.Saved, dy: npt.NDArray[Any]
+                    ) -> tuple[npt.NDArray[Any], dict[str, npt.NDArray[Any]]]:
         """(dx, grads) for the forward that made `saved` (a SyncSaved or the local path's)."""
         if not isinstance(saved, SyncSaved):
             return self._local_backward(saved, dy)
@@ -241,14 +266,16 @@ class SyncBatchNorm(NormLayer):
         if x.size:
             c1, c2, c3 = r * w, -r ** 3 * w * A / M, -r * w * B / M
             _core.backward_apply_coefficients(saved.plan, x, dy, saved.mean, c1, c2, c3, dx)
-        grads = {}  # this rank's contributions (zero from an empty shard)
+        # this rank's contributions (zero from an empty shard)
+        grads: dict[str, npt.NDArray[Any]] = {}
         if self.weight is not None:
             grads["weight"] = (r * send[1] if x.size else np.zeros(C)).astype(self.weight.dtype)
         if self.bias is not None:
             grads["bias"] = send[0].astype(self.bias.dtype)
         return dx.reshape(saved.shape), grads
 
-    def _local_backward(self, saved, dy):
+    def _local_backward(self, saved: _core.Saved, dy: npt.NDArray[Any]
+                        ) -> tuple[npt.NDArray[Any], dict[str, npt.NDArray[Any]]]:
         want_w, want_b = self.weight is not None, self.bias is not None
         fast = _core.backward_fast(saved, dy, want_w, want_b)
         if fast is not None:
@@ -256,16 +283,19 @@ class SyncBatchNorm(NormLayer):
         else:
             dy = _checks.grad_output(dy, saved.shape, saved.x.dtype).reshape(saved.x.shape)
             dx, dw, db = _engine.backward(saved, dy, want_w, want_b)
-        grads = {}
+        grads: dict[str, npt.NDArray[Any]] = {}
         if dw is not None:
+            assert self.weight is not None  # dw only when want_w
             grads["weight"] = dw.reshape(self.weight.shape)
         if db is not None:
+            assert self.bias is not None  # db only when want_b
             grads["bias"] = db.reshape(self.bias.shape)
         return dx, grads
 
-    def _inference_affine(self, modality):
+    def _inference_affine(self, modality: object
+                          ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
         return running_stats_affine(self)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
                 f"track_running_stats={self.track_running_stats}")

@@ -7,37 +7,51 @@ uninitialized lazy parameters, a subclass whose forward may differ, hooks that a
 would lose) is left as it is, with a ConversionWarning naming it and the reason; with
 return_skipped=True the (name, module, reason) of each is returned too.
 """
+from __future__ import annotations
+
 import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 
 from . import _layers
 from ._module import NormModule
+
+if TYPE_CHECKING:
+    from ._sync import SyncBatchNorm
+
+# Makes the replacement of a torch module (of the type it is registered under: mypy cannot tie
+# the two, so the argument is Any).
+_Maker = Callable[[Any], nn.Module]
+_Skipped = tuple[str, nn.Module, str]  # (name, module, reason) of a norm layer left as it is
 
 
 class ConversionWarning(UserWarning):
     """A normalization layer that normkit.torch.convert left as it was, and why."""
 
 
-def _dtype(m):
+def _dtype(m: nn.Module) -> torch.dtype | None:
     for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
         if t.is_floating_point():
             return t.dtype
     return None
 
 
-def _batch_norm(cls):
+def _batch_norm(cls: type[_layers._BatchNorm] | type[_layers._InstanceNorm]
+                ) -> Callable[[_NormBase], NormModule]:
     return lambda m: cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, dtype=_dtype(m))
 
 
-def _sync_batch_norm(m):
+def _sync_batch_norm(m: nn.SyncBatchNorm) -> SyncBatchNorm:
     from ._sync import SyncBatchNorm
     return SyncBatchNorm(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats,
                          process_group=m.process_group, dtype=_dtype(m))
 
 
-_MAKERS = {
+_MAKERS: dict[type[nn.Module], _Maker] = {
     nn.BatchNorm1d: _batch_norm(_layers.BatchNorm1d),
     nn.BatchNorm2d: _batch_norm(_layers.BatchNorm2d),
     nn.BatchNorm3d: _batch_norm(_layers.BatchNorm3d),
@@ -54,14 +68,14 @@ _MAKERS = {
 _FROZEN_BUFFERS = ("weight", "bias", "running_mean", "running_var")
 
 
-def _is_frozen_batch_norm(m):
+def _is_frozen_batch_norm(m: nn.Module) -> bool:
     """torchvision.ops.FrozenBatchNorm2d, known by name and state (torchvision is optional)."""
     return (type(m).__name__ == "FrozenBatchNorm2d" and not isinstance(m, NormModule)
             and all(isinstance(m._buffers.get(n), torch.Tensor) for n in _FROZEN_BUFFERS)
             and not m._parameters and hasattr(m, "eps"))
 
 
-def _maker(m):
+def _maker(m: nn.Module) -> tuple[_Maker | None, str | None]:
     """(a function making the replacement, or None; why not, for a norm layer left as it is)."""
     if isinstance(m, NormModule) or type(m).__module__.startswith("normkit."):
         return None, None
@@ -75,7 +89,7 @@ def _maker(m):
             return None, None
         return None, f"a subclass of torch.nn.{base.__name__} ({type(m).__qualname__}), whose forward may differ"
     tensors = list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
-    if any(isinstance(t, nn.parameter.UninitializedTensorMixin) for t in tensors):
+    if any(nn.parameter.is_lazy(t) for t in tensors):  # isinstance(t, UninitializedTensorMixin)
         return None, "its parameters are not initialized yet (a lazy module)"
     if any(t.device.type != "cpu" for t in tensors):
         return None, f"it is on {next(t.device for t in tensors if t.device.type != 'cpu')} (normkit runs on the CPU)"
@@ -88,7 +102,7 @@ def _maker(m):
     return make, None
 
 
-def _replacement(m, make):
+def _replacement(m: nn.Module, make: _Maker) -> nn.Module:
     new = make(m)
     for n in list(new._parameters):
         if n in m._parameters:
@@ -100,16 +114,28 @@ def _replacement(m, make):
     return new
 
 
-def convert(module, *, return_skipped=False):
+@overload
+def convert(module: nn.Module, *, return_skipped: Literal[False] = False) -> nn.Module: ...
+@overload
+def convert(module: nn.Module, *, return_skipped: Literal[True]
+            ) -> tuple[nn.Module, list[_Skipped]]: ...
+@overload
+def convert(module: nn.Module, *, return_skipped: bool
+            ) -> nn.Module | tuple[nn.Module, list[_Skipped]]: ...
+
+
+def convert(module: nn.Module, *, return_skipped: bool = False
+            ) -> nn.Module | tuple[nn.Module, list[_Skipped]]:
     """`module` with every torch.nn normalization layer in it (BatchNorm1d/2d/3d, SyncBatchNorm,
     InstanceNorm1d/2d/3d, GroupNorm, LayerNorm, RMSNorm, LocalResponseNorm, and torchvision's
     FrozenBatchNorm2d) replaced, in place, by normkit.torch's, which takes over its tensors.
     Returns the module (a new one when `module` itself is a norm layer), and with
     return_skipped=True also the list of (name, module, reason) of the norm layers left as
     they are (each also reported by a ConversionWarning)."""
-    skipped, done = [], {}
+    skipped: list[_Skipped] = []
+    done: dict[int, nn.Module] = {}
 
-    def swap(m, name):
+    def swap(m: nn.Module, name: str) -> nn.Module:
         if id(m) in done:  # one module under two names stays one module
             return done[id(m)]
         make, reason = _maker(m)

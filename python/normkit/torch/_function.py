@@ -6,16 +6,24 @@ backward puts that state back on the layer for the one layer.backward call, and 
 parameter gradients (and those of differentiable extra inputs, BKN's prior) from layer.grads.
 The module supplies the layer-specific parts (_nk_call, _nk_backward, ...; see _module.py).
 """
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch.autograd.function import once_differentiable
 
 from . import _bridge
 
+if TYPE_CHECKING:
+    from ._module import NormModule
+
 
 class NormFunction(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, mod, extras, names, x, *tensors):
+    def forward(ctx: Any, mod: NormModule, extras: tuple[Any, ...], names: list[str],
+                x: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """tensors: the parameters named in `names`, then the differentiable extra inputs."""
         layer, xv, nhwc = mod._nk_prepare(x)
         diff = tensors[len(names):]
@@ -32,7 +40,8 @@ class NormFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dy, *douts):
+    def backward(ctx: Any, dy: torch.Tensor, *douts: torch.Tensor
+                 ) -> tuple[torch.Tensor | None, ...]:
         ctx.saved_tensors  # raises if x was modified in place since the forward
         mod = ctx.mod
         layer = mod._nk
@@ -42,7 +51,7 @@ class NormFunction(torch.autograd.Function):
         finally:
             layer._saved = prev
         grads = layer.grads
-        out = [None, None, None, _bridge.output_tensor(dx, ctx.nhwc)]
+        out: list[torch.Tensor | None] = [None, None, None, _bridge.output_tensor(dx, ctx.nhwc)]
         for name, dtype, shape in ctx.meta:
             g = grads.get(name)
             out.append(None if g is None else _bridge.tensor_view(g).reshape(shape).to(dtype))

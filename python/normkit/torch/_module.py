@@ -11,15 +11,24 @@ pointer: a few attribute reads per call) and sets the layer's dtype from them.
 Hyperparameters (eps, momentum, r_max, use_batch_stats, ...) are the layer's: reading or
 setting them on the module reads or sets (and checks) the layer's.
 """
+from __future__ import annotations
+
 import inspect
 from collections import OrderedDict
+from collections.abc import Container, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
+import numpy.typing as npt
 import torch
+from torch.types import Device
 
 from .. import _checks
 from . import _bridge
 from ._function import NormFunction
+
+if TYPE_CHECKING:
+    from ..layers.base import NormLayer
 
 _NOT_FORWARDED = frozenset({"training", "grads", "dtype", "layout", "posterior"})
 
@@ -28,8 +37,12 @@ class NormModule(torch.nn.Module):
     """Base of every normkit.torch module: `self._nk` is the normkit layer it runs."""
 
     _channels_last = False  # the layer reads (N, *spatial, C) memory (normkit's layout="NHWC")
+    # Set with object.__setattr__ in __init__ (plain attributes, not torch state):
+    _nk: NormLayer
+    _nk_views: dict[str, tuple[torch.Tensor, int, npt.NDArray[Any]]]  # (tensor, data_ptr, view)
+    _nk_forwarded: frozenset[str]
 
-    def __init__(self, layer, device=None):
+    def __init__(self, layer: NormLayer, device: Device = None) -> None:
         _bridge.check_device(device)
         torch.nn.Module.__init__(self)  # not a torch layer's __init__ (a subclass's): it would make its own tensors
         object.__setattr__(self, "_nk", layer)
@@ -47,7 +60,7 @@ class NormModule(torch.nn.Module):
                            frozenset(public - _NOT_FORWARDED - set(layer._param_names) - set(layer._buffer_names)))
 
     # -- the layer's hyperparameters as the module's attributes ----------------------------
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
@@ -56,25 +69,25 @@ class NormModule(torch.nn.Module):
                 return getattr(self.__dict__["_nk"], name)
             raise
 
-    def __setattr__(self, name, value):
+    def __setattr__(self, name: str, value: Any) -> None:
         if name in self.__dict__.get("_nk_forwarded", ()):
             setattr(self._nk, name, value)
         else:
             super().__setattr__(name, value)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return self._nk.extra_repr()
 
     # -- keeping the layer on the module's current tensors ---------------------------------
-    def _nk_tensor(self, name):
+    def _nk_tensor(self, name: str) -> torch.Tensor | None:
         return self._parameters[name] if name in self._parameters else self._buffers.get(name)
 
-    def _nk_sync(self, input_dtype=None):
+    def _nk_sync(self, input_dtype: np.dtype[Any] | None = None) -> NormLayer:
         """The layer, with its arrays the module's current tensors and its mode the module's."""
         layer = self._nk
         layer.training = self.training
         views = self._nk_views
-        dtype = None
+        dtype: np.dtype[Any] | None = None
         for name in layer._param_names + layer._buffer_names:
             t = self._nk_tensor(name)
             if t is None:
@@ -96,7 +109,7 @@ class NormModule(torch.nn.Module):
             layer._set_dtype(dtype)
         return layer
 
-    def _nk_view(self, name, t):
+    def _nk_view(self, name: str, t: torch.Tensor) -> npt.NDArray[Any]:
         if t.device.type != "cpu":
             raise ValueError(f"{name}: expected a CPU tensor (normkit.torch runs on the CPU), got one on {t.device}")
         if t.is_floating_point() and t.dtype not in (torch.float32, torch.float64):
@@ -105,35 +118,38 @@ class NormModule(torch.nn.Module):
                             f"convert the input, not the module), got {t.dtype}")
         return _bridge.numpy_view(t)
 
-    def _nk_grad_tensors(self):
+    def _nk_grad_tensors(self) -> list[tuple[str, torch.nn.Parameter]]:
         """(name, parameter) of the layer's parameters that exist, in the layer's order."""
-        return [(n, self._parameters[n]) for n in self._nk._param_names if self._parameters.get(n) is not None]
+        return [(n, p) for n in self._nk._param_names if (p := self._parameters.get(n)) is not None]
 
     # -- a call -----------------------------------------------------------------------------
-    def _nk_prepare(self, x):
+    def _nk_prepare(self, x: torch.Tensor) -> tuple[NormLayer, npt.NDArray[Any], bool]:
         """(layer, x's NumPy view, whether it is the channels-last view), the layer synced."""
         xv, nhwc = _bridge.input_view(x, self._channels_last)
         layer = self._nk_sync(xv.dtype)
-        if self._channels_last:
-            layer.layout = "NHWC" if nhwc else "NCHW"
+        if self._channels_last:  # (NormLayer has no layout: these modules' layers all have one)
+            layer.layout = "NHWC" if nhwc else "NCHW"  # type: ignore[attr-defined]
         return layer, xv, nhwc
 
-    def _nk_call(self, layer, xv, extras, diff):
+    def _nk_call(self, layer: NormLayer, xv: npt.NDArray[Any], extras: tuple[Any, ...],
+                 diff: Sequence[npt.NDArray[Any]]) -> npt.NDArray[Any]:
         """The layer's forward on NumPy arguments (variants with extra inputs override it)."""
         return layer(xv, *extras)
 
-    def _nk_extra_outputs(self, layer):
+    def _nk_extra_outputs(self, layer: NormLayer) -> tuple[torch.Tensor, ...] | None:
         """Tensors the Function returns after y (BKN's posterior), or None."""
         return None
 
-    def _nk_backward(self, layer, dy, douts):
+    def _nk_backward(self, layer: NormLayer, dy: npt.NDArray[Any], douts: tuple[torch.Tensor, ...]
+                     ) -> npt.NDArray[Any]:
         return layer.backward(dy)
 
-    def _nk_extra_grads(self, layer, n_diff):
+    def _nk_extra_grads(self, layer: NormLayer, n_diff: int) -> list[torch.Tensor]:
         """Gradients of the differentiable extra inputs, as tensors (BKN's prior)."""
         return []
 
-    def _nk_forward(self, x, extras=(), diff=()):
+    def _nk_forward(self, x: object, extras: tuple[Any, ...] = (),
+                    diff: tuple[torch.Tensor, ...] = ()) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Runs the layer on x (and `extras`, NumPy arguments; `diff`, differentiable extra
         tensors): through NormFunction when autograd needs it, else directly."""
         x = _bridge.cpu_tensor(x, "input")
@@ -141,7 +157,11 @@ class NormModule(torch.nn.Module):
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for _, p in params)
                                         or any(t.requires_grad for t in diff)):
             names = [n for n, _ in params]
-            return NormFunction.apply(self, extras, names, x, *[p for _, p in params], *diff)
+            # (torch's Function.apply has no annotations)
+            result: torch.Tensor | tuple[torch.Tensor, ...] = (
+                NormFunction.apply(  # type: ignore[no-untyped-call]
+                    self, extras, names, x, *[p for _, p in params], *diff))
+            return result
         layer, xv, nhwc = self._nk_prepare(x)
         y = self._nk_call(layer, xv, extras, [_bridge.numpy_view(t) for t in diff])
         layer._saved = None  # no backward will come: let x go
@@ -149,17 +169,20 @@ class NormModule(torch.nn.Module):
         extra = self._nk_extra_outputs(layer)
         return out if extra is None else (out,) + extra
 
-    def forward(self, input):
-        return self._nk_forward(input)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        # No extra outputs: the modules with some override forward.
+        return cast(torch.Tensor, self._nk_forward(input))
 
     # -- state -----------------------------------------------------------------------------
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
+                              local_metadata: dict[str, Any], strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self._nk_after_load()
 
-    def _nk_after_load(self):
+    def _nk_after_load(self) -> None:
         """Layers whose load_state_dict does more than copy (CBN empties its window, MBN resets
         its per-modality counts) get it run on their own (just loaded) state."""
         from ..layers.base import NormLayer
@@ -168,12 +191,14 @@ class NormModule(torch.nn.Module):
             self._nk_sync()
             layer.load_state_dict(OrderedDict((k, np.array(v)) for k, v in layer._state().items()))
 
-    def reset_running_stats(self):
+    def reset_running_stats(self) -> None:
         self._nk_sync()
-        self._nk.reset_running_stats()
+        # (only the layers with running statistics have it: on others, AttributeError)
+        self._nk.reset_running_stats()  # type: ignore[attr-defined]
 
 
-def signature_of(layer_cls, drop=("layout",), add_device=True):
+def signature_of(layer_cls: type[NormLayer], drop: Container[str] = ("layout",),
+                 add_device: bool = True) -> inspect.Signature:
     """The normkit constructor's signature, without `drop`, with torch's device and dtype."""
     sig = inspect.signature(layer_cls.__init__)
     params = [p for n, p in sig.parameters.items() if n not in drop and n != "dtype"]

@@ -9,21 +9,27 @@ through _TorchGroup, an mpi4py-style communicator (Get_size, Allgather) over
 torch.distributed's all-gather (gloo on the CPU). Eval uses the running statistics and no
 communication, as torch's.
 """
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, TypeGuard
+
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.types import Device
 
 from .. import _checks
+from ._bridge import numpy_view as _numpy_view, tensor_view as _tensor_view
 from ..layers import batchnorm as _np_batchnorm
 from ..layers.sync_batchnorm import SyncBatchNorm as _NumpySyncBatchNorm, _SingleProcess
 
-try:
-    import ml_dtypes
-    _BF16 = np.dtype(ml_dtypes.bfloat16)
-except ImportError:  # pragma: no cover - ml_dtypes comes with normkit's half support
-    _BF16 = None
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+    from ._module import NormModule
 
 _INPUT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -32,13 +38,13 @@ class _TorchGroup:
     """A torch.distributed process group as the communicator normkit's SyncBatchNorm takes:
     Get_size() and a buffer-based Allgather(sendbuf, recvbuf) on NumPy float64 arrays."""
 
-    def __init__(self, group=None):
+    def __init__(self, group: ProcessGroup | None = None) -> None:
         self.group = group  # None: the default (WORLD) group
 
-    def Get_size(self):
+    def Get_size(self) -> int:
         return dist.get_world_size(self.group)
 
-    def Allgather(self, sendbuf, recvbuf):
+    def Allgather(self, sendbuf: npt.NDArray[np.float64], recvbuf: npt.NDArray[np.float64]) -> None:
         send = torch.from_numpy(np.ascontiguousarray(sendbuf)).reshape(-1)
         recv = torch.from_numpy(recvbuf).reshape(-1)  # recvbuf is C-contiguous: a view
         gather = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
@@ -48,26 +54,12 @@ class _TorchGroup:
             dist.all_gather(list(recv.reshape(-1, send.numel()).unbind(0)), send, group=self.group)
 
 
-def _numpy_view(t):
-    """A CPU tensor's memory as a NumPy array (no copy; bfloat16 through its int16 bits)."""
-    t = t.detach()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(_BF16)
-    return t.numpy()
-
-
-def _tensor_view(a):
-    """A NumPy array's memory as a tensor (no copy)."""
-    if _BF16 is not None and a.dtype == _BF16:
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(a)
-
-
 class _SyncBatchNormFunction(torch.autograd.Function):
     """y = layer(x) with the NumPy layer; backward through layer.backward_of(ctx's saved)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, layer, xv):
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                layer: _NumpySyncBatchNorm, xv: npt.NDArray[Any]) -> torch.Tensor:
         y = layer.forward(xv)
         ctx.layer, ctx.state = layer, layer._saved
         layer._saved = None
@@ -77,10 +69,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dy):
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         ctx.saved_tensors  # raises if x was modified in place since the forward
         dx, grads = ctx.layer.backward_of(ctx.state, _numpy_view(dy.contiguous()))
-        out = [_tensor_view(dx)]
+        out: list[torch.Tensor | None] = [_tensor_view(dx)]
         for name, meta in zip(("weight", "bias"), ctx.param_meta):
             g = grads.get(name)
             out.append(None if meta is None or g is None else _tensor_view(g).reshape(meta[1]).to(meta[0]))
@@ -99,8 +91,10 @@ class SyncBatchNorm(_BatchNorm):
     training the same number of times.
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 process_group=None, device=None, dtype=None, **kwargs):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True,
+                 process_group: ProcessGroup | None = None, device: Device = None,
+                 dtype: torch.dtype | None = None, **kwargs: Any) -> None:
         if device is not None and torch.device(device).type != "cpu":
             raise ValueError(f"device: expected a CPU device (normkit.torch runs on the CPU), got {device}")
         if dtype is not None and dtype not in (torch.float32, torch.float64):
@@ -110,21 +104,21 @@ class SyncBatchNorm(_BatchNorm):
                          dtype=dtype, **kwargs)
         self.process_group = process_group
 
-    def _check_input_dim(self, input):
+    def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
-    def _check_non_zero_input_channels(self, input):
+    def _check_non_zero_input_channels(self, input: torch.Tensor) -> None:
         if input.size(1) == 0:
             raise ValueError("SyncBatchNorm number of input channels should be non-zero")
 
-    def _communicator(self):
+    def _communicator(self) -> _SingleProcess | _TorchGroup:
         group = self.process_group
         if group is None and not (dist.is_available() and dist.is_initialized()):
             return _SingleProcess()
         return _TorchGroup(group)
 
-    def _layer(self, input_dtype):
+    def _layer(self, input_dtype: np.dtype[Any]) -> _NumpySyncBatchNorm:
         """The NumPy layer for this call, on views of the module's current tensors."""
         state = {n: getattr(self, n) for n in ("weight", "bias", "running_mean", "running_var",
                                                 "num_batches_tracked")}
@@ -150,7 +144,7 @@ class SyncBatchNorm(_BatchNorm):
         layer.training = self.training
         return layer
 
-    def forward(self, input):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"input: expected a torch.Tensor, got {type(input).__name__}")
         self._check_input_dim(input)
@@ -165,20 +159,25 @@ class SyncBatchNorm(_BatchNorm):
         needs_grad = torch.is_grad_enabled() and (
             input.requires_grad or any(p is not None and p.requires_grad for p in (w, b)))
         if needs_grad:
-            return _SyncBatchNormFunction.apply(input, w, b, layer, xv)
+            # (torch's Function.apply has no annotations)
+            out: torch.Tensor = _SyncBatchNormFunction.apply(  # type: ignore[no-untyped-call]
+                input, w, b, layer, xv)
+            return out
         y = layer.forward(xv)
         layer._saved = None
         return _tensor_view(y)
 
     @classmethod
-    def convert_sync_batchnorm(cls, module, process_group=None):
+    def convert_sync_batchnorm(cls, module: torch.nn.Module,
+                               process_group: ProcessGroup | None = None) -> torch.nn.Module:
         """Every torch BatchNorm*D (any torch.nn.modules.batchnorm._BatchNorm) and normkit.torch
         BatchNorm*d in the tree of `module` replaced by this class, sharing their parameters and
         buffers; as torch.nn.SyncBatchNorm.convert_sync_batchnorm. Returns the (new) root."""
-        out = module
+        out: torch.nn.Module = module
         if _is_batch_norm(module):
             bias = getattr(module, "bias", None)
-            kwargs = {} if bias is not None or not module.affine else {"bias": False}
+            kwargs: dict[str, Any] = ({} if bias is not None or not module.affine
+                                      else {"bias": False})
             out = cls(module.num_features, module.eps, module.momentum, module.affine,
                       module.track_running_stats, process_group, **kwargs)
             if module.affine:
@@ -197,7 +196,7 @@ class SyncBatchNorm(_BatchNorm):
         return out
 
 
-def _is_batch_norm(module):
+def _is_batch_norm(module: object) -> TypeGuard[_BatchNorm | NormModule]:
     """A torch BatchNorm (torch's _BatchNorm, SyncBatchNorm included) or a normkit.torch module
     running normkit's BatchNorm1d/2d/3d."""
     if isinstance(module, _BatchNorm):
