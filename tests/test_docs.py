@@ -7,16 +7,31 @@ its own line numbers in the page, so a traceback points at the line of the .md f
 import ast
 import re
 import traceback
-from pathlib import Path
 
 import pytest
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+import normkit
+from doc_examples import DOCS, ROOT, markdown_pages, python_blocks
+
 INDEX = DOCS / "README.md"
 PAGES = sorted(p for p in DOCS.glob("*.md") if p.name != INDEX.name)
+MKDOCS = ROOT / "mkdocs.yml"
+# Pages that are reference tables, not tutorials: no example of their own.
+PAGES_WITHOUT_EXAMPLES = {"benchmarks.md"}
 
-# The classes of issue 10 and the page that documents each.
+# Every layer and the page that documents it: what it fixes, the equations, defaults, when to use
+# it, and an example that uses it.
 CLASS_PAGES = {
+    "BatchNorm1d": "batch_norm.md",
+    "BatchNorm2d": "batch_norm.md",
+    "BatchNorm3d": "batch_norm.md",
+    "LayerNorm": "layer_norm.md",
+    "GroupNorm": "group_norm.md",
+    "InstanceNorm1d": "instance_norm.md",
+    "InstanceNorm2d": "instance_norm.md",
+    "InstanceNorm3d": "instance_norm.md",
+    "RMSNorm": "rms_norm.md",
+    "SyncBatchNorm": "sync_batchnorm.md",
     "ExtendedBatchNorm2d": "extended_batch_norm.md",
     "ModalityBatchNorm2d": "modality_batch_norm.md",
     "GhostBatchNorm2d": "ghost_batch_norm.md",
@@ -38,17 +53,8 @@ CLASS_PAGES = {
 # What an example may import: the docs promise examples that need nothing but these.
 ALLOWED_IMPORTS = {"numpy", "normkit"}
 # Pages about an interop layer may import what it interoperates with.
-PAGE_IMPORTS = {"torch.md": {"torch"}}
-
-# A fence opens with ```python (optionally more words after it) at the start of a line and
-# closes with ``` alone on a line.
-_BLOCK = re.compile(r"^```python[^\n]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
-
-
-def python_blocks(path):
-    """[(first line of the code in the page, 1-based; code)] for every ```python block."""
-    text = path.read_text(encoding="utf-8")
-    return [(text.count("\n", 0, m.start(1)) + 1, m.group(1)) for m in _BLOCK.finditer(text)]
+PAGE_IMPORTS = {"torch.md": {"torch"}, "getting_started.md": {"torch"},
+                "numerics.md": {"ml_dtypes"}}
 
 
 def _page_id(path):
@@ -60,7 +66,8 @@ def test_docs_folder_has_pages():
     assert PAGES, f"expected docs pages (*.md) in {DOCS}"
 
 
-@pytest.mark.parametrize("page", PAGES, ids=_page_id)
+@pytest.mark.parametrize("page", [p for p in PAGES if p.name not in PAGES_WITHOUT_EXAMPLES],
+                         ids=_page_id)
 def test_page_has_python_example(page):
     assert python_blocks(page), f"{page.name}: expected at least one ```python block, found none"
 
@@ -103,7 +110,7 @@ def test_page_examples_run(page):
 
 
 @pytest.mark.parametrize("cls", sorted(CLASS_PAGES))
-def test_every_variant_has_its_page(cls):
+def test_every_layer_has_its_page(cls):
     page = DOCS / CLASS_PAGES[cls]
     assert page.is_file(), f"{cls}: expected its docs page at docs/{CLASS_PAGES[cls]}"
     assert cls in page.read_text(encoding="utf-8"), f"docs/{page.name}: never names {cls}"
@@ -116,3 +123,36 @@ def test_index_lists_every_page():
     index = INDEX.read_text(encoding="utf-8")
     missing = [p.name for p in PAGES if f"({p.name})" not in index]
     assert not missing, f"docs/{INDEX.name} does not link {missing}"
+
+
+def test_every_public_layer_class_is_mapped_to_a_page():
+    layers = [n for n in normkit.__all__
+              if isinstance(getattr(normkit, n), type) and issubclass(getattr(normkit, n), normkit.NormLayer)
+              and n != "NormLayer"]
+    unmapped = sorted(set(layers) - set(CLASS_PAGES))
+    assert not unmapped, f"layers without a docs page in CLASS_PAGES: {unmapped}"
+
+
+def _nav_pages():
+    """The .md files mkdocs.yml's nav names (entries like `- Title: page.md`)."""
+    text = MKDOCS.read_text(encoding="utf-8")
+    nav = text[text.index("\nnav:"):]
+    return re.findall(r"^\s*-\s[^\n:]*:\s*(\S+\.md)\s*$", nav, flags=re.MULTILINE)
+
+
+def test_the_site_nav_names_every_page_once_and_only_pages_that_exist():
+    nav = _nav_pages()
+    pages = sorted(p.relative_to(DOCS).as_posix() for p in markdown_pages())
+    assert sorted(set(nav)) == sorted(nav), f"mkdocs.yml nav names a page twice: {nav}"
+    assert sorted(nav) == pages, (
+        f"not in the nav: {sorted(set(pages) - set(nav))}; "
+        f"in the nav but not in docs/: {sorted(set(nav) - set(pages))}")
+
+
+def test_the_api_reference_covers_every_public_name():
+    reference = "\n".join(p.read_text(encoding="utf-8") for p in (DOCS / "api").glob("*.md"))
+    documented = set(re.findall(r"^:::\s*normkit\.(\w+)\s*$", reference, flags=re.MULTILINE))
+    documented |= set(re.findall(r"^\s+- (\w+)\s*$", reference, flags=re.MULTILINE))
+    missing = sorted(n for n in normkit.__all__
+                     if n not in documented and not n.startswith("_") and n != "__version__")
+    assert not missing, f"public names missing from docs/api/*.md: {missing}"

@@ -58,6 +58,8 @@ class ProxyNorm2d(VariantLayer):
     0; proxy_weight, proxy_bias init 0). Training and inference are the same.
     """
 
+    weight: npt.NDArray[Any]  # always affine
+    bias: npt.NDArray[Any]
     proxy_weight: npt.NDArray[Any]
     proxy_bias: npt.NDArray[Any]
     # The last _proxy_moments: its key (op, eps and the parameters' bytes) and (Y, dZ, mu, dev, r).

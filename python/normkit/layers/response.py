@@ -24,6 +24,8 @@ class FilterResponseNorm2d(VariantLayer):
     same. Input (N, C) or (N, C, *spatial), NCHW.
     """
 
+    weight: npt.NDArray[Any]  # always affine
+    bias: npt.NDArray[Any]
     tau: npt.NDArray[Any] | None  # with tlu
     eps_l: npt.NDArray[Any] | None  # with learnable_eps
 

@@ -157,7 +157,8 @@ class NormModule(torch.nn.Module):
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for _, p in params)
                                         or any(t.requires_grad for t in diff)):
             names = [n for n, _ in params]
-            # (torch's Function.apply has no annotations)
+            # (torch's Function.apply has no annotations; untyped_calls_exclude does not reach
+            # it through our subclass)
             result: torch.Tensor | tuple[torch.Tensor, ...] = (
                 NormFunction.apply(  # type: ignore[no-untyped-call]
                     self, extras, names, x, *[p for _, p in params], *diff))
