@@ -1,7 +1,6 @@
 """BatchChannelNorm2d: a batch part, then a per-sample channel (group) part (BCN)."""
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -9,6 +8,15 @@ import numpy.typing as npt
 
 from .. import _checks, _core, _engine
 from ._variant import StepSaved, VariantLayer, pool, unbiased
+
+
+def _update(running: npt.NDArray[Any], value: npt.NDArray[np.float64], factor: float) -> None:
+    """_engine.running_update, bitwise, in one core call where the buffer is the layer's own kind
+    (a C-contiguous float32 or float64 array; the core's update skips NumPy's errstate)."""
+    if running.dtype in (np.float32, np.float64) and running.flags.c_contiguous:
+        _core.running_update(running, value, factor)
+    else:
+        _engine.running_update(running, value, factor)
 
 
 class BatchChannelNorm2d(VariantLayer):
@@ -66,11 +74,16 @@ class BatchChannelNorm2d(VariantLayer):
         self.weight = self.bias = None  # the affines are the two parts' own
         # After eval(): the batch part normalizes with the batch's own statistics.
         self.use_batch_stats = False
+        self._plans: dict[tuple[int, int, int], _core.Plan] = {}  # by (N, C, S)
 
     def _forward(self, x: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], StepSaved]:
         x, (N, C, S) = self._input(x)
         G, cpg = self.num_groups, C // self.num_groups
-        plan = _core.plan_per_channel_in_sets(N, C, S, list(range(N)))  # cells: the (n, c) planes
+        plan = self._plans.get((N, C, S))
+        if plan is None:  # cells: the (n, c) planes; a plan per shape, never changed once made
+            if len(self._plans) >= 8:
+                self._plans.clear()
+            plan = self._plans[(N, C, S)] = _core.plan_per_channel_in_sets(N, C, S, list(range(N)))
         if x.size == 0:
             return _core.empty_like(x), StepSaved(plan, x, np.zeros(N * C), None, x.shape)
         batch = self._batch_stats() and not self.estimate
@@ -78,34 +91,36 @@ class BatchChannelNorm2d(VariantLayer):
             _checks.more_than_one_value(N * S, "channel", x.shape)
         m, v = (a.reshape(N, C) for a in _core.group_moments(plan, x))  # every cell's moments
         bw, bb = self.bn_weight.astype(np.float64), self.bn_bias.astype(np.float64)
-        gw, gb = (np.repeat(p.astype(np.float64), cpg) for p in (self.gn_weight, self.gn_bias))  # per channel
+        # The group part's affine per group, (G, 1): broadcast over a group's cpg channels.
+        gw, gb = (p.astype(np.float64).reshape(G, 1) for p in (self.gn_weight, self.gn_bias))
         # The batch part's statistics, pooled from the cells (or the running estimates).
         if batch:
             mu, var = pool(S, m, v, 0)
             if self.training:
-                _engine.running_update(self.running_mean, mu, self.momentum)
-                _engine.running_update(self.running_var, unbiased(var, N * S), self.momentum)
+                _update(self.running_mean, mu, self.momentum)
+                _update(self.running_var, unbiased(var, N * S), self.momentum)
         else:
             if self.estimate and self.training:
                 mu_b, var_b = pool(S, m, v, 0)
                 # mean over (N, H, W) of (x - mu_old)^2 = var_B + (mu_B - mu_old)^2
                 spread = var_b + (mu_b - self.running_mean.astype(np.float64)) ** 2
-                _engine.running_update(self.running_mean, mu_b, self.estimate_rate)
-                _engine.running_update(self.running_var, spread, self.estimate_rate)
+                _update(self.running_mean, mu_b, self.estimate_rate)
+                _update(self.running_var, spread, self.estimate_rate)
             mu, var = self.running_mean.astype(np.float64), self.running_var.astype(np.float64)
         r = 1.0 / np.sqrt(var + self.eps)
         a, b = bw * r, bb - mu * bw * r  # x1 = a x + b per channel
         # The group part's statistics of x1, from the cells' moments: x1's cell mean a m + b,
-        # variance a^2 v, pooled over each sample's groups of cpg channels.
-        grouped: Callable[[npt.NDArray[Any]], npt.NDArray[Any]] = lambda t: t.reshape(N, G, cpg)
-        m1 = a * m + b
-        mu_g, var_g = pool(1, grouped(m1), grouped(a * a * v), 2)  # (N, G)
-        r_g = 1.0 / np.sqrt(var_g + self.eps)
-        expand: Callable[[npt.NDArray[Any]], npt.NDArray[Any]] = (
-            lambda t: np.repeat(t, cpg, axis=1))  # (N, G) -> (N, C)
-        rg, mug = expand(r_g), expand(mu_g)
+        # variance a^2 v, pooled over each sample's groups of cpg channels. Per-group values
+        # stay (N, G, 1) and broadcast over the (N, G, cpg) view of a per-cell array.
+        ag = a.reshape(G, cpg)
+        m1 = (a * m + b).reshape(N, G, cpg)
+        mu_g = m1.sum(axis=2, keepdims=True) / cpg  # pool(1, ...) over each group's cells
+        var_g = ((a * a * v).reshape(N, G, cpg) + (m1 - mu_g) ** 2).sum(axis=2, keepdims=True) / cpg
+        r_g = 1.0 / np.sqrt(var_g + self.eps)  # (N, G, 1)
+        e1 = gw * r_g  # gw r_g, (N, G, 1)
+        d1 = m1 - mu_g  # m1 - mu_g per cell
         # y = gw r_g (a x + b - mu_g) + gb = gw r_g a (x - m) + gw r_g (m1 - mu_g) + gb per cell
-        y = self._apply(plan, x, m, gw * rg * a, gw * rg * (m1 - mug) + gb)
+        y = self._apply(plan, x, m, e1 * ag, e1 * d1 + gb)
 
         # Backward (tests/reference.py: batch_channel_norm_backward), per cell B = sum dy,
         # A = sum dy (x - m). The group part gives dL/dx1 = e1 dy + f (x - m) + h per cell,
@@ -114,24 +129,28 @@ class BatchChannelNorm2d(VariantLayer):
         # batch part then sums z = dL/dx1 over each channel's cells: Z = sum (e1 B + h S),
         # ZX = sum (e1 (A + (m - mu) B) + f S v + h S (m - mu)), and with batch statistics
         # dx = bw r z - bw r Z/M - bw r^3 (x - mu) ZX/M, M = N*S; else dx = bw r z.
+        # Per-group terms are (N, G, 1), per-cell ones (N, G, cpg), per-channel ones (G, cpg).
         def fold(B: npt.NDArray[np.float64], A: npt.NDArray[np.float64]
                  ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64],
                             npt.NDArray[np.float64], dict[str, npt.NDArray[Any]]]:
-            B, A = B.reshape(N, C), A.reshape(N, C)
-            P = grouped(B).sum(axis=2)
-            Q = grouped(a * A + (m1 - mug) * B).sum(axis=2)
+            B, A = B.reshape(N, G, cpg), A.reshape(N, G, cpg)
+            P = B.sum(axis=2, keepdims=True)
+            Q = (ag * A + d1 * B).sum(axis=2, keepdims=True)
             M1 = cpg * S
-            e1 = gw * rg
-            e2 = -gw * rg ** 3 * expand(Q) / M1
-            f, h = e2 * a, e2 * (m1 - mug) - gw * rg * expand(P) / M1
-            Z = (e1 * B + h * S).sum(axis=0)
-            ZX = (e1 * (A + (m - mu) * B) + f * S * v + h * S * (m - mu)).sum(axis=0)
-            c1, c2, c3 = bw * r * e1, bw * r * f, bw * r * h
+            e2 = -gw * r_g ** 3 * Q / M1
+            f, h = e2 * ag, e2 * d1 - e1 * P / M1
+            dm = (m - mu).reshape(N, G, cpg)
+            hS = h * S
+            Z = (e1 * B + hS).reshape(N, C).sum(axis=0)
+            ZX = (e1 * (A + dm * B) + f * S * v.reshape(N, G, cpg) + hS * dm).reshape(N, C).sum(axis=0)
+            c1, c2, c3 = ag * e1, ag * f, ag * h
             if batch:
                 M = N * S
-                c2 = c2 - bw * r ** 3 * ZX / M
-                c3 = c3 - bw * r * Z / M - bw * r ** 3 * ZX / M * (m - mu)
-            grads = {"bn_weight": r * ZX, "bn_bias": Z, "gn_weight": (r_g * Q).sum(axis=0), "gn_bias": P.sum(axis=0)}
+                t = (bw * r ** 3 * ZX / M).reshape(G, cpg)
+                c2 = c2 - t
+                c3 = c3 - (a * Z / M).reshape(G, cpg) - t * dm
+            grads = {"bn_weight": r * ZX, "bn_bias": Z, "gn_weight": (r_g * Q).reshape(N, G).sum(axis=0),
+                     "gn_bias": P.reshape(N, G).sum(axis=0)}
             return c1, c2, c3, {k: g.astype(self.dtype) for k, g in grads.items()}
 
         return y, StepSaved(plan, x, m.reshape(-1), fold, x.shape)

@@ -23,7 +23,8 @@ _Step = tuple[_F64, _F64, _F64, _F64, _F64]
 
 def _filters(a: npt.NDArray[Any], C: int, name: str, shape: tuple[int, ...] | None = None) -> _F64:
     """A float array with C rows (one filter per output channel), of `shape` when given, as
-    float64 rows of the filter's fan-in."""
+    float64 rows of the filter's fan-in (a view of `a` where it is already float64: the caller's
+    array, to be read now and copied if kept)."""
     _checks.ndarray(a, name)
     if a.dtype.kind != "f":
         raise TypeError(f"{name}: expected a float array, got dtype {a.dtype}")
@@ -31,7 +32,7 @@ def _filters(a: npt.NDArray[Any], C: int, name: str, shape: tuple[int, ...] | No
         raise ValueError(f"{name}: expected C = {C} filters along the first axis, got shape {a.shape}")
     if shape is not None and a.shape != shape:
         raise ValueError(f"{name}: expected the preceding layer's weight shape {shape}, got {a.shape}")
-    return np.array(a, np.float64).reshape(C, -1)
+    return np.asarray(a, np.float64).reshape(C, -1)
 
 
 class CrossIterationBatchNorm2d(VariantLayer):
@@ -76,6 +77,9 @@ class CrossIterationBatchNorm2d(VariantLayer):
         # rows per channel, newest last. Not state_dict's (API.md): a loaded (or reset) layer
         # refills its window; num_batches_tracked counts the steps the burn-in waits for.
         self._history: deque[_Step] = deque()
+        # Scratch for theta - theta_tau, kept between steps (a fresh C x fan-in array each
+        # step costs more in page faults than the dot products that read it).
+        self._delta: _F64 | None = None
 
     def reset_running_stats(self) -> None:
         self.running_mean.fill(0)
@@ -103,8 +107,11 @@ class CrossIterationBatchNorm2d(VariantLayer):
         assert theta is not None  # a training step's weight, checked by _forward
         mus: list[_F64] = []
         nus: list[_F64] = []
+        if self._delta is None or self._delta.shape != theta.shape:
+            self._delta = np.empty_like(theta)
+        delta = self._delta
         for mean, sqmean, theta_tau, dmean, dsqmean in list(self._history)[-(self.window - 1):]:
-            delta = theta - theta_tau
+            np.subtract(theta, theta_tau, out=delta)
             mus.append(mean + np.einsum("cf,cf->c", dmean, delta))
             nus.append(sqmean + np.einsum("cf,cf->c", dsqmean, delta))
         return mus, nus
@@ -161,11 +168,27 @@ class CrossIterationBatchNorm2d(VariantLayer):
             _engine.running_update(self.running_var, unbiased(var, M), factor)
             self.num_batches_tracked += 1
             assert weight is not None and theta is not None  # checked above, in training
-            self._history.append((mean, sqmean, theta, dmean, dsqmean))
+            self._store(mean, sqmean, theta, dmean, dsqmean)
             self._weight_shape = weight.shape
-            while len(self._history) > self.window - 1:
-                self._history.popleft()
         return y, StepSaved(plan, x, mu_bar, fold, x.shape)
+
+    def _store(self, mean: _F64, sqmean: _F64, theta: _F64, dmean: _F64, dsqmean: _F64) -> None:
+        """This step into the window of earlier steps, with copies of its weight and Jacobians
+        (the caller's arrays may change), written into the arrays of the step it pushes out of
+        a full window (fresh ones of their size cost page faults every step)."""
+        keep = self.window - 1
+        while len(self._history) > keep:
+            self._history.popleft()
+        if keep == 0:
+            return
+        if len(self._history) == keep:
+            spare = self._history.popleft()[2:]
+            for dst, src in zip(spare, (theta, dmean, dsqmean)):
+                np.copyto(dst, src)
+            theta, dmean, dsqmean = spare
+        else:
+            theta, dmean, dsqmean = (np.array(a) for a in (theta, dmean, dsqmean))
+        self._history.append((mean, sqmean, theta, dmean, dsqmean))
 
     def _inference_affine(self, modality: object) -> tuple[_F64, _F64]:
         return running_stats_affine(self)  # inference is BatchNorm's with the running statistics

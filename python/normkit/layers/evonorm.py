@@ -8,7 +8,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import _checks, _core, _engine
-from ._variant import FusedPointwiseSaved, PointwiseSaved, VariantLayer, pointwise_coefficients, pool, unbiased
+from ._variant import FusedPointwiseSaved, PointwiseSaved, VariantLayer, pool, unbiased
 
 _F64 = npt.NDArray[np.float64]
 _Grads = dict[str, npt.NDArray[Any]]  # parameter gradients by name
@@ -87,8 +87,16 @@ class EvoNormB0_2d(_EvoNorm):
         else:
             mu_b, var_b = np.zeros(C), self.running_var.astype(np.float64)
         d_b = np.sqrt(var_b + self.eps)
-        coef = pointwise_coefficients(N * C, p=d_b, q=v, r=d_i.reshape(-1), scale=w, offset=b,
-                                      center=m.reshape(-1))
+        # _core.apply_pointwise's (9, K) coefficients (as pointwise_coefficients(N*C, p=d_b, q=v,
+        # r=d_I, scale=w, offset=b, center=mu_I) builds them), row by row.
+        coef = np.empty((9, N * C))
+        coef[0] = 0.0
+        coef[1] = 1.0
+        coef[2] = 0.0
+        for row, per_channel in ((3, d_b), (4, v), (6, w), (7, b)):
+            coef[row].reshape(N, C)[...] = per_channel
+        coef[5] = d_i.reshape(-1)
+        coef[8] = m.reshape(-1)
 
         # f = x / max(p, q x + r) with p = d_B (per channel), q = v, r = d_I (per plane); per
         # plane the sums D = dy, F = dy*f, E_p, E_q, E_r = dy*df/dp, dq, dr. Then
@@ -100,7 +108,7 @@ class EvoNormB0_2d(_EvoNorm):
             k_b = w * Ep.sum(axis=0) / (N * S * d_b) if batch else np.zeros(C)
             c3 = (k_b * (m - mu_b)).reshape(-1)  # k_B (x - mu_B) = k_B (x - mu_I) + k_B (mu_I - mu_B)
             grads = self._grads(F.sum(axis=0), D.sum(axis=0), (w * Eq).sum(axis=0))
-            return np.tile(w, N), (k_i + k_b).reshape(-1), c3, grads
+            return w, (k_i + k_b).reshape(-1), c3, grads  # c1 = w per channel (the core broadcasts)
 
         y, saved = self._run(plan, int(_core.Pointwise.evo_b0), x, coef, fold)
         if self.training and x.size:
@@ -141,7 +149,14 @@ class EvoNormS0_2d(_EvoNorm):
         plan = _core.plan_per_channel_in_sets(N, C, S, list(range(N)))  # cells: the planes
         op = int(_core.Pointwise.swish_gate)
         scale = w / std
-        coef = pointwise_coefficients(N * C, p=v, scale=scale.reshape(-1), offset=b, center=mu.reshape(-1))
+        # _core.apply_pointwise's (9, K) coefficients (as pointwise_coefficients(N*C, p=v,
+        # scale=scale, offset=b, center=mu) builds them), row by row.
+        coef = np.zeros((9, N * C))
+        coef[1] = 1.0
+        coef[3].reshape(N, C)[...] = v
+        coef[6] = scale.reshape(-1)
+        coef[7].reshape(N, C)[...] = b
+        coef[8] = mu.reshape(-1)
         y = _core.empty_like(x)
         if x.size:
             _core.apply_pointwise(plan, op, x, coef, y)

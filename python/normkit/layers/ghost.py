@@ -63,8 +63,12 @@ class GhostBatchNorm2d(VariantLayer):
     def _ghost_batches(self, x: npt.NDArray[Any], N: int, C: int, S: int
                        ) -> tuple[npt.NDArray[Any], StepSaved | FusedSaved]:
         cpg, gbs = self.channels_per_group, self.ghost_batch_size
-        sets = (np.arange(N) // gbs).tolist()
-        sizes = np.bincount(sets, minlength=1)[:, None]  # examples per ghost batch, (sets, 1)
+        sets = [n // gbs for n in range(N)]
+        if N:  # examples per ghost batch, (sets, 1): full ones, and the last
+            sizes = np.full((sets[-1] + 1, 1), gbs)
+            sizes[-1] = N - gbs * sets[-1]
+        else:
+            sizes = np.zeros((1, 1), np.intp)
         if self.training and N and sizes.min() * cpg * S == 1:
             raise ValueError(f"input: expected more than 1 value per (ghost batch, channel group) when "
                              f"training, got a ghost batch of {sizes.min()} example(s) in input of shape "
@@ -107,9 +111,10 @@ class GhostBatchNorm2d(VariantLayer):
         rm = self.running_mean.astype(np.float64)
         rv = self.running_var.astype(np.float64)
         w, b = self._channel_params()
-        # over a group's channels
-        group_mean: _ArrayMap = lambda a: a.reshape(a.shape[:-1] + (C // cpg, cpg)).mean(axis=-1)
-        expand: _ArrayMap = lambda a: np.repeat(a, cpg, axis=-1)  # per channel
+        # over a group's channels (a channel's own value, exactly, for groups of one channel)
+        group_mean: _ArrayMap = ((lambda a: a) if cpg == 1 else
+                                 lambda a: a.reshape(a.shape[:-1] + (C // cpg, cpg)).mean(axis=-1))
+        expand: _ArrayMap = (lambda a: a) if cpg == 1 else lambda a: np.repeat(a, cpg, axis=-1)  # per channel
         if alpha == 0.0 and cpg == 1:
             mu, var = rm, rv  # BatchNorm's inference
         else:
@@ -142,7 +147,7 @@ class GhostBatchNorm2d(VariantLayer):
                  ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64],
                             npt.NDArray[np.float64], dict[str, npt.NDArray[Any]]]:
             A, B = A.reshape(N, C), B.reshape(N, C)
-            Aw, Bw = group_mean(w * A) * cpg, group_mean(w * B) * cpg
+            Aw, Bw = (group_mean(w * A) * cpg, group_mean(w * B) * cpg) if cpg > 1 else (w * A, w * B)
             c2 = np.where(clamped, 0.0, -alpha * rs ** 3 * Aw / M)
             c3 = -alpha * rs * Bw / M
             return (cell_rs * w, expand(c2), expand(c3),

@@ -56,6 +56,7 @@ class BatchKalmanNorm2d(VariantLayer):
         self._running_stats(momentum, True, C, C)
         self.posterior = None
         self._post = (0.0, 0.0)
+        self._scratch: tuple[_F64, _F64] | None = None  # _dA_scratch's
 
     def reset_running_stats(self) -> None:
         self.running_mean.fill(0)
@@ -89,12 +90,14 @@ class BatchKalmanNorm2d(VariantLayer):
         prior = self._prior(prior)
         plan = self._plan(_core.plan_per_channel(N, C, S))
         w, b = self._channel_params()
-        no_prior = {"A": np.zeros_like(self.A)}
+        def no_prior() -> _Grads:
+            return {"A": np.zeros_like(self.A)}  # A's gradient without a prediction
+
         if not self._batch_stats():
             mean, var = self.running_mean.astype(np.float64), self.running_var.astype(np.float64)
             r = 1.0 / np.sqrt(var + self.eps)
             running_fold = lambda B, A_: (r * w, 0.0, 0.0, {**self._param_grads(r * A_, B),
-                                                            **no_prior,
+                                                            **no_prior(),
                                                             **self._prior_grads(prior, None)})
             self.posterior = (mean, var)
             return (self._apply(plan, x, mean, r * w, b),
@@ -110,7 +113,8 @@ class BatchKalmanNorm2d(VariantLayer):
         if use_prior:
             assert prior is not None  # use_prior
             A = self.A.astype(np.float64)
-            mu_pred, var_pred = A @ prior[0], (A * A) @ prior[1]
+            AA = A * A
+            mu_pred, var_pred = A @ prior[0], AA @ prior[1]
             with np.errstate(divide="ignore", invalid="ignore"):  # a constant channel: Inf or NaN, discarded
                 use_prior = bool(np.mean(var_pred / var_b) < 100)  # the guard
         if use_prior:
@@ -138,12 +142,19 @@ class BatchKalmanNorm2d(VariantLayer):
                 dvar_b = (1 - p) * dvar
                 dmu_pred = p * dmu - 2 * p * (1 - p) * (mu_b - mu_pred) * dvar
                 dvar_pred = p * dvar
-                dA = np.outer(dmu_pred, prior[0]) + 2 * A * np.outer(dvar_pred, prior[1])
+                # outer(dmu_pred, prior_mean) + 2 A outer(dvar_pred, prior_var), in scratch
+                # that this backward alone uses (grads["A"] is a copy)
+                dA, tmp = self._dA_scratch(A.shape)
+                np.multiply(dvar_pred[:, None], prior[1][None, :], out=dA)
+                np.multiply(A, 2, out=tmp)
+                dA *= tmp
+                np.multiply(dmu_pred[:, None], prior[0][None, :], out=tmp)
+                dA += tmp
                 grads["A"] = dA.astype(self.dtype)
-                grads.update(self._prior_grads(prior, (A.T @ dmu_pred, (A * A).T @ dvar_pred)))
+                grads.update(self._prior_grads(prior, (A.T @ dmu_pred, AA.T @ dvar_pred)))
             else:
                 dmu_b, dvar_b = dmu, dvar
-                grads.update(no_prior)
+                grads.update(no_prior())
                 grads.update(self._prior_grads(prior, None))
             c2 = 2 * dvar_b / M
             return r * w, c2, dmu_b / M + c2 * (mu - mu_b), grads
@@ -156,6 +167,14 @@ class BatchKalmanNorm2d(VariantLayer):
             _engine.running_update(self.running_var, var, factor)
             self.num_batches_tracked += 1
         return y, StepSaved(plan, x, mu, fold, x.shape)
+
+    def _dA_scratch(self, shape: tuple[int, ...]) -> tuple[_F64, _F64]:
+        """Two float64 arrays of A's shape for the backward's gradient of A, kept between
+        backwards (fresh ones of C x prior_features cost page faults every step)."""
+        scratch = self._scratch
+        if scratch is None or scratch[0].shape != shape:
+            scratch = self._scratch = (np.empty(shape), np.empty(shape))
+        return scratch
 
     def _inference_affine(self, modality: object) -> tuple[_F64, _F64]:
         return running_stats_affine(self)  # inference is BatchNorm's with the running statistics

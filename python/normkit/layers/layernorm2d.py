@@ -31,13 +31,21 @@ class LayerNorm2d(VariantLayer):
         super().__init__()
         self._setup(num_channels, eps, affine, dtype, "NCHW")
         self.num_channels = self.num_features
+        self._plans: dict[tuple[int, int, int], _core.Plan] = {}  # by (N, C, S)
+        # Without affine: the core's unit weight and zero bias, by compute type (read-only).
+        self._unit: dict[type, tuple[npt.NDArray[Any], npt.NDArray[Any]]] = {}
 
     def _forward(self, x: npt.NDArray[Any]
                  ) -> tuple[npt.NDArray[Any], StepSaved | LayerNorm2dSaved]:
         x, (N, C, S) = self._input(x)
-        # N samples of C rows (positions) of S columns (cells): the channels-last reading.
-        plan = _core.plan_per_sample_group(N, S, C, S)
-        plan.channels_last = True
+        # N samples of C rows (positions) of S columns (cells): the channels-last reading; a plan
+        # per shape, never changed once made.
+        plan = self._plans.get((N, C, S))
+        if plan is None:
+            if len(self._plans) >= 8:
+                self._plans.clear()
+            plan = self._plans[(N, C, S)] = _core.plan_per_sample_group(N, S, C, S)
+            plan.channels_last = True
         if x.size == 0:
             return _core.empty_like(x), StepSaved(plan, x, np.zeros(N * S), None, x.shape)
         y = _core.empty_like(x)
@@ -47,7 +55,10 @@ class LayerNorm2d(VariantLayer):
         bias: npt.NDArray[Any]
         if self.weight is None:
             compute = np.float64 if x.dtype == np.float64 else np.float32  # the core's compute type
-            weight, bias = np.ones(C, compute), np.zeros(C, compute)
+            ones = self._unit.get(compute)
+            if ones is None or ones[0].shape[0] != C:  # made once per compute type, never written
+                ones = self._unit[compute] = (np.ones(C, compute), np.zeros(C, compute))
+            weight, bias = ones
         else:
             assert self.bias is not None  # made with the weight (affine)
             weight, bias = self.weight, self.bias

@@ -77,15 +77,18 @@ class ModalityBatchNorm2d(VariantLayer):
         plan = self._plan(_core.plan_per_channel_in_sets(N, C, S, mod.tolist()))
         sets = plan.num_sample_sets
         K = sets * C
-        w, b = self._channel_params()
-        if self.separate_affine:  # per cell, (sets, C); shared: (C,), broadcast over the sets
-            w, b = w[:sets], b[:sets]
+        def params() -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+            """weight and bias as float64, per cell (sets, C) or shared (C,), broadcast over the sets."""
+            w, b = self._channel_params()
+            return (w[:sets], b[:sets]) if self.separate_affine else (w, b)
+
         cell_grads: Callable[[npt.NDArray[np.float64], npt.NDArray[np.float64]],
                              dict[str, npt.NDArray[Any]]] = lambda dw, db: self._param_grads(
             *((np.pad(g.reshape(sets, C), ((0, M - sets), (0, 0))) if self.separate_affine
                else g.reshape(sets, C).sum(axis=0)) for g in (dw, db)))
         if not (self._batch_stats() or self.running_mean is None):
             assert self.running_var is not None  # registered with running_mean
+            w, b = params()
             mean = self.running_mean[:sets].astype(np.float64)
             r = 1.0 / np.sqrt(self.running_var[:sets].astype(np.float64) + self.eps)
             running_fold = lambda B, A: (r * w, 0.0, 0.0, cell_grads(r.reshape(-1) * A, B))
@@ -107,6 +110,7 @@ class ModalityBatchNorm2d(VariantLayer):
             mean, var, rstd = _core.normalize_batch_stats(plan, x, self.eps, self.weight, self.bias, y)
             saved = self._fused_saved(plan, x, mean, rstd, self.weight, lambda dw, db: self._param_grads(dw, db))
         else:
+            w, b = params()
             mean, var = (a.reshape(sets, C) for a in _core.group_moments(plan, x))
             count = (samples[:sets] * S)[:, None]
             # An absent modality's cells (NaN statistics) have no planes: zeros, not NaN, in
@@ -153,7 +157,16 @@ class ModalityBatchNorm2d(VariantLayer):
                         samples: npt.NDArray[np.intp], S: int) -> None:
         """Each present modality's row moves toward its batch statistics (unbiased variance)."""
         assert self.running_mean is not None and self.running_var is not None  # with tracking
-        for m in np.flatnonzero(samples[:mean.shape[0]]):
+        sets = mean.shape[0]
+        if self.momentum is not None and samples[:sets].all():
+            # Every modality below `sets` present: their rows in one update each (the update is
+            # elementwise, so the same values as row by row).
+            self._batches_of_modality[:sets] += 1
+            scale = np.array([c / (c - 1) if c > 1 else np.nan for c in (samples[:sets] * S).tolist()])
+            _engine.running_update(self.running_mean[:sets], mean, self.momentum)
+            _engine.running_update(self.running_var[:sets], var * scale[:, None], self.momentum)
+            return
+        for m in np.flatnonzero(samples[:sets]):
             self._batches_of_modality[m] += 1
             factor = 1.0 / self._batches_of_modality[m] if self.momentum is None else self.momentum
             _engine.running_update(self.running_mean[m], mean[m], factor)

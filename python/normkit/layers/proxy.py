@@ -65,6 +65,12 @@ class ProxyNorm2d(VariantLayer):
     # The last _proxy_moments: its key (op, eps and the parameters' bytes) and (Y, dZ, mu, dev, r).
     _proxy_key: tuple[int, float, bytes, bytes, bytes, bytes]
     _proxy: tuple[_F64, _F64, _F64, _F64, _F64]
+    # The last _step: its key (op, eps, num_points, the parameters' dtypes and bytes) and values.
+    _step_key: tuple[object, ...] | None
+    _step_cache: tuple[_F64, _F64, _F64, _F64, _F64, _F64]
+    # The last forward's (N, C, S) and its per-channel plan.
+    _plan_key: tuple[int, int, int] | None
+    _plan_cells: _core.Plan
 
     def __init__(self, num_features: int, activation: str = "relu", eps: float = 0.03,
                  num_points: int = 200, dtype: npt.DTypeLike = np.float32) -> None:
@@ -78,16 +84,16 @@ class ProxyNorm2d(VariantLayer):
         self._param("proxy_weight", np.zeros(C, self.dtype))
         self._param("proxy_bias", np.zeros(C, self.dtype))
         self._U = proxy_points(self.num_points)
+        self._step_key = self._plan_key = None
 
     def _forward(self, x: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], FusedPointwiseSaved]:
         x, (N, C, S) = self._input(x)
-        g, b = self._channel_params()
-        gp, bp = self.proxy_weight.astype(np.float64), self.proxy_bias.astype(np.float64)
-        U, K = self._U, self.num_points
         op = int(getattr(_core.Pointwise, self.activation))
-        Y, dZ, mu, dev, r = self._proxy_moments(op, g, b, gp, bp)
-        plan = _core.plan_per_channel(N, C, S)  # cells: the channels
-        coef = pointwise_coefficients(C, a=g, b=b, scale=r, offset=-mu * r)
+        g, mu, r, P, coef, c1 = self._step(op)
+        if self._plan_key != (N, C, S):
+            self._plan_key, self._plan_cells = (N, C, S), _core.plan_per_channel(N, C, S)  # cells: the channels
+        plan = self._plan_cells
+        dtype = self.dtype
 
         # y = (phi(u) - mu) r with u = g x + b. Per channel D = sum dy, F = sum dy*phi(u),
         # Gs = sum dy*phi'(u), A = sum dy*phi'(u)*x. dx = r g dy phi'(u). Directly: dg = r A,
@@ -95,21 +101,42 @@ class ProxyNorm2d(VariantLayer):
         # with dmu/dt = mean_k dZ_k/dt and dv/dt = mean_k 2 (Z_k - mu) dZ_k/dt for each
         # parameter t, dZ_k/dg = phi'_k Y_k, dZ_k/db = phi'_k, dZ_k/dgp = phi'_k g U_k, dZ_k/dbp = phi'_k g.
         # Through the proxy, per parameter t with dZ_k/dt = phi'_k h_k: dmu mean_k dZ_k/dt
-        # + dv mean_k 2 dev_k dZ_k/dt = sum_k W_k h_k, W_k = phi'_k (dmu + 2 dv dev_k)/K.
+        # + dv mean_k 2 dev_k dZ_k/dt = sum_k W_k h_k, W_k = phi'_k (dmu + 2 dv dev_k)/K,
+        # = dmu P0[h] + 2 dv P1[h] with the proxy sums P (_step) for h = 1, Y_k, U_k: O(C) here.
         def grads_of(sums: _F64) -> dict[str, npt.NDArray[Any]]:
             D, F, Gs, A = sums[0], sums[1], sums[2], sums[3]
             dmu, dv = -r * D, -(F - mu * D) * r ** 3 / 2
-            W = dZ * (dmu[:, None] + (2 * dv)[:, None] * dev) / K
-            Wsum = W.sum(axis=1)
-            grads = {"weight": r * A + (W * Y).sum(axis=1), "bias": r * Gs + Wsum,
-                     "proxy_weight": g * (W @ U), "proxy_bias": g * Wsum}
-            return {k: v.astype(self.dtype) for k, v in grads.items()}
+            Wsum, WY, WU = dmu * P[0] + (2 * dv) * P[1]
+            return {"weight": (r * A + WY).astype(dtype), "bias": (r * Gs + Wsum).astype(dtype),
+                    "proxy_weight": (g * WU).astype(dtype), "proxy_bias": (g * Wsum).astype(dtype)}
 
         # dx = r g phi'(u) dy needs no sums: the core's one-pass backward (sums for the parameters)
         y = _core.empty_like(x)
         if x.size:
             _core.apply_pointwise(plan, op, x, coef, y)
-        return y, FusedPointwiseSaved(plan, op, x, coef, (r * g, 0.0, 0.0, 1, None, None), grads_of, x.shape)
+        return y, FusedPointwiseSaved(plan, op, x, coef, (c1, 0.0, 0.0, 1, None, None), grads_of, x.shape)
+
+    def _step(self, op: int) -> tuple[_F64, _F64, _F64, _F64, _F64, _F64]:
+        """(g, mu, r, P, coef, c1 = r g) of a forward: the float64 weight, the proxy moments
+        (_proxy_moments), the proxy sums P (2, 3, C), P[0] = sum_k dZ_k h_k/K and P[1] = sum_k
+        dZ_k dev_k h_k/K for h = 1, Y, U, and the (9, C) pointwise coefficients; kept while the
+        parameters' bytes, eps, the activation and num_points stay as they were."""
+        w, bi, pw, pb = self.weight, self.bias, self.proxy_weight, self.proxy_bias
+        key = (op, self.eps, self.num_points, w.dtype.str, bi.dtype.str, pw.dtype.str, pb.dtype.str,
+               w.tobytes(), bi.tobytes(), pw.tobytes(), pb.tobytes())
+        if self._step_key != key:
+            g, b = self._channel_params()
+            gp, bp = pw.astype(np.float64), pb.astype(np.float64)
+            Y, dZ, mu, dev, r = self._proxy_moments(op, g, b, gp, bp)
+            K = self.num_points
+            P = np.empty((2, 3, self.num_features))
+            for i, q in enumerate((dZ, dZ * dev)):
+                P[i, 0] = q.sum(axis=1) / K
+                P[i, 1] = (q * Y).sum(axis=1) / K
+                P[i, 2] = (q @ self._U) / K
+            coef = pointwise_coefficients(self.num_features, a=g, b=b, scale=r, offset=-mu * r)
+            self._step_key, self._step_cache = key, (g, mu, r, P, coef, r * g)
+        return self._step_cache
 
     def _inference_affine(self, modality: object) -> tuple[_F64, _F64]:
         """normkit.inference_affine's (scale, shift): with the identity activation z = weight x +

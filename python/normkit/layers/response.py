@@ -7,7 +7,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import _checks, _core, _engine
-from ._variant import FusedPointwiseSaved, VariantLayer, pointwise_coefficients
+from ._variant import FusedPointwiseSaved, VariantLayer
 
 
 class FilterResponseNorm2d(VariantLayer):
@@ -54,10 +54,17 @@ class FilterResponseNorm2d(VariantLayer):
         r = 1.0 / np.sqrt(nu2 + eps_total)  # (N*C,)
         plan = _core.plan_per_channel_in_sets(N, C, S, list(range(N)))
         w, b = self._channel_params()
-        tau = 0.0 if self.tau is None else self.tau.astype(np.float64)
         op = int(_core.Pointwise.tlu if self.tlu else _core.Pointwise.identity)
-        scale = (r.reshape(N, C) * w).reshape(-1)  # weight r per cell
-        coef = pointwise_coefficients(N * C, a=scale, b=b, p=tau)
+        rr = r.reshape(N, C)
+        scale = (rr * w).reshape(-1)  # weight r per cell
+        # _core.apply_pointwise's (9, K) coefficients (as pointwise_coefficients(N*C, a=scale,
+        # b=b, p=tau) builds them), row by row without its per-row conversions.
+        coef = np.zeros((9, N * C))
+        coef[1] = scale
+        coef[2].reshape(N, C)[...] = b
+        if self.tau is not None:
+            coef[3].reshape(N, C)[...] = self.tau
+        coef[6] = 1.0
         y = _core.empty_like(x)
         if x.size:
             _core.apply_pointwise(plan, op, x, coef, y)
@@ -66,7 +73,6 @@ class FilterResponseNorm2d(VariantLayer):
         # dx = weight r g - weight r^3 A x / S  (r depends on x through nu2), a fold local to
         # each plane: c2 = k2 . sums with k2 = -weight r^3 / S on A, the core's one-pass backward.
         # dweight = sum r A, dbias = sum g, dtau = sum dy [y <= tau], deps_l = sum weight A (-r^3/2) sign(eps_l)
-        rr = r.reshape(N, C)
         k2 = np.zeros((7, N * C))
         k2[3] = (-w * rr ** 3 / S).reshape(-1)
 
