@@ -55,8 +55,10 @@ KernelTable g_tables[kNumLevels];
 std::atomic<const KernelTable*> g_active{nullptr};
 
 const KernelTable* initial_table() {
-  for (int i = 0; i < kNumLevels; ++i) g_tables[i] = kLevels[i].make();
-  int level = supported_level();
+  // Only the levels this CPU runs: a level's make_table is compiled with its ISA's flags, so
+  // even filling its table may use its instructions (AVX-512 stores on an AVX2-only CPU).
+  int level = std::min(supported_level(), kNumLevels - 1);
+  for (int i = 0; i <= level; ++i) g_tables[i] = kLevels[i].make();
   if (const char* forced = std::getenv("NORMKIT_ISA"); forced && *forced)
     level = std::min(level, level_of(forced));
   return &g_tables[level];
