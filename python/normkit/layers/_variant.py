@@ -63,7 +63,7 @@ def standard_backward_coefficients(B: _F64, A: _F64, w: _F64, r: _F64,
     weight w). With g = dy*w (tests/reference.py: standardize_backward):
     dx = r w dy - r^3 (x - mu) w A/M - r w B/M; dweight = r A, dbias = B."""
     with np.errstate(invalid="ignore", divide="ignore"):
-        return r * w, -r ** 3 * w * A / M, -r * w * B / M
+        return r * w, -r ** 2 * r * w * A / M, -r * w * B / M
 
 
 def coefficient(a: _CoefLike) -> _Coef:

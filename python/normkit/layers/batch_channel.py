@@ -137,7 +137,7 @@ class BatchChannelNorm2d(VariantLayer):
             P = B.sum(axis=2, keepdims=True)
             Q = (ag * A + d1 * B).sum(axis=2, keepdims=True)
             M1 = cpg * S
-            e2 = -gw * r_g ** 3 * Q / M1
+            e2 = -gw * r_g ** 2 * r_g * Q / M1
             f, h = e2 * ag, e2 * d1 - e1 * P / M1
             dm = (m - mu).reshape(N, G, cpg)
             hS = h * S
@@ -146,7 +146,7 @@ class BatchChannelNorm2d(VariantLayer):
             c1, c2, c3 = ag * e1, ag * f, ag * h
             if batch:
                 M = N * S
-                t = (bw * r ** 3 * ZX / M).reshape(G, cpg)
+                t = (bw * r ** 2 * r * ZX / M).reshape(G, cpg)
                 c2 = c2 - t
                 c3 = c3 - (a * Z / M).reshape(G, cpg) - t * dm
             grads = {"bn_weight": r * ZX, "bn_bias": Z, "gn_weight": (r_g * Q).reshape(N, G).sum(axis=0),

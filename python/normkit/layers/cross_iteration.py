@@ -158,7 +158,7 @@ class CrossIterationBatchNorm2d(VariantLayer):
         # dL/dvar = -r^3 w A/2, and mu_bar, nu_bar each 1/n of the current term,
         # dx = r w dy + 2 dL/dvar/(n M) (x - mu_bar) - r w B/(n M); dweight = r A, dbias = B.
         def fold(B: _F64, A: _F64) -> tuple[_F64, _F64, _F64, _Grads]:
-            dvar = -0.5 * r ** 3 * w * A
+            dvar = -0.5 * r ** 2 * r * w * A
             return r * w, 2 * dvar / (n * M), -r * w * B / (n * M), self._param_grads(r * A, B)
 
         y = self._apply(plan, x, mu_bar, r * w, b)

@@ -167,7 +167,7 @@ class EvoNormS0_2d(_EvoNorm):
         # planes: c2 = k2 . sums over the group with k2 = -w/(M std^3) on F (the core's one-pass
         # backward); dweight = sum F/std, dv = sum (w/std) E_p.
         k2 = np.zeros((7, N * C))
-        k2[1] = (-w / (cpg * S * std ** 3)).reshape(-1)
+        k2[1] = (-w / (cpg * S * std ** 2 * std)).reshape(-1)
 
         def grads_of(sums: _F64) -> _Grads:
             D, F, Ep = (sums[i].reshape(N, C) for i in (0, 1, 4))

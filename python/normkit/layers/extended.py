@@ -59,7 +59,7 @@ class ExtendedBatchNorm2d(VariantLayer):
         def fold(B: npt.NDArray[np.float64], A: npt.NDArray[np.float64]
                  ) -> tuple[npt.NDArray[np.float64], float, npt.NDArray[np.float64],
                             dict[str, npt.NDArray[Any]]]:
-            return r * w, -r ** 3 * np.dot(w, A) / M, -r * w * B / Mc, self._param_grads(r * A, B)
+            return r * w, -r ** 2 * r * np.dot(w, A) / M, -r * w * B / Mc, self._param_grads(r * A, B)
 
         y = self._apply(plan, x, mean, r * w, b)
         if self.training and self.track_running_stats:

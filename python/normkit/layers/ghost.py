@@ -148,7 +148,7 @@ class GhostBatchNorm2d(VariantLayer):
                             npt.NDArray[np.float64], dict[str, npt.NDArray[Any]]]:
             A, B = A.reshape(N, C), B.reshape(N, C)
             Aw, Bw = (group_mean(w * A) * cpg, group_mean(w * B) * cpg) if cpg > 1 else (w * A, w * B)
-            c2 = np.where(clamped, 0.0, -alpha * rs ** 3 * Aw / M)
+            c2 = np.where(clamped, 0.0, -alpha * rs ** 2 * rs * Aw / M)
             c3 = -alpha * rs * Bw / M
             return (cell_rs * w, expand(c2), expand(c3),
                     self._param_grads((cell_rs * A).sum(axis=0), B.sum(axis=0)))

@@ -134,7 +134,7 @@ class BatchKalmanNorm2d(VariantLayer):
         def fold(B: _F64, A_: _F64) -> tuple[_F64, _F64, _F64, _Grads]:
             post = self._post  # the next layer's gradient with respect to the posterior
             dmu = -r * w * B + post[0]
-            dvar = -0.5 * r ** 3 * w * A_ + post[1]
+            dvar = -0.5 * r ** 2 * r * w * A_ + post[1]
             grads = self._param_grads(r * A_, B)
             if use_prior:
                 assert prior is not None  # use_prior

@@ -109,7 +109,7 @@ class MovingAverageBatchNorm2d(VariantLayer):
             s = np.sqrt(chi2_b + self.eps)
             M = N * S
             # dx = w dy/s - w A x/(M s^3), A = sum dy x; dweight = A/s, dbias = sum dy
-            fold = lambda B, A: (w / s, -w * A / (M * s ** 3), 0.0, self._param_grads(A / s, B))
+            fold = lambda B, A: (w / s, -w * A / (M * s ** 2 * s), 0.0, self._param_grads(A / s, B))
             return self._apply(plan, x, 0.0, w / s, b), StepSaved(plan, x, np.zeros(C), fold, x.shape)
         t = int(self.iters) + 1
         slot = (t - 1) % self.buffer_size

@@ -105,7 +105,7 @@ class ProxyNorm2d(VariantLayer):
         # = dmu P0[h] + 2 dv P1[h] with the proxy sums P (_step) for h = 1, Y_k, U_k: O(C) here.
         def grads_of(sums: _F64) -> dict[str, npt.NDArray[Any]]:
             D, F, Gs, A = sums[0], sums[1], sums[2], sums[3]
-            dmu, dv = -r * D, -(F - mu * D) * r ** 3 / 2
+            dmu, dv = -r * D, -(F - mu * D) * r ** 2 * r / 2
             Wsum, WY, WU = dmu * P[0] + (2 * dv) * P[1]
             return {"weight": (r * A + WY).astype(dtype), "bias": (r * Gs + Wsum).astype(dtype),
                     "proxy_weight": (g * WU).astype(dtype), "proxy_bias": (g * Wsum).astype(dtype)}

@@ -74,7 +74,7 @@ class FilterResponseNorm2d(VariantLayer):
         # each plane: c2 = k2 . sums with k2 = -weight r^3 / S on A, the core's one-pass backward.
         # dweight = sum r A, dbias = sum g, dtau = sum dy [y <= tau], deps_l = sum weight A (-r^3/2) sign(eps_l)
         k2 = np.zeros((7, N * C))
-        k2[3] = (-w * rr ** 3 / S).reshape(-1)
+        k2[3] = (-w * rr ** 2 * rr / S).reshape(-1)
 
         def grads_of(sums: npt.NDArray[np.float64]) -> dict[str, npt.NDArray[Any]]:
             G, A, T = (sums[i].reshape(N, C) for i in (2, 3, 4))
@@ -82,7 +82,7 @@ class FilterResponseNorm2d(VariantLayer):
             if self.tau is not None:
                 grads["tau"] = T.sum(axis=0).astype(self.dtype)
             if self.eps_l is not None:
-                grads["eps_l"] = np.array([np.sum(w * A * -0.5 * rr ** 3) * np.sign(eps_l)], self.dtype)
+                grads["eps_l"] = np.array([np.sum(w * A * -0.5 * rr ** 2 * rr) * np.sign(eps_l)], self.dtype)
             return grads
 
         return y, FusedPointwiseSaved(plan, op, x, coef, (scale, 0.0, 0.0, 1, k2, None), grads_of, x.shape)

@@ -264,7 +264,7 @@ class SyncBatchNorm(BatchNormState):
         r, w, M = saved.rstd, saved.w, saved.count
         dx = _core.empty_like(x)
         if x.size:
-            c1, c2, c3 = r * w, -r ** 3 * w * A / M, -r * w * B / M
+            c1, c2, c3 = r * w, -r ** 2 * r * w * A / M, -r * w * B / M
             _core.backward_apply_coefficients(saved.plan, x, dy, saved.mean, c1, c2, c3, dx)
         # this rank's contributions (zero from an empty shard)
         grads: dict[str, npt.NDArray[Any]] = {}
