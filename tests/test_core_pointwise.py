@@ -232,3 +232,87 @@ def test_fused_backward_refuses_a_local_fold_it_cannot_do():
     with pytest.raises(ValueError, match="k2: expected 42 elements"):
         _core.pointwise_backward_fused(plan, 0, x, dy, np.zeros((9, 6)), 1.0, 0.0, 0.0, dx, 1, k2)
     assert np.all(dx == 7.0)
+
+
+# -- normalize_pointwise: statistics per group, the fold, then apply_pointwise in one call --------
+# The cell coefficients of plane (n, c) in group g are channel c's rows with shift = mean_g
+# (center) or the channel's, a*r or scale*r (r = 1/sqrt(var_g + eps)), center = mean_g.
+
+def stats_then_apply(op, x, G, eps, skip_mean, center, into_scale, channel):
+    """normalize_pointwise's (y, mean, var, cell) from float64 NumPy and the apply step."""
+    N, C, S = x.shape
+    cpg = C // G
+    xg = x.astype(np.float64).reshape(N, G, cpg * S)
+    mean = np.zeros((N, G)) if skip_mean else xg.mean(axis=2)
+    var = (xg ** 2).mean(axis=2) if skip_mean else xg.var(axis=2)
+    r = np.repeat(1.0 / np.sqrt(var + eps), cpg, axis=1).reshape(-1)
+    m = np.repeat(mean, cpg, axis=1).reshape(-1)
+    cell = np.tile(channel, (1, N))
+    if center:
+        cell[0] = m
+    cell[6 if into_scale else 1] *= r
+    cell[8] = m
+    y = np.empty_like(x)
+    _core.apply_pointwise(_core.plan_per_channel_in_sets(N, C, S, list(range(N))), op, x, cell, y)
+    return y, mean.reshape(-1), var.reshape(-1), cell
+
+
+NORMALIZE_CASES = [  # (N, C, S, G): a group one chunk (fused per batch of groups) or longer
+    pytest.param(3, 8, 196, 8, id="planes-one-chunk"), pytest.param(2, 8, 196, 2, id="groups-one-chunk"),
+    pytest.param(2, 6, 3001, 6, id="planes-longer"), pytest.param(2, 6, 1500, 3, id="groups-longer"),
+    pytest.param(2, 5, 1, 5, id="spatial-1")]
+
+
+@pytest.mark.parametrize("N, C, S, G", NORMALIZE_CASES)
+@pytest.mark.parametrize("name, skip_mean, center, into_scale",
+                         [("tlu", True, False, False), ("swish_gate", False, False, True),
+                          ("gelu", False, True, False)], ids=["frn", "evonorm-s0", "centred"])
+def test_normalize_pointwise_equals_statistics_then_apply(name, skip_mean, center, into_scale, N, C, S, G,
+                                                         dtype, isa, rng, assert_close):
+    x = (rng.normal(size=(N, C, S)) + 0.5).astype(dtype)
+    channel = np.stack([rng.normal(size=C), rng.uniform(0.5, 2, C), rng.normal(size=C), rng.uniform(0.3, 1, C),
+                        *np.zeros((2, C)), rng.uniform(0.5, 1.5, C), rng.normal(size=C), np.zeros(C)])
+    op, eps = int(getattr(_core.Pointwise, name)), 1e-3
+    y, cell = np.empty_like(x), np.full((9, N * C), np.nan)
+    mean, var = _core.normalize_pointwise(_core.plan_per_sample_group(N, C, S, G), op, x, eps, skip_mean,
+                                          center, into_scale, channel, y, cell)
+    want_y, want_mean, want_var, want_cell = stats_then_apply(op, x, G, eps, skip_mean, center, into_scale, channel)
+    assert_close(mean, want_mean, dtype, what="mean")
+    assert_close(var, want_var, dtype, what="var")
+    assert_close(cell, want_cell, dtype, what="cell coefficients")
+    assert_close(y, want_y, dtype, count=C // G * S, what="y")
+
+
+def test_normalize_pointwise_bitwise_the_same_for_one_and_two_threads(rng):
+    for N, C, S, G in [(4, 16, 196, 16), (3, 8, 3001, 4)]:
+        x = rng.normal(size=(N, C, S)).astype(np.float32)
+        channel = np.stack([np.zeros(C), np.ones(C), rng.normal(size=C), *np.zeros((3, C)), np.ones(C),
+                            rng.normal(size=C), np.zeros(C)])
+        before, results = normkit.get_num_threads(), []
+        try:
+            for threads in (1, 2):
+                normkit.set_num_threads(threads)
+                y, cell = np.empty_like(x), np.empty((9, N * C))
+                stats = _core.normalize_pointwise(_core.plan_per_sample_group(N, C, S, G),
+                                                  int(_core.Pointwise.swish_gate), x, 1e-5, False, False, True,
+                                                  channel, y, cell)
+                results.append((y, cell, *stats))
+        finally:
+            normkit.set_num_threads(before)
+        for one, two in zip(*results):
+            np.testing.assert_array_equal(one, two)
+
+
+def test_normalize_pointwise_refuses_what_it_cannot_do_before_writing():
+    x, y = np.ones((2, 3, 4)), np.full((2, 3, 4), 7.0)
+    channel, cell = np.zeros((9, 3)), np.zeros((9, 6))
+    with pytest.raises(ValueError, match="each sample's own groups"):
+        _core.normalize_pointwise(_core.plan_per_channel(2, 3, 4), 0, x, 1e-5, False, False, False, channel, y, cell)
+    plan = _core.plan_per_sample_group(2, 3, 4, 3)
+    with pytest.raises(ValueError, match="channel: expected 27 elements"):
+        _core.normalize_pointwise(plan, 0, x, 1e-5, False, False, False, np.zeros((9, 2)), y, cell)
+    with pytest.raises(ValueError, match="cell: expected 54 elements"):
+        _core.normalize_pointwise(plan, 0, x, 1e-5, False, False, False, channel, y, np.zeros((9, 3)))
+    with pytest.raises(ValueError, match="op: expected a pointwise epilogue"):
+        _core.normalize_pointwise(plan, 9, x, 1e-5, False, False, False, channel, y, cell)
+    assert np.all(y == 7.0)

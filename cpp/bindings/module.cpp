@@ -382,6 +382,36 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("plan"), py::arg("op"), py::arg("x"), py::arg("coef"), py::arg("out"),
      "out = f(u)*scale + offset, u = (x - shift)*a + b, per cell; coef: (9, K) float64.");
 
+  m.def("normalize_pointwise", [](const nk::Plan& plan, int op, const py::array& x, double eps, bool skip_mean,
+                                  bool center, bool rstd_into_scale, const py::object& channel,
+                                  const py::object& out, const py::object& cell) {
+    const nk::Pointwise o = pointwise_op(op);
+    py::array_t<double> mean, var;
+    dispatch(x, [&](auto s) {
+      using S = decltype(s);
+      nk::check_step_plan(plan);
+      const int64_t n = plan.planes() * plan.S, C = plan.C, P = plan.planes();
+      const S* px = required<S>(x, n, "x", false);
+      S* py_ = required<S>(out, n, "out", true);
+      const double* ch = required<double>(channel, 9 * C, "channel", false);
+      double* pc = required<double>(cell, 9 * P, "cell", true);
+      const nk::PointwiseCoefficients c{ch, ch + C, ch + 2 * C, ch + 3 * C, ch + 4 * C, ch + 5 * C,
+                                        ch + 6 * C, ch + 7 * C, ch + 8 * C};
+      mean = doubles(plan.num_groups());
+      var = doubles(plan.num_groups());
+      double *pm = mean.mutable_data(), *pv = var.mutable_data();
+      nk::PointwiseFold fold;
+      fold.eps = eps, fold.skip_mean = skip_mean, fold.center = center, fold.rstd_into_scale = rstd_into_scale;
+      py::gil_scoped_release nogil;
+      nk::normalize_pointwise<S>(plan, o, px, fold, c, py_, pm, pv, pc);
+    });
+    return py::make_tuple(mean, var);
+  }, py::arg("plan"), py::arg("op"), py::arg("x"), py::arg("eps"), py::arg("skip_mean"), py::arg("center"),
+     py::arg("rstd_into_scale"), py::arg("channel"), py::arg("out"), py::arg("cell"),
+     "Statistics per group of a per-sample-group plan, then out = apply_pointwise with cell coefficients "
+     "folded from them and the (9, C) channel rows (r = 1/sqrt(var + eps) into a, or into scale); "
+     "writes the (9, N*C) cell coefficients to `cell`; returns (mean, var) per group.");
+
   m.def("pointwise_sums", [](const nk::Plan& plan, int op, const py::array& x, const py::object& dy,
                              const py::object& coef) {
     const nk::Pointwise o = pointwise_op(op);

@@ -92,6 +92,53 @@ void apply_pointwise(const Plan& plan, Pointwise op, const S* x, const Pointwise
 }
 
 template <class S>
+void normalize_pointwise(const Plan& plan_in, Pointwise op, const S* x, const PointwiseFold& fold,
+                         const PointwiseCoefficients& channel, S* y, double* mean, double* var, double* cell) {
+  using T = compute_t<S>;
+  check_pointwise_plan(plan_in, op);
+  if (plan_in.N == 0) return;
+  if (!one_set_per_sample(plan_in)) throw std::invalid_argument("invalid plan: normalize_pointwise takes a plan of each sample's own groups");
+  Plan plan = plan_in;
+  plan.skip_mean = fold.skip_mean;
+  const int64_t P = plan.planes(), cpg = plan.channels_per_group, gps = plan.groups_per_set();
+  double* row[9];
+  for (int i = 0; i < 9; ++i) row[i] = cell + i * P;
+  const PointwiseCoefficients cells{row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8]};
+  // Group g's planes' coefficients from its statistics.
+  auto fold_group = [&](int64_t g) {
+    const double r = 1.0 / std::sqrt(var[g] + fold.eps);
+    for (int64_t i = 0, c = (g % gps) * cpg, p = (g / gps) * plan.C + c; i < cpg; ++i, ++c, ++p) {
+      row[0][p] = fold.center ? mean[g] : channel.shift[c];
+      row[1][p] = fold.rstd_into_scale ? channel.a[c] : channel.a[c] * r;
+      row[2][p] = channel.b[c], row[3][p] = channel.p[c], row[4][p] = channel.q[c], row[5][p] = channel.r[c];
+      row[6][p] = fold.rstd_into_scale ? channel.scale[c] * r : channel.scale[c];
+      row[7][p] = channel.offset[c], row[8][p] = mean[g];
+    }
+  };
+  if (plan.S == 0) {
+    for (int64_t g = 0; g < plan.num_groups(); ++g) mean[g] = var[g] = 0, fold_group(g);
+    return;
+  }
+  const Kernels<S>& k = kernels().get<S>();
+  if (const int64_t run = single_chunk_run(plan)) {
+    // As group_moments' one-chunk path (the same bits), each batch's output right after its
+    // statistics.
+    const bool stream = stream_output(P * plan.S * int64_t(sizeof(S)));
+    single_chunk_groups(k, plan, run, x, mean, var, [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) fold_group(g);
+      for (int64_t p = g0 * cpg; p < g1 * cpg; ++p)
+        k.pointwise(int(op), x + p * plan.S, y + p * plan.S, plan.S, plane_of<T>(cells, p), stream);
+    });
+    return;
+  }
+  group_moments(plan, x, mean, var);
+  for (int64_t g = 0; g < plan.num_groups(); ++g) fold_group(g);
+  std::vector<int64_t> own(plan.N);
+  for (int64_t n = 0; n < plan.N; ++n) own[n] = n;
+  apply_pointwise(plan_per_channel_in_sets(plan.N, plan.C, plan.S, std::move(own)), op, x, cells, y);
+}
+
+template <class S>
 void pointwise_sums(const Plan& plan, Pointwise op, const S* x, const S* dy, const PointwiseCoefficients& coef,
                     double* sums) {
   using T = compute_t<S>;
@@ -217,7 +264,9 @@ void pointwise_backward_fused(const Plan& plan, Pointwise op, const S* x, const 
   template void pointwise_backward_fused<S>(const Plan&, Pointwise, const S*, const S*,            \
                                             const PointwiseCoefficients&, const double*, const double*, \
                                             const double*, int64_t, const double*, const double*,  \
-                                            double*, S*);
+                                            double*, S*);                                 \
+  template void normalize_pointwise<S>(const Plan&, Pointwise, const S*, const PointwiseFold&,     \
+                                       const PointwiseCoefficients&, S*, double*, double*, double*);
 NK_INSTANTIATE(float)
 NK_INSTANTIATE(double)
 NK_INSTANTIATE(f16)

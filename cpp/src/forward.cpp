@@ -27,19 +27,6 @@ void apply_plane(const Kernels<S>& k, const Plan& plan, const Chunks& pc, int64_
            col && bias ? bias + off : nullptr, residual ? residual + s : nullptr, relu, stream);
 }
 
-// The moments of `count` consecutive chunks of n elements from x, to mean[k] and m2[k]. A
-// skip_mean (RMS) plan needs only the sum of squares, one pass: as moments with mean 0 and
-// m2 = sum x*x, which merge and finish_group treat alike.
-template <class S>
-void chunk_moments(const Kernels<S>& k, const Plan& plan, const S* x, int64_t n, int64_t count,
-                   double* mean, double* m2) {
-  if (!plan.skip_mean) return k.moments(x, n, count, mean, m2);
-  for (int64_t i = 0; i < count; ++i) {
-    mean[i] = 0;
-    k.sum_squares(x + i * n, n, &m2[i]);
-  }
-}
-
 // Chunks that are whole segments (one chunk per segment) go to the kernel in batches of
 // consecutive ones, up to kChunk elements: their short chains then overlap (reduce.cpp).
 inline int64_t segments_per_batch(const Chunks& ch) {
@@ -59,17 +46,8 @@ void group_moments(const Plan& plan, const S* x, double* mean, double* var) {
   if (Plan rows; pooled_rows(plan, &rows)) return group_moments<S>(rows, x, mean, var);
   const Kernels<S>& k = kernels().get<S>();
   if (const int64_t run = single_chunk_run(plan)) {
-    // Every group one chunk (InstanceNorm-like cells, FRN's planes): batches of groups, each
-    // group's chunk moments finished as they are (merge_stored's bits for a single chunk),
-    // without a GroupIndex or a merge per group.
-    const GroupBatches gb(plan.num_groups(), run);
-    parallel_for(gb.count, gb.per_batch * run, [&](int64_t b) {
-      const int64_t g0 = gb.first(b), g1 = gb.end(b);
-      double cmean[GroupBatches::kMaxBatch], cm2[GroupBatches::kMaxBatch];  // not zeroed: all written
-      chunk_moments(k, plan, x + g0 * run, run, g1 - g0, cmean, cm2);
-      for (int64_t g = g0; g < g1; ++g)
-        finish_group(plan, merge(Moments{}, Moments{double(run), cmean[g - g0], cm2[g - g0]}), &mean[g], &var[g]);
-    });
+    // Every group one chunk (InstanceNorm-like cells, FRN's planes): batches of groups.
+    single_chunk_groups(k, plan, run, x, mean, var, [](int64_t, int64_t) {});
     return;
   }
   const Chunks ch = Chunks::moments(plan);
@@ -261,15 +239,8 @@ void normalize_batch_stats(const Plan& plan, const S* x, double eps, const compu
     const Kernels<S>& k = kernels().get<S>();
     const Chunks pc = Chunks::planes(plan);
     const bool stream = large_output<S>(plan);
-    const GroupBatches gb(plan.num_groups(), run);
-    parallel_for(gb.count, gb.per_batch * run, [&](int64_t b) {
-      const int64_t g0 = gb.first(b), g1 = gb.end(b);
-      double cmean[GroupBatches::kMaxBatch], cm2[GroupBatches::kMaxBatch];  // not zeroed: all written
-      chunk_moments(k, plan, x + g0 * run, run, g1 - g0, cmean, cm2);
-      for (int64_t g = g0; g < g1; ++g) {
-        finish_group(plan, merge(Moments{}, Moments{double(run), cmean[g - g0], cm2[g - g0]}), &mean[g], &var[g]);
-        rstd[g] = 1.0 / std::sqrt(var[g] + eps);
-      }
+    single_chunk_groups(k, plan, run, x, mean, var, [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) rstd[g] = 1.0 / std::sqrt(var[g] + eps);
       const int64_t cpg = plan.channels_per_group, gps = plan.groups_per_set();
       for (int64_t g = g0; g < g1; ++g)  // group g: planes [g*cpg, (g+1)*cpg), from channel c0
         for (int64_t i = 0, c0 = (g % gps) * cpg; i < cpg; ++i)

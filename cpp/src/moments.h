@@ -313,6 +313,19 @@ inline int64_t single_chunk_run(const Plan& plan) {
   return run;
 }
 
+// The moments of `count` consecutive chunks of n elements from x, to mean[k] and m2[k]. A
+// skip_mean (RMS) plan needs only the sum of squares, one pass: as moments with mean 0 and
+// m2 = sum x*x, which merge and finish_group treat alike.
+template <class S>
+inline void chunk_moments(const Kernels<S>& k, const Plan& plan, const S* x, int64_t n, int64_t count,
+                   double* mean, double* m2) {
+  if (!plan.skip_mean) return k.moments(x, n, count, mean, m2);
+  for (int64_t i = 0; i < count; ++i) {
+    mean[i] = 0;
+    k.sum_squares(x + i * n, n, &m2[i]);
+  }
+}
+
 // Consecutive one-chunk groups taken together, up to kChunk elements per batch (at least one
 // group, at most kMaxBatch): each step (moments or sums, then coefficients, then output) runs
 // over the whole batch, so the short dependent chains of independent groups overlap in the CPU
@@ -327,6 +340,24 @@ struct GroupBatches {
   int64_t first(int64_t b) const { return b * per_batch; }
   int64_t end(int64_t b) const { return std::min(groups, (b + 1) * per_batch); }
 };
+
+// Every group of a plan one chunk of `run` elements (single_chunk_run): batch by batch on the
+// threads, the batch's chunk moments finished as they are (merge_stored's bits for a single
+// chunk, without a GroupIndex or a merge per group), then then(g0, g1) on its groups while their
+// data is in cache (an apply pass; nothing for statistics alone).
+template <class S, class Then>
+void single_chunk_groups(const Kernels<S>& k, const Plan& plan, int64_t run, const S* x, double* mean,
+                         double* var, const Then& then) {
+  const GroupBatches gb(plan.num_groups(), run);
+  parallel_for(gb.count, gb.per_batch * run, [&](int64_t b) {
+    const int64_t g0 = gb.first(b), g1 = gb.end(b);
+    double cmean[GroupBatches::kMaxBatch], cm2[GroupBatches::kMaxBatch];  // not zeroed: all written
+    chunk_moments(k, plan, x + g0 * run, run, g1 - g0, cmean, cm2);
+    for (int64_t g = g0; g < g1; ++g)
+      finish_group(plan, merge(Moments{}, Moments{double(run), cmean[g - g0], cm2[g - g0]}), &mean[g], &var[g]);
+    then(g0, g1);
+  });
+}
 
 // Channels-last with every sample its own statistics set (GroupNorm, InstanceNorm): a sample's
 // rows are contiguous and hold all its groups, so the work goes sample by sample (statistics,

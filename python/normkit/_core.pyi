@@ -257,6 +257,12 @@ def normalize_batch_stats_positions(plan: Plan, x: _Array, eps: float, weight: _
     """
     Per-column statistics and out = ((x - mean)*rstd [+ the sample term's])*weight[s] + bias[s], sample by sample; (mean, var, rstd).
     """
+def normalize_pointwise(plan: Plan, op: int, x: _Array, eps: float, skip_mean: bool, center: bool,
+                        rstd_into_scale: bool, channel: _F64, out: _Array,
+                        cell: _F64) -> tuple[_F64, _F64]:
+    """
+    Statistics per group of a per-sample-group plan, then out = apply_pointwise with cell coefficients folded from them and the (9, C) channel rows (r = 1/sqrt(var + eps) into a, or into scale); writes the (9, N*C) cell coefficients to `cell`; returns (mean, var) per group.
+    """
 def plan_per_channel(N: int, C: int, S: int) -> Plan:
     ...
 def plan_per_channel_in_sets(N: int, C: int, S: int,

@@ -169,6 +169,22 @@ template <class S>
 void pointwise_backward(const Plan& plan, Pointwise op, const S* x, const S* dy,
                         const PointwiseCoefficients& coef, const double* c1, const double* c2,
                         const double* c3, S* dx);
+// Statistics per group, then the pointwise epilogue, in one call (FRN, EvoNorm-S0): for a plan
+// of each sample's own groups (plan_per_sample_group), mean[g] and var[g] of x (skip_mean: 0 and
+// the mean of x^2, FRN's nu2), r = 1/sqrt(var + eps), then per plane p = (n, c) of group g the
+// cell coefficients cell[i*P + p] from channel c's (9, C) `channel` rows: shift = mean (center)
+// or the channel's shift, a *= r unless rstd_into_scale, scale *= r if it, center = mean, the
+// rest the channel's; then y = apply_pointwise with them (the cells are the planes). Where a
+// group is one chunk the group's output follows its statistics while it is in cache (x read
+// once); else a statistics pass, then the apply pass. Groups with no elements fold as mean 0,
+// var 0.
+struct PointwiseFold {
+  double eps = 0;
+  bool skip_mean = false, center = false, rstd_into_scale = false;
+};
+template <class S>
+void normalize_pointwise(const Plan& plan, Pointwise op, const S* x, const PointwiseFold& fold,
+                         const PointwiseCoefficients& channel, S* y, double* mean, double* var, double* cell);
 // pointwise_sums and pointwise_backward in one pass, each chunk's sums then its dx while it is in
 // cache: dx = c1[k]*g + (c2[k] + q2)*(x - center[k]) + c3[k] + q3, and the sums as
 // pointwise_sums' (to rounding: float and double keep g = dy*f'(u) for dx, so it is rounded

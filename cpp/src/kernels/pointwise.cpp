@@ -73,7 +73,7 @@ inline vec<float> erfc_of(vec<float> x) {
   return x < 0.0f ? 2.0f - r : r;
 }
 
-// Float and double chunks end in one masked vector on AVX-512 (vec.h: kMaskedTails): a 14x14
+// Float and double chunks end in one masked vector on AVX-512 and AVX2 (vec.h: kMaskedTails): a 14x14
 // plane's last 4 elements went through libm's exp and erfc one at a time, a fifth of a small
 // EvoNorm-S0's time. Half types and other targets take the scalar tail.
 template <class S>

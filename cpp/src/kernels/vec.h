@@ -60,8 +60,9 @@ template <class T> inline void stream(T* p, vec<T> v) {
 }
 
 // The last n < L elements of a chunk as one vector (lanes past n are zero) and back, through
-// AVX-512 masks: a 196-element plane then ends in one masked vector instead of four scalar
-// steps. Elsewhere kMaskedTails is false and the kernels take the tail one element at a time.
+// AVX-512 masks or AVX2's vmaskmov: a 196-element plane then ends in one masked vector instead
+// of four scalar steps. Elsewhere kMaskedTails is false and the kernels take the tail one
+// element at a time.
 #if NK_VEC_BYTES == 64 && defined(__AVX512F__)
 constexpr bool kMaskedTails = true;
 inline vec<float> load_tail(const float* p, int64_t n) {
@@ -98,6 +99,51 @@ inline vec<double> zero_past(vec<double> v, int64_t n) {
   __m512d r;
   std::memcpy(&r, &v, sizeof r);
   r = _mm512_maskz_mov_pd(__mmask8((1u << n) - 1), r);
+  std::memcpy(&v, &r, sizeof v);
+  return v;
+}
+#elif NK_VEC_BYTES == 32 && defined(__AVX2__)
+// AVX2: the same through vmaskmov, whose masked-off lanes read as zero and never fault.
+constexpr bool kMaskedTails = true;
+inline __m256i tail_mask32(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline __m256i tail_mask64(int64_t n) {
+  return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+}
+inline vec<float> load_tail(const float* p, int64_t n) {
+  const __m256 r = _mm256_maskload_ps(p, tail_mask32(n));
+  vec<float> v;
+  std::memcpy(&v, &r, sizeof v);
+  return v;
+}
+inline vec<double> load_tail(const double* p, int64_t n) {
+  const __m256d r = _mm256_maskload_pd(p, tail_mask64(n));
+  vec<double> v;
+  std::memcpy(&v, &r, sizeof v);
+  return v;
+}
+inline void store_tail(float* p, vec<float> v, int64_t n) {
+  __m256 r;
+  std::memcpy(&r, &v, sizeof r);
+  _mm256_maskstore_ps(p, tail_mask32(n), r);
+}
+inline void store_tail(double* p, vec<double> v, int64_t n) {
+  __m256d r;
+  std::memcpy(&r, &v, sizeof r);
+  _mm256_maskstore_pd(p, tail_mask64(n), r);
+}
+inline vec<float> zero_past(vec<float> v, int64_t n) {
+  __m256 r;
+  std::memcpy(&r, &v, sizeof r);
+  r = _mm256_and_ps(r, _mm256_castsi256_ps(tail_mask32(n)));
+  std::memcpy(&v, &r, sizeof v);
+  return v;
+}
+inline vec<double> zero_past(vec<double> v, int64_t n) {
+  __m256d r;
+  std::memcpy(&r, &v, sizeof r);
+  r = _mm256_and_pd(r, _mm256_castsi256_pd(tail_mask64(n)));
   std::memcpy(&v, &r, sizeof v);
   return v;
 }

@@ -141,21 +141,25 @@ class PointwiseSaved:
         return dx.reshape(self.shape), grads
 
 
+_FusedFold = tuple[_CoefLike, _CoefLike, _CoefLike, int, _F64 | None, _F64 | None]
+
+
 class FusedPointwiseSaved:
     """A pointwise-epilogue backward in one pass (_core.pointwise_backward_fused), for folds
     known at the forward: c1, c2, c3 per cell, plus c2 and c3 terms linear in the sums of each
     cluster of `cluster` planes, k2 . sums and k3 . sums ((7, K) arrays, or None); the sums then
-    give the parameters' gradients, grads(sums)."""
+    give the parameters' gradients, grads(sums). `fold` is that tuple, or a function giving it
+    at the backward (so that an inference forward does not build it)."""
 
     __slots__ = ("plan", "op", "x", "coef", "fold", "grads", "shape")
 
     def __init__(self, plan: _core.Plan, op: int, x: npt.NDArray[Any], coef: _F64,
-                 fold: tuple[_CoefLike, _CoefLike, _CoefLike, int, _F64 | None, _F64 | None],
+                 fold: _FusedFold | Callable[[], _FusedFold],
                  grads: Callable[[_F64], Grads], shape: tuple[int, ...]) -> None:
         self.plan, self.op, self.x, self.coef, self.fold, self.grads, self.shape = plan, op, x, coef, fold, grads, shape
 
     def backward(self, dy: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], Grads]:
-        c1, c2, c3, cluster, k2, k3 = self.fold
+        c1, c2, c3, cluster, k2, k3 = self.fold() if callable(self.fold) else self.fold
         dx = _core.empty_like(self.x)
         sums = _core.pointwise_backward_fused(self.plan, self.op, self.x, dy, self.coef, coefficient(c1),
                                               coefficient(c2), coefficient(c3), dx, cluster, k2, k3)

@@ -135,46 +135,49 @@ class EvoNormS0_2d(_EvoNorm):
         self.groups = _checks.positive_int(groups, "groups")
         _checks.divisor(self.groups, _checks.positive_int(num_features, "num_features"), "groups", "num_features")
         self._evo_setup(num_features, eps, dtype)
+        self._plan_key: tuple[int, int, int] | None = None
+        self._plan_pair: tuple[_core.Plan, _core.Plan]
 
     def _forward(self, x: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], FusedPointwiseSaved]:
         x, (N, C, S) = self._input(x)
         G, cpg = self.groups, C // self.groups
         w, b, v = self._params()
-        if x.size:
-            mean, var = (a.reshape(N, G) for a in _core.group_moments(_core.plan_per_sample_group(N, C, S, G), x))
-        else:
-            mean = var = np.zeros((N, G))
-        std = np.repeat(np.sqrt(var + self.eps), cpg, axis=1)  # per (n, c)
-        mu = np.repeat(mean, cpg, axis=1)
-        plan = _core.plan_per_channel_in_sets(N, C, S, list(range(N)))  # cells: the planes
+        stats, plan = self._plans(N, C, S)
         op = int(_core.Pointwise.swish_gate)
-        scale = w / std
-        # _core.apply_pointwise's (9, K) coefficients (as pointwise_coefficients(N*C, p=v,
-        # scale=scale, offset=b, center=mu) builds them), row by row.
-        coef = np.zeros((9, N * C))
-        coef[1] = 1.0
-        coef[3].reshape(N, C)[...] = v
-        coef[6] = scale.reshape(-1)
-        coef[7].reshape(N, C)[...] = b
-        coef[8] = mu.reshape(-1)
+        # Per sample group the mean and variance, then per cell u = x, p = v, scale = w r,
+        # offset = b, center = the group's mean (the backward's x - mu), r = 1/sqrt(var + eps):
+        # one core call, a group's output right after its statistics where a group is one chunk.
+        channel = np.zeros((9, C))
+        channel[1], channel[3], channel[6], channel[7] = 1.0, v, w, b
+        coef = np.empty((9, N * C))
         y = _core.empty_like(x)
-        if x.size:
-            _core.apply_pointwise(plan, op, x, coef, y)
+        var = _core.normalize_pointwise(stats, op, x, self.eps, False, False, True, channel, y, coef)[1]
+        r = np.repeat((1.0 / np.sqrt(var + self.eps)).reshape(N, G), cpg, axis=1)  # per (n, c)
+        scale = coef[6].reshape(N, C)  # w r
 
         # y = h(x) w/std + b with h = x sigmoid(v x); per plane D = dy, F = dy*h, E_p = dy*dh/dv.
         # std depends on x: dL/dstd = -sum_{group} w F / std^2, dstd/dx = (x - mu)/(M std), M = cpg*S:
         # dx = (w/std) g + dL/dstd/(M std) (x - mu), a fold local to each sample's group of cpg
-        # planes: c2 = k2 . sums over the group with k2 = -w/(M std^3) on F (the core's one-pass
-        # backward); dweight = sum F/std, dv = sum (w/std) E_p.
-        k2 = np.zeros((7, N * C))
-        k2[1] = (-w / (cpg * S * std ** 2 * std)).reshape(-1)
+        # planes: c2 = k2 . sums over the group with k2 = -w r^3/M on F (the core's one-pass
+        # backward); dweight = sum F r, dv = sum (w r) E_p.
+        def fold() -> tuple[_F64, float, float, int, _F64, None]:
+            k2 = np.zeros((7, N * C))
+            k2[1] = (-w * r ** 2 * r / (cpg * S)).reshape(-1)
+            return coef[6], 0.0, 0.0, cpg, k2, None
 
         def grads_of(sums: _F64) -> _Grads:
             D, F, Ep = (sums[i].reshape(N, C) for i in (0, 1, 4))
-            return self._grads((F / std).sum(axis=0), D.sum(axis=0), (scale * Ep).sum(axis=0))
+            return self._grads((F * r).sum(axis=0), D.sum(axis=0), (scale * Ep).sum(axis=0))
 
-        return y, FusedPointwiseSaved(plan, op, x, coef, (scale.reshape(-1), 0.0, 0.0, cpg, k2, None), grads_of,
-                                      x.shape)
+        return y, FusedPointwiseSaved(plan, op, x, coef, fold, grads_of, x.shape)
+
+    def _plans(self, N: int, C: int, S: int) -> tuple[_core.Plan, _core.Plan]:
+        """(the statistics plan: each sample's groups, the cells' plan: the planes), kept per shape."""
+        if self._plan_key != (N, C, S):
+            self._plan_key = (N, C, S)
+            self._plan_pair = (_core.plan_per_sample_group(N, C, S, self.groups),
+                               _core.plan_per_channel_in_sets(N, C, S, list(range(N))))
+        return self._plan_pair
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, groups={self.groups}, eps={self.eps}"

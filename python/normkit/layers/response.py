@@ -7,7 +7,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import _checks, _core, _engine
-from ._variant import FusedPointwiseSaved, VariantLayer
+from ._variant import _F64, FusedPointwiseSaved, VariantLayer
 
 
 class FilterResponseNorm2d(VariantLayer):
@@ -36,6 +36,8 @@ class FilterResponseNorm2d(VariantLayer):
         self.learnable_eps, self.tlu = bool(learnable_eps), bool(tlu)
         self._param("tau", np.zeros(self.num_features, self.dtype) if self.tlu else None)
         self._param("eps_l", np.full(1, 1e-4, self.dtype) if self.learnable_eps else None)
+        self._plan_key: tuple[int, int, int] | None = None
+        self._plan_pair: tuple[_core.Plan, _core.Plan]
 
     def _input(self, x: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], tuple[int, int, int]]:
         _checks.layer_input(x, self.dtype, min_ndim=2, channels=self.num_features,
@@ -47,34 +49,30 @@ class FilterResponseNorm2d(VariantLayer):
         x, (N, C, S) = self._input(x)
         eps_l = 0.0 if self.eps_l is None else float(self.eps_l[0])
         eps_total = self.eps + abs(eps_l)
-        # nu2 per (n, c): each plane a row of a skip_mean (RMS) plan; cells are the planes. (A
-        # pass per plane, statistics then output while in cache, measured slower here: the
-        # second pass of a 26 MB tensor finds it in L3, and 14x14 planes pay per-plane costs.)
-        nu2 = _core.group_moments(_core.plan_per_row(N * C, S, True), x)[1] if x.size else np.zeros(N * C)
-        r = 1.0 / np.sqrt(nu2 + eps_total)  # (N*C,)
-        plan = _core.plan_per_channel_in_sets(N, C, S, list(range(N)))
+        stats, plan = self._plans(N, C, S)
         w, b = self._channel_params()
         op = int(_core.Pointwise.tlu if self.tlu else _core.Pointwise.identity)
-        rr = r.reshape(N, C)
-        scale = (rr * w).reshape(-1)  # weight r per cell
-        # _core.apply_pointwise's (9, K) coefficients (as pointwise_coefficients(N*C, a=scale,
-        # b=b, p=tau) builds them), row by row without its per-row conversions.
-        coef = np.zeros((9, N * C))
-        coef[1] = scale
-        coef[2].reshape(N, C)[...] = b
+        # nu2 per (n, c) (a skip_mean statistic of each plane, a group of one channel), then the
+        # TLU with per-cell coefficients a = weight r, b = bias, p = tau, r = 1/sqrt(nu2 + eps):
+        # one core call, each 14x14 plane's output right after its statistics.
+        channel = np.zeros((9, C))
+        channel[1], channel[2], channel[6] = w, b, 1.0
         if self.tau is not None:
-            coef[3].reshape(N, C)[...] = self.tau
-        coef[6] = 1.0
+            channel[3] = self.tau
+        coef = np.empty((9, N * C))
         y = _core.empty_like(x)
-        if x.size:
-            _core.apply_pointwise(plan, op, x, coef, y)
+        nu2 = _core.normalize_pointwise(stats, op, x, eps_total, True, False, False, channel, y, coef)[1]
 
         # With g = dy*f'(y) per element and A = sum g*x per plane (center 0):
         # dx = weight r g - weight r^3 A x / S  (r depends on x through nu2), a fold local to
         # each plane: c2 = k2 . sums with k2 = -weight r^3 / S on A, the core's one-pass backward.
         # dweight = sum r A, dbias = sum g, dtau = sum dy [y <= tau], deps_l = sum weight A (-r^3/2) sign(eps_l)
-        k2 = np.zeros((7, N * C))
-        k2[3] = (-w * rr ** 2 * rr / S).reshape(-1)
+        rr = (1.0 / np.sqrt(nu2 + eps_total)).reshape(N, C)
+
+        def fold() -> tuple[_F64, float, float, int, _F64, None]:
+            k2 = np.zeros((7, N * C))
+            k2[3] = (-w * rr ** 2 * rr / S).reshape(-1)
+            return coef[1], 0.0, 0.0, 1, k2, None
 
         def grads_of(sums: npt.NDArray[np.float64]) -> dict[str, npt.NDArray[Any]]:
             G, A, T = (sums[i].reshape(N, C) for i in (2, 3, 4))
@@ -85,7 +83,15 @@ class FilterResponseNorm2d(VariantLayer):
                 grads["eps_l"] = np.array([np.sum(w * A * -0.5 * rr ** 2 * rr) * np.sign(eps_l)], self.dtype)
             return grads
 
-        return y, FusedPointwiseSaved(plan, op, x, coef, (scale, 0.0, 0.0, 1, k2, None), grads_of, x.shape)
+        return y, FusedPointwiseSaved(plan, op, x, coef, fold, grads_of, x.shape)
+
+    def _plans(self, N: int, C: int, S: int) -> tuple[_core.Plan, _core.Plan]:
+        """(the statistics plan: each plane a group, the cells' plan: the planes), kept per shape."""
+        if self._plan_key != (N, C, S):
+            self._plan_key = (N, C, S)
+            self._plan_pair = (_core.plan_per_sample_group(N, C, S, C),
+                               _core.plan_per_channel_in_sets(N, C, S, list(range(N))))
+        return self._plan_pair
 
     def backward(self, dy: npt.NDArray[Any]) -> npt.NDArray[Any]:
         dx = super().backward(dy)
