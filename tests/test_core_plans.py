@@ -78,3 +78,17 @@ def test_consecutive_outputs_stay_independent():
     for _ in range(3):
         layer(x1 * 2)  # fresh outputs while y1 is alive must not reuse its memory
     assert np.array_equal(y1, kept)
+
+
+def test_a_plan_pickles_to_the_same_plan_and_a_bad_state_is_refused():
+    import pickle
+    plan = _core.plan_per_channel_in_sets(4, 6, 5, [0, 1, 0, 1], channels_per_group=2)
+    plan.channels_last = True
+    twin = pickle.loads(pickle.dumps(plan))
+    fields = ("N", "C", "S", "channels_per_group", "num_sample_sets", "skip_mean", "column_affine",
+              "channels_last", "num_groups", "group_counts")
+    assert [getattr(twin, f) for f in fields] == [getattr(plan, f) for f in fields]
+    state = list(plan.__getstate__())
+    state[3] = [0, 5, 0, 1]  # a sample in a set that does not exist
+    with pytest.raises(ValueError, match="sample_group entry out of range"):
+        _core.Plan.__new__(_core.Plan).__setstate__(tuple(state))

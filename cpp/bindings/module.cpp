@@ -257,7 +257,23 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("group_counts", [](const nk::Plan& p) {
         nk::check_plan(p);  // channels_last is writable from Python; the rest is checked already
         return nk::group_counts(p);
-      });
+      })
+      // Layers keep their plans per shape: copy.deepcopy and pickle of a layer copy them too.
+      .def(py::pickle(
+          [](const nk::Plan& p) {
+            return py::make_tuple(p.N, p.C, p.S, p.sample_group, p.num_sample_sets, p.channels_per_group,
+                                  p.skip_mean, p.column_affine, p.channels_last);
+          },
+          [](const py::tuple& t) {
+            if (t.size() != 9) throw py::value_error("Plan: expected a 9-tuple state");
+            nk::Plan p;
+            p.N = t[0].cast<int64_t>(), p.C = t[1].cast<int64_t>(), p.S = t[2].cast<int64_t>();
+            p.sample_group = t[3].cast<std::vector<int64_t>>();
+            p.num_sample_sets = t[4].cast<int64_t>(), p.channels_per_group = t[5].cast<int64_t>();
+            p.skip_mean = t[6].cast<bool>(), p.column_affine = t[7].cast<bool>(), p.channels_last = t[8].cast<bool>();
+            nk::check_plan(p);  // a state from elsewhere is checked as a constructed plan is
+            return p;
+          }));
 
   m.def("plan_per_channel", &nk::plan_per_channel, py::arg("N"), py::arg("C"), py::arg("S"));
   m.def("plan_per_channel_in_sets", &nk::plan_per_channel_in_sets, py::arg("N"), py::arg("C"),

@@ -18,6 +18,10 @@ class PlanError(ValueError):
     pass
 class Plan:
     channels_last: bool
+    def __getstate__(self) -> tuple[object, ...]:
+        ...
+    def __setstate__(self, state: tuple[object, ...]) -> None:
+        ...
     @property
     def C(self) -> int:
         ...

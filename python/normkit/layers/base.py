@@ -99,6 +99,15 @@ class NormLayer:
             np.copyto(getattr(self, k), v, casting="unsafe")
         return self
 
+    # -- copy.deepcopy and pickle --------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        """The layer's attributes without what the last forward saved for its backward (views of
+        its input, the core's state, closures over this layer): a copy, like a deepcopy of a
+        torch module, carries no autograd state and needs its own forward before a backward."""
+        state = self.__dict__.copy()
+        state["_saved"] = None
+        return state
+
     # -- forward / backward -------------------------------------------------------------
     def forward(self, x: npt.NDArray[Any]) -> npt.NDArray[Any]:
         y, self._saved = self._forward(x)
