@@ -31,6 +31,7 @@ from .. import _checks, _core, _engine
 from .base import NormLayer
 
 _F64 = npt.NDArray[np.float64]
+_POINTWISE_SUMS = 7  # the core's sums per cell (normkit.h: pointwise_sums)
 Grads = dict[str, npt.NDArray[Any]]  # a backward's parameter gradients by name
 _Coef = float | _F64  # a coefficient as the core's steps take it (a number, or one per cell ...)
 _CoefLike = npt.ArrayLike  # ... and as `coefficient` takes it (a fold's c1, c2, c3)
@@ -289,6 +290,21 @@ class VariantLayer(NormLayer):
     def _batch_stats(self) -> bool:
         """Statistics from the batch: in training, and in eval with use_batch_stats."""
         return self.training or self.use_batch_stats
+
+    def _sum_weights(self, K: int, row: int, values: npt.NDArray[Any]) -> _F64:
+        """A fused backward's (7, K) k2 or k3, zero but for `row` = values: kept per (K, row) and
+        only that row written, since the core reads it during its call alone (a fresh zeroed one
+        per backward was a tenth of a small FRN's backward)."""
+        cache: dict[tuple[int, int], _F64] | None = self.__dict__.get("_sum_weights_cache")
+        if cache is None:
+            cache = self.__dict__["_sum_weights_cache"] = {}
+        k = cache.get((K, row))
+        if k is None:
+            if len(cache) >= 8:
+                cache.clear()
+            k = cache[(K, row)] = np.zeros((_POINTWISE_SUMS, K))
+        k[row] = values.reshape(-1)
+        return k
 
     def _channel_params(self) -> tuple[_F64, _F64]:
         """weight and bias as float64 arrays (ones and zeros without an affine)."""

@@ -161,8 +161,7 @@ class EvoNormS0_2d(_EvoNorm):
         # planes: c2 = k2 . sums over the group with k2 = -w r^3/M on F (the core's one-pass
         # backward); dweight = sum F r, dv = sum (w r) E_p.
         def fold() -> tuple[_F64, float, float, int, _F64, None]:
-            k2 = np.zeros((7, N * C))
-            k2[1] = (-w * r ** 2 * r / (cpg * S)).reshape(-1)
+            k2 = self._sum_weights(N * C, 1, -w * r ** 2 * r / (cpg * S))
             return coef[6], 0.0, 0.0, cpg, k2, None
 
         def grads_of(sums: _F64) -> _Grads:

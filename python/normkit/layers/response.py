@@ -70,8 +70,7 @@ class FilterResponseNorm2d(VariantLayer):
         rr = (1.0 / np.sqrt(nu2 + eps_total)).reshape(N, C)
 
         def fold() -> tuple[_F64, float, float, int, _F64, None]:
-            k2 = np.zeros((7, N * C))
-            k2[3] = (-w * rr ** 2 * rr / S).reshape(-1)
+            k2 = self._sum_weights(N * C, 3, -w * rr ** 2 * rr / S)
             return coef[1], 0.0, 0.0, 1, k2, None
 
         def grads_of(sums: npt.NDArray[np.float64]) -> dict[str, npt.NDArray[Any]]:
