@@ -32,6 +32,7 @@ from .base import NormLayer
 
 _F64 = npt.NDArray[np.float64]
 _POINTWISE_SUMS = 7  # the core's sums per cell (normkit.h: pointwise_sums)
+_Plans = TypeVar("_Plans")  # what a layer makes per input shape: a plan, or a tuple of plans
 Grads = dict[str, npt.NDArray[Any]]  # a backward's parameter gradients by name
 _Coef = float | _F64  # a coefficient as the core's steps take it (a number, or one per cell ...)
 _CoefLike = npt.ArrayLike  # ... and as `coefficient` takes it (a fold's c1, c2, c3)
@@ -290,6 +291,19 @@ class VariantLayer(NormLayer):
     def _batch_stats(self) -> bool:
         """Statistics from the batch: in training, and in eval with use_batch_stats."""
         return self.training or self.use_batch_stats
+
+    def _shape_plans(self, shape: tuple[int, int, int], make: Callable[[], _Plans]) -> _Plans:
+        """The plans of inputs of `shape` (N, C, S), made by make() the first time and kept (for
+        the last 8 shapes): a plan is never changed once made."""
+        cache: dict[tuple[int, int, int], Any] | None = self.__dict__.get("_shape_plan_cache")
+        if cache is None:
+            cache = self.__dict__["_shape_plan_cache"] = {}
+        plans = cache.get(shape)
+        if plans is None:
+            if len(cache) >= 8:
+                cache.clear()
+            plans = cache[shape] = make()
+        return plans  # make()'s, stored under its shape
 
     def _sum_weights(self, K: int, row: int, values: npt.NDArray[Any]) -> _F64:
         """A fused backward's (7, K) k2 or k3, zero but for `row` = values: kept per (K, row) and

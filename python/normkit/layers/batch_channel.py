@@ -74,16 +74,12 @@ class BatchChannelNorm2d(VariantLayer):
         self.weight = self.bias = None  # the affines are the two parts' own
         # After eval(): the batch part normalizes with the batch's own statistics.
         self.use_batch_stats = False
-        self._plans: dict[tuple[int, int, int], _core.Plan] = {}  # by (N, C, S)
 
     def _forward(self, x: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], StepSaved]:
         x, (N, C, S) = self._input(x)
         G, cpg = self.num_groups, C // self.num_groups
-        plan = self._plans.get((N, C, S))
-        if plan is None:  # cells: the (n, c) planes; a plan per shape, never changed once made
-            if len(self._plans) >= 8:
-                self._plans.clear()
-            plan = self._plans[(N, C, S)] = _core.plan_per_channel_in_sets(N, C, S, list(range(N)))
+        # cells: the (n, c) planes
+        plan = self._shape_plans((N, C, S), lambda: _core.plan_per_channel_in_sets(N, C, S, list(range(N))))
         if x.size == 0:
             return _core.empty_like(x), StepSaved(plan, x, np.zeros(N * C), None, x.shape)
         batch = self._batch_stats() and not self.estimate

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from .. import _checks, _core
+from .. import _checks, _core, _engine
 from ._variant import VariantLayer, checked_attribute, unbiased
 
 if TYPE_CHECKING:
@@ -96,7 +96,6 @@ class BatchLayerNorm2d(VariantLayer):
         self._buffer("running_var", None)
         # After eval(): normalize with the batch's own statistics, leaving the running ones alone.
         self.use_batch_stats = False
-        self._plans: dict[tuple[int, int, int], _core.Plan] = {}  # by (N, C, S)
 
     def _mix(self, C: int) -> tuple[float, float, float]:
         B = float(self.batch_size)
@@ -113,12 +112,8 @@ class BatchLayerNorm2d(VariantLayer):
         self._check_running_shape(x)
         # The feature cells (n, hw): N samples of C rows of HW columns (LayerNorm2d's reading);
         # the batch columns (c, hw): one sample of N rows of C*HW columns.
-        feature = self._plans.get((N, C, S))
-        if feature is None:  # a plan per shape, never changed once made
-            if len(self._plans) >= 8:
-                self._plans.clear()
-            feature = self._plans[(N, C, S)] = _core.plan_per_sample_group(N, S, C, S)
-            feature.channels_last = True
+        feature = self._shape_plans(
+            (N, C, S), lambda: _engine.in_layout(_core.plan_per_sample_group(N, S, C, S), "NHWC"))
         if x.size == 0:  # nothing to normalize: no statistics, and none made
             return _core.empty_like(x), _EmptySaved(x)
         if self.training:

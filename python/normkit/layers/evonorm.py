@@ -135,14 +135,14 @@ class EvoNormS0_2d(_EvoNorm):
         self.groups = _checks.positive_int(groups, "groups")
         _checks.divisor(self.groups, _checks.positive_int(num_features, "num_features"), "groups", "num_features")
         self._evo_setup(num_features, eps, dtype)
-        self._plan_key: tuple[int, int, int] | None = None
-        self._plan_pair: tuple[_core.Plan, _core.Plan]
 
     def _forward(self, x: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], FusedPointwiseSaved]:
         x, (N, C, S) = self._input(x)
         G, cpg = self.groups, C // self.groups
         w, b, v = self._params()
-        stats, plan = self._plans(N, C, S)
+        # the statistics plan (each sample's groups) and the cells' (the planes)
+        stats, plan = self._shape_plans((N, C, S), lambda: (_core.plan_per_sample_group(N, C, S, G),
+                                                            _core.plan_per_channel_in_sets(N, C, S, list(range(N)))))
         op = int(_core.Pointwise.swish_gate)
         # Per sample group the mean and variance, then per cell u = x, p = v, scale = w r,
         # offset = b, center = the group's mean (the backward's x - mu), r = 1/sqrt(var + eps):
@@ -169,14 +169,6 @@ class EvoNormS0_2d(_EvoNorm):
             return self._grads((F * r).sum(axis=0), D.sum(axis=0), (scale * Ep).sum(axis=0))
 
         return y, FusedPointwiseSaved(plan, op, x, coef, fold, grads_of, x.shape)
-
-    def _plans(self, N: int, C: int, S: int) -> tuple[_core.Plan, _core.Plan]:
-        """(the statistics plan: each sample's groups, the cells' plan: the planes), kept per shape."""
-        if self._plan_key != (N, C, S):
-            self._plan_key = (N, C, S)
-            self._plan_pair = (_core.plan_per_sample_group(N, C, S, self.groups),
-                               _core.plan_per_channel_in_sets(N, C, S, list(range(N))))
-        return self._plan_pair
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, groups={self.groups}, eps={self.eps}"

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .. import _core
+from .. import _core, _engine
 from ._variant import StepSaved, VariantLayer
 
 
@@ -31,21 +31,14 @@ class LayerNorm2d(VariantLayer):
         super().__init__()
         self._setup(num_channels, eps, affine, dtype, "NCHW")
         self.num_channels = self.num_features
-        self._plans: dict[tuple[int, int, int], _core.Plan] = {}  # by (N, C, S)
         # Without affine: the core's unit weight and zero bias, by compute type (read-only).
         self._unit: dict[type, tuple[npt.NDArray[Any], npt.NDArray[Any]]] = {}
 
     def _forward(self, x: npt.NDArray[Any]
                  ) -> tuple[npt.NDArray[Any], StepSaved | LayerNorm2dSaved]:
         x, (N, C, S) = self._input(x)
-        # N samples of C rows (positions) of S columns (cells): the channels-last reading; a plan
-        # per shape, never changed once made.
-        plan = self._plans.get((N, C, S))
-        if plan is None:
-            if len(self._plans) >= 8:
-                self._plans.clear()
-            plan = self._plans[(N, C, S)] = _core.plan_per_sample_group(N, S, C, S)
-            plan.channels_last = True
+        # N samples of C rows (positions) of S columns (cells): the channels-last reading.
+        plan = self._shape_plans((N, C, S), lambda: _engine.in_layout(_core.plan_per_sample_group(N, S, C, S), "NHWC"))
         if x.size == 0:
             return _core.empty_like(x), StepSaved(plan, x, np.zeros(N * S), None, x.shape)
         y = _core.empty_like(x)

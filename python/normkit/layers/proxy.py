@@ -68,9 +68,6 @@ class ProxyNorm2d(VariantLayer):
     # The last _step: its key (op, eps, num_points, the parameters' dtypes and bytes) and values.
     _step_key: tuple[object, ...] | None
     _step_cache: tuple[_F64, _F64, _F64, _F64, _F64, _F64]
-    # The last forward's (N, C, S) and its per-channel plan.
-    _plan_key: tuple[int, int, int] | None
-    _plan_cells: _core.Plan
 
     def __init__(self, num_features: int, activation: str = "relu", eps: float = 0.03,
                  num_points: int = 200, dtype: npt.DTypeLike = np.float32) -> None:
@@ -84,15 +81,13 @@ class ProxyNorm2d(VariantLayer):
         self._param("proxy_weight", np.zeros(C, self.dtype))
         self._param("proxy_bias", np.zeros(C, self.dtype))
         self._U = proxy_points(self.num_points)
-        self._step_key = self._plan_key = None
+        self._step_key = None
 
     def _forward(self, x: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], FusedPointwiseSaved]:
         x, (N, C, S) = self._input(x)
         op = int(getattr(_core.Pointwise, self.activation))
         g, mu, r, P, coef, c1 = self._step(op)
-        if self._plan_key != (N, C, S):
-            self._plan_key, self._plan_cells = (N, C, S), _core.plan_per_channel(N, C, S)  # cells: the channels
-        plan = self._plan_cells
+        plan = self._shape_plans((N, C, S), lambda: _core.plan_per_channel(N, C, S))  # cells: the channels
         dtype = self.dtype
 
         # y = (phi(u) - mu) r with u = g x + b. Per channel D = sum dy, F = sum dy*phi(u),

@@ -36,8 +36,6 @@ class FilterResponseNorm2d(VariantLayer):
         self.learnable_eps, self.tlu = bool(learnable_eps), bool(tlu)
         self._param("tau", np.zeros(self.num_features, self.dtype) if self.tlu else None)
         self._param("eps_l", np.full(1, 1e-4, self.dtype) if self.learnable_eps else None)
-        self._plan_key: tuple[int, int, int] | None = None
-        self._plan_pair: tuple[_core.Plan, _core.Plan]
 
     def _input(self, x: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], tuple[int, int, int]]:
         _checks.layer_input(x, self.dtype, min_ndim=2, channels=self.num_features,
@@ -49,7 +47,9 @@ class FilterResponseNorm2d(VariantLayer):
         x, (N, C, S) = self._input(x)
         eps_l = 0.0 if self.eps_l is None else float(self.eps_l[0])
         eps_total = self.eps + abs(eps_l)
-        stats, plan = self._plans(N, C, S)
+        # the statistics plan (each plane a group) and the cells' (the planes)
+        stats, plan = self._shape_plans((N, C, S), lambda: (_core.plan_per_sample_group(N, C, S, C),
+                                                            _core.plan_per_channel_in_sets(N, C, S, list(range(N)))))
         w, b = self._channel_params()
         op = int(_core.Pointwise.tlu if self.tlu else _core.Pointwise.identity)
         # nu2 per (n, c) (a skip_mean statistic of each plane, a group of one channel), then the
@@ -83,14 +83,6 @@ class FilterResponseNorm2d(VariantLayer):
             return grads
 
         return y, FusedPointwiseSaved(plan, op, x, coef, fold, grads_of, x.shape)
-
-    def _plans(self, N: int, C: int, S: int) -> tuple[_core.Plan, _core.Plan]:
-        """(the statistics plan: each plane a group, the cells' plan: the planes), kept per shape."""
-        if self._plan_key != (N, C, S):
-            self._plan_key = (N, C, S)
-            self._plan_pair = (_core.plan_per_sample_group(N, C, S, C),
-                               _core.plan_per_channel_in_sets(N, C, S, list(range(N))))
-        return self._plan_pair
 
     def backward(self, dy: npt.NDArray[Any]) -> npt.NDArray[Any]:
         dx = super().backward(dy)
