@@ -318,7 +318,7 @@ inline int64_t single_chunk_run(const Plan& plan) {
 // m2 = sum x*x, which merge and finish_group treat alike.
 template <class S>
 inline void chunk_moments(const Kernels<S>& k, const Plan& plan, const S* x, int64_t n, int64_t count,
-                   double* mean, double* m2) {
+                         double* mean, double* m2) {
   if (!plan.skip_mean) return k.moments(x, n, count, mean, m2);
   for (int64_t i = 0; i < count; ++i) {
     mean[i] = 0;
