@@ -80,6 +80,40 @@ def test_forward_sums_and_backward_equal_their_formulas(name, isa, rng):
     np.testing.assert_allclose(dx, c(c1) * g + c(c2) * (x - k(8)) + c(c3), rtol=0, atol=1e-7)
 
 
+def sigmoid(u):
+    e = np.exp(-np.abs(u))  # no overflow at u = -1e6
+    return np.where(u >= 0, 1 / (1 + e), e / (1 + e))
+
+
+FLOAT32_REFERENCES = {  # name -> (f, f') in float64, for the float32 accuracy check
+    "silu": (lambda u: u * sigmoid(u), lambda u: sigmoid(u) * (1 + u * (1 - sigmoid(u)))),
+    "gelu": (lambda u: FUNCTIONS["gelu"](u, 0, 0, 0),
+             lambda u: 0.5 * (1.0 + ERF(u / math.sqrt(2.0)).astype(np.float64))
+             + u * np.exp(-0.5 * u * u) / math.sqrt(2 * math.pi)),
+}
+
+
+@pytest.mark.parametrize("name", ["silu", "gelu"])
+def test_float32_transcendental_epilogues_are_accurate_everywhere(name, isa):
+    # The float vector forms (pointwise.cpp: exp_of, normal_cdf), not libm: f and f' over a dense
+    # grid through both tails and far past the clamps, within 1e-6 of max(1, |value|) (a few
+    # float ulp; the layers' float32 tolerance is 1e-5). A GELU left at its rational's value past
+    # the clamp was off by 1.8e-6 per unit of |u| there.
+    u = np.concatenate([np.linspace(-30.0, 30.0, 60001), [-1e3, 1e3, -1e6, 1e6]]).astype(np.float32)
+    u64 = u.astype(np.float64)
+    plan = _core.plan_per_channel_in_sets(1, 1, u.size, [0])
+    coef = np.zeros((9, 1))
+    coef[1], coef[6] = 1.0, 1.0  # f(x) itself
+    op = int(getattr(_core.Pointwise, name))
+    y, df = np.empty_like(u), np.empty_like(u)
+    _core.apply_pointwise(plan, op, u, coef, y)
+    _core.pointwise_backward(plan, op, u, np.ones_like(u), coef, 1.0, 0.0, 0.0, df)  # dx = f'(u)
+    f, df_du = FLOAT32_REFERENCES[name]
+    for got, want, what in ((y, f(u64), "f"), (df, df_du(u64), "f'")):
+        err = np.abs(got - want) / np.maximum(1.0, np.abs(want))
+        assert err.max() < 1e-6, f"{what} off by {err.max():.2g} at u = {u[err.argmax()]}"
+
+
 def test_at_a_tlu_tie_the_gradient_goes_to_the_threshold():
     plan = _core.plan_per_channel_in_sets(1, 1, 4, [0])
     x = np.array([0.5, 1.0, 1.5, 2.0])

@@ -34,50 +34,85 @@ template <class T> inline T erfc_of(T v) { return std::erfc(v); }
 inline vec<double> exp_of(vec<double> v) { for (int64_t l = 0; l < lanes<double>; ++l) v[l] = std::exp(v[l]); return v; }
 inline vec<double> erfc_of(vec<double> v) { for (int64_t l = 0; l < lanes<double>; ++l) v[l] = std::erfc(v[l]); return v; }
 
-// float vectors: exp and erfc in vector arithmetic (a libm call per lane made EvoNorm-S0 and the
-// GELU ten to forty times slower than a normalization). exp: Cephes' expf, e^x = 2^n e^r with
-// r = x - n ln2 in two parts and a degree-6 polynomial for e^r (about 1 ulp). erfc: Numerical
-// Recipes' erfcc, t exp(-z^2 + P(t)) with t = 1/(1 + z/2), fractional error below 1.2e-7
-// everywhere, so the GELU's far negative tail keeps its relative accuracy.
-inline vec<float> exp_of(vec<float> x) {
-  const vec<float> hi = splat(88.3762626647949f), lo = splat(-87.3365447504019f);
-  x = x > hi ? hi : x;
-  x = x < lo ? lo : x;  // NaN compares false and stays NaN
-  vec<float> fx = x * 1.44269504088896341f + 0.5f;
-  const vec<float> t = __builtin_convertvector(__builtin_convertvector(fx, vi32), vec<float>);
-  fx = t > fx ? t - 1.0f : t;  // floor
-  x = x - fx * 0.693359375f - fx * -2.12194440e-4f;
-  vec<float> y = x * 1.9875691500e-4f + 1.3981999507e-3f;
-  y = y * x + 8.3334519073e-3f;
-  y = y * x + 4.1665795894e-2f;
-  y = y * x + 1.6666665459e-1f;
-  y = y * x + 5.0000001201e-1f;
-  y = y * (x * x) + x + 1.0f;
-  const vi32 n = (__builtin_convertvector(fx, vi32) + 127) << 23;  // 2^floor, as float bits
-  return y * bit_cast<vec<float>>(n);
+// min(x, hi) and max(x, lo) of float vectors that keep a NaN x: SSE's and AVX's min/max return
+// their second operand where either is NaN. One instruction each, where the ?: form compiled to a
+// compare and a blend on exp's critical path.
+inline vec<float> min_of(vec<float> x, vec<float> hi) {
+#if NK_VEC_BYTES == 64 && defined(__AVX512F__)
+  return bit_cast<vec<float>>(_mm512_min_ps(bit_cast<__m512>(hi), bit_cast<__m512>(x)));
+#elif NK_VEC_BYTES == 32 && defined(__AVX__)
+  return bit_cast<vec<float>>(_mm256_min_ps(bit_cast<__m256>(hi), bit_cast<__m256>(x)));
+#elif NK_VEC_BYTES == 16 && defined(__SSE2__)
+  return bit_cast<vec<float>>(_mm_min_ps(bit_cast<__m128>(hi), bit_cast<__m128>(x)));
+#else
+  return hi < x ? hi : x;
+#endif
+}
+inline vec<float> max_of(vec<float> x, vec<float> lo) {
+#if NK_VEC_BYTES == 64 && defined(__AVX512F__)
+  return bit_cast<vec<float>>(_mm512_max_ps(bit_cast<__m512>(lo), bit_cast<__m512>(x)));
+#elif NK_VEC_BYTES == 32 && defined(__AVX__)
+  return bit_cast<vec<float>>(_mm256_max_ps(bit_cast<__m256>(lo), bit_cast<__m256>(x)));
+#elif NK_VEC_BYTES == 16 && defined(__SSE2__)
+  return bit_cast<vec<float>>(_mm_max_ps(bit_cast<__m128>(lo), bit_cast<__m128>(x)));
+#else
+  return lo > x ? lo : x;
+#endif
 }
 
-inline vec<float> erfc_of(vec<float> x) {
-  const vec<float> z = x < 0.0f ? -x : x;
-  const vec<float> t = 1.0f / (1.0f + 0.5f * z);
-  vec<float> p = t * 0.17087277f - 0.82215223f;
-  p = p * t + 1.48851587f;
-  p = p * t - 1.13520398f;
-  p = p * t + 0.27886807f;
-  p = p * t - 0.18628806f;
-  p = p * t + 0.09678418f;
-  p = p * t + 0.37409196f;
-  p = p * t + 1.00002368f;
-  p = p * t - 1.26551223f;
-  const vec<float> r = t * exp_of(p - z * z);
-  return x < 0.0f ? 2.0f - r : r;
+// float vectors: exp and the normal CDF in vector arithmetic (a libm call per lane made
+// EvoNorm-S0 and the GELU ten to forty times slower than a normalization). These functions are
+// limited by their dependency chains (two vectors per step measured no faster), so they are
+// written for short ones: one instruction per clamp, a rounding by a magic number instead of
+// float-int-float conversions, and Estrin's scheme for the polynomials.
+// exp: Cephes' expf polynomial, e^x = 2^n e^r with r = x - n ln2 in two parts, about 1 ulp.
+inline vec<float> exp_of(vec<float> x) {
+  x = max_of(min_of(x, splat(88.3762626647949f)), splat(-87.3365447504019f));  // NaN stays NaN
+  // x log2e + 1.5*2^23 rounds to the nearest integer n, which sits in the low mantissa bits.
+  const vec<float> big = x * 1.44269504088896341f + 12582912.0f, n = big - 12582912.0f;
+  x = x - n * 0.693359375f - n * -2.12194440e-4f;
+  const vec<float> x2 = x * x;
+  const vec<float> a = x * 1.9875691500e-4f + 1.3981999507e-3f, b = x * 8.3334519073e-3f + 4.1665795894e-2f,
+                   c = x * 1.6666665459e-1f + 5.0000001201e-1f;
+  const vec<float> y = (a * (x2 * x2) + (b * x2 + c)) * x2 + x + 1.0f;
+  const vi32 scale = (bit_cast<vi32>(big) + 127) << 23;  // 2^n as float bits, n in [-126, 127]
+  return y * bit_cast<vec<float>>(scale);
 }
+
+// The standard normal CDF Phi(u) = (1 + erf(u/sqrt 2))/2 for the GELU: 1/2 + u P(u^2)/Q(u^2), a
+// rational approximation of erf of degree (11, 10) fitted for its absolute error (3e-8) on
+// |u| <= 4 sqrt 2, where erf reaches 1 in float, and 0 or 1 beyond. In float the error is
+// within 2.5e-7 of Phi (4 ulp of 1), no exp and one division, where erfc's exp and division
+// made the GELU eight times the identity epilogue. Like torch's 0.5 (1 + erf), the far
+// negative tail is accurate to that absolute error, not relatively.
+inline vec<float> normal_cdf(vec<float> x) {
+  const vec<float> hi = splat(5.656854f), lo = -hi;
+  const vec<float> u = max_of(min_of(x, hi), lo), s = u * u, s2 = s * s;
+  const vec<float> p = (s * 2.203060503e-08f + 6.339194069e-06f) * (s2 * s2) +
+                       ((s * 1.737493293e-04f + 4.706281259e-03f) * s2 + (s * 3.438347308e-02f + 3.989422262e-01f));
+  const vec<float> q = (s * 1.175604684e-06f + 7.498423900e-05f) * (s2 * s2) +
+                       ((s * 1.912409507e-03f + 2.894063573e-02f) * s2 + (s * 2.528523591e-01f + 1.0f));
+  const vec<float> cdf = (u * p) / q + 0.5f;
+  // Past the clamp, exactly 0 and 1 (Phi(-4 sqrt 2) = 8e-9): the rational's few-ulp error at
+  // the clamp, times u, grew without bound in u Phi(u) (6e-5 at u = -1000 without FMA).
+  return x < lo ? vec<float>{} : (x > hi ? splat(1.0f) : cdf);
+}
+template <class T> inline T normal_cdf(T u) { return T(0.5) * erfc_of(u * T(-0.70710678118654752440)); }
+inline vec<double> normal_cdf(vec<double> u) { return 0.5 * erfc_of(u * -0.70710678118654752440); }
 
 // Float and double chunks end in one masked vector on AVX-512 and AVX2 (vec.h: kMaskedTails): a 14x14
 // plane's last 4 elements went through libm's exp and erfc one at a time, a fifth of a small
 // EvoNorm-S0's time. Half types and other targets take the scalar tail.
 template <class S>
 constexpr bool masked_tail = kMaskedTails && std::is_same_v<S, compute_t<S>>;
+
+// 1 - s(v) from s = 1/(1 + e), e = exp(-v): e s where v > 0, where 1 - s cancelled (SiLU's
+// float32 f' was off by 1e-6 near v = 16, u (1 - s) carrying s's rounding); 1 - s elsewhere,
+// where e may be Inf.
+template <class V>
+inline V one_minus_sigmoid(V v, V e, V s, V zero, V one) {
+  return v > zero ? e * s : one - s;
+}
 
 // f(u), f'(u) and df/dp, df/dq, df/dr of each function (normkit/pointwise.h).
 template <class V>
@@ -93,16 +128,16 @@ inline Value<V> value(V u, V p, V q, V r) {
   } else if constexpr (Op == int(Pointwise::relu)) {  // torch: derivative 0 at 0; NaN stays NaN
     return {u < zero ? zero : u, u > zero ? one : zero, zero, zero, zero};
   } else if constexpr (Op == int(Pointwise::silu)) {  // u s(u); f' = s (1 + u (1 - s))
-    const V s = one / (one + exp_of(-u));
-    return {u * s, s * (one + u * (one - s)), zero, zero, zero};
+    const V e = exp_of(-u), s = one / (one + e);
+    return {u * s, s * (one + u * one_minus_sigmoid(u, e, s, zero, one)), zero, zero, zero};
   } else if constexpr (Op == int(Pointwise::gelu)) {  // u Phi(u) (erf form); f' = Phi(u) + u phi(u)
-    const V Phi = cst<V>(T(0.5)) * erfc_of(u * cst<V>(T(-0.70710678118654752440)));  // = (1 + erf(u/sqrt 2))/2
+    const V Phi = normal_cdf(u);
     const V phi = cst<V>(T(0.39894228040143267794)) * exp_of(cst<V>(T(-0.5)) * u * u);
     return {u * Phi, Phi + u * phi, zero, zero, zero};
   } else if constexpr (Op == int(Pointwise::tlu)) {  // max(u, p); at u == p the gradient goes to p
     return {u <= p ? p : u, u <= p ? zero : one, u <= p ? one : zero, zero, zero};  // NaN u stays NaN
   } else if constexpr (Op == int(Pointwise::swish_gate)) {  // u s(p u) (EvoNorm-S0); f' = s + p u s (1 - s)
-    const V s = one / (one + exp_of(-(p * u))), ds = s * (one - s);
+    const V pu = p * u, e = exp_of(-pu), s = one / (one + e), ds = s * one_minus_sigmoid(pu, e, s, zero, one);
     return {u * s, s + p * u * ds, u * u * ds, zero, zero};
   } else {  // evo_b0: u / max(p, q u + r); an exact tie splits the gradient evenly (torch.maximum)
     const V d2 = q * u + r, half = cst<V>(T(0.5));
