@@ -142,9 +142,10 @@ inline Value<V> value(V u, V p, V q, V r) {
   } else {  // evo_b0: u / max(p, q u + r); an exact tie splits the gradient evenly (torch.maximum)
     const V d2 = q * u + r, half = cst<V>(T(0.5));
     const V wl = p > d2 ? one : (d2 > p ? zero : half), wr = one - wl;  // the sides' shares
-    // 1/d2^2 only where the right side counts: where p wins, d2 may be 0 (and 0 * Inf NaN).
-    const V d = p > d2 ? p : d2, id2 = wr > zero ? one / (d2 * d2) : zero;
-    return {u / d, wl / p + wr * r * id2, -wl * u / (p * p), -wr * u * u * id2, -wr * u * id2};
+    // One division: a side with a share is the max d (at a tie both are), so 1/p and 1/d2 are
+    // 1/d wherever they are weighted; where p wins, d2 may be 0 and 1/d2 is never taken.
+    const V id = one / (p > d2 ? p : d2), id2 = id * id, uid2 = u * id2;
+    return {u * id, (wl + wr * r * id) * id, -wl * uid2, -wr * u * uid2, -wr * uid2};
   }
 }
 
