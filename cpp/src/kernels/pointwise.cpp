@@ -7,7 +7,8 @@
 //                       with g = dy*f'(u), summed in T vector lanes 32 vectors at a time, then in
 //                       double; g itself into g_out when given (a fused backward's dx from it)
 //   pointwise_backward  dx = c1*g + c2*(x - center) + c3
-// Vector code (vec.h) with a scalar tail; exp and erf lane by lane.
+// Vector code (vec.h) with a scalar tail. Float vectors take exp and the GELU's erf in vector
+// arithmetic (below); double vectors and the scalar tails go through libm.
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -21,8 +22,8 @@ namespace NK_ISA_NS {
 namespace {
 
 // The functions are written once for a scalar T and for a vector of T (GCC's vector
-// extensions take the same ?: and arithmetic); exp and erf have no vector form here, so they
-// go lane by lane.
+// extensions take the same ?: and arithmetic). exp and erf: libm for scalars and lane by lane
+// for double vectors; float vectors have their own forms below.
 template <class V, class T>
 inline V cst(T c) {
   if constexpr (std::is_same_v<V, T>) return c;
