@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import normkit
+from normkit import _core
 import reference as ref
 
 SHAPES = [(2, 7, 5), (3, 6, 4, 5), (2, 5, 3, 2, 4), (1, 1, 3, 3), (2, 9, 17, 1), (2, 3, 300)]
@@ -24,6 +25,23 @@ def test_forward_and_backward_match_the_reference(shape, size, dtype, rng, asser
     y = layer(x.astype(dtype))
     dx = layer.backward(dy.astype(dtype))
     assert y.dtype == dx.dtype == dtype and layer.grads == {}
+    assert_close(y, ref.local_response_norm(x, size, **HYPER), dtype, what="y")
+    assert_close(dx, ref.local_response_norm_backward(x, dy, size, **HYPER), dtype, what="dx")
+
+
+@pytest.mark.parametrize("isa", list(_core.supported_isas()))
+@pytest.mark.parametrize("size", [2, 5, 40])
+def test_every_isa_level_matches_the_reference(isa, size, dtype, rng, assert_close):
+    # Many channels (the backward's ring of `size` rows of u and p wraps around several times, or
+    # is all of them at size 40) and 21 positions: whole vectors and a tail at every level.
+    x, dy = rng.normal(size=(2, 37, 3, 7)), rng.normal(size=(2, 37, 3, 7))
+    before = _core.isa_name()
+    try:
+        _core.set_isa(isa)
+        layer = normkit.LocalResponseNorm(size, dtype=dtype, **HYPER)
+        y, dx = layer(x.astype(dtype)), layer.backward(dy.astype(dtype))
+    finally:
+        _core.set_isa(before)
     assert_close(y, ref.local_response_norm(x, size, **HYPER), dtype, what="y")
     assert_close(dx, ref.local_response_norm_backward(x, dy, size, **HYPER), dtype, what="dx")
 

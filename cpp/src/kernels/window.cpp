@@ -87,86 +87,134 @@ inline void window(int64_t c, int64_t C, int64_t size, int64_t* lo, int64_t* hi)
   *hi = c + (size - 1) / 2 >= C ? C - 1 : c + (size - 1) / 2;
 }
 
+// Float and double blocks end in one masked vector on AVX-512 and AVX2 (vec.h: kMaskedTails):
+// a 14x14 plane's 196 positions are 24 vectors and a masked one, not 4 steps of scalar square
+// roots and divisions. Elsewhere the tail goes one position at a time (V = T).
+template <class S>
+constexpr bool masked_tail = kMaskedTails && std::is_same_v<S, compute_t<S>>;
+
+// One position (V = T) or n of a vector's lanes (n < L only where masked_tail<S>; lanes past n
+// read as zero and are not written).
 template <class V, class S, class T>
-inline V load_one(const S* p) {
+inline V load_one(const S* p, int64_t n) {
   if constexpr (std::is_same_v<V, T>) return to_compute(*p);
+  else if constexpr (masked_tail<S>) return n < lanes<T> ? load_tail(p, n) : load(p);
   else return load_as(p);
 }
 
 template <class V, class S>
-inline void store_one(S* p, V v) {
+inline void store_one(S* p, V v, int64_t n) {
   if constexpr (std::is_same_v<V, compute_t<S>>) *p = from_compute<S>(v);
+  else if constexpr (masked_tail<S>) n < lanes<compute_t<S>> ? store_tail(p, v, n) : store(p, v);
   else store_as(p, v);
 }
 
 // d_c = k + alpha/size * sum of x_j^2 over channel c's window, at positions [i, i + width).
 template <class V, class S, class T>
-inline V denominator(const S* x, int64_t C, int64_t stride, int64_t i, int64_t c, int64_t size, T alpha, T k) {
+inline V denominator(const S* x, int64_t C, int64_t stride, int64_t i, int64_t c, int64_t size, T alpha, T k,
+                     int64_t n) {
   int64_t lo, hi;
   window(c, C, size, &lo, &hi);
   V sq = V{} + T(0);
   for (int64_t j = lo; j <= hi; ++j) {
-    const V v = load_one<V, S, T>(x + j * stride + i);
+    const V v = load_one<V, S, T>(x + j * stride + i, n);
     sq += v * v;
   }
   return sq * (alpha / T(size)) + k;
 }
 
-// Forward of positions [i, i + width) of the block, width one vector (V = vec<T>) or one (V = T).
+// One channel row of the forward at positions [i, i + n), n lanes of a vector (V = vec<T>) or
+// one position (V = T).
 template <class V, class S, class T>
-void forward_at(const S* x, S* y, int64_t C, int64_t stride, int64_t i, int64_t size, T alpha, T beta, T k) {
-  for (int64_t c = 0; c < C; ++c) {
-    const V d = denominator<V, S, T>(x, C, stride, i, c, size, alpha, k);
-    store_one<V>(y + c * stride + i, load_one<V, S, T>(x + c * stride + i) * neg_pow(d, beta));
-  }
+inline void forward_at(const S* x, S* y, int64_t C, int64_t stride, int64_t i, int64_t c, int64_t size, T alpha,
+                       T beta, T k, int64_t n) {
+  const V d = denominator<V, S, T>(x, C, stride, i, c, size, alpha, k, n);
+  store_one<V>(y + c * stride + i, load_one<V, S, T>(x + c * stride + i, n) * neg_pow(d, beta), n);
 }
 
-// Backward: with p_c = d_c^-beta and u_c = dy_c x_c d_c^(-beta - 1) (kept in `scratch`, C rows of
-// one width), dx_j = dy_j p_j - 2 alpha beta/size x_j sum over the c whose window holds j of u_c,
-// those c being [j - (size - 1)/2, j + size/2].
+// Backward: with p_c = d_c^-beta and u_c = dy_c x_c d_c^(-beta - 1), dx_j = dy_j p_j - 2 alpha
+// beta/size x_j sum over the c whose window holds j of u_c, those c being [j - (size - 1)/2,
+// j + size/2]. Rows of p and u go to a ring of min(size, C) rows of the block's positions (row c
+// in slot c % rows): row j needs rows up to j + size/2, and none before j - (size - 1)/2.
 template <class V, class S, class T>
-void backward_at(const S* x, const S* dy, S* dx, int64_t C, int64_t stride, int64_t i, int64_t size, T alpha,
-                 T beta, T k, V* u, V* p) {
-  for (int64_t c = 0; c < C; ++c) {
-    const V d = denominator<V, S, T>(x, C, stride, i, c, size, alpha, k);
-    p[c] = neg_pow(d, beta);
-    u[c] = load_one<V, S, T>(dy + c * stride + i) * load_one<V, S, T>(x + c * stride + i) * p[c] / d;
-  }
-  const T coef = T(2) * (alpha / T(size)) * beta;
-  for (int64_t j = 0; j < C; ++j) {
-    const int64_t first = j - (size - 1) / 2 < 0 ? 0 : j - (size - 1) / 2;
-    const int64_t last = j + size / 2 >= C ? C - 1 : j + size / 2;
-    V s = V{} + T(0);
-    for (int64_t c = first; c <= last; ++c) s += u[c];
-    const V xj = load_one<V, S, T>(x + j * stride + i);
-    store_one<V>(dx + j * stride + i, load_one<V, S, T>(dy + j * stride + i) * p[j] - coef * xj * s);
+inline void backward_row(const S* x, const S* dy, int64_t C, int64_t stride, int64_t i, int64_t c, int64_t size,
+                         T alpha, T beta, T k, T* u, T* p, int64_t n) {
+  const V d = denominator<V, S, T>(x, C, stride, i, c, size, alpha, k, n);
+  const V g = load_one<V, S, T>(dy + c * stride + i, n) * load_one<V, S, T>(x + c * stride + i, n);
+  const V pc = neg_pow(d, beta);
+  store_one<V>(p + i, pc, n);
+  store_one<V>(u + i, g * pc / d, n);
+}
+
+// dx of channel j at positions [i, i + width), from the rows of u of its window (`rows` of them).
+template <class V, class S, class T>
+inline void backward_at(const S* x, const S* dy, S* dx, int64_t stride, int64_t i, int64_t j, T coef,
+                        const T* const* u, int64_t rows, const T* pj, int64_t n) {
+  V s = V{} + T(0);
+  for (int64_t r = 0; r < rows; ++r) s += load_one<V, T, T>(u[r] + i, n);
+  const V xj = load_one<V, S, T>(x + j * stride + i, n);
+  store_one<V>(dx + j * stride + i,
+               load_one<V, S, T>(dy + j * stride + i, n) * load_one<V, T, T>(pj + i, n) - coef * xj * s, n);
+}
+
+// Calls f(V{}, i, n) over positions [0, len): whole vectors (V = vec<T>, n = L), then the tail:
+// one masked vector where masked_tail<S>, else one position at a time (V = T, n = 1).
+template <class S, class T, class F>
+inline void over_positions(int64_t len, const F& f) {
+  constexpr int64_t L = lanes<T>;
+  int64_t i = 0;
+  for (; i + L <= len; i += L) f(vec<T>{}, i, L);
+  if constexpr (masked_tail<S>) {
+    if (i < len) f(vec<T>{}, i, len - i);
+  } else {
+    for (; i < len; ++i) f(T{}, i, int64_t(1));
   }
 }
 
 }  // namespace
 
+// Channel rows outer, positions inner: each row of the window is read along its length (a
+// channel is `stride` elements from the next, and going down the channels a vector at a time
+// touched a new line and a new page every step: 2-3x slower at 32x64x56x56). The sums are those of
+// the position-by-position order, in the same order.
 template <class S, class T>
 void lrn_forward(const S* x, S* y, int64_t C, int64_t stride, int64_t len, int64_t size, T alpha, T beta, T k) {
-  constexpr int64_t L = lanes<T>;
-  int64_t i = 0;
-  for (; i + L <= len; i += L) forward_at<vec<T>, S, T>(x, y, C, stride, i, size, alpha, beta, k);
-  for (; i < len; ++i) forward_at<T, S, T>(x, y, C, stride, i, size, alpha, beta, k);
+  for (int64_t c = 0; c < C; ++c)
+    over_positions<S, T>(len, [&](auto v, int64_t i, int64_t n) {
+      forward_at<decltype(v), S, T>(x, y, C, stride, i, c, size, alpha, beta, k, n);
+    });
 }
 
 template <class S, class T>
 void lrn_backward(const S* x, const S* dy, S* dx, int64_t C, int64_t stride, int64_t len, int64_t size, T alpha,
                   T beta, T k) {
-  constexpr int64_t L = lanes<T>;
-  // u and p of one vector of positions, C of each, in the calling thread's kept (vector-aligned) storage
-  static thread_local std::vector<vec<T>> scratch;
-  if (int64_t(scratch.size()) < 2 * C) scratch.resize(2 * C);
-  vec<T>* u = scratch.data();
-  vec<T>* p = u + C;
-  int64_t i = 0;
-  for (; i + L <= len; i += L) backward_at<vec<T>, S, T>(x, dy, dx, C, stride, i, size, alpha, beta, k, u, p);
-  T* us = reinterpret_cast<T*>(u);
-  T* ps = us + C;
-  for (; i < len; ++i) backward_at<T, S, T>(x, dy, dx, C, stride, i, size, alpha, beta, k, us, ps);
+  // u's and p's ring, `size` rows of len each (rows only as many as there are channels), kept by
+  // the calling thread.
+  const int64_t slots = size < C ? size : C, ld = len;
+  static thread_local std::vector<T> scratch;
+  if (int64_t(scratch.size()) < 2 * slots * ld) scratch.resize(2 * slots * ld);
+  T* const u = scratch.data();
+  T* const p = u + slots * ld;
+  static thread_local std::vector<const T*> window_rows;  // u's rows of channel j's window, in order
+  window_rows.resize(slots);
+  const T coef = T(2) * (alpha / T(size)) * beta;
+  int64_t next = 0;  // the next channel whose row of u and p is to be made
+  for (int64_t j = 0; j < C; ++j) {
+    const int64_t first = j - (size - 1) / 2 < 0 ? 0 : j - (size - 1) / 2;
+    const int64_t last = j + size / 2 >= C ? C - 1 : j + size / 2;
+    for (; next <= last; ++next) {
+      T *const un = u + (next % slots) * ld, *const pn = p + (next % slots) * ld;
+      over_positions<S, T>(len, [&](auto v, int64_t i, int64_t n) {
+        backward_row<decltype(v), S, T>(x, dy, C, stride, i, next, size, alpha, beta, k, un, pn, n);
+      });
+    }
+    for (int64_t c = first; c <= last; ++c) window_rows[c - first] = u + (c % slots) * ld;
+    const T* const pj = p + (j % slots) * ld;
+    const int64_t rows = last - first + 1;
+    over_positions<S, T>(len, [&](auto v, int64_t i, int64_t n) {
+      backward_at<decltype(v), S, T>(x, dy, dx, stride, i, j, coef, window_rows.data(), rows, pj, n);
+    });
+  }
 }
 
 #define NK_INSTANTIATE(S, T)                                                                             \
