@@ -71,6 +71,10 @@ constexpr int64_t kRowsChunk = 8192;
 // more results than they had elements, and their merges and finishes cost ten times the
 // reduction. (Narrower rows keep kRowsChunk / C rows, the chunks the NHWC layers were tuned on.)
 constexpr int64_t kWideRow = 512, kWideRows = 64;
+// A sample of at most kOneChunk elements (256 KB of floats, within L2) is one chunk: split into
+// kRowsChunk pieces, each piece's C finishes and C merges per piece cost more than its
+// reduction (LayerNorm2d at 8x256x14x14 reads 256 rows of 196 columns: 7 pieces before).
+constexpr int64_t kOneChunk = 65536;
 
 struct Chunks {
   int64_t seg_planes, len, step, per_seg, count, C;
@@ -79,7 +83,9 @@ struct Chunks {
       : seg_planes(plan.channels_last ? 1 : planes_per_segment),
         len(seg_planes * plan.S),
         step(!plan.channels_last ? kChunk
-             : plan.C > kWideRow ? kWideRows : std::max<int64_t>(1, kRowsChunk / std::max<int64_t>(1, plan.C))),
+             : plan.C > kWideRow ? kWideRows
+             : seg_planes * plan.S * plan.C <= kOneChunk ? std::max<int64_t>(1, seg_planes * plan.S)
+             : std::max<int64_t>(1, kRowsChunk / std::max<int64_t>(1, plan.C))),
         per_seg(len == 0 ? 0 : (len + step - 1) / step),
         count(plan.planes() / std::max<int64_t>(1, seg_planes) * per_seg),
         C(plan.C),
