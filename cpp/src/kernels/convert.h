@@ -5,6 +5,7 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "normkit/dtypes.h"
 #include "vec.h"
@@ -15,6 +16,12 @@
 
 namespace nk {
 namespace NK_ISA_NS {
+
+// Float and double data end a run in one masked vector on AVX-512 and AVX2 (vec.h: kMaskedTails):
+// a 14x14 plane's last 4 elements, or a row's last C % L columns, then take one vector step
+// instead of scalar ones. Half types and other targets take the scalar tail.
+template <class S>
+constexpr bool masked_tail = kMaskedTails && std::is_same_v<S, compute_t<S>>;
 
 typedef uint32_t vu32 __attribute__((vector_size(NK_VEC_BYTES)));
 typedef int32_t vi32 __attribute__((vector_size(NK_VEC_BYTES)));

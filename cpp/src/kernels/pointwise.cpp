@@ -101,11 +101,8 @@ inline vec<float> normal_cdf(vec<float> x) {
 template <class T> inline T normal_cdf(T u) { return T(0.5) * erfc_of(u * T(-0.70710678118654752440)); }
 inline vec<double> normal_cdf(vec<double> u) { return 0.5 * erfc_of(u * -0.70710678118654752440); }
 
-// Float and double chunks end in one masked vector on AVX-512 and AVX2 (vec.h: kMaskedTails): a 14x14
-// plane's last 4 elements went through libm's exp and erfc one at a time, a fifth of a small
-// EvoNorm-S0's time. Half types and other targets take the scalar tail.
-template <class S>
-constexpr bool masked_tail = kMaskedTails && std::is_same_v<S, compute_t<S>>;
+// Chunks end in one masked vector where masked_tail (convert.h): a 14x14 plane's last 4 elements
+// went through libm's exp and erfc one at a time, a fifth of a small EvoNorm-S0's time.
 
 // 1 - s(v) from s = 1/(1 + e), e = exp(-v): e s where v > 0, where 1 - s cancelled (SiLU's
 // float32 f' was off by 1e-6 near v = 16, u (1 - s) carrying s's rounding); 1 - s elsewhere,

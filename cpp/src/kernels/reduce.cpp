@@ -17,9 +17,6 @@
 namespace nk {
 namespace NK_ISA_NS {
 
-template <class S>
-constexpr bool masked_tail = kMaskedTails && std::is_same_v<S, compute_t<S>>;
-
 // moments' pass 1, scalar math: s = sum x  (a rough mean, used only as the shift of pass 2)
 template <class S>
 static double moments_sum(const S* x, int64_t n) {

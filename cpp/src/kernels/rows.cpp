@@ -86,8 +86,17 @@ void rows_moments(const S* x, int64_t rows, int64_t C, int64_t ld, double* mean,
       for (int v = 0; v < NV; ++v) store(shift + c0 + v * L, acc[v]);
     });
   }
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = cv; c < C; ++c) shift[c] += to_compute(x[r * ld + c]);
+  const int64_t m = C - cv;  // the last columns: one masked vector where masked_tail, else one by one
+  if constexpr (masked_tail<S>) {
+    if (m > 0) {
+      vec<T> acc{};
+      for (int64_t r = 0; r < rows; ++r) acc += load_tail(x + r * ld + cv, m);
+      store_tail(shift + cv, acc, m);
+    }
+  } else {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = cv; c < C; ++c) shift[c] += to_compute(x[r * ld + c]);
+  }
   const double inv_rows = 1.0 / double(rows);  // one division: a chunk has C columns to finish
   for (int64_t c = 0; c < C; ++c) shift[c] = T(double(shift[c]) * inv_rows);
   // Pass 2, scalar math: d = x - shift[c]; sd[c] += d; sdd[c] += d*d
@@ -103,12 +112,25 @@ void rows_moments(const S* x, int64_t rows, int64_t C, int64_t ld, double* mean,
       }
     for (int v = 0; v < NV; ++v) store(sd + c0 + v * L, d1[v]), store(sdd + c0 + v * L, d2[v]);
   });
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = cv; c < C; ++c) {
-      const T d = to_compute(x[r * ld + c]) - shift[c];
-      sd[c] += d;
-      sdd[c] += d * d;
+  if constexpr (masked_tail<S>) {
+    if (m > 0) {
+      const vec<T> vs = load_tail(shift + cv, m);
+      vec<T> d1{}, d2{};
+      for (int64_t r = 0; r < rows; ++r) {
+        const vec<T> d = load_tail(x + r * ld + cv, m) - vs;  // lanes past m: 0 - 0
+        d1 += d;
+        d2 += d * d;
+      }
+      store_tail(sd + cv, d1, m), store_tail(sdd + cv, d2, m);
     }
+  } else {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = cv; c < C; ++c) {
+        const T d = to_compute(x[r * ld + c]) - shift[c];
+        sd[c] += d;
+        sdd[c] += d * d;
+      }
+  }
   for (int64_t c = 0; c < C; ++c) {
     const double s = double(sd[c]), q = double(sdd[c]) - s * s * inv_rows;
     if (!std::isfinite(shift[c])) {  // an Inf (or NaN) in the column: mean +-Inf or NaN, variance NaN

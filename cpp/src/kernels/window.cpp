@@ -87,11 +87,8 @@ inline void window(int64_t c, int64_t C, int64_t size, int64_t* lo, int64_t* hi)
   *hi = c + (size - 1) / 2 >= C ? C - 1 : c + (size - 1) / 2;
 }
 
-// Float and double blocks end in one masked vector on AVX-512 and AVX2 (vec.h: kMaskedTails):
-// a 14x14 plane's 196 positions are 24 vectors and a masked one, not 4 steps of scalar square
-// roots and divisions. Elsewhere the tail goes one position at a time (V = T).
-template <class S>
-constexpr bool masked_tail = kMaskedTails && std::is_same_v<S, compute_t<S>>;
+// A block's positions end in one masked vector where masked_tail (convert.h): a 14x14 plane's 196
+// positions are 24 vectors and a masked one, not 4 steps of scalar square roots and divisions.
 
 // One position (V = T) or n of a vector's lanes (n < L only where masked_tail<S>; lanes past n
 // read as zero and are not written).
