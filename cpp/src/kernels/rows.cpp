@@ -164,12 +164,26 @@ static void rows_dot_impl(const S* x, const S* dy, int64_t rows, int64_t C, int6
       }
     for (int v = 0; v < NV; ++v) store(sa + c0 + v * L, a[v]), store(sb + c0 + v * L, b[v]);
   });
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = cv; c < C; ++c) {
-      const T g = RowWeighted ? to_compute(dy[r * ld + c]) * w[r] : to_compute(dy[r * ld + c]);
-      sa[c] += g * (to_compute(x[r * ld + c]) - shift[c]);
-      sb[c] += g;
+  if constexpr (masked_tail<S>) {  // the last columns as one masked vector (lanes past m add 0)
+    if (const int64_t m = C - cv; m > 0) {
+      const vec<T> vs = load_tail(shift + cv, m);
+      vec<T> a{}, b{};
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t o = r * ld + cv;
+        const vec<T> g = RowWeighted ? load_tail(dy + o, m) * w[r] : load_tail(dy + o, m);
+        a += g * (load_tail(x + o, m) - vs);
+        b += g;
+      }
+      store_tail(sa + cv, a, m), store_tail(sb + cv, b, m);
     }
+  } else {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = cv; c < C; ++c) {
+        const T g = RowWeighted ? to_compute(dy[r * ld + c]) * w[r] : to_compute(dy[r * ld + c]);
+        sa[c] += g * (to_compute(x[r * ld + c]) - shift[c]);
+        sb[c] += g;
+      }
+  }
   for (int64_t c = 0; c < C; ++c) {
     A[c] = double(sa[c]);
     B[c] = double(sb[c]);
@@ -202,8 +216,16 @@ void rows_row_sums(const S* x, const S* dy, int64_t rows, int64_t C, int64_t ld,
       g += dv * ((load_as(x + o) - load(shift + c)) * load(a + c) + load(b + c));
       d += dv;
     }
+    if constexpr (masked_tail<S>) {  // the last columns into the same lanes (past m: dy reads 0)
+      if (const int64_t m = C - cv; m > 0) {
+        const int64_t o = r * ld + cv;
+        const vec<T> dv = load_tail(dy + o, m);
+        g += dv * ((load_tail(x + o, m) - load_tail(shift + cv, m)) * load_tail(a + cv, m) + load_tail(b + cv, m));
+        d += dv;
+      }
+    }
     double gs = hsum<T>(g), ds = hsum<T>(d);
-    for (int64_t c = cv; c < C; ++c) {
+    for (int64_t c = masked_tail<S> ? C : cv; c < C; ++c) {
       const T dv = to_compute(dy[r * ld + c]);
       gs += double(dv * ((to_compute(x[r * ld + c]) - shift[c]) * a[c] + b[c]));
       ds += double(dv);
