@@ -72,8 +72,9 @@ constexpr int64_t kRowsChunk = 8192;
 // reduction. (Narrower rows keep kRowsChunk / C rows, the chunks the NHWC layers were tuned on.)
 constexpr int64_t kWideRow = 512, kWideRows = 64;
 // A sample of at most kOneChunk elements (256 KB of floats, within L2) is one chunk: split into
-// kRowsChunk pieces, each piece's C finishes and C merges per piece cost more than its
-// reduction (LayerNorm2d at 8x256x14x14 reads 256 rows of 196 columns: 7 pieces before).
+// pieces of kRowsChunk elements, each piece's C finishes and C merges cost more than its
+// reduction (LayerNorm2d at 8x256x14x14 reads 256 rows of 196 columns: 7 pieces before). Its
+// columns still sum at most kRowsChunk rows in the compute type, as narrow rows' chunks do.
 constexpr int64_t kOneChunk = 65536;
 
 struct Chunks {
@@ -84,7 +85,8 @@ struct Chunks {
         len(seg_planes * plan.S),
         step(!plan.channels_last ? kChunk
              : plan.C > kWideRow ? kWideRows
-             : seg_planes * plan.S * plan.C <= kOneChunk ? std::max<int64_t>(1, seg_planes * plan.S)
+             : seg_planes * plan.S <= kRowsChunk && seg_planes * plan.S * plan.C <= kOneChunk
+                 ? std::max<int64_t>(1, seg_planes * plan.S)
              : std::max<int64_t>(1, kRowsChunk / std::max<int64_t>(1, plan.C))),
         per_seg(len == 0 ? 0 : (len + step - 1) / step),
         count(plan.planes() / std::max<int64_t>(1, seg_planes) * per_seg),
