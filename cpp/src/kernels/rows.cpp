@@ -151,6 +151,24 @@ static void rows_dot_impl(const S* x, const S* dy, int64_t rows, int64_t C, int6
   T* const sa = column_scratch<T>(2, C);
   T* const sb = sa + C;
   // Scalar math: g = dy [* w[r]]; A[c] += g*(x - shift[c]); B[c] += g
+  // This pass reads memory: wide rows (LayerNorm2d's backward) go kSumRows rows at a time along
+  // their length, as rows_moments' first pass; each column still adds its rows in order.
+  if (C >= kWideSums) {
+    for (int64_t r0 = 0; r0 < rows; r0 += kSumRows) {
+      const int64_t r1 = std::min(rows, r0 + kSumRows);
+      for (int64_t c = 0; c < cv; c += L) {
+        const vec<T> vs = load(shift + c);
+        vec<T> a = load(sa + c), b = load(sb + c);
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t o = r * ld + c;
+          const vec<T> g = RowWeighted ? load_as(dy + o) * w[r] : load_as(dy + o);
+          a += g * (load_as(x + o) - vs);
+          b += g;
+        }
+        store(sa + c, a), store(sb + c, b);
+      }
+    }
+  } else
   column_blocks<T>(C, [&](auto nv, int64_t c0) {
     constexpr int NV = decltype(nv)::value;
     vec<T> vs[NV], a[NV] = {}, b[NV] = {};
