@@ -132,7 +132,7 @@ inline void forward_at(const S* x, S* y, int64_t C, int64_t stride, int64_t i, i
 // Backward: with p_c = d_c^-beta and u_c = dy_c x_c d_c^(-beta - 1), dx_j = dy_j p_j - 2 alpha
 // beta/size x_j sum over the c whose window holds j of u_c, those c being [j - (size - 1)/2,
 // j + size/2]. Rows of p and u go to a ring of min(size, C) rows of the block's positions (row c
-// in slot c % rows): row j needs rows up to j + size/2, and none before j - (size - 1)/2.
+// in slot c % min(size, C)): row j needs rows up to j + size/2, none before j - (size - 1)/2.
 template <class V, class S, class T>
 inline void backward_row(const S* x, const S* dy, int64_t C, int64_t stride, int64_t i, int64_t c, int64_t size,
                          T alpha, T beta, T k, T* u, T* p, int64_t n) {
@@ -185,8 +185,7 @@ void lrn_forward(const S* x, S* y, int64_t C, int64_t stride, int64_t len, int64
 template <class S, class T>
 void lrn_backward(const S* x, const S* dy, S* dx, int64_t C, int64_t stride, int64_t len, int64_t size, T alpha,
                   T beta, T k) {
-  // u's and p's ring, `size` rows of len each (rows only as many as there are channels), kept by
-  // the calling thread.
+  // u's and p's ring: `slots` = min(size, C) rows of len each, kept by the calling thread.
   const int64_t slots = size < C ? size : C, ld = len;
   static thread_local std::vector<T> scratch;
   if (int64_t(scratch.size()) < 2 * slots * ld) scratch.resize(2 * slots * ld);
