@@ -1,9 +1,10 @@
-// BatchLayerNorm2d's two steps (normkit.h: batch_layer_forward, batch_layer_backward), one pass
-// over the tensor each way. BLN has two statistics on crossing axes, the feature cells (n, hw)
-// over C and the batch columns (c, hw) over N, so no sample-by-sample order serves both; a block
-// of hw columns of every sample and channel serves both, and its later readings come from cache. Per block: both statistics, then the output (forward); both sums, the fold per cell
-// and per (c, hw), then dx (backward). Blocks cover fixed columns, so results never depend on
-// the thread count.
+// BatchLayerNorm2d's two steps (normkit.h: batch_layer_forward, batch_layer_backward). BLN has
+// two statistics on crossing axes, the feature cells (n, hw) over C and the batch columns (c, hw)
+// over N, so no one order of the memory serves both. Each step reads the batch columns first,
+// along wide spans of every sample's C*HW elements; then, per block of hw columns, each sample's
+// C rows for its feature cells and, while they are in L2, its output (forward) or dx (backward),
+// with the batch part as a term per (c, hw) of the block. Spans and blocks cover fixed columns,
+// so results never depend on the thread count.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -21,16 +22,24 @@ namespace {
 // merges in double, as the per-sample steps' chunks.
 constexpr int64_t kRowChunk = 256;
 
-// The blocks of hw columns: at most 512 (LayerNorm2d's blocks), and at least two blocks where
-// the plane has 32 columns, so that two threads share a small plane (8x256x14x14: two of 112).
-// Wider blocks measured faster than ones sized to keep a block in L2 (64 columns of 32x64
-// samples and channels, 512 KB): a block's rows are then a few hundred bytes each, and the
-// reading of them scattered. Fixed by the shape alone, so the bits are too.
+// Bytes of L2 a block may hold while one sample is applied: its C rows of x, dy and dx (or x and
+// y) and the block's term per (c, hw): 28 bytes per column of each channel for float input
+// (other types take the same blocks).
+constexpr int64_t kBlockBudget = 384 * 1024;
+
+// The blocks of hw columns: at most 512 (LayerNorm2d's blocks) and at least two blocks where the
+// plane has 32 columns, so that two threads share a small plane; and narrow enough that one
+// sample's rows and the block's term stay in L2 (kBlockBudget): the term is read once per sample.
+// 64x56x56 takes 14 blocks of 224 columns (7 of 512 took BLN's inference from 11 to 8.5 ms at 2
+// threads, the term being read from L3). Fixed by the shape alone, so the bits are too.
 struct ColumnBlocks {
   int64_t N, C, HW, F, width, count;
   explicit ColumnBlocks(const Plan& feature)
       : N(feature.N), C(feature.S), HW(feature.C), F(feature.S * feature.C) {
-    width = std::max<int64_t>(16, std::min<int64_t>(512, ((HW + 1) / 2 + 15) / 16 * 16));
+    const int64_t budget = std::max<int64_t>(16, kBlockBudget / (28 * C));
+    const int64_t widest = std::min<int64_t>(512, std::max<int64_t>(32, (HW + 1) / 2));
+    count = (HW + std::min(widest, budget) - 1) / std::min(widest, budget);
+    width = ((HW + count - 1) / count + 15) / 16 * 16;
     count = (HW + width - 1) / width;
   }
   int64_t first(int64_t b) const { return b * width; }
@@ -81,6 +90,20 @@ void column_dots(const Kernels<S>& k, const S* x, const S* dy, int64_t rows, int
   }
 }
 
+// The batch columns' pass, over the N samples of each (c, hw): spans of kBatchColumns columns
+// of the C*HW that make up a sample, read along rows of 8 KB (a block's rows are a few hundred
+// bytes, N rows F elements apart: their reading from memory stalls on every row). Each column's
+// sums are over its N rows, chunked along them, so the span width never changes the bits.
+constexpr int64_t kBatchColumns = 2048;
+
+template <class Body>
+void batch_column_spans(int64_t N, int64_t F, const Body& body) {
+  parallel_for((F + kBatchColumns - 1) / kBatchColumns, 2 * N * kBatchColumns, [&](int64_t it) {
+    const int64_t e0 = it * kBatchColumns;
+    body(e0, std::min(kBatchColumns, F - e0));
+  });
+}
+
 }  // namespace
 
 template <class S>
@@ -96,28 +119,16 @@ void batch_layer_forward(const Plan& feature, const S* x, double eps, double fea
   std::vector<T> own;
   T* const term = kept_storage<kSampleTerm>(3 * F, own);  // per (c, hw): the batch part's shift, a, b
   const bool stream = stream_output(N * F * int64_t(sizeof(S)));
+  if (batch_stats)  // the batch statistics first, per (c, hw) over the N samples
+    batch_column_spans(N, F, [&](int64_t e0, int64_t w) {
+      column_moments(k, x + e0, N, w, F, &mean_b[e0], &var_b[e0]);
+      for (int64_t e = e0; e < e0 + w; ++e) var_b[e] /= double(N);
+    });
   parallel_for(bl.count, N * C * bl.width, [&](int64_t it) {
     const int64_t h0 = bl.first(it), w = bl.cols(it);
-    static thread_local std::vector<T> coef;
-    coef.resize(3 * N * w);  // per (n, column): the feature part's shift, a, b
-    T *const fs = coef.data(), *const fa = fs + N * w, *const fb = fa + N * w;
-    for (int64_t n = 0; n < N; ++n) {  // the feature cells, over the C rows of each sample
-      double* const m = &mean_f[n * HW + h0];
-      double* const v = &var_f[n * HW + h0];
-      column_moments(k, x + n * F + h0, C, w, HW, m, v);
-      for (int64_t i = 0; i < w; ++i) {
-        const double var = v[i] / double(C), r = 1.0 / std::sqrt(var + eps), sc = feature_scale * r;
-        const T sh = T(m[i]);
-        v[i] = var, rstd_f[n * HW + h0 + i] = r;
-        fs[n * w + i] = sh, fa[n * w + i] = T(sc), fb[n * w + i] = T((double(sh) - m[i]) * sc);
-      }
-    }
-    for (int64_t c = 0; c < C; ++c) {  // the batch columns, over the N samples
+    // The batch part's term per (c, hw) of the block.
+    for (int64_t c = 0; c < C; ++c) {
       const int64_t e0 = c * HW + h0;
-      if (batch_stats) {
-        column_moments(k, x + e0, N, w, F, &mean_b[e0], &var_b[e0]);
-        for (int64_t i = 0; i < w; ++i) var_b[e0 + i] /= double(N);
-      }
       for (int64_t e = e0; e < e0 + w; ++e) rstd_b[e] = 1.0 / std::sqrt(var_b[e] + eps);
       for (int64_t e = e0; e < e0 + w; ++e) {
         const double sc = batch_scale * rstd_b[e];
@@ -125,10 +136,24 @@ void batch_layer_forward(const Plan& feature, const S* x, double eps, double fea
         term[e] = sh, term[F + e] = T(sc), term[2 * F + e] = T((double(sh) - mean_b[e]) * sc);
       }
     }
+    // Then each sample's feature cells over its C rows, and its output while those rows are in
+    // cache (a block of all samples is beyond L2; one sample's rows are not).
+    static thread_local std::vector<T> coef;
+    coef.resize(3 * w);  // per column: the feature part's shift, a, b
+    T *const fs = coef.data(), *const fa = fs + w, *const fb = fa + w;
     const ElementTerm<T> t{term + h0, term + F + h0, term + 2 * F + h0, nullptr};
-    for (int64_t n = 0; n < N; ++n)
-      k.rows_affine_rows(x + n * F + h0, y + n * F + h0, C, w, HW, fs + n * w, fa + n * w, fb + n * w, weight,
-                         bias, &t, stream);
+    for (int64_t n = 0; n < N; ++n) {
+      double* const m = &mean_f[n * HW + h0];
+      double* const v = &var_f[n * HW + h0];
+      column_moments(k, x + n * F + h0, C, w, HW, m, v);
+      for (int64_t i = 0; i < w; ++i) {
+        const double var = v[i] / double(C), r = 1.0 / std::sqrt(var + eps), sc = feature_scale * r;
+        const T sh = T(m[i]);
+        v[i] = var, rstd_f[n * HW + h0 + i] = r;
+        fs[i] = sh, fa[i] = T(sc), fb[i] = T((double(sh) - m[i]) * sc);
+      }
+      k.rows_affine_rows(x + n * F + h0, y + n * F + h0, C, w, HW, fs, fa, fb, weight, bias, &t, stream);
+    }
   });
 }
 
@@ -147,60 +172,65 @@ void batch_layer_backward(const Plan& feature, const S* x, const S* dy, const do
   double* const parts = kept_storage<kBatchTerms>(2 * bl.count * C, own_parts);
   const double inv_n = 1.0 / double(N), inv_c = 1.0 / double(C);
   const bool stream = stream_output(N * F * int64_t(sizeof(S)));
+  // The batch columns' sums first, per (c, hw) over the N samples: A about the shift T(mu_B).
+  std::vector<double> own_sums;
+  double* const batch_a = kept_storage<kBatchSums>(2 * F, own_sums);
+  double* const batch_b = batch_a + F;
+  batch_column_spans(N, F, [&](int64_t e0, int64_t w) {
+    T* const sh = term + e0;
+    for (int64_t e = e0; e < e0 + w; ++e) term[e] = T(mean_b[e]);
+    column_dots(k, x + e0, dy + e0, N, w, F, sh, static_cast<const T*>(nullptr), batch_a + e0, batch_b + e0);
+  });
   parallel_for(bl.count, 3 * N * C * bl.width, [&](int64_t it) {
     const int64_t h0 = bl.first(it), w = bl.cols(it);
     static thread_local std::vector<T> coef;
     static thread_local std::vector<double> sums;
-    coef.resize(6 * N * w), sums.resize(2 * w + 2 * C);
-    T *const fs = coef.data(), *const fa = fs + N * w, *const fb = fa + N * w;  // x_F's affine
-    T *const c1 = fb + N * w, *const c2 = c1 + N * w, *const c3 = c2 + N * w;  // the feature fold
+    coef.resize(6 * w), sums.resize(2 * w + 2 * C);
+    T *const fs = coef.data(), *const fa = fs + w, *const fb = fa + w;  // a sample's x_F affine
+    T *const c1 = fb + w, *const c2 = c1 + w, *const c3 = c2 + w;      // and its feature fold
     double *const A = sums.data(), *const B = A + w, *const rg = B + w, *const rb = rg + C;
     double *const gpart = parts + it * C, *const bpart = parts + (bl.count + it) * C;
     std::fill_n(gpart, C, 0.0), std::fill_n(bpart, C, 0.0);
-    // The feature cells: B = sum w dy, A = sum w dy (x - mu_F) over the C rows, the weight's
-    // feature part (sum dy x_F, scaled) and the bias's per row, then the fold per cell.
-    for (int64_t n = 0; n < N; ++n) {
-      const int64_t p = n * w, g0 = n * HW + h0, s = n * F + h0;
-      for (int64_t i = 0; i < w; ++i) {
-        const double mu = mean_f[g0 + i], sc = feature_scale * rstd_f[g0 + i];
-        const T sh = T(mu);
-        fs[p + i] = sh, fa[p + i] = T(sc), fb[p + i] = T((double(sh) - mu) * sc);
-      }
-      column_dots(k, x + s, dy + s, C, w, HW, fs + p, weight, A, B);
-      k.rows_row_sums(x + s, dy + s, C, w, HW, fs + p, fa + p, fb + p, rg, rb);
-      for (int64_t r = 0; r < C; ++r) gpart[r] += rg[r], bpart[r] += rb[r];
-      for (int64_t i = 0; i < w; ++i) {
-        const double mu = mean_f[g0 + i], r = rstd_f[g0 + i], sc = feature_scale * r;
-        const double shift = double(fs[p + i]), a = A[i] + (shift - mu) * B[i];
-        const double k2 = -sc * r * r * a * inv_c, k3 = -sc * B[i] * inv_c;
-        c1[p + i] = T(sc), c2[p + i] = T(k2), c3[p + i] = T(k3 + k2 * (shift - mu));
-      }
-    }
-    // The batch columns: sum dy and sum dy (x - mu_B) over the N samples, the weight's batch
-    // part, and the batch part of dx as a term per (c, hw).
+    // The batch columns: from their sums of dy and dy (x - mu_B) over the N samples, the
+    // weight's batch part, and the batch part of dx as a term per (c, hw).
     for (int64_t c = 0; c < C; ++c) {
       const int64_t e0 = c * HW + h0;
-      T* const sh = term + e0;
-      for (int64_t i = 0; i < w; ++i) sh[i] = T(mean_b[e0 + i]);
-      column_dots(k, x + e0, dy + e0, N, w, F, sh, static_cast<const T*>(nullptr), A, B);
+      const T* const sh = term + e0;
+      const double *const ba = batch_a + e0, *const bb = batch_b + e0;
       // dx's batch part: batch_scale r (w dy - w B/N - r^2 (x - mu_B) w A/N); no batch
       // statistics: batch_scale r w dy alone. The weight's: batch_scale sum r A.
       const double wn = batch_stats ? double(weight[c]) * inv_n : 0.0;
       double g = 0;
       for (int64_t i = 0, e = e0; i < w; ++i, ++e) {
         const double r = rstd_b[e], shift = double(sh[i]);
-        const double a = A[i] + (shift - mean_b[e]) * B[i], br = batch_scale * r;
+        const double a = ba[i] + (shift - mean_b[e]) * bb[i], br = batch_scale * r;
         g += r * a;
-        const double k2 = -br * r * r * wn * a, k3 = -br * wn * B[i];
+        const double k2 = -br * r * r * wn * a, k3 = -br * wn * bb[i];
         term[F + e] = T(k2), term[2 * F + e] = T(k3 + k2 * (shift - mean_b[e])), term[3 * F + e] = T(br);
       }
       gpart[c] += batch_scale * g;
     }
+    // Then each sample's feature cells: B = sum w dy, A = sum w dy (x - mu_F) over its C rows,
+    // the weight's feature part (sum dy x_F, scaled) and the bias's per row, the fold per cell,
+    // and the sample's dx while its rows are in cache.
     const ElementTerm<T> t{term + h0, term + F + h0, term + 2 * F + h0, term + 3 * F + h0};
     for (int64_t n = 0; n < N; ++n) {
-      const int64_t p = n * w, s = n * F + h0;
-      k.rows_backward_apply_weighted(x + s, dy + s, dx + s, C, w, HW, c1 + p, c2 + p, fs + p, c3 + p, weight, &t,
-                                     stream);
+      const int64_t g0 = n * HW + h0, s = n * F + h0;
+      for (int64_t i = 0; i < w; ++i) {
+        const double mu = mean_f[g0 + i], sc = feature_scale * rstd_f[g0 + i];
+        const T sh = T(mu);
+        fs[i] = sh, fa[i] = T(sc), fb[i] = T((double(sh) - mu) * sc);
+      }
+      column_dots(k, x + s, dy + s, C, w, HW, fs, weight, A, B);
+      k.rows_row_sums(x + s, dy + s, C, w, HW, fs, fa, fb, rg, rb);
+      for (int64_t r = 0; r < C; ++r) gpart[r] += rg[r], bpart[r] += rb[r];
+      for (int64_t i = 0; i < w; ++i) {
+        const double mu = mean_f[g0 + i], r = rstd_f[g0 + i], sc = feature_scale * r;
+        const double shift = double(fs[i]), a = A[i] + (shift - mu) * B[i];
+        const double k2 = -sc * r * r * a * inv_c, k3 = -sc * B[i] * inv_c;
+        c1[i] = T(sc), c2[i] = T(k2), c3[i] = T(k3 + k2 * (shift - mu));
+      }
+      k.rows_backward_apply_weighted(x + s, dy + s, dx + s, C, w, HW, c1, c2, fs, c3, weight, &t, stream);
     }
   });
   std::fill_n(dweight, C, 0.0), std::fill_n(dbias, C, 0.0);

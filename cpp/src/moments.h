@@ -17,7 +17,8 @@ namespace nk {
 // on every call while the other threads wait: channels-last 64x128x56x56 keeps 6 MB of chunk
 // moments, and their allocation was a sixth of group_moments. A caller holds one per Tag.
 constexpr int64_t kKeptBytes = int64_t(16) << 20;
-enum KeptTag { kChunkResults, kColumnPartials, kPlaneCoefs, kPlaneMoments, kSampleTerm, kBatchTerms };
+enum KeptTag { kChunkResults, kColumnPartials, kPlaneCoefs, kPlaneMoments, kSampleTerm, kBatchTerms,
+               kBatchSums };
 
 template <KeptTag Tag, class T>
 T* kept_storage(int64_t n, std::vector<T>& own) {
