@@ -31,7 +31,17 @@ void def_batch_layer(py::module_& m) {
       } else {
         if (!py::isinstance<py::tuple>(running) || py::len(running) != 2)
           throw py::type_error("running: expected None or a tuple (mean_b, var_b)");
-        mean_b = running.cast<py::tuple>()[0], var_b = running.cast<py::tuple>()[1];
+        // The layer's running statistics as they are (float32 for a float32 layer), copied as
+        // float64 into arrays from the output cache: the copies the backward keeps, whatever
+        // happens to the buffers after. NumPy's astype made fresh ones every call, whose page
+        // faults were a fifth of a small BLN's inference.
+        const auto as_doubles = [&](const py::object& a) -> py::object {
+          if (!py::isinstance<py::array>(a) || py::reinterpret_borrow<py::array>(a).size() != F) return a;  // required() says why
+          py::array_t<double> d = doubles(F);
+          py::module_::import("numpy").attr("copyto")(d, a.attr("reshape")(-1));
+          return std::move(d);
+        };
+        mean_b = as_doubles(running.cast<py::tuple>()[0]), var_b = as_doubles(running.cast<py::tuple>()[1]);
       }
       double* pmb = required<double>(mean_b, F, "running mean_b", batch_stats);
       double* pvb = required<double>(var_b, F, "running var_b", batch_stats);
@@ -49,7 +59,8 @@ void def_batch_layer(py::module_& m) {
   }, py::arg("feature"), py::arg("x"), py::arg("eps"), py::arg("feature_scale"), py::arg("batch_scale"),
      py::arg("weight"), py::arg("bias"), py::arg("out"), py::arg("running") = py::none(),
      "BatchLayerNorm2d's output into out, with the batch's own moments per (c, hw) (running None) or the "
-     "given (mean_b, var_b); returns (mean_f, rstd_f, mean_b, var_b, rstd_b).");
+     "given (mean_b, var_b), C*H*W values each of any float dtype; returns (mean_f, rstd_f, mean_b, var_b, "
+     "rstd_b), float64.");
 
   m.def("batch_layer_backward", [](const nk::Plan& feature, const py::array& x, const py::object& dy,
                                    const py::object& mean_f, const py::object& rstd_f, const py::object& mean_b,

@@ -190,10 +190,10 @@ def batch_layer_backward(feature: Plan, x: _Array, dy: _Array, mean_f: _F64, rst
     """
 def batch_layer_forward(feature: Plan, x: _Array, eps: float, feature_scale: float,
                         batch_scale: float, weight: _Array, bias: _Array, out: _Array,
-                        running: tuple[_F64, _F64] | None = None
+                        running: tuple[_Array, _Array] | None = None
                         ) -> tuple[_F64, _F64, _F64, _F64, _F64]:
     """
-    BatchLayerNorm2d's output into out, with the batch's own moments per (c, hw) (running None) or the given (mean_b, var_b); returns (mean_f, rstd_f, mean_b, var_b, rstd_b).
+    BatchLayerNorm2d's output into out, with the batch's own moments per (c, hw) (running None) or the given (mean_b, var_b), C*H*W values each of any float dtype; returns (mean_f, rstd_f, mean_b, var_b, rstd_b), float64.
     """
 def conv2d_stat_jacobians(x: numpy.typing.NDArray[_S], weight: numpy.typing.NDArray[_S],
                           stride_h: int, stride_w: int, pad_h: int, pad_w: int, dilation_h: int,

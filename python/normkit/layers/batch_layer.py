@@ -123,8 +123,8 @@ class BatchLayerNorm2d(VariantLayer):
             self.running_var = np.ones(x.shape[1:], self.dtype)
         assert self.running_var is not None  # made (or loaded) with running_mean
         with_batch_stats = self._batch_stats()
-        running = None if with_batch_stats else (self.running_mean.reshape(-1).astype(np.float64),
-                                                 self.running_var.reshape(-1).astype(np.float64))
+        # Running statistics go in as they are: the core reads them as float64 copies.
+        running = None if with_batch_stats else (self.running_mean, self.running_var)
         a, b, k = self._mix(C)
         y = _core.empty_like(x)
         # y = ((x - mu_F) r_F a k + (x - mu_B) r_B b k) weight_c + bias_c, per block of (h, w)
