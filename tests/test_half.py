@@ -5,6 +5,10 @@ Outputs and input gradients are rounded once to the half type, so each is checke
 float64 reference (evaluated on the exact half-precision inputs) to within one unit in the last
 place of the half type at the array's scale; float32 parameter gradients to float32 tolerance.
 """
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -120,3 +124,39 @@ def test_rms_norm_default_eps_is_the_half_types_epsilon():
     xb = sample(ml_dtypes.bfloat16, (3, 8), 8)
     want = reference.rms_norm(xb, (8,), None, float(ml_dtypes.finfo(ml_dtypes.bfloat16).eps))
     close_at_scale(normkit.functional.rms_norm(xb, (8,)), want, EPS[np.dtype(ml_dtypes.bfloat16)], "rms bf16")
+
+
+# -- ml_dtypes is never imported by normkit: its import takes about a second -------------------------
+
+def run_child(code):
+    """stdout of `code` in a fresh interpreter that imports this normkit."""
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(normkit.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([pkg_root, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_importing_normkit_leaves_ml_dtypes_unimported():
+    code = ("import sys, numpy as np, normkit\n"
+            "normkit.GroupNorm(2, 4)(np.ones((2, 4, 3), np.float16))\n"
+            "print('ml_dtypes' in sys.modules)")
+    assert run_child(code) == "False"
+
+
+def test_bfloat16_inputs_work_when_ml_dtypes_comes_after_normkit():
+    code = ("import numpy as np, normkit, ml_dtypes\n"
+            "x = np.arange(24, dtype=np.float32).reshape(2, 4, 3).astype(ml_dtypes.bfloat16)\n"
+            "layer = normkit.GroupNorm(2, 4)\n"
+            "y = layer(x)\n"
+            "print(y.dtype, layer.backward(np.ones_like(x)).dtype, normkit.functional.rms_norm(x, (3,)).dtype)")
+    assert run_child(code) == "bfloat16 bfloat16 bfloat16"
+
+
+def test_the_dtype_error_names_bfloat16_without_ml_dtypes():
+    code = ("import numpy as np, normkit\n"
+            "try:\n"
+            "    normkit.GroupNorm(2, 4)(np.ones((2, 4, 3), np.int16))\n"
+            "except TypeError as e:\n"
+            "    print(e)")
+    assert run_child(code) == "input: expected dtype float32, float64, float16 or bfloat16, got int16"

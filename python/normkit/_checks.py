@@ -8,6 +8,7 @@ wrong value or shape. The checks are O(1) or O(channels): nothing here touches e
 from __future__ import annotations
 
 import numbers
+import sys
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, Literal, TypeVar, overload
 
@@ -16,32 +17,45 @@ import numpy.typing as npt
 
 _T = TypeVar("_T")
 
-try:  # bfloat16 arrays come from ml_dtypes (a test extra); without it, bfloat16 is unknown
-    import ml_dtypes
-    _BFLOAT16: tuple[np.dtype[Any], ...] = (np.dtype(ml_dtypes.bfloat16),)
-except ImportError:  # pragma: no cover
-    # why: the optional module's name is None without it (only read when _BFLOAT16 is non-empty)
-    ml_dtypes, _BFLOAT16 = None, ()  # type: ignore[assignment]
-
 # Parameters, running statistics and their gradients are float32 or float64; inputs may also be
 # float16 or bfloat16, stored as such and computed in float32 (their parameters are float32).
 COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-HALF_DTYPES = (np.dtype(np.float16),) + _BFLOAT16
-INPUT_DTYPES = COMPUTE_DTYPES + HALF_DTYPES
+_STATIC_INPUT_DTYPES = COMPUTE_DTYPES + (np.dtype(np.float16),)
+
+
+def bfloat16() -> np.dtype[Any] | None:
+    """ml_dtypes.bfloat16 once ml_dtypes is imported, else None. An array of it cannot exist
+    before, so normkit never imports ml_dtypes itself: that import takes about 1 s (0.7.0 with
+    NumPy 2.4), most of what `import normkit` took."""
+    module = sys.modules.get("ml_dtypes")
+    return None if module is None else np.dtype(module.bfloat16)
+
+
+def is_half(dtype: np.dtype[Any]) -> bool:
+    """float16, or bfloat16: a storage type computed in float32."""
+    return dtype == np.float16 or (dtype not in COMPUTE_DTYPES and dtype == bfloat16())
+
+
+def is_input_dtype(dtype: np.dtype[Any]) -> bool:
+    """float32, float64, float16 or bfloat16 (native byte order)."""
+    return dtype in _STATIC_INPUT_DTYPES or dtype == bfloat16()
+
+
 _FLOAT_NAMES = "float32 or float64"
 _INPUT_NAMES = "float32, float64, float16 or bfloat16"
 
 
 def param_dtype(input_dtype: npt.DTypeLike) -> np.dtype[Any]:
     """The dtype of the parameters, statistics and gradients that go with an input dtype."""
-    return COMPUTE_DTYPES[0] if input_dtype in HALF_DTYPES else np.dtype(input_dtype)
+    dtype = np.dtype(input_dtype)
+    return COMPUTE_DTYPES[0] if is_half(dtype) else dtype
 
 
 def machine_eps(dtype: np.dtype[Any]) -> float:
     """finfo(dtype).eps, bfloat16 included (rms_norm's default eps, as torch)."""
-    # why the ignore: ml_dtypes.finfo's constructor has no annotations
-    return float(ml_dtypes.finfo(dtype).eps  # type: ignore[no-untyped-call]
-                 if dtype in _BFLOAT16 else np.finfo(dtype).eps)
+    if dtype != np.float16 and is_half(dtype):  # bfloat16: ml_dtypes is imported
+        return float(sys.modules["ml_dtypes"].finfo(dtype).eps)
+    return float(np.finfo(dtype).eps)
 
 
 _MACHINE_EPS: dict[np.dtype[Any], float | None] = {}
@@ -54,7 +68,7 @@ def machine_eps_of(x: object) -> float | None:
     try:
         return _MACHINE_EPS[x.dtype]
     except KeyError:
-        eps = _MACHINE_EPS[x.dtype] = machine_eps(x.dtype) if x.dtype in INPUT_DTYPES else None
+        eps = _MACHINE_EPS[x.dtype] = machine_eps(x.dtype) if is_input_dtype(x.dtype) else None
         return eps
 
 
@@ -97,7 +111,7 @@ def float_dtype(x: npt.NDArray[Any], name: str, dtype: npt.DTypeLike | None = No
 def input_dtype(x: npt.NDArray[Any], name: str, param: npt.DTypeLike | None = None) -> None:
     """An input's dtype is float32/64, float16 or bfloat16 in native byte order; with `param`
     (a layer's dtype), one whose parameters are of that dtype (float32 takes the half types)."""
-    if x.dtype not in INPUT_DTYPES:
+    if not is_input_dtype(x.dtype):
         raise TypeError(f"{name}: expected dtype {_INPUT_NAMES}, got {x.dtype}")
     if param is not None and param_dtype(x.dtype) != param:
         also = ", float16 or bfloat16" if param == COMPUTE_DTYPES[0] else ""
