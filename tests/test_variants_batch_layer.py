@@ -110,6 +110,9 @@ SHAPES = [
     # feature statistics), rows of samples past 256 (the batch statistics).
     pytest.param((2, 300, 3, 2), id="N2-C300-3x2-channel-chunks"),
     pytest.param((260, 3, 2, 3), id="N260-C3-2x3-sample-chunks"),
+    # Blocks narrowed to keep a sample's rows and the block's term in L2 (three of 48 columns),
+    # and batch columns in several spans of 2048.
+    pytest.param((2, 200, 12, 12), id="N2-C200-12x12-budget-blocks"),
 ]
 
 # (training, use_batch_stats): training, eval with the running statistics, eval with the batch's.
