@@ -7,6 +7,7 @@
 #include <pybind11/stl.h>
 
 #include "arrays.h"
+#include "batch_channel.h"
 #include "batch_layer.h"
 #include "forward_fast.h"
 #include "saved.h"
@@ -685,6 +686,7 @@ PYBIND11_MODULE(_core, m) {
   def_saved(m);
   def_forward_fast(m);
   def_batch_layer(m);
+  def_batch_channel(m);
   m.def("empty_like", &empty_like, py::arg("a"),
         "A new uninitialized C-contiguous array of a's shape and dtype, on the C heap.");
   m.def("copy", [](py::array dst, const py::array& src) {

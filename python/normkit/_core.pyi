@@ -182,6 +182,21 @@ def backward_sums_positions(plan: Plan, x: _Array, dy: _Array, mean: _Coefficien
     """
     (sum weight*dy, sum weight*dy*(x - mean[k])) per cell and (sum dy*xhat, sum dy) per position.
     """
+def batch_channel_fold(N: int, C: int, G: int, S: int, eps: float, mean: _F64, var: _F64,
+                       bn_weight: _F64, bn_bias: _F64, gn_weight: _F64, gn_bias: _F64,
+                       mu: _F64 | None = None, batch_var: _F64 | None = None
+                       ) -> tuple[_F64, _F64, _F64, _F64, _F64, _F64, _F64]:
+    """
+    BatchChannelNorm2d's forward fold from its N*C cells' moments (float64): (mu, batch_var, r, scale, offset, mu_g, r_g), the batch part's statistics pooled from the cells where mu and batch_var are None.
+    """
+def batch_channel_fold_backward(N: int, C: int, G: int, S: int, batch: bool, sum_dy: _F64,
+                                sum_dy_xmu: _F64, mean: _F64, var: _F64, mu: _F64, r: _F64,
+                                mu_g: _F64, r_g: _F64, bn_weight: _F64, bn_bias: _F64,
+                                gn_weight: _F64, gn_bias: _F64
+                                ) -> tuple[_F64, _F64, _F64, _F64, _F64, _F64, _F64]:
+    """
+    BatchChannelNorm2d's backward fold from its cells' sums (float64): (c1, c2, c3) per cell and the gradients (d_bn_weight, d_bn_bias, d_gn_weight, d_gn_bias).
+    """
 def batch_layer_backward(feature: Plan, x: _Array, dy: _Array, mean_f: _F64, rstd_f: _F64,
                          mean_b: _F64, rstd_b: _F64, feature_scale: float, batch_scale: float,
                          batch_stats: bool, weight: _Array, dx: _Array) -> tuple[_F64, _F64]:

@@ -135,6 +135,27 @@ template <class S>
 void batch_layer_backward(const Plan& feature, const S* x, const S* dy, const double* mean_f, const double* rstd_f,
                           const double* mean_b, const double* rstd_b, double feature_scale, double batch_scale,
                           bool batch_stats, const compute_t<S>* weight, S* dx, double* dweight, double* dbias);
+// BatchChannelNorm2d's folds over its N*C cells (n, c) of S elements (batch_channel.cpp): a
+// batch part x1 = a x + b per channel (a = bn_weight r, b = bn_bias - mu a, r = 1/sqrt(var +
+// eps)), then a group part over each sample's groups of C/G channels with gn_weight, gn_bias.
+//   batch_channel_fold           from the cells' moments m, v (biased), and mu, var per channel
+//                                (with pool, first pooled from the cells into them): r, the
+//                                cells' output coefficients y = scale (x - m) + offset, and per
+//                                (n, g) the group part's mean mu_g and rstd r_g
+//   batch_channel_fold_backward  from the cells' sums B = sum dy, A = sum dy (x - m): dx's
+//                                coefficients per cell, dx = c1 dy + c2 (x - m) + c3 (batch:
+//                                the batch statistics' gradient joins), and the four gradients
+struct BatchChannelParams {
+  const double *bn_weight, *bn_bias, *gn_weight, *gn_bias;
+};
+void batch_channel_fold(int64_t N, int64_t C, int64_t G, int64_t S, double eps, bool pool, const double* m,
+                        const double* v, double* mu, double* var, const BatchChannelParams& p, double* r,
+                        double* scale, double* offset, double* mu_g, double* r_g);
+void batch_channel_fold_backward(int64_t N, int64_t C, int64_t G, int64_t S, bool batch, const double* B,
+                                 const double* A, const double* m, const double* v, const double* mu,
+                                 const double* r, const double* mu_g, const double* r_g,
+                                 const BatchChannelParams& p, double* c1, double* c2, double* c3,
+                                 double* d_bn_weight, double* d_bn_bias, double* d_gn_weight, double* d_gn_bias);
 // running = (1 - factor)*running + factor*value_scale*value over n elements, in place (torch's
 // running-statistics rule; value_scale: the unbiasing N/(N - 1) of a variance).
 template <class T>

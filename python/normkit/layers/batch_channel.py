@@ -85,71 +85,42 @@ class BatchChannelNorm2d(VariantLayer):
         batch = self._batch_stats() and not self.estimate
         if self.training:
             _checks.more_than_one_value(N * S, "channel", x.shape)
-        m, v = (a.reshape(N, C) for a in _core.group_moments(plan, x))  # every cell's moments
-        bw, bb = self.bn_weight.astype(np.float64), self.bn_bias.astype(np.float64)
-        # The group part's affine per group, (G, 1): broadcast over a group's cpg channels.
-        gw, gb = (p.astype(np.float64).reshape(G, 1) for p in (self.gn_weight, self.gn_bias))
-        # The batch part's statistics, pooled from the cells (or the running estimates).
+        m, v = _core.group_moments(plan, x)  # every cell's moments, N*C each
+        bw, bb, gw, gb = (p.astype(np.float64) for p in (self.bn_weight, self.bn_bias, self.gn_weight, self.gn_bias))
+        # The batch part's statistics, pooled from the cells by the fold (or the running
+        # estimates); then the fold: r per channel, the cells' output coefficients, and the group
+        # part's mu_g and r_g per (n, g) (x1 = a x + b per channel, an affine of x, so the group
+        # part's statistics follow from the cells' moments).
         if batch:
-            mu, var = pool(S, m, v, 0)
+            mu, var, r, scale, offset, mu_g, r_g = _core.batch_channel_fold(N, C, G, S, self.eps, m, v, bw, bb, gw, gb)
             if self.training:
                 _update(self.running_mean, mu, self.momentum)
                 _update(self.running_var, unbiased(var, N * S), self.momentum)
         else:
             if self.estimate and self.training:
-                mu_b, var_b = pool(S, m, v, 0)
+                mu_b, var_b = pool(S, m.reshape(N, C), v.reshape(N, C), 0)
                 # mean over (N, H, W) of (x - mu_old)^2 = var_B + (mu_B - mu_old)^2
                 spread = var_b + (mu_b - self.running_mean.astype(np.float64)) ** 2
                 _update(self.running_mean, mu_b, self.estimate_rate)
                 _update(self.running_var, spread, self.estimate_rate)
             mu, var = self.running_mean.astype(np.float64), self.running_var.astype(np.float64)
-        r = 1.0 / np.sqrt(var + self.eps)
-        a, b = bw * r, bb - mu * bw * r  # x1 = a x + b per channel
-        # The group part's statistics of x1, from the cells' moments: x1's cell mean a m + b,
-        # variance a^2 v, pooled over each sample's groups of cpg channels. Per-group values
-        # stay (N, G, 1) and broadcast over the (N, G, cpg) view of a per-cell array.
-        ag = a.reshape(G, cpg)
-        m1 = (a * m + b).reshape(N, G, cpg)
-        mu_g = m1.sum(axis=2, keepdims=True) / cpg  # pool(1, ...) over each group's cells
-        var_g = ((a * a * v).reshape(N, G, cpg) + (m1 - mu_g) ** 2).sum(axis=2, keepdims=True) / cpg
-        r_g = 1.0 / np.sqrt(var_g + self.eps)  # (N, G, 1)
-        e1 = gw * r_g  # gw r_g, (N, G, 1)
-        d1 = m1 - mu_g  # m1 - mu_g per cell
-        # y = gw r_g (a x + b - mu_g) + gb = gw r_g a (x - m) + gw r_g (m1 - mu_g) + gb per cell
-        y = self._apply(plan, x, m, e1 * ag, e1 * d1 + gb)
+            mu, var, r, scale, offset, mu_g, r_g = _core.batch_channel_fold(N, C, G, S, self.eps, m, v, bw, bb, gw, gb,
+                                                                            mu, var)
+        y = self._apply(plan, x, m, scale, offset)  # y = scale (x - m) + offset per cell
 
-        # Backward (tests/reference.py: batch_channel_norm_backward), per cell B = sum dy,
-        # A = sum dy (x - m). The group part gives dL/dx1 = e1 dy + f (x - m) + h per cell,
-        # e1 = gw r_g, f = -gw r_g^3 Q/M1 a, h = -gw r_g^3 Q/M1 (m1 - mu_g) - gw r_g P/M1, with
-        # P = sum B and Q = sum (a A + (m1 - mu_g) B) over the group's cells, M1 = cpg*S. The
-        # batch part then sums z = dL/dx1 over each channel's cells: Z = sum (e1 B + h S),
-        # ZX = sum (e1 (A + (m - mu) B) + f S v + h S (m - mu)), and with batch statistics
-        # dx = bw r z - bw r Z/M - bw r^3 (x - mu) ZX/M, M = N*S; else dx = bw r z.
-        # Per-group terms are (N, G, 1), per-cell ones (N, G, cpg), per-channel ones (G, cpg).
+        # Backward (tests/reference.py: batch_channel_norm_backward), from the cells' sums
+        # B = sum dy, A = sum dy (x - m): the group part's dL/dx1 per cell, summed per channel
+        # for the batch part, which with batch statistics adds its own terms (the core's
+        # batch_channel_fold_backward, normkit.h).
         def fold(B: npt.NDArray[np.float64], A: npt.NDArray[np.float64]
                  ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64],
                             npt.NDArray[np.float64], dict[str, npt.NDArray[Any]]]:
-            B, A = B.reshape(N, G, cpg), A.reshape(N, G, cpg)
-            P = B.sum(axis=2, keepdims=True)
-            Q = (ag * A + d1 * B).sum(axis=2, keepdims=True)
-            M1 = cpg * S
-            e2 = -gw * r_g ** 2 * r_g * Q / M1
-            f, h = e2 * ag, e2 * d1 - e1 * P / M1
-            dm = (m - mu).reshape(N, G, cpg)
-            hS = h * S
-            Z = (e1 * B + hS).reshape(N, C).sum(axis=0)
-            ZX = (e1 * (A + dm * B) + f * S * v.reshape(N, G, cpg) + hS * dm).reshape(N, C).sum(axis=0)
-            c1, c2, c3 = ag * e1, ag * f, ag * h
-            if batch:
-                M = N * S
-                t = (bw * r ** 2 * r * ZX / M).reshape(G, cpg)
-                c2 = c2 - t
-                c3 = c3 - (a * Z / M).reshape(G, cpg) - t * dm
-            grads = {"bn_weight": r * ZX, "bn_bias": Z, "gn_weight": (r_g * Q).reshape(N, G).sum(axis=0),
-                     "gn_bias": P.reshape(N, G).sum(axis=0)}
-            return c1, c2, c3, {k: g.astype(self.dtype) for k, g in grads.items()}
+            c1, c2, c3, *grads = _core.batch_channel_fold_backward(N, C, G, S, batch, B, A, m, v, mu, r, mu_g, r_g,
+                                                                   bw, bb, gw, gb)
+            names = ("bn_weight", "bn_bias", "gn_weight", "gn_bias")
+            return c1, c2, c3, {k: g.astype(self.dtype) for k, g in zip(names, grads)}
 
-        return y, StepSaved(plan, x, m.reshape(-1), fold, x.shape)
+        return y, StepSaved(plan, x, m, fold, x.shape)
 
     def backward(self, dy: npt.NDArray[Any]) -> npt.NDArray[Any]:
         dx = super().backward(dy)
