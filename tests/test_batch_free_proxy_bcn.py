@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 import normkit
+from normkit import _core
 import reference as ref
 from variant_checks import (FLOAT_DTYPES, HALF_EPS, VIEWS, assert_bitwise_same_threads_any_state,
                             assert_state_dict_round_trip, check_all_gradients,
@@ -487,3 +488,14 @@ THREAD_SHAPE = (5, 6, 55, 57)  # planes of 3135 = 2048 + 1087 entries
 def test_bitwise_identical_for_one_and_two_threads(name, training, dtype):
     assert_bitwise_same_threads_any_state(lambda: prepared(name, dtype).train(training),
                                           THREAD_SHAPE, dtype)
+
+
+@pytest.mark.parametrize("N, C, G, S", [(0, 8, 2, 4), (2, 8, 3, 4), (2, 8, 0, 4), (2, 8, 2, 0)],
+                         ids=["no-samples", "groups-not-dividing", "no-groups", "no-positions"])
+def test_bcn_core_folds_reject_bad_sizes_with_value_error(N, C, G, S):
+    cells, chan, grp = np.zeros(max(N, 1) * C), np.ones(C), np.ones(max(G, 1))
+    with pytest.raises(ValueError, match="G dividing C"):
+        _core.batch_channel_fold(N, C, G, S, 1e-5, cells, cells, chan, chan, grp, grp)
+    with pytest.raises(ValueError, match="G dividing C"):
+        _core.batch_channel_fold_backward(N, C, G, S, True, cells, cells, cells, cells, chan, chan, grp, grp,
+                                          chan, chan, grp, grp)

@@ -20,11 +20,6 @@ nk::BatchChannelParams params_of(const py::object& bn_weight, const py::object& 
           required<double>(gn_weight, G, "gn_weight", false), required<double>(gn_bias, G, "gn_bias", false)};
 }
 
-void check_sizes(int64_t N, int64_t C, int64_t G, int64_t S) {
-  if (N < 1 || C < 1 || G < 1 || S < 1) throw py::value_error("batch_channel_fold: expected N, C, G, S >= 1");
-  if (C % G != 0) throw py::value_error("batch_channel_fold: expected G dividing C");
-}
-
 }  // namespace
 
 void def_batch_channel(py::module_& m) {
@@ -32,7 +27,7 @@ void def_batch_channel(py::module_& m) {
                                  const py::object& var, const py::object& bn_weight, const py::object& bn_bias,
                                  const py::object& gn_weight, const py::object& gn_bias, const py::object& mu,
                                  const py::object& batch_var) {
-    check_sizes(N, C, G, S);
+    nk::check_batch_channel_cells(N, C, G, S);
     const nk::BatchChannelParams p = params_of(bn_weight, bn_bias, gn_weight, gn_bias, C, G);
     const double *pm = required<double>(mean, N * C, "mean", false), *pv = required<double>(var, N * C, "var", false);
     const bool pool = mu.is_none();
@@ -63,7 +58,7 @@ void def_batch_channel(py::module_& m) {
                                           const py::object& r, const py::object& mu_g, const py::object& r_g,
                                           const py::object& bn_weight, const py::object& bn_bias,
                                           const py::object& gn_weight, const py::object& gn_bias) {
-    check_sizes(N, C, G, S);
+    nk::check_batch_channel_cells(N, C, G, S);
     const nk::BatchChannelParams p = params_of(bn_weight, bn_bias, gn_weight, gn_bias, C, G);
     const int64_t K = N * C;
     const double *pB = required<double>(sum_dy, K, "sum_dy", false), *pA = required<double>(sum_dy_xmu, K, "sum_dy_xmu", false);

@@ -13,41 +13,30 @@ namespace nk {
 
 namespace {
 
-void check_cells(int64_t N, int64_t C, int64_t G, int64_t S) {
-  if (N < 1 || C < 1 || G < 1 || S < 1 || C % G != 0)
-    throw std::invalid_argument("batch_channel_fold: expected N, C, S >= 1 and num_groups dividing C");
-}
-
-void add_to(double* acc, const double* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) acc[i] += x[i];
-}
-
-// The batch part per channel: r = 1/sqrt(var + eps) (written to r) or given, x1 = a x + b with
-// a = bn_weight r, b = bn_bias - mu a; t and u: the backward's per-channel scratch.
+// The batch part per channel: x1 = a x + b with a = bn_weight r, b = bn_bias - mu a.
 struct ChannelAffine {
-  std::vector<double> own;
-  double *a, *b, *t, *u;
-  ChannelAffine(int64_t C, const BatchChannelParams& p, const double* mu, const double* r) : own(4 * C) {
-    a = own.data(), b = a + C, t = b + C, u = t + C;
+  std::vector<double> a, b;
+  ChannelAffine(int64_t C, const BatchChannelParams& p, const double* mu, const double* r) : a(C), b(C) {
     for (int64_t c = 0; c < C; ++c) a[c] = p.bn_weight[c] * r[c], b[c] = p.bn_bias[c] - mu[c] * a[c];
-  }
-  ChannelAffine(int64_t C, const BatchChannelParams& p, const double* mu, const double* var, double eps, double* r)
-      : ChannelAffine(C, p, mu, (rstd_of(C, var, eps, r), r)) {}
-  static void rstd_of(int64_t C, const double* var, double eps, double* r) {
-    for (int64_t c = 0; c < C; ++c) r[c] = 1.0 / std::sqrt(var[c] + eps);
   }
 };
 
 }  // namespace
 
+void check_batch_channel_cells(int64_t N, int64_t C, int64_t G, int64_t S) {
+  if (N < 1 || C < 1 || G < 1 || S < 1 || C % G != 0)
+    throw std::invalid_argument("batch_channel_fold: expected N, C, G, S >= 1 and G dividing C");
+}
+
 void batch_channel_fold(int64_t N, int64_t C, int64_t G, int64_t S, double eps, bool pool, const double* m,
                         const double* v, double* mu, double* var, const BatchChannelParams& p, double* r,
                         double* scale, double* offset, double* mu_g, double* r_g) {
-  check_cells(N, C, G, S);
+  check_batch_channel_cells(N, C, G, S);
   const int64_t cpg = C / G;
   if (pool) {  // the batch part's statistics from the cells (Chan's pooling of equal-size cells)
     std::fill_n(mu, C, 0.0), std::fill_n(var, C, 0.0);
-    for (int64_t n = 0; n < N; ++n) add_to(mu, m + n * C, C);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t c = 0; c < C; ++c) mu[c] += m[n * C + c];
     for (int64_t c = 0; c < C; ++c) mu[c] /= double(N);
     for (int64_t n = 0; n < N; ++n)
       for (int64_t c = 0; c < C; ++c) {
@@ -56,7 +45,8 @@ void batch_channel_fold(int64_t N, int64_t C, int64_t G, int64_t S, double eps, 
       }
     for (int64_t c = 0; c < C; ++c) var[c] /= double(N);
   }
-  const ChannelAffine ch(C, p, mu, var, eps, r);
+  for (int64_t c = 0; c < C; ++c) r[c] = 1.0 / std::sqrt(var[c] + eps);
+  const ChannelAffine ch(C, p, mu, r);
   // The group part's statistics of x1 per (n, g) from its cells: cell mean m1 = a m + b,
   // variance a^2 v; y = gw r_g (x1 - mu_g) + gb = scale (x - m) + offset.
   // Three passes, so that the groups' square roots and divisions run side by side in one loop
@@ -89,7 +79,7 @@ void batch_channel_fold_backward(int64_t N, int64_t C, int64_t G, int64_t S, boo
                                  const double* r, const double* mu_g, const double* r_g,
                                  const BatchChannelParams& p, double* c1, double* c2, double* c3,
                                  double* d_bn_weight, double* d_bn_bias, double* d_gn_weight, double* d_gn_bias) {
-  check_cells(N, C, G, S);
+  check_batch_channel_cells(N, C, G, S);
   const int64_t cpg = C / G;
   const double M1 = double(cpg * S), Sd = double(S);
   const ChannelAffine ch(C, p, mu, r);
@@ -125,11 +115,12 @@ void batch_channel_fold_backward(int64_t N, int64_t C, int64_t G, int64_t S, boo
   // - bw r^3 (x - mu) ZX/M per channel, M = N*S; else dx = bw r z.
   if (batch) {
     const double M = double(N * S);
-    for (int64_t c = 0; c < C; ++c) ch.t[c] = ch.a[c] * r[c] * r[c] * ZX[c] / M, ch.u[c] = ch.a[c] * Z[c] / M;
+    std::vector<double> t(C), u(C);  // per channel: the terms on x - mu and on 1
+    for (int64_t c = 0; c < C; ++c) t[c] = ch.a[c] * r[c] * r[c] * ZX[c] / M, u[c] = ch.a[c] * Z[c] / M;
     for (int64_t n = 0; n < N; ++n)
       for (int64_t c = 0, k = n * C; c < C; ++c, ++k) {
-        c2[k] -= ch.t[c];
-        c3[k] -= ch.u[c] + ch.t[c] * (m[k] - mu[c]);
+        c2[k] -= t[c];
+        c3[k] -= u[c] + t[c] * (m[k] - mu[c]);
       }
   }
   for (int64_t c = 0; c < C; ++c) d_bn_weight[c] *= r[c];  // dbn_weight = r ZX; dbn_bias = Z

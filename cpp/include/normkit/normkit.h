@@ -148,6 +148,8 @@ void batch_layer_backward(const Plan& feature, const S* x, const S* dy, const do
 struct BatchChannelParams {
   const double *bn_weight, *bn_bias, *gn_weight, *gn_bias;
 };
+// Throws std::invalid_argument unless N, C, G, S >= 1 and G divides C (both folds check first).
+void check_batch_channel_cells(int64_t N, int64_t C, int64_t G, int64_t S);
 void batch_channel_fold(int64_t N, int64_t C, int64_t G, int64_t S, double eps, bool pool, const double* m,
                         const double* v, double* mu, double* var, const BatchChannelParams& p, double* r,
                         double* scale, double* offset, double* mu_g, double* r_g);
