@@ -23,13 +23,26 @@ void check_pointwise_plan(const Plan& plan, Pointwise op) {
   if (int(op) < 0 || int(op) >= kPointwiseOps) throw std::invalid_argument("invalid pointwise epilogue");
 }
 
-// Per plane, from per-cell coefficients: the shift and the center rounded to T, b and the
-// backward's c3 carrying their roundings (as fold.h's channel_coef).
+// The planes of the `count` consecutive cells from q0, to out[i]: the shift and the center
+// rounded to T, b carrying the shift's rounding (as fold.h's channel_coef), and center_error[i]
+// = T(center) - center where given (the backward's c3 carries it). Each coefficient row is read
+// along its length: plane by plane, the nine rows K doubles apart (16 KB at 2048 cells) fell in
+// one L1 set, more lines than its ways.
 template <class T>
-PointwisePlane<T> plane_of(const PointwiseCoefficients& k, int64_t q) {
-  const T sh = T(k.shift[q]);
-  return {sh, T(k.a[q]), T(k.b[q] + (double(sh) - k.shift[q]) * k.a[q]), T(k.p[q]), T(k.q[q]),
-          T(k.r[q]), T(k.scale[q]), T(k.offset[q]), T(k.center[q])};
+void planes_of(const PointwiseCoefficients& k, int64_t q0, int64_t count, PointwisePlane<T>* out,
+               double* center_error) {
+  const double *sh = k.shift + q0, *a = k.a + q0, *b = k.b + q0;
+  for (int64_t i = 0; i < count; ++i) out[i].shift = T(sh[i]);
+  for (int64_t i = 0; i < count; ++i) out[i].a = T(a[i]);
+  for (int64_t i = 0; i < count; ++i) out[i].b = T(b[i] + (double(out[i].shift) - sh[i]) * a[i]);
+  for (int64_t i = 0; i < count; ++i) out[i].p = T(k.p[q0 + i]);
+  for (int64_t i = 0; i < count; ++i) out[i].q = T(k.q[q0 + i]);
+  for (int64_t i = 0; i < count; ++i) out[i].r = T(k.r[q0 + i]);
+  for (int64_t i = 0; i < count; ++i) out[i].scale = T(k.scale[q0 + i]);
+  for (int64_t i = 0; i < count; ++i) out[i].offset = T(k.offset[q0 + i]);
+  for (int64_t i = 0; i < count; ++i) out[i].center = T(k.center[q0 + i]);
+  if (center_error)
+    for (int64_t i = 0; i < count; ++i) center_error[i] = double(out[i].center) - k.center[q0 + i];
 }
 
 template <class T>
@@ -40,11 +53,7 @@ struct PointwisePlanes {
   // fifth of a small FRN backward.
   PointwisePlanes(const Plan& plan, const PointwiseCoefficients& k) : plane(plan.planes()), center_error(plan.planes()) {
     parallel_for(plan.N, plan.C * 64, [&](int64_t n) {
-      for (int64_t c = 0, p = n * plan.C; c < plan.C; ++c, ++p) {
-        const int64_t q = set_channel(plan, n, c);
-        plane[p] = plane_of<T>(k, q);
-        center_error[p] = double(plane[p].center) - k.center[q];
-      }
+      planes_of(k, set_channel(plan, n, 0), plan.C, plane.data() + n * plan.C, center_error.data() + n * plan.C);
     });
   }
 };
@@ -100,23 +109,43 @@ void normalize_pointwise(const Plan& plan_in, Pointwise op, const S* x, const Po
   if (!one_set_per_sample(plan_in)) throw std::invalid_argument("invalid plan: normalize_pointwise takes a plan of each sample's own groups");
   Plan plan = plan_in;
   plan.skip_mean = fold.skip_mean;
-  const int64_t P = plan.planes(), cpg = plan.channels_per_group, gps = plan.groups_per_set();
+  const int64_t P = plan.planes(), cpg = plan.channels_per_group;
   double* row[9];
   for (int i = 0; i < 9; ++i) row[i] = cell + i * P;
   const PointwiseCoefficients cells{row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8]};
-  // Group g's planes' coefficients from its statistics.
-  auto fold_group = [&](int64_t g) {
-    const double r = 1.0 / std::sqrt(var[g] + fold.eps);
-    for (int64_t i = 0, c = (g % gps) * cpg, p = (g / gps) * plan.C + c; i < cpg; ++i, ++c, ++p) {
-      row[0][p] = fold.center ? mean[g] : channel.shift[c];
-      row[1][p] = fold.rstd_into_scale ? channel.a[c] : channel.a[c] * r;
-      row[2][p] = channel.b[c], row[3][p] = channel.p[c], row[4][p] = channel.q[c], row[5][p] = channel.r[c];
-      row[6][p] = fold.rstd_into_scale ? channel.scale[c] * r : channel.scale[c];
-      row[7][p] = channel.offset[c], row[8][p] = mean[g];
+  // Groups [g0, g1)'s planes' coefficients from their statistics, one row at a time along its
+  // length (as planes_of reads them; plane by plane, these stores were a third of a small FRN's
+  // forward).
+  auto fold_groups = [&](int64_t g0, int64_t g1) {
+    // Per plane of the groups: its channel, its group's r and mean (counters, not a division
+    // per plane: 64-bit divisions were most of the fold).
+    static thread_local std::vector<int64_t> chan;
+    static thread_local std::vector<double> r, mu;
+    const int64_t p0 = g0 * cpg, count = (g1 - g0) * cpg;
+    if (int64_t(chan.size()) < count) chan.resize(count), r.resize(count), mu.resize(count);
+    for (int64_t g = g0, i = 0, c = p0 % plan.C; g < g1; ++g) {
+      const double rg = 1.0 / std::sqrt(var[g] + fold.eps);
+      for (int64_t j = 0; j < cpg; ++j, ++i) {
+        chan[i] = c, r[i] = rg, mu[i] = mean[g];
+        if (++c == plan.C) c = 0;
+      }
     }
+    double* out[9];
+    for (int i = 0; i < 9; ++i) out[i] = row[i] + p0;
+    const bool into_scale = fold.rstd_into_scale;
+    for (int64_t i = 0; i < count; ++i) out[0][i] = fold.center ? mu[i] : channel.shift[chan[i]];
+    for (int64_t i = 0; i < count; ++i) out[1][i] = into_scale ? channel.a[chan[i]] : channel.a[chan[i]] * r[i];
+    for (int64_t i = 0; i < count; ++i) out[2][i] = channel.b[chan[i]];
+    for (int64_t i = 0; i < count; ++i) out[3][i] = channel.p[chan[i]];
+    for (int64_t i = 0; i < count; ++i) out[4][i] = channel.q[chan[i]];
+    for (int64_t i = 0; i < count; ++i) out[5][i] = channel.r[chan[i]];
+    for (int64_t i = 0; i < count; ++i) out[6][i] = into_scale ? channel.scale[chan[i]] * r[i] : channel.scale[chan[i]];
+    for (int64_t i = 0; i < count; ++i) out[7][i] = channel.offset[chan[i]];
+    for (int64_t i = 0; i < count; ++i) out[8][i] = mu[i];
   };
   if (plan.S == 0) {
-    for (int64_t g = 0; g < plan.num_groups(); ++g) mean[g] = var[g] = 0, fold_group(g);
+    for (int64_t g = 0; g < plan.num_groups(); ++g) mean[g] = var[g] = 0;
+    fold_groups(0, plan.num_groups());
     return;
   }
   const Kernels<S>& k = kernels().get<S>();
@@ -125,14 +154,18 @@ void normalize_pointwise(const Plan& plan_in, Pointwise op, const S* x, const Po
     // statistics.
     const bool stream = stream_output(P * plan.S * int64_t(sizeof(S)));
     single_chunk_groups(k, plan, run, x, mean, var, [&](int64_t g0, int64_t g1) {
-      for (int64_t g = g0; g < g1; ++g) fold_group(g);
-      for (int64_t p = g0 * cpg; p < g1 * cpg; ++p)
-        k.pointwise(int(op), x + p * plan.S, y + p * plan.S, plan.S, plane_of<T>(cells, p), stream);
+      fold_groups(g0, g1);
+      static thread_local std::vector<PointwisePlane<T>> planes;
+      const int64_t p0 = g0 * cpg, count = (g1 - g0) * cpg;
+      if (int64_t(planes.size()) < count) planes.resize(count);
+      planes_of(cells, p0, count, planes.data(), nullptr);
+      for (int64_t p = p0; p < p0 + count; ++p)
+        k.pointwise(int(op), x + p * plan.S, y + p * plan.S, plan.S, planes[p - p0], stream);
     });
     return;
   }
   group_moments(plan, x, mean, var);
-  for (int64_t g = 0; g < plan.num_groups(); ++g) fold_group(g);
+  fold_groups(0, plan.num_groups());
   std::vector<int64_t> own(plan.N);
   for (int64_t n = 0; n < plan.N; ++n) own[n] = n;
   apply_pointwise(plan_per_channel_in_sets(plan.N, plan.C, plan.S, std::move(own)), op, x, cells, y);
@@ -195,8 +228,16 @@ void pointwise_backward_fused(const Plan& plan, Pointwise op, const S* x, const 
   // sums pass kept it (float and double: an affine of g and x, the activation not evaluated
   // again; for GELU or SiLU that is half the backward's arithmetic), else from dy.
   constexpr bool keeps_g = std::is_same_v<S, T>;
+  // Plane p's cell: p itself on the local path (its cells are the planes), else its set's
+  // channel, from a table (not a division per plane).
+  std::vector<int64_t> cell_of;
+  if (!local) {
+    cell_of.resize(plan.planes());
+    for (int64_t n = 0, p = 0; n < plan.N; ++n)
+      for (int64_t c = 0; c < plan.C; ++c, ++p) cell_of[p] = set_channel(plan, n, c);
+  }
   auto backward_chunk = [&](int64_t p, int64_t j, double q2, double q3, const T* g) {
-    const int64_t s = ch.start(p, j), q = set_channel(plan, p / plan.C, p % plan.C);
+    const int64_t s = ch.start(p, j), q = local ? p : cell_of[p];
     const double b2 = c2[q] + q2;
     const T a1 = T(c1[q]), a2 = T(b2), a3 = T(c3[q] + q3 + b2 * f.center_error[p]);
     if constexpr (keeps_g) {

@@ -4,6 +4,7 @@
 // one reads the tensor as often as a standard layer. With u = (x - shift)*a + b:
 //   pointwise           y = f(u)*scale + offset
 //   pointwise_sums      sums[0..6] = dy, dy*f(u), g, g*(x - center), dy*df/dp, dy*df/dq, dy*df/dr
+//                       (the last three 0, not summed, where f has no such derivative)
 //                       with g = dy*f'(u), summed in T vector lanes 32 vectors at a time, then in
 //                       double; g itself into g_out when given (a fused backward's dx from it)
 //   pointwise_backward  dx = c1*g + c2*(x - center) + c3
@@ -147,6 +148,15 @@ inline Value<V> value(V u, V p, V q, V r) {
   }
 }
 
+// Which of df/dp, df/dq, df/dr a function has (the others are 0 for every u): the sums of the
+// rest are 0 without a pass over them (a FRN plane's sums spent three accumulators and their
+// horizontal sums on zeros).
+template <int Op>
+constexpr bool has_derivative(int j) {
+  if (Op == int(Pointwise::evo_b0)) return true;
+  return j == 0 && (Op == int(Pointwise::tlu) || Op == int(Pointwise::swish_gate));
+}
+
 template <class T>
 struct Coef {  // one plane's coefficients as vectors
   vec<T> shift, a, b, p, q, r, scale, offset, center;
@@ -186,7 +196,10 @@ void sums_impl(const S* x, const S* dy, int64_t n, const PointwisePlane<T>& c, d
   // kFlushVectors vectors each accumulator's fixed tree (hsum) goes into a double total, so no
   // float lane sums more than that many terms (a 2115-element plane summed whole in AVX2's
   // float lanes lost 1e-5 of ProxyNorm's weight gradient); then the scalar tail, in double.
+  // Sums 4..6 only where the function has that derivative (has_derivative), else 0.
   constexpr int64_t kFlushVectors = 32;
+  constexpr int J = 4 + int(has_derivative<Op>(0)) + int(has_derivative<Op>(1)) + int(has_derivative<Op>(2));
+  static_assert(J == 7 || !has_derivative<Op>(1), "the sums kept are 0..J-1");
   const Coef<T> v(c);
   vec<T> acc[7] = {};
   double s[7] = {};
@@ -199,10 +212,11 @@ void sums_impl(const S* x, const S* dy, int64_t n, const PointwisePlane<T>& c, d
       const vec<T> g = d * f.df;
       if (g_out) store(g_out + i, g);
       acc[0] += d, acc[1] += d * f.f, acc[2] += g, acc[3] += g * (xi - v.center);
-      acc[4] += d * f.dp, acc[5] += d * f.dq, acc[6] += d * f.dr;
+      if constexpr (J > 4) acc[4] += d * f.dp;
+      if constexpr (J > 5) acc[5] += d * f.dq, acc[6] += d * f.dr;
     }
     if (i + L <= n)
-      for (int j = 0; j < 7; ++j) s[j] += hsum<T>(acc[j]), acc[j] = vec<T>{};
+      for (int j = 0; j < J; ++j) s[j] += hsum<T>(acc[j]), acc[j] = vec<T>{};
   }
   if constexpr (masked_tail<S>) {  // lanes past the tail add nothing (zero_past), NaN or not
     if (i < n) {
@@ -212,19 +226,21 @@ void sums_impl(const S* x, const S* dy, int64_t n, const PointwisePlane<T>& c, d
       const vec<T> g = d * f.df;
       if (g_out) store_tail(g_out + i, g, m);
       acc[0] += d, acc[1] += zero_past(d * f.f, m), acc[2] += zero_past(g, m);
-      acc[3] += zero_past(g * (xi - v.center), m), acc[4] += zero_past(d * f.dp, m);
-      acc[5] += zero_past(d * f.dq, m), acc[6] += zero_past(d * f.dr, m);
+      acc[3] += zero_past(g * (xi - v.center), m);
+      if constexpr (J > 4) acc[4] += zero_past(d * f.dp, m);
+      if constexpr (J > 5) acc[5] += zero_past(d * f.dq, m), acc[6] += zero_past(d * f.dr, m);
       i = n;
     }
   }
-  for (int j = 0; j < 7; ++j) s[j] += hsum<T>(acc[j]);
+  for (int j = 0; j < J; ++j) s[j] += hsum<T>(acc[j]);
   for (; i < n; ++i) {
     const T xi = to_compute(x[i]), d = to_compute(dy[i]);
     const Value<T> f = value<Op, T>((xi - c.shift) * c.a + c.b, c.p, c.q, c.r);
     const T g = d * f.df;
     if (g_out) g_out[i] = g;
     s[0] += double(d), s[1] += double(d * f.f), s[2] += double(g), s[3] += double(g * (xi - c.center));
-    s[4] += double(d * f.dp), s[5] += double(d * f.dq), s[6] += double(d * f.dr);
+    if constexpr (J > 4) s[4] += double(d * f.dp);
+    if constexpr (J > 5) s[5] += double(d * f.dq), s[6] += double(d * f.dr);
   }
   for (int j = 0; j < 7; ++j) sums[j] = s[j];
 }
