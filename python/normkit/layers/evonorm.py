@@ -1,6 +1,7 @@
 """EvoNormB0_2d and EvoNormS0_2d: the evolved normalization-activation layers (timm's definitions)."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -152,8 +153,10 @@ class EvoNormS0_2d(_EvoNorm):
         coef = np.empty((9, N * C))
         y = _core.empty_like(x)
         var = _core.normalize_pointwise(stats, op, x, self.eps, False, False, True, channel, y, coef)[1]
-        r = np.repeat((1.0 / np.sqrt(var + self.eps)).reshape(N, G), cpg, axis=1)  # per (n, c)
-        scale = coef[6].reshape(N, C)  # w r
+
+        @functools.cache  # r per (n, c), at the backward only, once: an inference forward never needs it
+        def rstd() -> _F64:
+            return np.repeat((1.0 / np.sqrt(var + self.eps)).reshape(N, G), cpg, axis=1)
 
         # y = h(x) w/std + b with h = x sigmoid(v x); per plane D = dy, F = dy*h, E_p = dy*dh/dv.
         # std depends on x: dL/dstd = -sum_{group} w F / std^2, dstd/dx = (x - mu)/(M std), M = cpg*S:
@@ -161,12 +164,14 @@ class EvoNormS0_2d(_EvoNorm):
         # planes: c2 = k2 . sums over the group with k2 = -w r^3/M on F (the core's one-pass
         # backward); dweight = sum F r, dv = sum (w r) E_p.
         def fold() -> tuple[_F64, float, float, int, _F64, None]:
+            r = rstd()
             k2 = self._sum_weights(N * C, 1, -w * r ** 2 * r / (cpg * S))
             return coef[6], 0.0, 0.0, cpg, k2, None
 
         def grads_of(sums: _F64) -> _Grads:
             D, F, Ep = (sums[i].reshape(N, C) for i in (0, 1, 4))
-            return self._grads((F * r).sum(axis=0), D.sum(axis=0), (scale * Ep).sum(axis=0))
+            scale = coef[6].reshape(N, C)  # w r
+            return self._grads((F * rstd()).sum(axis=0), D.sum(axis=0), (scale * Ep).sum(axis=0))
 
         return y, FusedPointwiseSaved(plan, op, x, coef, fold, grads_of, x.shape)
 

@@ -1,6 +1,7 @@
 """FilterResponseNorm2d: filter response normalization with the thresholded linear unit (FRN+TLU)."""
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -67,13 +68,17 @@ class FilterResponseNorm2d(VariantLayer):
         # dx = weight r g - weight r^3 A x / S  (r depends on x through nu2), a fold local to
         # each plane: c2 = k2 . sums with k2 = -weight r^3 / S on A, the core's one-pass backward.
         # dweight = sum r A, dbias = sum g, dtau = sum dy [y <= tau], deps_l = sum weight A (-r^3/2) sign(eps_l)
-        rr = (1.0 / np.sqrt(nu2 + eps_total)).reshape(N, C)
+        @functools.cache  # r at the backward only, once: an inference forward never needs it
+        def rstd() -> _F64:
+            return (1.0 / np.sqrt(nu2 + eps_total)).reshape(N, C)
 
         def fold() -> tuple[_F64, float, float, int, _F64, None]:
+            rr = rstd()
             k2 = self._sum_weights(N * C, 3, -w * rr ** 2 * rr / S)
             return coef[1], 0.0, 0.0, 1, k2, None
 
         def grads_of(sums: npt.NDArray[np.float64]) -> dict[str, npt.NDArray[Any]]:
+            rr = rstd()
             G, A, T = (sums[i].reshape(N, C) for i in (2, 3, 4))
             grads = self._param_grads((rr * A).sum(axis=0), G.sum(axis=0))
             if self.tau is not None:
