@@ -490,6 +490,29 @@ def test_bitwise_identical_for_one_and_two_threads(name, training, dtype):
                                           THREAD_SHAPE, dtype)
 
 
+@pytest.mark.parametrize("shape, G", [((8, 64, 14, 14), 32), ((2, 4, 45, 47), 2), ((3, 6, 1, 1), 3)],
+                         ids=["one-chunk-planes", "planes-of-two-chunks", "spatial1"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_bcn_one_pass_inference_gives_the_bits_of_its_steps(shape, G, dtype, rng):
+    # batch_channel_infer: the cells' moments, the fold and the output group by group in cache;
+    # the same numbers as the steps one after another over the whole tensor.
+    N, C = shape[:2]
+    S = int(np.prod(shape[2:]))
+    x = make_input(rng, shape, dtype)
+    mu, var = rng.standard_normal(C), 0.5 + rng.random(C)
+    bw, bb, gw, gb = (rng.standard_normal(n) for n in (C, C, G, G))
+    y = np.empty_like(x)
+    got = _core.batch_channel_infer(x, G, 1e-5, mu, var, bw, bb, gw, gb, y)
+    plan = _core.plan_per_channel_in_sets(N, C, S, list(range(N)))
+    m, v = _core.group_moments(plan, x)
+    _, _, *want = _core.batch_channel_fold(N, C, G, S, 1e-5, m, v, bw, bb, gw, gb, mu, var)
+    y_steps = np.empty_like(x)
+    _core.apply_coefficients(plan, x, m, want[1], want[2], y_steps)
+    for name, a, b in zip(("mean", "var", "r", "scale", "offset", "mu_g", "r_g"), got, [m, v, *want]):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    np.testing.assert_array_equal(y, y_steps)
+
+
 @pytest.mark.parametrize("N, C, G, S", [(0, 8, 2, 4), (2, 8, 3, 4), (2, 8, 0, 4), (2, 8, 2, 0)],
                          ids=["no-samples", "groups-not-dividing", "no-groups", "no-positions"])
 def test_bcn_core_folds_reject_bad_sizes_with_value_error(N, C, G, S):
@@ -499,3 +522,8 @@ def test_bcn_core_folds_reject_bad_sizes_with_value_error(N, C, G, S):
     with pytest.raises(ValueError, match="G dividing C"):
         _core.batch_channel_fold_backward(N, C, G, S, True, cells, cells, cells, cells, chan, chan, grp, grp,
                                           chan, chan, grp, grp)
+    x = np.zeros((N, C, S), np.float32)
+    y = np.full_like(x, 7.0)
+    with pytest.raises(ValueError, match="G dividing C"):
+        _core.batch_channel_infer(x, G, 1e-5, chan, chan, chan, chan, grp, grp, y)
+    assert (y == 7.0).all()  # nothing written before the check

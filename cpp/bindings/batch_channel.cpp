@@ -52,6 +52,34 @@ void def_batch_channel(py::module_& m) {
      "BatchChannelNorm2d's forward fold from its N*C cells' moments (float64): (mu, batch_var, r, scale, offset, "
      "mu_g, r_g), the batch part's statistics pooled from the cells where mu and batch_var are None.");
 
+  m.def("batch_channel_infer", [](const py::array& x, int64_t G, double eps, const py::object& mu,
+                                  const py::object& batch_var, const py::object& bn_weight, const py::object& bn_bias,
+                                  const py::object& gn_weight, const py::object& gn_bias, const py::object& out) {
+    if (x.ndim() < 2) throw py::value_error("batch_channel_infer: x must be (N, C, *spatial)");
+    int64_t S = 1;
+    for (py::ssize_t d = 2; d < x.ndim(); ++d) S *= x.shape(d);
+    const int64_t N = x.shape(0), C = x.shape(1);
+    nk::check_batch_channel_cells(N, C, G, S);
+    const nk::BatchChannelParams p = params_of(bn_weight, bn_bias, gn_weight, gn_bias, C, G);
+    const double *pmu = required<double>(mu, C, "mu", false), *pbv = required<double>(batch_var, C, "batch_var", false);
+    py::array_t<double> mean = doubles(N * C), var = doubles(N * C), r = doubles(C), scale = doubles(N * C),
+                        offset = doubles(N * C), mu_g = doubles(N * G), r_g = doubles(N * G);
+    dispatch(x, [&](auto s) {
+      using S_ = decltype(s);
+      const S_* px = required<S_>(x, N * C * S, "x", false);
+      S_* py_ = required<S_>(out, N * C * S, "out", true);
+      double *pm = mean.mutable_data(), *pv = var.mutable_data(), *pr = r.mutable_data();
+      double *psc = scale.mutable_data(), *pof = offset.mutable_data(), *pmg = mu_g.mutable_data(), *prg = r_g.mutable_data();
+      py::gil_scoped_release nogil;
+      nk::batch_channel_infer<S_>(N, C, G, S, px, eps, pmu, pbv, p, py_, pm, pv, pr, psc, pof, pmg, prg);
+    });
+    return py::make_tuple(mean, var, r, scale, offset, mu_g, r_g);
+  }, py::arg("x"), py::arg("G"), py::arg("eps"), py::arg("mu"), py::arg("batch_var"), py::arg("bn_weight"),
+     py::arg("bn_bias"), py::arg("gn_weight"), py::arg("gn_bias"), py::arg("out"),
+     "BatchChannelNorm2d's inference in one pass over x (N, C, *spatial) with the batch part's mu and batch_var "
+     "(float64): out = the layer's output; returns (mean, var) of the N*C cells and batch_channel_fold's "
+     "(r, scale, offset, mu_g, r_g).");
+
   m.def("batch_channel_fold_backward", [](int64_t N, int64_t C, int64_t G, int64_t S, bool batch,
                                           const py::object& sum_dy, const py::object& sum_dy_xmu,
                                           const py::object& mean, const py::object& var, const py::object& mu,

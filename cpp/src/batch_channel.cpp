@@ -1,13 +1,17 @@
 // BatchChannelNorm2d's folds (normkit.h: batch_channel_fold, batch_channel_fold_backward): the
 // per-cell bookkeeping between its core steps, over N*C cells of S elements each. In NumPy these
 // were some forty small array operations a step, several times the core's own time on a small
-// tensor (8x256x14x14: 2048 cells). No loop here is over the tensor.
+// tensor (8x256x14x14: 2048 cells). And its inference in one pass (batch_channel_infer): the
+// shared moments and affine kernels with the fold between them, group by group.
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <vector>
 
+#include "kernels/table.h"
+#include "moments.h"
 #include "normkit/normkit.h"
+#include "parallel.h"
 
 namespace nk {
 
@@ -20,6 +24,34 @@ struct ChannelAffine {
     for (int64_t c = 0; c < C; ++c) a[c] = p.bn_weight[c] * r[c], b[c] = p.bn_bias[c] - mu[c] * a[c];
   }
 };
+
+// The group part of the (n, g) groups k = n*G + g in [k0, k1), from their cells' moments m, v
+// (indexed by cell n*C + c): per group its statistics of x1 per cell (mean m1 = a m + b,
+// variance a^2 v), mu_g and r_g, then y = gw r_g (x1 - mu_g) + gb = scale (x - m) + offset per
+// cell. Three passes, so that the groups' square roots and divisions run side by side in one
+// loop (one group after another, their latency was a third of the fold).
+void fold_groups(int64_t C, int64_t G, double eps, const ChannelAffine& ch, const BatchChannelParams& p,
+                 const double* m, const double* v, int64_t k0, int64_t k1, double* scale, double* offset,
+                 double* mu_g, double* r_g) {
+  const int64_t cpg = C / G;
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t first = (k / G) * C + (k % G) * cpg, c0 = (k % G) * cpg;  // the group's first cell and channel
+    double* const m1 = offset + first;  // m1 first, then the offset
+    double s = 0, q = 0;
+    for (int64_t i = 0; i < cpg; ++i) m1[i] = ch.a[c0 + i] * m[first + i] + ch.b[c0 + i], s += m1[i];
+    const double mean = s / double(cpg);
+    for (int64_t i = 0; i < cpg; ++i)
+      q += ch.a[c0 + i] * ch.a[c0 + i] * v[first + i] + (m1[i] - mean) * (m1[i] - mean);
+    mu_g[k] = mean, r_g[k] = q;  // the sum of squares, for now
+  }
+  for (int64_t k = k0; k < k1; ++k) r_g[k] = 1.0 / std::sqrt(r_g[k] / double(cpg) + eps);
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t g = k % G, first = (k / G) * C + g * cpg, c0 = g * cpg;
+    const double e1 = p.gn_weight[g] * r_g[k], gb = p.gn_bias[g], mean = mu_g[k];
+    for (int64_t i = 0; i < cpg; ++i)
+      scale[first + i] = e1 * ch.a[c0 + i], offset[first + i] = e1 * (offset[first + i] - mean) + gb;
+  }
+}
 
 }  // namespace
 
@@ -46,32 +78,7 @@ void batch_channel_fold(int64_t N, int64_t C, int64_t G, int64_t S, double eps, 
     for (int64_t c = 0; c < C; ++c) var[c] /= double(N);
   }
   for (int64_t c = 0; c < C; ++c) r[c] = 1.0 / std::sqrt(var[c] + eps);
-  const ChannelAffine ch(C, p, mu, r);
-  // The group part's statistics of x1 per (n, g) from its cells: cell mean m1 = a m + b,
-  // variance a^2 v; y = gw r_g (x1 - mu_g) + gb = scale (x - m) + offset.
-  // Three passes, so that the groups' square roots and divisions run side by side in one loop
-  // (one group after another, their latency was a third of the fold).
-  for (int64_t n = 0; n < N; ++n) {
-    const double *const mn = m + n * C, *const vn = v + n * C;
-    double* const m1 = offset + n * C;  // m1 first, then the offset
-    for (int64_t c = 0; c < C; ++c) m1[c] = ch.a[c] * mn[c] + ch.b[c];
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t c0 = g * cpg;
-      double s = 0, q = 0;
-      for (int64_t c = c0; c < c0 + cpg; ++c) s += m1[c];
-      const double mean = s / double(cpg);
-      for (int64_t c = c0; c < c0 + cpg; ++c) q += ch.a[c] * ch.a[c] * vn[c] + (m1[c] - mean) * (m1[c] - mean);
-      mu_g[n * G + g] = mean, r_g[n * G + g] = q;  // the sum of squares, for now
-    }
-  }
-  for (int64_t k = 0; k < N * G; ++k) r_g[k] = 1.0 / std::sqrt(r_g[k] / double(cpg) + eps);
-  for (int64_t n = 0; n < N; ++n) {
-    double *const m1 = offset + n * C, *const sc = scale + n * C;
-    for (int64_t g = 0; g < G; ++g) {
-      const double e1 = p.gn_weight[g] * r_g[n * G + g], gb = p.gn_bias[g], mean = mu_g[n * G + g];
-      for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) sc[c] = e1 * ch.a[c], m1[c] = e1 * (m1[c] - mean) + gb;
-    }
-  }
+  fold_groups(C, G, eps, ChannelAffine(C, p, mu, r), p, m, v, 0, N * G, scale, offset, mu_g, r_g);
 }
 
 void batch_channel_fold_backward(int64_t N, int64_t C, int64_t G, int64_t S, bool batch, const double* B,
@@ -125,5 +132,56 @@ void batch_channel_fold_backward(int64_t N, int64_t C, int64_t G, int64_t S, boo
   }
   for (int64_t c = 0; c < C; ++c) d_bn_weight[c] *= r[c];  // dbn_weight = r ZX; dbn_bias = Z
 }
+
+template <class S>
+void batch_channel_infer(int64_t N, int64_t C, int64_t G, int64_t S_, const S* x, double eps, const double* mu,
+                         const double* var, const BatchChannelParams& p, S* y, double* m, double* v, double* r,
+                         double* scale, double* offset, double* mu_g, double* r_g) {
+  using T = compute_t<S>;
+  check_batch_channel_cells(N, C, G, S_);
+  const int64_t cpg = C / G, run = cpg * S_;
+  for (int64_t c = 0; c < C; ++c) r[c] = 1.0 / std::sqrt(var[c] + eps);
+  const ChannelAffine ch(C, p, mu, r);
+  const Kernels<S>& k = kernels().get<S>();
+  const bool stream = stream_output(N * C * S_ * int64_t(sizeof(S)));
+  // Each plane's moments as group_moments takes a cell of one plane: chunks of kChunk, merged in
+  // order (a plane of one chunk: its moments, the planes of a batch in one kernel call).
+  const bool one_chunk = S_ <= kChunk;
+  const GroupBatches gb(N * G, run);
+  parallel_for(gb.count, gb.per_batch * run * 2, [&](int64_t b) {
+    const int64_t k0 = gb.first(b), k1 = gb.end(b), p0 = k0 * cpg, p1 = k1 * cpg;
+    if (one_chunk) k.moments(x + p0 * S_, S_, p1 - p0, m + p0, v + p0);
+    for (int64_t q = p0; q < p1; ++q) {
+      Moments acc;
+      if (one_chunk) {
+        acc = merge(acc, Moments{double(S_), m[q], v[q]});
+      } else {
+        for (int64_t j = 0; j * kChunk < S_; ++j) {
+          const int64_t len = std::min(kChunk, S_ - j * kChunk);
+          double cm, cm2;
+          k.moments(x + q * S_ + j * kChunk, len, 1, &cm, &cm2);
+          acc = merge(acc, Moments{double(len), cm, cm2});
+        }
+      }
+      m[q] = acc.mean, v[q] = acc.m2 / acc.n;  // finish_group's, biased
+    }
+    fold_groups(C, G, eps, ch, p, m, v, k0, k1, scale, offset, mu_g, r_g);
+    for (int64_t q = p0; q < p1; ++q) {  // y = scale (x - m) + offset, as apply_coefficients rounds it
+      const T sh = T(m[q]);
+      k.affine(x + q * S_, y + q * S_, S_, sh, T(scale[q]), T(offset[q] + (double(sh) - m[q]) * scale[q]), nullptr,
+               nullptr, nullptr, false, stream);
+    }
+  });
+}
+
+#define NK_INSTANTIATE(S)                                                                                       \
+  template void batch_channel_infer<S>(int64_t, int64_t, int64_t, int64_t, const S*, double, const double*,     \
+                                       const double*, const BatchChannelParams&, S*, double*, double*, double*, \
+                                       double*, double*, double*, double*);
+NK_INSTANTIATE(float)
+NK_INSTANTIATE(double)
+NK_INSTANTIATE(f16)
+NK_INSTANTIATE(bf16)
+#undef NK_INSTANTIATE
 
 }  // namespace nk

@@ -189,6 +189,12 @@ def batch_channel_fold(N: int, C: int, G: int, S: int, eps: float, mean: _F64, v
     """
     BatchChannelNorm2d's forward fold from its N*C cells' moments (float64): (mu, batch_var, r, scale, offset, mu_g, r_g), the batch part's statistics pooled from the cells where mu and batch_var are None.
     """
+def batch_channel_infer(x: _Array, G: int, eps: float, mu: _F64, batch_var: _F64, bn_weight: _F64,
+                        bn_bias: _F64, gn_weight: _F64, gn_bias: _F64, out: _Array
+                        ) -> tuple[_F64, _F64, _F64, _F64, _F64, _F64, _F64]:
+    """
+    BatchChannelNorm2d's inference in one pass over x (N, C, *spatial) with the batch part's mu and batch_var (float64): out = the layer's output; returns (mean, var) of the N*C cells and batch_channel_fold's (r, scale, offset, mu_g, r_g).
+    """
 def batch_channel_fold_backward(N: int, C: int, G: int, S: int, batch: bool, sum_dy: _F64,
                                 sum_dy_xmu: _F64, mean: _F64, var: _F64, mu: _F64, r: _F64,
                                 mu_g: _F64, r_g: _F64, bn_weight: _F64, bn_bias: _F64,

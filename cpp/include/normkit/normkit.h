@@ -145,6 +145,10 @@ void batch_layer_backward(const Plan& feature, const S* x, const S* dy, const do
 //   batch_channel_fold_backward  from the cells' sums B = sum dy, A = sum dy (x - m): dx's
 //                                coefficients per cell, dx = c1 dy + c2 (x - m) + c3 (batch:
 //                                the batch statistics' gradient joins), and the four gradients
+//   batch_channel_infer          inference (the running mu, var) in one pass over x: per batch of
+//                                (n, g) groups, the cells' moments m, v, the fold of
+//                                batch_channel_fold, then y = scale (x - m) + offset, while the
+//                                group is in cache; writes what batch_channel_fold writes
 struct BatchChannelParams {
   const double *bn_weight, *bn_bias, *gn_weight, *gn_bias;
 };
@@ -153,6 +157,10 @@ void check_batch_channel_cells(int64_t N, int64_t C, int64_t G, int64_t S);
 void batch_channel_fold(int64_t N, int64_t C, int64_t G, int64_t S, double eps, bool pool, const double* m,
                         const double* v, double* mu, double* var, const BatchChannelParams& p, double* r,
                         double* scale, double* offset, double* mu_g, double* r_g);
+template <class S>
+void batch_channel_infer(int64_t N, int64_t C, int64_t G, int64_t S_, const S* x, double eps, const double* mu,
+                         const double* var, const BatchChannelParams& p, S* y, double* m, double* v, double* r,
+                         double* scale, double* offset, double* mu_g, double* r_g);
 void batch_channel_fold_backward(int64_t N, int64_t C, int64_t G, int64_t S, bool batch, const double* B,
                                  const double* A, const double* m, const double* v, const double* mu,
                                  const double* r, const double* mu_g, const double* r_g,

@@ -1,13 +1,14 @@
 """BatchChannelNorm2d: a batch part, then a per-sample channel (group) part (BCN)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from .. import _checks, _core, _engine
-from ._variant import StepSaved, VariantLayer, pool, unbiased
+from ._variant import _F64, StepSaved, VariantLayer, pool, unbiased
 
 
 def _update(running: npt.NDArray[Any], value: npt.NDArray[np.float64], factor: float) -> None:
@@ -77,7 +78,7 @@ class BatchChannelNorm2d(VariantLayer):
 
     def _forward(self, x: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], StepSaved]:
         x, (N, C, S) = self._input(x)
-        G, cpg = self.num_groups, C // self.num_groups
+        G = self.num_groups
         # cells: the (n, c) planes
         plan = self._shape_plans((N, C, S), lambda: _core.plan_per_channel_in_sets(N, C, S, list(range(N))))
         if x.size == 0:
@@ -85,8 +86,16 @@ class BatchChannelNorm2d(VariantLayer):
         batch = self._batch_stats() and not self.estimate
         if self.training:
             _checks.more_than_one_value(N * S, "channel", x.shape)
-        m, v = _core.group_moments(plan, x)  # every cell's moments, N*C each
         bw, bb, gw, gb = (p.astype(np.float64) for p in (self.bn_weight, self.bn_bias, self.gn_weight, self.gn_bias))
+        if not batch and not (self.estimate and self.training):
+            # The running statistics: the cells' moments, the fold and the output in one core
+            # pass, group by group while each is in cache.
+            mu, var = self.running_mean.astype(np.float64), self.running_var.astype(np.float64)
+            y = _core.empty_like(x)
+            m, v, r, scale, offset, mu_g, r_g = _core.batch_channel_infer(x, G, self.eps, mu, var, bw, bb, gw, gb, y)
+            return y, StepSaved(plan, x, m, self._backward_fold(N, C, G, S, False, m, v, mu, r, mu_g, r_g,
+                                                                (bw, bb, gw, gb)), x.shape)
+        m, v = _core.group_moments(plan, x)  # every cell's moments, N*C each
         # The batch part's statistics, pooled from the cells by the fold (or the running
         # estimates); then the fold: r per channel, the cells' output coefficients, and the group
         # part's mu_g and r_g per (n, g) (x1 = a x + b per channel, an affine of x, so the group
@@ -107,20 +116,22 @@ class BatchChannelNorm2d(VariantLayer):
             mu, var, r, scale, offset, mu_g, r_g = _core.batch_channel_fold(N, C, G, S, self.eps, m, v, bw, bb, gw, gb,
                                                                             mu, var)
         y = self._apply(plan, x, m, scale, offset)  # y = scale (x - m) + offset per cell
+        return y, StepSaved(plan, x, m, self._backward_fold(N, C, G, S, batch, m, v, mu, r, mu_g, r_g,
+                                                            (bw, bb, gw, gb)), x.shape)
 
-        # Backward (tests/reference.py: batch_channel_norm_backward), from the cells' sums
-        # B = sum dy, A = sum dy (x - m): the group part's dL/dx1 per cell, summed per channel
-        # for the batch part, which with batch statistics adds its own terms (the core's
-        # batch_channel_fold_backward, normkit.h).
-        def fold(B: npt.NDArray[np.float64], A: npt.NDArray[np.float64]
-                 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64],
-                            npt.NDArray[np.float64], dict[str, npt.NDArray[Any]]]:
+    def _backward_fold(self, N: int, C: int, G: int, S: int, batch: bool, m: _F64, v: _F64, mu: _F64, r: _F64,
+                       mu_g: _F64, r_g: _F64, params: tuple[_F64, _F64, _F64, _F64]
+                       ) -> Callable[[_F64, _F64], tuple[_F64, _F64, _F64, dict[str, npt.NDArray[Any]]]]:
+        """The backward (tests/reference.py: batch_channel_norm_backward), from the cells' sums
+        B = sum dy, A = sum dy (x - m): the group part's dL/dx1 per cell, summed per channel for
+        the batch part, which with batch statistics adds its own terms (the core's
+        batch_channel_fold_backward, normkit.h)."""
+        def fold(B: _F64, A: _F64) -> tuple[_F64, _F64, _F64, dict[str, npt.NDArray[Any]]]:
             c1, c2, c3, *grads = _core.batch_channel_fold_backward(N, C, G, S, batch, B, A, m, v, mu, r, mu_g, r_g,
-                                                                   bw, bb, gw, gb)
+                                                                   *params)
             names = ("bn_weight", "bn_bias", "gn_weight", "gn_bias")
             return c1, c2, c3, {k: g.astype(self.dtype) for k, g in zip(names, grads)}
-
-        return y, StepSaved(plan, x, m, fold, x.shape)
+        return fold
 
     def backward(self, dy: npt.NDArray[Any]) -> npt.NDArray[Any]:
         dx = super().backward(dy)
