@@ -28,28 +28,52 @@ struct ChannelAffine {
 // The group part of the (n, g) groups k = n*G + g in [k0, k1), from their cells' moments m, v
 // (indexed by cell n*C + c): per group its statistics of x1 per cell (mean m1 = a m + b,
 // variance a^2 v), mu_g and r_g, then y = gw r_g (x1 - mu_g) + gb = scale (x - m) + offset per
-// cell. Three passes, so that the groups' square roots and divisions run side by side in one
-// loop (one group after another, their latency was a third of the fold).
+// cell. Step by step over all the groups, so that their short dependent chains (a sum, a
+// division, a sum of squares, a square root) run side by side; group after group, their
+// latency was most of the fold.
 void fold_groups(int64_t C, int64_t G, double eps, const ChannelAffine& ch, const BatchChannelParams& p,
                  const double* m, const double* v, int64_t k0, int64_t k1, double* scale, double* offset,
                  double* mu_g, double* r_g) {
-  const int64_t cpg = C / G;
-  for (int64_t k = k0; k < k1; ++k) {
-    const int64_t first = (k / G) * C + (k % G) * cpg, c0 = (k % G) * cpg;  // the group's first cell and channel
-    double* const m1 = offset + first;  // m1 first, then the offset
-    double s = 0, q = 0;
-    for (int64_t i = 0; i < cpg; ++i) m1[i] = ch.a[c0 + i] * m[first + i] + ch.b[c0 + i], s += m1[i];
-    const double mean = s / double(cpg);
-    for (int64_t i = 0; i < cpg; ++i)
-      q += ch.a[c0 + i] * ch.a[c0 + i] * v[first + i] + (m1[i] - mean) * (m1[i] - mean);
-    mu_g[k] = mean, r_g[k] = q;  // the sum of squares, for now
+  // Group k's cells are [k*cpg, (k+1)*cpg) (C = G*cpg); its group g within the sample counts
+  // along with k (a 64-bit division per group and step was a fifth of the fold).
+  const int64_t cpg = C / G, g0 = k0 % G;
+  for (int64_t k = k0, g = g0; k < k1; ++k, g = g + 1 == G ? 0 : g + 1) {  // m1 (in offset for now), its sum
+    double* const m1 = offset + k * cpg;
+    const double *const mk = m + k * cpg, *const a = ch.a.data() + g * cpg, *const b = ch.b.data() + g * cpg;
+    double s = 0;
+    for (int64_t i = 0; i < cpg; ++i) m1[i] = a[i] * mk[i] + b[i], s += m1[i];
+    mu_g[k] = s;
+  }
+  for (int64_t k = k0; k < k1; ++k) mu_g[k] /= double(cpg);
+  for (int64_t k = k0, g = g0; k < k1; ++k, g = g + 1 == G ? 0 : g + 1) {  // the sum of squares, in r_g for now
+    const double *const m1 = offset + k * cpg, *const vk = v + k * cpg, *const a = ch.a.data() + g * cpg;
+    const double mean = mu_g[k];
+    double q = 0;
+    for (int64_t i = 0; i < cpg; ++i) q += a[i] * a[i] * vk[i] + (m1[i] - mean) * (m1[i] - mean);
+    r_g[k] = q;
   }
   for (int64_t k = k0; k < k1; ++k) r_g[k] = 1.0 / std::sqrt(r_g[k] / double(cpg) + eps);
-  for (int64_t k = k0; k < k1; ++k) {
-    const int64_t g = k % G, first = (k / G) * C + g * cpg, c0 = g * cpg;
+  for (int64_t k = k0, g = g0; k < k1; ++k, g = g + 1 == G ? 0 : g + 1) {
     const double e1 = p.gn_weight[g] * r_g[k], gb = p.gn_bias[g], mean = mu_g[k];
-    for (int64_t i = 0; i < cpg; ++i)
-      scale[first + i] = e1 * ch.a[c0 + i], offset[first + i] = e1 * (offset[first + i] - mean) + gb;
+    double *const sc = scale + k * cpg, *const of = offset + k * cpg;
+    const double* const a = ch.a.data() + g * cpg;
+    for (int64_t i = 0; i < cpg; ++i) sc[i] = e1 * a[i], of[i] = e1 * (of[i] - mean) + gb;
+  }
+}
+
+// One group's cells in batch_channel_fold_backward (its comment has the equations): c3 holds
+// d1 = m1 - mu_g on entry. Unaliased, so that the compiler keeps the cells' values in
+// registers (with the arrays' possible overlaps it reloaded every one after each store).
+void group_cells_backward(int64_t n, double e1, double e2, double hP, double Sd, const double* __restrict__ a,
+                          const double* __restrict__ B, const double* __restrict__ A, const double* __restrict__ m,
+                          const double* __restrict__ v, const double* __restrict__ mu, double* __restrict__ Z,
+                          double* __restrict__ ZX, double* __restrict__ c1, double* __restrict__ c2,
+                          double* __restrict__ c3) {
+  for (int64_t c = 0; c < n; ++c) {
+    const double d1 = c3[c], f = e2 * a[c], h = e2 * d1 - hP, dm = m[c] - mu[c];
+    Z[c] += e1 * B[c] + h * Sd;
+    ZX[c] += e1 * (A[c] + dm * B[c]) + f * Sd * v[c] + h * Sd * dm;
+    c1[c] = a[c] * e1, c2[c] = a[c] * f, c3[c] = a[c] * h;
   }
 }
 
@@ -96,9 +120,12 @@ void batch_channel_fold_backward(int64_t N, int64_t C, int64_t G, int64_t S, boo
   // dL/dx1 = e1 dy + f (x - m) + h per cell with e2 = -gw r_g^3 Q/M1, f = e2 a,
   // h = e2 d1 - e1 P/M1. The batch part sums z = dL/dx1 per channel: Z = sum (e1 B + h S),
   // ZX = sum (e1 (A + (m - mu) B) + f S v + h S (m - mu)).
+  // Two passes over the groups, so that their short chains (two sums, then two divisions) run
+  // side by side instead of each group's cells waiting for its own.
+  std::vector<double> e2_of(N * G), hP_of(N * G);
   for (int64_t n = 0; n < N; ++n) {
     const int64_t k0 = n * C;
-    const double *const Bn = B + k0, *const An = A + k0, *const mn = m + k0, *const vn = v + k0;
+    const double *const Bn = B + k0, *const An = A + k0, *const mn = m + k0;
     double *const d1 = c3 + k0;  // d1 first, then c3
     for (int64_t g = 0; g < G; ++g) {
       const int64_t c0 = g * cpg;
@@ -109,15 +136,16 @@ void batch_channel_fold_backward(int64_t N, int64_t C, int64_t G, int64_t S, boo
         P += Bn[c], Q += ch.a[c] * An[c] + d1[c] * Bn[c];
       }
       d_gn_weight[g] += rg * Q, d_gn_bias[g] += P;
-      const double e2 = -p.gn_weight[g] * rg * rg * rg * Q / M1, hP = e1 * P / M1;
-      for (int64_t c = c0; c < c0 + cpg; ++c) {
-        const double f = e2 * ch.a[c], h = e2 * d1[c] - hP, dm = mn[c] - mu[c];
-        Z[c] += e1 * Bn[c] + h * Sd;
-        ZX[c] += e1 * (An[c] + dm * Bn[c]) + f * Sd * vn[c] + h * Sd * dm;
-        c1[k0 + c] = ch.a[c] * e1, c2[k0 + c] = ch.a[c] * f, c3[k0 + c] = ch.a[c] * h;
-      }
+      e2_of[n * G + g] = -p.gn_weight[g] * rg * rg * rg * Q / M1, hP_of[n * G + g] = e1 * P / M1;
     }
   }
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t g = 0, k0 = n * C; g < G; ++g) {
+      const int64_t c0 = g * cpg, q = k0 + c0;  // the group's first channel and cell
+      group_cells_backward(cpg, p.gn_weight[g] * r_g[n * G + g], e2_of[n * G + g], hP_of[n * G + g], Sd,
+                           ch.a.data() + c0, B + q, A + q, m + q, v + q, mu + c0, Z + c0, ZX + c0, c1 + q, c2 + q,
+                           c3 + q);
+    }
   // With batch statistics the batch part's own backward: dx = bw r z - bw r Z/M
   // - bw r^3 (x - mu) ZX/M per channel, M = N*S; else dx = bw r z.
   if (batch) {
