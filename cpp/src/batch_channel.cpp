@@ -179,19 +179,19 @@ void batch_channel_infer(int64_t N, int64_t C, int64_t G, int64_t S_, const S* x
   parallel_for(gb.count, gb.per_batch * run * 2, [&](int64_t b) {
     const int64_t k0 = gb.first(b), k1 = gb.end(b), p0 = k0 * cpg, p1 = k1 * cpg;
     if (one_chunk) k.moments(x + p0 * S_, S_, p1 - p0, m + p0, v + p0);
-    for (int64_t q = p0; q < p1; ++q) {
-      Moments acc;
+    for (int64_t q = p0; q < p1; ++q) {  // finish_group's biased variance
       if (one_chunk) {
-        acc = merge(acc, Moments{double(S_), m[q], v[q]});
-      } else {
-        for (int64_t j = 0; j * kChunk < S_; ++j) {
-          const int64_t len = std::min(kChunk, S_ - j * kChunk);
-          double cm, cm2;
-          k.moments(x + q * S_ + j * kChunk, len, 1, &cm, &cm2);
-          acc = merge(acc, Moments{double(len), cm, cm2});
-        }
+        v[q] /= double(S_);
+        continue;
       }
-      m[q] = acc.mean, v[q] = acc.m2 / acc.n;  // finish_group's, biased
+      Moments acc;
+      for (int64_t j = 0; j * kChunk < S_; ++j) {
+        const int64_t len = std::min(kChunk, S_ - j * kChunk);
+        double cm, cm2;
+        k.moments(x + q * S_ + j * kChunk, len, 1, &cm, &cm2);
+        acc = merge(acc, Moments{double(len), cm, cm2});
+      }
+      m[q] = acc.mean, v[q] = acc.m2 / acc.n;
     }
     fold_groups(C, G, eps, ch, p, m, v, k0, k1, scale, offset, mu_g, r_g);
     for (int64_t q = p0; q < p1; ++q) {  // y = scale (x - m) + offset, as apply_coefficients rounds it

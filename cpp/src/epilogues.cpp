@@ -117,31 +117,34 @@ void normalize_pointwise(const Plan& plan_in, Pointwise op, const S* x, const Po
   // length (as planes_of reads them; plane by plane, these stores were a third of a small FRN's
   // forward).
   auto fold_groups = [&](int64_t g0, int64_t g1) {
-    // Per plane of the groups: its channel, its group's r and mean (counters, not a division
-    // per plane: 64-bit divisions were most of the fold).
-    static thread_local std::vector<int64_t> chan;
-    static thread_local std::vector<double> r, mu;
-    const int64_t p0 = g0 * cpg, count = (g1 - g0) * cpg;
-    if (int64_t(chan.size()) < count) chan.resize(count), r.resize(count), mu.resize(count);
-    for (int64_t g = g0, i = 0, c = p0 % plan.C; g < g1; ++g) {
-      const double rg = 1.0 / std::sqrt(var[g] + fold.eps);
-      for (int64_t j = 0; j < cpg; ++j, ++i) {
+    // kStep planes at a time: per plane its channel, its group's r and mean, from counters (a
+    // 64-bit division per plane and row was most of the fold), then the rows.
+    constexpr int64_t kStep = 256;
+    const bool into_scale = fold.rstd_into_scale;
+    int64_t g = g0, j = 0, c = (g0 * cpg) % plan.C;  // the next plane's group, place in it, channel
+    double rg = 0;
+    for (int64_t p0 = g0 * cpg; p0 < g1 * cpg; p0 += kStep) {
+      const int64_t count = std::min(kStep, g1 * cpg - p0);
+      int64_t chan[kStep];
+      double r[kStep], mu[kStep];
+      for (int64_t i = 0; i < count; ++i) {
+        if (j == 0) rg = 1.0 / std::sqrt(var[g] + fold.eps);
         chan[i] = c, r[i] = rg, mu[i] = mean[g];
         if (++c == plan.C) c = 0;
+        if (++j == cpg) j = 0, ++g;
       }
+      double* out[9];
+      for (int i = 0; i < 9; ++i) out[i] = row[i] + p0;
+      for (int64_t i = 0; i < count; ++i) out[0][i] = fold.center ? mu[i] : channel.shift[chan[i]];
+      for (int64_t i = 0; i < count; ++i) out[1][i] = into_scale ? channel.a[chan[i]] : channel.a[chan[i]] * r[i];
+      for (int64_t i = 0; i < count; ++i) out[2][i] = channel.b[chan[i]];
+      for (int64_t i = 0; i < count; ++i) out[3][i] = channel.p[chan[i]];
+      for (int64_t i = 0; i < count; ++i) out[4][i] = channel.q[chan[i]];
+      for (int64_t i = 0; i < count; ++i) out[5][i] = channel.r[chan[i]];
+      for (int64_t i = 0; i < count; ++i) out[6][i] = into_scale ? channel.scale[chan[i]] * r[i] : channel.scale[chan[i]];
+      for (int64_t i = 0; i < count; ++i) out[7][i] = channel.offset[chan[i]];
+      for (int64_t i = 0; i < count; ++i) out[8][i] = mu[i];
     }
-    double* out[9];
-    for (int i = 0; i < 9; ++i) out[i] = row[i] + p0;
-    const bool into_scale = fold.rstd_into_scale;
-    for (int64_t i = 0; i < count; ++i) out[0][i] = fold.center ? mu[i] : channel.shift[chan[i]];
-    for (int64_t i = 0; i < count; ++i) out[1][i] = into_scale ? channel.a[chan[i]] : channel.a[chan[i]] * r[i];
-    for (int64_t i = 0; i < count; ++i) out[2][i] = channel.b[chan[i]];
-    for (int64_t i = 0; i < count; ++i) out[3][i] = channel.p[chan[i]];
-    for (int64_t i = 0; i < count; ++i) out[4][i] = channel.q[chan[i]];
-    for (int64_t i = 0; i < count; ++i) out[5][i] = channel.r[chan[i]];
-    for (int64_t i = 0; i < count; ++i) out[6][i] = into_scale ? channel.scale[chan[i]] * r[i] : channel.scale[chan[i]];
-    for (int64_t i = 0; i < count; ++i) out[7][i] = channel.offset[chan[i]];
-    for (int64_t i = 0; i < count; ++i) out[8][i] = mu[i];
   };
   if (plan.S == 0) {
     for (int64_t g = 0; g < plan.num_groups(); ++g) mean[g] = var[g] = 0;
@@ -155,7 +158,7 @@ void normalize_pointwise(const Plan& plan_in, Pointwise op, const S* x, const Po
     const bool stream = stream_output(P * plan.S * int64_t(sizeof(S)));
     single_chunk_groups(k, plan, run, x, mean, var, [&](int64_t g0, int64_t g1) {
       fold_groups(g0, g1);
-      static thread_local std::vector<PointwisePlane<T>> planes;
+      static thread_local std::vector<PointwisePlane<T>> planes;  // at most kChunk planes: a batch has at most kChunk elements
       const int64_t p0 = g0 * cpg, count = (g1 - g0) * cpg;
       if (int64_t(planes.size()) < count) planes.resize(count);
       planes_of(cells, p0, count, planes.data(), nullptr);
