@@ -638,3 +638,23 @@ def test_bitwise_identical_for_one_and_two_threads(name, training, dtype):
 def test_frn_bitwise_identical_for_one_and_two_threads_on_nc_input(dtype):
     assert_bitwise_same_threads_any_state(lambda: frn(3000, dtype, learnable_eps=True),
                                           (64, 3000), dtype)
+
+
+@pytest.mark.parametrize("name, training", KINDS)
+def test_backward_is_that_of_its_forward_when_eps_changes_in_between(name, training, rng):
+    # The backward's fold belongs to the forward it follows: an eps set between the two (or a
+    # parameter changed in place) must not reach it.
+    shape = (2, 6, 3, 4)
+    x = rng.standard_normal(shape)
+    dy = rng.standard_normal(shape)
+    want = prepared(name, np.float64).train(training)
+    want(x)
+    want_dx = want.backward(dy)
+    layer = prepared(name, np.float64).train(training)
+    layer(x)
+    layer.eps = 0.5
+    for p in layer.parameters().values():
+        p += 1.0
+    np.testing.assert_array_equal(layer.backward(dy), want_dx)
+    for key, g in want.grads.items():
+        np.testing.assert_array_equal(layer.grads[key], g, err_msg=key)

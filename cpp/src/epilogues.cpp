@@ -283,9 +283,8 @@ void pointwise_backward_fused(const Plan& plan, Pointwise op, const S* x, const 
   const int64_t items = (clusters + per_item - 1) / per_item;
   parallel_for(items, per_item * cluster * ch.len * 6, [&](int64_t it) {
     const int64_t p0 = it * per_item * cluster, p1 = std::min(P, p0 + per_item * cluster), np = p1 - p0;
-    static thread_local std::vector<double> scratch;  // per plane: its sums, k2 and k3, J each
-    if (int64_t(scratch.size()) < 3 * J * np) scratch.resize(3 * J * np);
-    double *ps = scratch.data(), *w2 = ps + J * np, *w3 = w2 + J * np;
+    std::vector<double> own;  // per plane: its sums, k2 and k3, J each
+    double *const ps = kept_storage<kClusterSums>(3 * J * np, own), *const w2 = ps + J * np, *const w3 = w2 + J * np;
     for (int i = 0; i < J; ++i)
       for (int64_t p = p0; p < p1; ++p) {
         if (k2) w2[(p - p0) * J + i] = k2[i * K + p];

@@ -18,7 +18,7 @@ namespace nk {
 // moments, and their allocation was a sixth of group_moments. A caller holds one per Tag.
 constexpr int64_t kKeptBytes = int64_t(16) << 20;
 enum KeptTag { kChunkResults, kColumnPartials, kPlaneCoefs, kPlaneMoments, kSampleTerm, kBatchTerms,
-               kBatchSums };
+               kBatchSums, kClusterSums };
 
 template <KeptTag Tag, class T>
 T* kept_storage(int64_t n, std::vector<T>& own) {

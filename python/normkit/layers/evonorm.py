@@ -154,9 +154,11 @@ class EvoNormS0_2d(_EvoNorm):
         y = _core.empty_like(x)
         var = _core.normalize_pointwise(stats, op, x, self.eps, False, False, True, channel, y, coef)[1]
 
+        eps = self.eps  # this forward's, should the layer's change before the backward
+
         @functools.cache  # r per (n, c), at the backward only, once: an inference forward never needs it
         def rstd() -> _F64:
-            return np.repeat((1.0 / np.sqrt(var + self.eps)).reshape(N, G), cpg, axis=1)
+            return np.repeat((1.0 / np.sqrt(var + eps)).reshape(N, G), cpg, axis=1)
 
         # y = h(x) w/std + b with h = x sigmoid(v x); per plane D = dy, F = dy*h, E_p = dy*dh/dv.
         # std depends on x: dL/dstd = -sum_{group} w F / std^2, dstd/dx = (x - mu)/(M std), M = cpg*S:
