@@ -1,7 +1,8 @@
 """The pointwise epilogue steps (normkit._core; cpp/include/normkit/pointwise.h), per cell k:
 
   apply_pointwise      y = f(u)*scale + offset,  u = (x - shift)*a + b
-  pointwise_sums       dy, dy*f(u), g, g*(x - center), dy*df/dp, dy*df/dq, dy*df/dr   (g = dy*f'(u))
+  pointwise_sums       dy, dy*f(u), g, g*(x - center), dy*df/dp, dy*df/dq, dy*df/dr   (g = dy*f'(u);
+                       exactly 0 for a derivative the function does not have)
   pointwise_backward   dx = c1*g + c2*(x - center) + c3
 
 checked against float64 NumPy of each function, its derivative taken by central differences,
@@ -78,6 +79,23 @@ def test_forward_sums_and_backward_equal_their_formulas(name, isa, rng):
     _core.pointwise_backward(plan, op, x, dy, coef, c1, c2, c3, dx)
     c = lambda v: v.reshape(N, C, 1)
     np.testing.assert_allclose(dx, c(c1) * g + c(c2) * (x - k(8)) + c(c3), rtol=0, atol=1e-7)
+
+
+# The derivatives in p, q, r each function has (pointwise.h); the others are 0 for every u.
+HAS_DERIVATIVE = {"tlu": (P,), "swish_gate": (P,), "evo_b0": (P, Q, R)}
+
+
+@pytest.mark.parametrize("name", list(FUNCTIONS))
+def test_sums_of_derivatives_a_function_lacks_are_exactly_zero(name, isa, rng):
+    # not summed at all: an Inf in dy (dy*0 = NaN) does not reach them, and the others still do
+    plan, x, dy, coef = case(rng)
+    dy[0, 0, 5] = np.inf
+    sums = _core.pointwise_sums(plan, int(getattr(_core.Pointwise, name)), x, dy, coef)
+    for row, i in ((P, 4), (Q, 5), (R, 6)):
+        if row in HAS_DERIVATIVE.get(name, ()):
+            assert not np.isfinite(sums[i, 0]) and np.isfinite(sums[i, 1:]).all(), f"sum {i}"
+        else:
+            np.testing.assert_array_equal(sums[i], 0.0, err_msg=f"sum {i}")
 
 
 def sigmoid(u):

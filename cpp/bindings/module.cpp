@@ -446,7 +446,7 @@ PYBIND11_MODULE(_core, m) {
     });
     return sums;
   }, py::arg("plan"), py::arg("op"), py::arg("x"), py::arg("dy"), py::arg("coef"),
-     "(7, K) sums per cell: dy, dy*f(u), g, g*(x - center), dy*df/dp, dy*df/dq, dy*df/dr; g = dy*f'(u).");
+     "(7, K) sums per cell: dy, dy*f(u), g, g*(x - center), dy*df/dp, dy*df/dq, dy*df/dr; g = dy*f'(u); a derivative the function does not have sums to exactly 0.");
 
   m.def("pointwise_backward", [](const nk::Plan& plan, int op, const py::array& x, const py::object& dy,
                                  const py::object& coef, const py::object& c1, const py::object& c2,

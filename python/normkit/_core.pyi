@@ -312,7 +312,7 @@ def pointwise_backward_fused(plan: Plan, op: int, x: _Array, dy: _Array, coef: _
     """
 def pointwise_sums(plan: Plan, op: int, x: _Array, dy: _Array, coef: _F64) -> _F64:
     """
-    (7, K) sums per cell: dy, dy*f(u), g, g*(x - center), dy*df/dp, dy*df/dq, dy*df/dr; g = dy*f'(u).
+    (7, K) sums per cell: dy, dy*f(u), g, g*(x - center), dy*df/dp, dy*df/dq, dy*df/dr; g = dy*f'(u); a derivative the function does not have sums to exactly 0.
     """
 def running_update(running: _Array, value: _F64, factor: float, value_scale: float = 1.0) -> None:
     """

@@ -186,7 +186,9 @@ void local_response_norm_backward(int64_t N, int64_t C, int64_t Sp, const S* x, 
 // backward's x term is about center. Channels-first plans only.
 //   apply_pointwise     y = f(u)*scale + offset
 //   pointwise_sums      sums[i*K + k], i < kPointwiseSums: cell k's dy, dy*f(u), g, g*(x - center),
-//                       dy*df/dp, dy*df/dq, dy*df/dr, with g = dy*f'(u)
+//                       dy*df/dp, dy*df/dq, dy*df/dr, with g = dy*f'(u); the last three exactly
+//                       0 (not summed, so a NaN in dy does not reach them) where f has no such
+//                       derivative: all but evo_b0 lack dq and dr, and only tlu and swish_gate have dp
 //   pointwise_backward  dx = c1[k]*g + c2[k]*(x - center[k]) + c3[k]
 struct PointwiseCoefficients {
   const double *shift, *a, *b, *p, *q, *r, *scale, *offset, *center;
