@@ -30,9 +30,10 @@ constexpr int64_t kBlockBudget = 384 * 1024;
 // The blocks of hw columns: at most 512 (LayerNorm2d's blocks) and at least two blocks where the
 // plane has 32 columns, so that two threads share a small plane; and narrow enough that one
 // sample's rows and the block's term stay in L2 (kBlockBudget): the term is read once per sample.
-// Widths are multiples of 8 and the blocks near equal: 64x56x56 takes 15 blocks of 216 columns
-// (7 of 512 took BLN's inference from 11 to 8.5 ms at 2 threads, the term read from L3). Fixed by
-// the shape alone, so the bits are too.
+// Widths are multiples of 16, so that where a row starts on a cache line (16 floats) every block's
+// does, and its output streams (vec.h: put streams only line-aligned vectors), and the blocks near
+// equal: 64x56x56 takes 14 blocks of 224 columns (7 of 512 took BLN's inference from 11 to 8.5 ms
+// at 2 threads, the term read from L3). Fixed by the shape alone, so the bits are too.
 struct ColumnBlocks {
   int64_t N, C, HW, F, width, count;
   explicit ColumnBlocks(const Plan& feature)
@@ -40,7 +41,7 @@ struct ColumnBlocks {
     const int64_t budget = std::max<int64_t>(16, kBlockBudget / (28 * C));
     const int64_t widest = std::min<int64_t>(512, std::max<int64_t>(32, (HW + 1) / 2));
     count = (HW + std::min(widest, budget) - 1) / std::min(widest, budget);
-    width = ((HW + count - 1) / count + 7) / 8 * 8;
+    width = ((HW + count - 1) / count + 15) / 16 * 16;
     count = (HW + width - 1) / width;
   }
   int64_t first(int64_t b) const { return b * width; }
