@@ -31,7 +31,7 @@ constexpr int64_t kBlockBudget = 384 * 1024;
 // plane has 32 columns, so that two threads share a small plane; and narrow enough that one
 // sample's rows and the block's term stay in L2 (kBlockBudget): the term is read once per sample.
 // Widths are multiples of 16, so that where a row starts on a cache line (16 floats) every block's
-// does, and its output streams (vec.h: put streams only line-aligned vectors), and the blocks near
+// does, and its output streams (convert.h: put streams only line-aligned vectors), and the blocks near
 // equal: 64x56x56 takes 14 blocks of 224 columns (7 of 512 took BLN's inference from 11 to 8.5 ms
 // at 2 threads, the term read from L3). Fixed by the shape alone, so the bits are too.
 struct ColumnBlocks {
@@ -128,32 +128,26 @@ void batch_layer_forward(const Plan& feature, const S* x, double eps, double fea
     });
   parallel_for(bl.count, N * C * bl.width, [&](int64_t it) {
     const int64_t h0 = bl.first(it), w = bl.cols(it);
-    // The batch part's term per (c, hw) of the block.
+    // The batch part's term per (c, hw) of the block: the batch columns' fold (var_b is
+    // already over N).
     for (int64_t c = 0; c < C; ++c) {
       const int64_t e0 = c * HW + h0;
-      for (int64_t e = e0; e < e0 + w; ++e) rstd_b[e] = 1.0 / std::sqrt(var_b[e] + eps);
-      for (int64_t e = e0; e < e0 + w; ++e) {
-        const double sc = batch_scale * rstd_b[e];
-        const T sh = T(mean_b[e]);
-        term[e] = sh, term[F + e] = T(sc), term[2 * F + e] = T((double(sh) - mean_b[e]) * sc);
-      }
+      k.finish_cells(w, 1.0, eps, batch_scale, &mean_b[e0], &var_b[e0], nullptr, nullptr, nullptr, nullptr,
+                     &rstd_b[e0], term + e0, term + F + e0, term + 2 * F + e0);
     }
     // Then each sample's feature cells over its C rows, and its output while those rows are in
     // cache (a block of all samples is beyond L2; one sample's rows are not).
     static thread_local std::vector<T> coef;
-    coef.resize(3 * w);  // per column: the feature part's shift, a, b
-    T *const fs = coef.data(), *const fa = fs + w, *const fb = fa + w;
+    static thread_local std::vector<double> moments;
+    coef.resize(3 * w), moments.resize(2 * w);
+    T *const fs = coef.data(), *const fa = fs + w, *const fb = fa + w;  // per column: the feature part's
+    double *const pm = moments.data(), *const pq = pm + w;              // affine, from its moments
     const ElementTerm<T> t{term + h0, term + F + h0, term + 2 * F + h0, nullptr};
     for (int64_t n = 0; n < N; ++n) {
-      double* const m = &mean_f[n * HW + h0];
-      double* const v = &var_f[n * HW + h0];
-      column_moments(k, x + n * F + h0, C, w, HW, m, v);
-      for (int64_t i = 0; i < w; ++i) {
-        const double var = v[i] / double(C), r = 1.0 / std::sqrt(var + eps), sc = feature_scale * r;
-        const T sh = T(m[i]);
-        v[i] = var, rstd_f[n * HW + h0 + i] = r;
-        fs[i] = sh, fa[i] = T(sc), fb[i] = T((double(sh) - m[i]) * sc);
-      }
+      const int64_t g = n * HW + h0;
+      column_moments(k, x + n * F + h0, C, w, HW, pm, pq);
+      k.finish_cells(w, double(C), eps, feature_scale, pm, pq, nullptr, nullptr, &mean_f[g], &var_f[g], &rstd_f[g],
+                     fs, fa, fb);
       k.rows_affine_rows(x + n * F + h0, y + n * F + h0, C, w, HW, fs, fa, fb, weight, bias, &t, stream);
     }
   });

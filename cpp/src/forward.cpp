@@ -16,33 +16,6 @@ namespace nk {
 
 namespace {
 
-// Cells that are each one column (LayerNorm2d's): finish_group and channel_coef's arithmetic for
-// n of them, through unaliased pointers and with the weight's and bias's presence decided
-// outside the loop, so that the compiler vectorizes it (scalar, its two divisions and square
-// root per cell were a tenth of LayerNorm2d's forward).
-template <class T, bool Weight, bool Bias>
-void finish_cells_impl(int64_t n, double count, double eps, const double* __restrict__ pmean,
-                       const double* __restrict__ pm2, const T* __restrict__ weight, const T* __restrict__ bias,
-                       double* __restrict__ mean, double* __restrict__ var, double* __restrict__ rstd,
-                       T* __restrict__ shift, T* __restrict__ a, T* __restrict__ b) {
-  for (int64_t i = 0; i < n; ++i) {
-    const double mu = pmean[i], v = pm2[i] / count, r = 1.0 / std::sqrt(v + eps);
-    mean[i] = mu, var[i] = v, rstd[i] = r;
-    const double scale = Weight ? r * double(weight[i]) : r, offset = Bias ? double(bias[i]) : 0.0;
-    const T sh = T(mu);
-    shift[i] = sh, a[i] = T(scale), b[i] = T(offset + (double(sh) - mu) * scale);
-  }
-}
-
-template <class T>
-void finish_cells(int64_t n, double count, double eps, const double* pmean, const double* pm2, const T* weight,
-                  const T* bias, double* mean, double* var, double* rstd, T* shift, T* a, T* b) {
-  if (weight && bias) finish_cells_impl<T, true, true>(n, count, eps, pmean, pm2, weight, bias, mean, var, rstd, shift, a, b);
-  else if (weight) finish_cells_impl<T, true, false>(n, count, eps, pmean, pm2, weight, bias, mean, var, rstd, shift, a, b);
-  else if (bias) finish_cells_impl<T, false, true>(n, count, eps, pmean, pm2, weight, bias, mean, var, rstd, shift, a, b);
-  else finish_cells_impl<T, false, false>(n, count, eps, pmean, pm2, weight, bias, mean, var, rstd, shift, a, b);
-}
-
 // y over plane p's chunks: y = (x - shift)*a + b [* weight + bias per column] [+ residual] [relu].
 template <class S>
 void apply_plane(const Kernels<S>& k, const Plan& plan, const Chunks& pc, int64_t p, int64_t j,
@@ -203,12 +176,12 @@ void normalize_by_sample(const Plan& plan, const S* x, double eps, const compute
     }
     merge_plane_chunks(ch, n, c0, c0 + width, cmean, cm2, pmean, pm2);  // moments.h: per plane,
     if (planes && !plan.skip_mean && !term && plan.S > 0 && !plan.column_affine) {
-      // Every column its own group: finish_group and channel_coef's arithmetic in one loop the
-      // compiler vectorizes (LayerNorm2d's cells have C elements each, and their scalar
-      // finishing was as long as their moments).
+      // Every column its own group: finish_group and channel_coef's arithmetic as one vector
+      // kernel (LayerNorm2d's cells have C elements each, and their scalar finishing was as
+      // long as their moments).
       const int64_t g = n * C + c0;
-      finish_cells<T>(width, double(plan.S), eps, pmean + g, pm2 + g, weight ? weight + c0 : nullptr,
-                      bias ? bias + c0 : nullptr, mean + g, var + g, rstd + g, shift + g, a + g, b + g);
+      k.finish_cells(width, double(plan.S), eps, 1.0, pmean + g, pm2 + g, weight ? weight + c0 : nullptr,
+                     bias ? bias + c0 : nullptr, mean + g, var + g, rstd + g, shift + g, a + g, b + g);
     } else  // then per group: channels [gi*cpg, (gi+1)*cpg) (with blocks, the block's columns)
     for (int64_t gi = c0 / cpg; gi < (c0 + width) / cpg; ++gi) {
       const int64_t g = n * gps + gi;

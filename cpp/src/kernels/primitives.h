@@ -49,6 +49,9 @@ template <class S, class T> void lrn_forward(const S* x, S* y, int64_t C, int64_
                                              T alpha, T beta, T k);
 template <class S, class T> void lrn_backward(const S* x, const S* dy, S* dx, int64_t C, int64_t stride, int64_t len,
                                               int64_t size, T alpha, T beta, T k);
+template <class T> void finish_cells(int64_t n, double count, double eps, double scale, const double* pmean,
+                                     const double* pm2, const T* weight, const T* bias, double* mean, double* var,
+                                     double* rstd, T* shift, T* a, T* b);
 void merge_columns(const double* mean, const double* m2, int64_t stride, int64_t C, int64_t parts,
                    int64_t part_n, int64_t last_n, double* out_mean, double* out_m2);
 

@@ -11,7 +11,7 @@ static Kernels<S> kernels_of() {
                     &rows_backward_apply<S, T>, &rows_affine_rows<S, T>, &rows_dot_weighted<S, T>,
                     &rows_row_sums<S, T>, &rows_backward_apply_weighted<S, T>, &lrn_forward<S, T>,
                     &lrn_backward<S, T>, &pointwise<S, T>,
-                    &pointwise_sums<S, T>, &pointwise_backward<S, T>};
+                    &pointwise_sums<S, T>, &pointwise_backward<S, T>, &finish_cells<T>};
 }
 
 KernelTable make_table() {

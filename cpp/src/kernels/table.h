@@ -96,6 +96,15 @@ struct Kernels {
                          double* sums, T* g);  // g: dy*f'(u) per element, or null
   void (*pointwise_backward)(int op, const S* x, const S* dy, S* dx, int64_t n,
                              const PointwisePlane<T>& c, T c1, T c2, T c3, bool stream);
+
+  // The fold of n cells that are each one column (cells.cpp), from their moments (pmean, pm2
+  // over `count` elements; not aliasing the outputs): var = pm2/count, rstd = 1/sqrt(var + eps),
+  // and the cell's affine shift = T(mean), a = T(rstd*scale [*weight]), b = T([bias +]
+  // (shift - mean)*a) in double. weight, bias per cell, or null; mean and var (both or neither)
+  // null: only rstd and the coefficients are written.
+  void (*finish_cells)(int64_t n, double count, double eps, double scale, const double* pmean, const double* pm2,
+                       const T* weight, const T* bias, double* mean, double* var, double* rstd, T* shift, T* a,
+                       T* b);
 };
 
 struct KernelTable {
