@@ -22,6 +22,10 @@ namespace {
 // merges in double, as the per-sample steps' chunks.
 constexpr int64_t kRowChunk = 256;
 
+// Samples whose outputs (forward) or dx (backward) one kernel call writes, the term read once for
+// all of them (table.h: rows_affine_samples): their rows stay in L2 from their sums to their apply.
+constexpr int64_t kSampleGroup = 4;
+
 // Bytes of L2 a block may hold while one sample is applied: its C rows of x, dy and dx (or x and
 // y) and the block's term per (c, hw): 28 bytes per column of each channel for float input
 // (other types take the same blocks).
@@ -135,20 +139,25 @@ void batch_layer_forward(const Plan& feature, const S* x, double eps, double fea
       k.finish_cells(w, 1.0, eps, batch_scale, &mean_b[e0], &var_b[e0], nullptr, nullptr, nullptr, nullptr,
                      &rstd_b[e0], term + e0, term + F + e0, term + 2 * F + e0);
     }
-    // Then each sample's feature cells over its C rows, and its output while those rows are in
-    // cache (a block of all samples is beyond L2; one sample's rows are not).
+    // Then each sample's feature cells over its C rows, and the output of kSampleGroup samples
+    // at a time while their rows are in cache (a block of all samples is beyond L2), the term
+    // read once for the group.
     static thread_local std::vector<T> coef;
     static thread_local std::vector<double> moments;
-    coef.resize(3 * w), moments.resize(2 * w);
-    T *const fs = coef.data(), *const fa = fs + w, *const fb = fa + w;  // per column: the feature part's
-    double *const pm = moments.data(), *const pq = pm + w;              // affine, from its moments
+    coef.resize(3 * kSampleGroup * w), moments.resize(2 * w);
+    T *const fs = coef.data(), *const fa = fs + kSampleGroup * w, *const fb = fa + kSampleGroup * w;
+    double *const pm = moments.data(), *const pq = pm + w;  // (per sample of the group, w columns each)
     const ElementTerm<T> t{term + h0, term + F + h0, term + 2 * F + h0, nullptr};
-    for (int64_t n = 0; n < N; ++n) {
-      const int64_t g = n * HW + h0;
-      column_moments(k, x + n * F + h0, C, w, HW, pm, pq);
-      k.finish_cells(w, double(C), eps, feature_scale, pm, pq, nullptr, nullptr, &mean_f[g], &var_f[g], &rstd_f[g],
-                     fs, fa, fb);
-      k.rows_affine_rows(x + n * F + h0, y + n * F + h0, C, w, HW, fs, fa, fb, weight, bias, &t, stream);
+    for (int64_t n0 = 0; n0 < N; n0 += kSampleGroup) {
+      const int64_t ns = std::min(kSampleGroup, N - n0);
+      for (int64_t j = 0; j < ns; ++j) {
+        const int64_t g = (n0 + j) * HW + h0;
+        column_moments(k, x + (n0 + j) * F + h0, C, w, HW, pm, pq);
+        k.finish_cells(w, double(C), eps, feature_scale, pm, pq, nullptr, nullptr, &mean_f[g], &var_f[g],
+                       &rstd_f[g], fs + j * w, fa + j * w, fb + j * w);
+      }
+      k.rows_affine_samples(x + n0 * F + h0, y + n0 * F + h0, ns, F, C, w, HW, fs, fa, fb, w, weight, bias, t,
+                            stream);
     }
   });
 }
@@ -181,9 +190,10 @@ void batch_layer_backward(const Plan& feature, const S* x, const S* dy, const do
     const int64_t h0 = bl.first(it), w = bl.cols(it);
     static thread_local std::vector<T> coef;
     static thread_local std::vector<double> sums;
-    coef.resize(6 * w), sums.resize(2 * w + 2 * C);
-    T *const fs = coef.data(), *const fa = fs + w, *const fb = fa + w;  // a sample's x_F affine
-    T *const c1 = fb + w, *const c2 = c1 + w, *const c3 = c2 + w;      // and its feature fold
+    const int64_t gw = kSampleGroup * w;  // per sample of a group, w columns each:
+    coef.resize(6 * gw), sums.resize(2 * w + 2 * C);
+    T *const fs = coef.data(), *const fa = fs + gw, *const fb = fa + gw;  // its x_F affine
+    T *const c1 = fb + gw, *const c2 = c1 + gw, *const c3 = c2 + gw;      // and its feature fold
     double *const A = sums.data(), *const B = A + w, *const rg = B + w, *const rb = rg + C;
     double *const gpart = parts + it * C, *const bpart = parts + (bl.count + it) * C;
     std::fill_n(gpart, C, 0.0), std::fill_n(bpart, C, 0.0);
@@ -210,23 +220,27 @@ void batch_layer_backward(const Plan& feature, const S* x, const S* dy, const do
     // the weight's feature part (sum dy x_F, scaled) and the bias's per row, the fold per cell,
     // and the sample's dx while its rows are in cache.
     const ElementTerm<T> t{term + h0, term + F + h0, term + 2 * F + h0, term + 3 * F + h0};
-    for (int64_t n = 0; n < N; ++n) {
-      const int64_t g0 = n * HW + h0, s = n * F + h0;
-      for (int64_t i = 0; i < w; ++i) {
-        const double mu = mean_f[g0 + i], sc = feature_scale * rstd_f[g0 + i];
-        const T sh = T(mu);
-        fs[i] = sh, fa[i] = T(sc), fb[i] = T((double(sh) - mu) * sc);
+    for (int64_t n0 = 0; n0 < N; n0 += kSampleGroup) {
+      const int64_t ns = std::min(kSampleGroup, N - n0);
+      for (int64_t j = 0; j < ns; ++j) {
+        const int64_t g0 = (n0 + j) * HW + h0, s = (n0 + j) * F + h0, q = j * w;
+        for (int64_t i = 0; i < w; ++i) {
+          const double mu = mean_f[g0 + i], sc = feature_scale * rstd_f[g0 + i];
+          const T sh = T(mu);
+          fs[q + i] = sh, fa[q + i] = T(sc), fb[q + i] = T((double(sh) - mu) * sc);
+        }
+        column_dots(k, x + s, dy + s, C, w, HW, fs + q, weight, A, B);
+        k.rows_row_sums(x + s, dy + s, C, w, HW, fs + q, fa + q, fb + q, rg, rb);
+        for (int64_t r = 0; r < C; ++r) gpart[r] += rg[r], bpart[r] += rb[r];
+        for (int64_t i = 0; i < w; ++i) {
+          const double mu = mean_f[g0 + i], r = rstd_f[g0 + i], sc = feature_scale * r;
+          const double shift = double(fs[q + i]), a = A[i] + (shift - mu) * B[i];
+          const double k2 = -sc * r * r * a * inv_c, k3 = -sc * B[i] * inv_c;
+          c1[q + i] = T(sc), c2[q + i] = T(k2), c3[q + i] = T(k3 + k2 * (shift - mu));
+        }
       }
-      column_dots(k, x + s, dy + s, C, w, HW, fs, weight, A, B);
-      k.rows_row_sums(x + s, dy + s, C, w, HW, fs, fa, fb, rg, rb);
-      for (int64_t r = 0; r < C; ++r) gpart[r] += rg[r], bpart[r] += rb[r];
-      for (int64_t i = 0; i < w; ++i) {
-        const double mu = mean_f[g0 + i], r = rstd_f[g0 + i], sc = feature_scale * r;
-        const double shift = double(fs[i]), a = A[i] + (shift - mu) * B[i];
-        const double k2 = -sc * r * r * a * inv_c, k3 = -sc * B[i] * inv_c;
-        c1[i] = T(sc), c2[i] = T(k2), c3[i] = T(k3 + k2 * (shift - mu));
-      }
-      k.rows_backward_apply_weighted(x + s, dy + s, dx + s, C, w, HW, c1, c2, fs, c3, weight, &t, stream);
+      const int64_t s = n0 * F + h0;
+      k.rows_backward_apply_samples(x + s, dy + s, dx + s, ns, F, C, w, HW, c1, c2, fs, c3, w, weight, t, stream);
     }
   });
   std::fill_n(dweight, C, 0.0), std::fill_n(dbias, C, 0.0);

@@ -45,6 +45,15 @@ template <class S, class T> void rows_backward_apply_weighted(const S* x, const 
                                                               int64_t C, int64_t ld, const T* c1, const T* c2,
                                                               const T* shift, const T* c3, const T* w,
                                                               const ElementTerm<T>* term, bool stream);
+template <class S, class T> void rows_affine_samples(const S* x, S* y, int64_t samples, int64_t sample_ld,
+                                                     int64_t rows, int64_t C, int64_t ld, const T* shift, const T* a,
+                                                     const T* b, int64_t coef_ld, const T* g, const T* h,
+                                                     const ElementTerm<T>& term, bool stream);
+template <class S, class T> void rows_backward_apply_samples(const S* x, const S* dy, S* dx, int64_t samples,
+                                                             int64_t sample_ld, int64_t rows, int64_t C, int64_t ld,
+                                                             const T* c1, const T* c2, const T* shift, const T* c3,
+                                                             int64_t coef_ld, const T* w, const ElementTerm<T>& term,
+                                                             bool stream);
 template <class S, class T> void lrn_forward(const S* x, S* y, int64_t C, int64_t stride, int64_t len, int64_t size,
                                              T alpha, T beta, T k);
 template <class S, class T> void lrn_backward(const S* x, const S* dy, S* dx, int64_t C, int64_t stride, int64_t len,

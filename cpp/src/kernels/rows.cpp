@@ -390,6 +390,116 @@ void rows_backward_apply_weighted(const S* x, const S* dy, S* dx, int64_t rows, 
   else rows_backward_apply_impl<S, true, true>(x, dy, dx, rows, C, ld, c1, c2, shift, c3, stream, w);
 }
 
+// The term's forms of rows_affine_rows and rows_backward_apply_weighted for several samples
+// `sample_ld` apart that share the term (BatchLayerNorm2d's batch part, per (c, hw)): sample k's
+// per-column coefficients at k*coef_ld. A column vector at a time, each sample's coefficients
+// are loaded once for all the rows and each row's term once for all the samples: one sample at
+// a time, its apply loaded four vectors (forward; ten in the backward's streamed rows) per
+// vector of output, from L2. Each element's arithmetic is the one-sample kernels', so the bits
+// are theirs. kTermSamples samples at a time fit the registers (coefficients, term, temporaries).
+constexpr int kTermSamples = NK_VEC_BYTES == 64 ? 4 : 2;
+
+template <int K, class F>
+void sample_groups(int64_t samples, const F& f) {  // f(integral_constant<K'>, k0), K' <= K samples from k0
+  int64_t k0 = 0;
+  for (; k0 + K <= samples; k0 += K) f(std::integral_constant<int, K>{}, k0);
+  if constexpr (K > 1) {
+    if (k0 < samples) sample_groups<K - 1>(samples - k0, [&](auto nk, int64_t k) { f(nk, k0 + k); });
+  }
+}
+
+template <class S, class T>
+void rows_affine_samples(const S* x, S* y, int64_t samples, int64_t sample_ld, int64_t rows, int64_t C, int64_t ld,
+                         const T* shift, const T* a, const T* b, int64_t coef_ld, const T* g, const T* h,
+                         const ElementTerm<T>& term, bool stream) {
+  constexpr int64_t L = lanes<T>;
+  stream = stream && streams<S>();
+  const int64_t cv = C - C % L;
+  const T *const ts = term.shift, *const ta = term.a, *const tb = term.b;
+  sample_groups<kTermSamples>(samples, [&](auto nk, int64_t k0) {
+    constexpr int K = decltype(nk)::value;
+    const S* const xs = x + k0 * sample_ld;
+    S* const ys = y + k0 * sample_ld;
+    const int64_t cs = k0 * coef_ld;
+    for (int64_t c = 0; c < cv; c += L) {
+      vec<T> vs[K], va[K], vb[K];
+      for (int k = 0; k < K; ++k) {
+        const int64_t i = cs + k * coef_ld + c;
+        vs[k] = load(shift + i), va[k] = load(a + i), vb[k] = load(b + i);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t o = r * ld + c;
+        const vec<T> tsv = load(ts + o), tav = load(ta + o), tbv = load(tb + o);
+        const T gr = g[r], hr = h[r];
+        for (int k = 0; k < K; ++k) {
+          const int64_t q = k * sample_ld + o;
+          const vec<T> xv = load_as(xs + q);
+          vec<T> e = (xv - vs[k]) * va[k] + vb[k];
+          e += (xv - tsv) * tav + tbv;
+          e = e * gr + hr;
+          put(ys + q, e, stream);
+        }
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = cv; c < C; ++c) {
+        const int64_t o = r * ld + c;
+        for (int k = 0; k < K; ++k) {
+          const int64_t q = k * sample_ld + o, i = cs + k * coef_ld + c;
+          const T xv = to_compute(xs[q]);
+          T e = (xv - shift[i]) * a[i] + b[i];
+          e += (xv - ts[o]) * ta[o] + tb[o];
+          e = e * g[r] + h[r];
+          ys[q] = from_compute<S>(e);
+        }
+      }
+  });
+}
+
+template <class S, class T>
+void rows_backward_apply_samples(const S* x, const S* dy, S* dx, int64_t samples, int64_t sample_ld, int64_t rows,
+                                 int64_t C, int64_t ld, const T* c1, const T* c2, const T* shift, const T* c3,
+                                 int64_t coef_ld, const T* w, const ElementTerm<T>& term, bool stream) {
+  constexpr int64_t L = lanes<T>;
+  stream = stream && streams<S>();
+  const int64_t cv = C - C % L;
+  const T *const t1 = term.c1, *const ts = term.shift, *const ta = term.a, *const tb = term.b;
+  sample_groups<kTermSamples>(samples, [&](auto nk, int64_t k0) {
+    constexpr int K = decltype(nk)::value;
+    const S *const xs = x + k0 * sample_ld, *const dys = dy + k0 * sample_ld;
+    S* const dxs = dx + k0 * sample_ld;
+    const int64_t cs = k0 * coef_ld;
+    for (int64_t c = 0; c < cv; c += L) {
+      vec<T> v1[K], v2[K], vs[K], v3[K];
+      for (int k = 0; k < K; ++k) {
+        const int64_t i = cs + k * coef_ld + c;
+        v1[k] = load(c1 + i), v2[k] = load(c2 + i), vs[k] = load(shift + i), v3[k] = load(c3 + i);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t o = r * ld + c;
+        const vec<T> t1v = load(t1 + o), tsv = load(ts + o), tav = load(ta + o), tbv = load(tb + o);
+        const T wr = w[r];
+        for (int k = 0; k < K; ++k) {
+          const int64_t q = k * sample_ld + o;
+          const vec<T> xv = load_as(xs + q), dyw = load_as(dys + q) * wr;
+          const vec<T> t = (v1[k] + t1v) * dyw + (v2[k] * (xv - vs[k]) + v3[k]);
+          put(dxs + q, t + ((xv - tsv) * tav + tbv), stream);
+        }
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = cv; c < C; ++c) {
+        const int64_t o = r * ld + c;
+        for (int k = 0; k < K; ++k) {
+          const int64_t q = k * sample_ld + o, i = cs + k * coef_ld + c;
+          const T xv = to_compute(xs[q]), dyw = to_compute(dys[q]) * w[r];
+          const T t = (c1[i] + t1[o]) * dyw + (c2[i] * (xv - shift[i]) + c3[i]);
+          dxs[q] = from_compute<S>(t + ((xv - ts[o]) * ta[o] + tb[o]));
+        }
+      }
+  });
+}
+
 // Chan et al.'s merge (moments.h: merge) of the moments of L columns at once; both sides' counts
 // are shared by every column.
 struct ColumnMoments {
@@ -452,7 +562,14 @@ void merge_columns(const double* mean, const double* m2, int64_t stride, int64_t
                                        bool);                                                     \
   template void rows_backward_apply_weighted<S, T>(const S*, const S*, S*, int64_t, int64_t,      \
                                                    int64_t, const T*, const T*, const T*, const T*, \
-                                                   const T*, const ElementTerm<T>*, bool);
+                                                   const T*, const ElementTerm<T>*, bool);        \
+  template void rows_affine_samples<S, T>(const S*, S*, int64_t, int64_t, int64_t, int64_t, int64_t, \
+                                          const T*, const T*, const T*, int64_t, const T*, const T*, \
+                                          const ElementTerm<T>&, bool);                           \
+  template void rows_backward_apply_samples<S, T>(const S*, const S*, S*, int64_t, int64_t, int64_t,  \
+                                                  int64_t, int64_t, const T*, const T*, const T*,  \
+                                                  const T*, int64_t, const T*, const ElementTerm<T>&, \
+                                                  bool);
 NK_INSTANTIATE(float, float)
 NK_INSTANTIATE(double, double)
 NK_INSTANTIATE(f16, float)

@@ -81,6 +81,17 @@ struct Kernels {
                                        const T* c1, const T* c2, const T* shift, const T* c3,
                                        const T* w, const ElementTerm<T>* term, bool stream);
 
+  // The term's forms of both for `samples` samples sample_ld elements apart that share the term
+  // (BatchLayerNorm2d's batch part), sample k's per-column coefficients at k*coef_ld: the term
+  // is read once for all of them. Bits: those of one call per sample.
+  void (*rows_affine_samples)(const S* x, S* y, int64_t samples, int64_t sample_ld, int64_t rows, int64_t C,
+                              int64_t ld, const T* shift, const T* a, const T* b, int64_t coef_ld, const T* g,
+                              const T* h, const ElementTerm<T>& term, bool stream);
+  void (*rows_backward_apply_samples)(const S* x, const S* dy, S* dx, int64_t samples, int64_t sample_ld,
+                                      int64_t rows, int64_t C, int64_t ld, const T* c1, const T* c2,
+                                      const T* shift, const T* c3, int64_t coef_ld, const T* w,
+                                      const ElementTerm<T>& term, bool stream);
+
   // Local response normalization (window.cpp): positions [0, len) of one sample's C channels,
   // `stride` apart; d = k + alpha/size * sum of x^2 over a window of `size` channels, y = x d^-beta.
   void (*lrn_forward)(const S* x, S* y, int64_t C, int64_t stride, int64_t len, int64_t size, T alpha,
