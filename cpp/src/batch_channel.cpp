@@ -88,7 +88,6 @@ void batch_channel_fold(int64_t N, int64_t C, int64_t G, int64_t S, double eps, 
                         const double* v, double* mu, double* var, const BatchChannelParams& p, double* r,
                         double* scale, double* offset, double* mu_g, double* r_g) {
   check_batch_channel_cells(N, C, G, S);
-  const int64_t cpg = C / G;
   if (pool) {  // the batch part's statistics from the cells (Chan's pooling of equal-size cells)
     std::fill_n(mu, C, 0.0), std::fill_n(var, C, 0.0);
     for (int64_t n = 0; n < N; ++n)
