@@ -1,7 +1,6 @@
 """EvoNormB0_2d and EvoNormS0_2d: the evolved normalization-activation layers (timm's definitions)."""
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -9,7 +8,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import _checks, _core, _engine
-from ._variant import FusedPointwiseSaved, PointwiseSaved, VariantLayer, pool, unbiased
+from ._variant import Deferred, FusedPointwiseSaved, PointwiseSaved, VariantLayer, pool, unbiased
 
 _F64 = npt.NDArray[np.float64]
 _Grads = dict[str, npt.NDArray[Any]]  # parameter gradients by name
@@ -156,9 +155,8 @@ class EvoNormS0_2d(_EvoNorm):
 
         eps = self.eps  # this forward's, should the layer's change before the backward
 
-        @functools.cache  # r per (n, c), at the backward only, once: an inference forward never needs it
-        def rstd() -> _F64:
-            return np.repeat((1.0 / np.sqrt(var + eps)).reshape(N, G), cpg, axis=1)
+        # r per (n, c), at the backward only, once: an inference forward never needs it
+        rstd: Deferred[_F64] = Deferred(lambda: np.repeat((1.0 / np.sqrt(var + eps)).reshape(N, G), cpg, axis=1))
 
         # y = h(x) w/std + b with h = x sigmoid(v x); per plane D = dy, F = dy*h, E_p = dy*dh/dv.
         # std depends on x: dL/dstd = -sum_{group} w F / std^2, dstd/dx = (x - mu)/(M std), M = cpg*S:

@@ -1,14 +1,13 @@
 """FilterResponseNorm2d: filter response normalization with the thresholded linear unit (FRN+TLU)."""
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from .. import _checks, _core, _engine
-from ._variant import _F64, FusedPointwiseSaved, VariantLayer
+from ._variant import _F64, Deferred, FusedPointwiseSaved, VariantLayer
 
 
 class FilterResponseNorm2d(VariantLayer):
@@ -68,9 +67,8 @@ class FilterResponseNorm2d(VariantLayer):
         # dx = weight r g - weight r^3 A x / S  (r depends on x through nu2), a fold local to
         # each plane: c2 = k2 . sums with k2 = -weight r^3 / S on A, the core's one-pass backward.
         # dweight = sum r A, dbias = sum g, dtau = sum dy [y <= tau], deps_l = sum weight A (-r^3/2) sign(eps_l)
-        @functools.cache  # r at the backward only, once: an inference forward never needs it
-        def rstd() -> _F64:
-            return (1.0 / np.sqrt(nu2 + eps_total)).reshape(N, C)
+        # r at the backward only, once: an inference forward never needs it
+        rstd: Deferred[_F64] = Deferred(lambda: (1.0 / np.sqrt(nu2 + eps_total)).reshape(N, C))
 
         def fold() -> tuple[_F64, float, float, int, _F64, None]:
             rr = rstd()
