@@ -78,19 +78,22 @@ void column_moments(const Kernels<S>& k, const S* x, int64_t rows, int64_t width
   }
 }
 
-// Sums per column of `rows` rows (A about shift, as rows_dot's), chunked as column_moments; with
-// w, rows_dot_weighted's.
+// Sums per column of `rows` rows (A about shift, as rows_dot's), chunked as column_moments. With
+// w (the feature cells'), the weighted sums, and in the same pass the row sums gsum, bsum of
+// the per-column affine (a, b): the kernel's rows_dot_row_sums.
 template <class S>
 void column_dots(const Kernels<S>& k, const S* x, const S* dy, int64_t rows, int64_t width, int64_t ld,
-                 const compute_t<S>* shift, const compute_t<S>* w, double* A, double* B) {
+                 const compute_t<S>* shift, double* A, double* B, const compute_t<S>* w = nullptr,
+                 const compute_t<S>* a = nullptr, const compute_t<S>* b = nullptr, double* gsum = nullptr,
+                 double* bsum = nullptr) {
   static thread_local std::vector<double> part;
   part.resize(2 * width);
   double *const ca = part.data(), *const cb = ca + width;
   for (int64_t r0 = 0; r0 < rows; r0 += kRowChunk) {
     const int64_t len = std::min(kRowChunk, rows - r0), o = r0 * ld;
-    double *const a = r0 == 0 ? A : ca, *const b = r0 == 0 ? B : cb;
-    if (w) k.rows_dot_weighted(x + o, dy + o, len, width, ld, shift, w + r0, a, b);
-    else k.rows_dot(x + o, dy + o, len, width, ld, shift, a, b);
+    double *const sa = r0 == 0 ? A : ca, *const sb = r0 == 0 ? B : cb;
+    if (w) k.rows_dot_row_sums(x + o, dy + o, len, width, ld, shift, w + r0, a, b, sa, sb, gsum + r0, bsum + r0);
+    else k.rows_dot(x + o, dy + o, len, width, ld, shift, sa, sb);
     if (r0 == 0) continue;
     for (int64_t i = 0; i < width; ++i) A[i] += ca[i], B[i] += cb[i];
   }
@@ -184,7 +187,7 @@ void batch_layer_backward(const Plan& feature, const S* x, const S* dy, const do
   batch_column_spans(N, F, [&](int64_t e0, int64_t w) {
     T* const sh = term + e0;
     for (int64_t e = e0; e < e0 + w; ++e) term[e] = T(mean_b[e]);
-    column_dots(k, x + e0, dy + e0, N, w, F, sh, static_cast<const T*>(nullptr), batch_a + e0, batch_b + e0);
+    column_dots(k, x + e0, dy + e0, N, w, F, sh, batch_a + e0, batch_b + e0);
   });
   parallel_for(bl.count, 3 * N * C * bl.width, [&](int64_t it) {
     const int64_t h0 = bl.first(it), w = bl.cols(it);
@@ -229,8 +232,7 @@ void batch_layer_backward(const Plan& feature, const S* x, const S* dy, const do
           const T sh = T(mu);
           fs[q + i] = sh, fa[q + i] = T(sc), fb[q + i] = T((double(sh) - mu) * sc);
         }
-        column_dots(k, x + s, dy + s, C, w, HW, fs + q, weight, A, B);
-        k.rows_row_sums(x + s, dy + s, C, w, HW, fs + q, fa + q, fb + q, rg, rb);
+        column_dots(k, x + s, dy + s, C, w, HW, fs + q, A, B, weight, fa + q, fb + q, rg, rb);
         for (int64_t r = 0; r < C; ++r) gpart[r] += rg[r], bpart[r] += rb[r];
         for (int64_t i = 0; i < w; ++i) {
           const double mu = mean_f[g0 + i], r = rstd_f[g0 + i], sc = feature_scale * r;

@@ -59,8 +59,8 @@ void backward_sums_positions(const Plan& plan, const S* x, const S* dy, const do
     const int64_t s = ch.start(it) + c0, j = ch.chunk(it), n = ch.sample(it), p0 = n * C + c0;
     const int64_t slot = ch.slot(n * C, j) + c0, r0 = j * ch.step, rows = ch.length(j);
     const int64_t rs = (n * nb + c0 / kWideRow) * S_ + r0;
-    k.rows_dot_weighted(x + s, dy + s, rows, width, C, &xhat.shift[p0], weight + r0, &A[slot], &B[slot]);
-    k.rows_row_sums(x + s, dy + s, rows, width, C, &xhat.shift[p0], &xhat.a[p0], &xhat.b[p0], &rg[rs], &rb[rs]);
+    k.rows_dot_row_sums(x + s, dy + s, rows, width, C, &xhat.shift[p0], weight + r0, &xhat.a[p0], &xhat.b[p0],
+                        &A[slot], &B[slot], &rg[rs], &rb[rs]);
   });
   // Per cell: its planes in sample order, each plane's chunks in chunk order; the sums about
   // the shift (mean rounded to T) become sums about the mean.
@@ -130,8 +130,8 @@ void normalize_backward_positions(const Plan& plan, const S* x, const S* dy, con
     for (int64_t j = 0; j < ch.per_seg; ++j) {
       const int64_t s = ch.start(n * ch.per_seg + j) + c0, r0 = j * ch.step, rows = ch.length(j);
       const int64_t rs = item * S_ + r0;
-      k.rows_dot_weighted(x + s, dy + s, rows, width, C, shift, weight + r0, &A[j * width], &B[j * width]);
-      k.rows_row_sums(x + s, dy + s, rows, width, C, shift, a, b, &rg[rs], &rb[rs]);
+      k.rows_dot_row_sums(x + s, dy + s, rows, width, C, shift, weight + r0, a, b, &A[j * width], &B[j * width],
+                          &rg[rs], &rb[rs]);
     }
     for (int64_t c = 0; c < width; ++c) {  // chunks in order, about the mean, then the fold
       double sa = 0, sb = 0;

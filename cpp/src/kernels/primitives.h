@@ -34,10 +34,9 @@ template <class S, class T> void pointwise_sums(int op, const S* x, const S* dy,
                                                 const PointwisePlane<T>& c, double* sums, T* g);
 template <class S, class T> void pointwise_backward(int op, const S* x, const S* dy, S* dx, int64_t n,
                                                     const PointwisePlane<T>& c, T c1, T c2, T c3, bool stream);
-template <class S, class T> void rows_dot_weighted(const S* x, const S* dy, int64_t rows, int64_t C, int64_t ld,
-                                                   const T* shift, const T* w, double* A, double* B);
-template <class S, class T> void rows_row_sums(const S* x, const S* dy, int64_t rows, int64_t C, int64_t ld,
-                                               const T* shift, const T* a, const T* b, double* gsum, double* bsum);
+template <class S, class T> void rows_dot_row_sums(const S* x, const S* dy, int64_t rows, int64_t C, int64_t ld,
+                                                   const T* shift, const T* w, const T* a, const T* b, double* A,
+                                                   double* B, double* gsum, double* bsum);
 template <class S, class T> void rows_affine_rows(const S* x, S* y, int64_t rows, int64_t C, int64_t ld,
                                                   const T* shift, const T* a, const T* b, const T* g, const T* h,
                                                   const ElementTerm<T>* term, bool stream);

@@ -143,14 +143,15 @@ void rows_moments(const S* x, int64_t rows, int64_t C, int64_t ld, double* mean,
   }
 }
 
-template <class S, bool RowWeighted, class T = compute_t<S>>
-static void rows_dot_impl(const S* x, const S* dy, int64_t rows, int64_t C, int64_t ld, const T* shift,
-                          const T* w, double* A, double* B) {
+template <class S>
+void rows_dot(const S* x, const S* dy, int64_t rows, int64_t C, int64_t ld, const compute_t<S>* shift,
+              double* A, double* B) {
+  using T = compute_t<S>;
   constexpr int64_t L = lanes<T>;
   const int64_t cv = C - C % L;
   T* const sa = column_scratch<T>(2, C);
   T* const sb = sa + C;
-  // Scalar math: g = dy [* w[r]]; A[c] += g*(x - shift[c]); B[c] += g
+  // Scalar math: A[c] += dy*(x - shift[c]); B[c] += dy
   // This pass reads memory: wide rows (LayerNorm2d's backward) go kSumRows rows at a time along
   // their length, as rows_moments' first pass; each column still adds its rows in order.
   if (C >= kWideSums) {
@@ -161,7 +162,7 @@ static void rows_dot_impl(const S* x, const S* dy, int64_t rows, int64_t C, int6
         vec<T> a = load(sa + c), b = load(sb + c);
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t o = r * ld + c;
-          const vec<T> g = RowWeighted ? load_as(dy + o) * w[r] : load_as(dy + o);
+          const vec<T> g = load_as(dy + o);
           a += g * (load_as(x + o) - vs);
           b += g;
         }
@@ -176,7 +177,7 @@ static void rows_dot_impl(const S* x, const S* dy, int64_t rows, int64_t C, int6
     for (int64_t r = 0; r < rows; ++r)
       for (int v = 0; v < NV; ++v) {
         const int64_t o = r * ld + c0 + v * L;
-        const vec<T> g = RowWeighted ? load_as(dy + o) * w[r] : load_as(dy + o);
+        const vec<T> g = load_as(dy + o);
         a[v] += g * (load_as(x + o) - vs[v]);
         b[v] += g;
       }
@@ -188,7 +189,7 @@ static void rows_dot_impl(const S* x, const S* dy, int64_t rows, int64_t C, int6
       vec<T> a{}, b{};
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t o = r * ld + cv;
-        const vec<T> g = RowWeighted ? load_tail(dy + o, m) * w[r] : load_tail(dy + o, m);
+        const vec<T> g = load_tail(dy + o, m);
         a += g * (load_tail(x + o, m) - vs);
         b += g;
       }
@@ -197,7 +198,7 @@ static void rows_dot_impl(const S* x, const S* dy, int64_t rows, int64_t C, int6
   } else {
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t c = cv; c < C; ++c) {
-        const T g = RowWeighted ? to_compute(dy[r * ld + c]) * w[r] : to_compute(dy[r * ld + c]);
+        const T g = to_compute(dy[r * ld + c]);
         sa[c] += g * (to_compute(x[r * ld + c]) - shift[c]);
         sb[c] += g;
       }
@@ -208,64 +209,91 @@ static void rows_dot_impl(const S* x, const S* dy, int64_t rows, int64_t C, int6
   }
 }
 
-template <class S>
-void rows_dot(const S* x, const S* dy, int64_t rows, int64_t C, int64_t ld, const compute_t<S>* shift,
-              double* A, double* B) {
-  rows_dot_impl<S, false>(x, dy, rows, C, ld, shift, static_cast<const compute_t<S>*>(nullptr), A, B);
-}
-
+// The weighted column sums A, B (rows_dot's with g = w[r]*dy) and the row sums gsum, bsum of the
+// per-column affine, in one pass over the rows (LayerNorm2d's and BatchLayerNorm2d's backward
+// sums; the row sums were a second pass over the block, from L2, in rows_row_sums). Each sum adds
+// its terms in the order of the two kernels it replaced, so the bits are theirs: a column's rows
+// in row order; a row's columns lane by lane in column order, then its masked tail, then across
+// the lanes.
 template <class S, class T>
-void rows_dot_weighted(const S* x, const S* dy, int64_t rows, int64_t C, int64_t ld, const T* shift,
-                       const T* w, double* A, double* B) {
-  rows_dot_impl<S, true>(x, dy, rows, C, ld, shift, w, A, B);
-}
-
-template <class S, class T>
-void rows_row_sums(const S* x, const S* dy, int64_t rows, int64_t C, int64_t ld, const T* shift, const T* a,
-                   const T* b, double* gsum, double* bsum) {
+void rows_dot_row_sums(const S* x, const S* dy, int64_t rows, int64_t C, int64_t ld, const T* shift, const T* w,
+                       const T* a, const T* b, double* A, double* B, double* gsum, double* bsum) {
   constexpr int64_t L = lanes<T>;
-  const int64_t cv = C - C % L;
-  // Scalar math: per row r, gsum[r] = sum_c dy*((x - shift[c])*a[c] + b[c]), bsum[r] = sum_c dy
-  // kBackwardRows rows at a time, each column vector's coefficients loaded once for all of them
-  // (per row, five loads per vector); each row still sums its columns in order.
-  int64_t r0 = 0;
-  auto group = [&](auto nrows) {
-    constexpr int64_t NR = decltype(nrows)::value;
-    vec<T> g[NR] = {}, d[NR] = {};
-    for (int64_t c = 0; c < cv; c += L) {
-      const vec<T> vs = load(shift + c), va = load(a + c), vb = load(b + c);
-      for (int64_t i = 0; i < NR; ++i) {
-        const int64_t o = (r0 + i) * ld + c;
-        const vec<T> dv = load_as(dy + o);
-        g[i] += dv * ((load_as(x + o) - vs) * va + vb);
-        d[i] += dv;
-      }
-    }
-    if constexpr (masked_tail<S>) {  // the last columns into the same lanes (past m: dy reads 0)
-      if (const int64_t m = C - cv; m > 0) {
-        const vec<T> vs = load_tail(shift + cv, m), va = load_tail(a + cv, m), vb = load_tail(b + cv, m);
-        for (int64_t i = 0; i < NR; ++i) {
-          const int64_t o = (r0 + i) * ld + cv;
-          const vec<T> dv = load_tail(dy + o, m);
-          g[i] += dv * ((load_tail(x + o, m) - vs) * va + vb);
-          d[i] += dv;
+  const int64_t cv = C - C % L, m = C - cv;
+  T* const sa = column_scratch<T>(1, 2 * C + 2 * rows * L);  // column sums, then per-row lane sums
+  T *const sb = sa + C, *const rg = sb + C, *const rd = rg + rows * L;
+  if (C >= kWideSums) {  // rows_dot's wide rows: kSumRows rows at a time along their length
+    for (int64_t r0 = 0; r0 < rows; r0 += kSumRows) {
+      const int64_t r1 = std::min(rows, r0 + kSumRows);
+      vec<T> g[kSumRows] = {}, d[kSumRows] = {};
+      for (int64_t c = 0; c < cv; c += L) {
+        const vec<T> vs = load(shift + c), va = load(a + c), vb = load(b + c);
+        vec<T> ca = load(sa + c), cb = load(sb + c);
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t o = r * ld + c;
+          const vec<T> dv = load_as(dy + o), xs = load_as(x + o) - vs, gw = load_as(dy + o) * w[r];
+          ca += gw * xs;
+          cb += gw;
+          g[r - r0] += dv * (xs * va + vb);
+          d[r - r0] += dv;
         }
+        store(sa + c, ca), store(sb + c, cb);
       }
+      for (int64_t r = r0; r < r1; ++r) store(rg + r * L, g[r - r0]), store(rd + r * L, d[r - r0]);
     }
-    for (int64_t i = 0; i < NR; ++i) {
-      const int64_t r = r0 + i;
-      double gs = hsum<T>(g[i]), ds = hsum<T>(d[i]);
-      for (int64_t c = masked_tail<S> ? C : cv; c < C; ++c) {
-        const T dv = to_compute(dy[r * ld + c]);
-        gs += double(dv * ((to_compute(x[r * ld + c]) - shift[c]) * a[c] + b[c]));
-        ds += double(dv);
+  } else {
+    column_blocks<T, 4>(C, [&](auto nv, int64_t c0) {
+      constexpr int NV = decltype(nv)::value;
+      vec<T> vs[NV], va[NV], vb[NV], ca[NV] = {}, cb[NV] = {};
+      for (int v = 0; v < NV; ++v)
+        vs[v] = load(shift + c0 + v * L), va[v] = load(a + c0 + v * L), vb[v] = load(b + c0 + v * L);
+      for (int64_t r = 0; r < rows; ++r) {
+        vec<T> g = load(rg + r * L), d = load(rd + r * L);
+        for (int v = 0; v < NV; ++v) {
+          const int64_t o = r * ld + c0 + v * L;
+          const vec<T> dv = load_as(dy + o), xs = load_as(x + o) - vs[v], gw = load_as(dy + o) * w[r];
+          ca[v] += gw * xs;
+          cb[v] += gw;
+          g += dv * (xs * va[v] + vb[v]);
+          d += dv;
+        }
+        store(rg + r * L, g), store(rd + r * L, d);
       }
-      gsum[r] = gs, bsum[r] = ds;
+      for (int v = 0; v < NV; ++v) store(sa + c0 + v * L, ca[v]), store(sb + c0 + v * L, cb[v]);
+    });
+  }
+  if constexpr (masked_tail<S>) {  // the last columns, one masked vector (lanes past m add 0)
+    if (m > 0) {
+      const vec<T> vs = load_tail(shift + cv, m), va = load_tail(a + cv, m), vb = load_tail(b + cv, m);
+      vec<T> ca{}, cb{};
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t o = r * ld + cv;
+        const vec<T> dv = load_tail(dy + o, m), xs = load_tail(x + o, m) - vs, gw = load_tail(dy + o, m) * w[r];
+        ca += gw * xs;
+        cb += gw;
+        store(rg + r * L, load(rg + r * L) + dv * (xs * va + vb));
+        store(rd + r * L, load(rd + r * L) + dv);
+      }
+      store_tail(sa + cv, ca, m), store_tail(sb + cv, cb, m);
     }
-    r0 += NR;
-  };
-  while (r0 + kBackwardRows <= rows) group(std::integral_constant<int64_t, kBackwardRows>{});
-  while (r0 < rows) group(std::integral_constant<int64_t, 1>{});
+  } else {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = cv; c < C; ++c) {
+        const T gw = to_compute(dy[r * ld + c]) * w[r];
+        sa[c] += gw * (to_compute(x[r * ld + c]) - shift[c]);
+        sb[c] += gw;
+      }
+  }
+  for (int64_t c = 0; c < C; ++c) A[c] = double(sa[c]), B[c] = double(sb[c]);
+  for (int64_t r = 0; r < rows; ++r) {
+    double gs = hsum<T>(load(rg + r * L)), ds = hsum<T>(load(rd + r * L));
+    for (int64_t c = masked_tail<S> ? C : cv; c < C; ++c) {
+      const T dv = to_compute(dy[r * ld + c]);
+      gs += double(dv * ((to_compute(x[r * ld + c]) - shift[c]) * a[c] + b[c]));
+      ds += double(dv);
+    }
+    gsum[r] = gs, bsum[r] = ds;
+  }
 }
 
 template <class S, bool HasRes, bool Relu, bool RowAffine = false, bool Term = false, class T = compute_t<S>>
@@ -568,10 +596,9 @@ void merge_columns(const double* mean, const double* m2, int64_t stride, int64_t
                                   const T*, const S*, bool, bool);                                \
   template void rows_backward_apply<S, T>(const S*, const S*, S*, int64_t, int64_t, int64_t, const T*, \
                                           const T*, const T*, const T*, bool);                    \
-  template void rows_dot_weighted<S, T>(const S*, const S*, int64_t, int64_t, int64_t, const T*,  \
-                                        const T*, double*, double*);                              \
-  template void rows_row_sums<S, T>(const S*, const S*, int64_t, int64_t, int64_t, const T*,      \
-                                    const T*, const T*, double*, double*);                        \
+  template void rows_dot_row_sums<S, T>(const S*, const S*, int64_t, int64_t, int64_t, const T*,  \
+                                        const T*, const T*, const T*, double*, double*, double*,  \
+                                        double*);                                                 \
   template void rows_affine_rows<S, T>(const S*, S*, int64_t, int64_t, int64_t, const T*,         \
                                        const T*, const T*, const T*, const T*, const ElementTerm<T>*, \
                                        bool);                                                     \

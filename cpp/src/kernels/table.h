@@ -66,17 +66,16 @@ struct Kernels {
   // Channels-last with a per-row affine (a row is one position of the plan's S: LayerNorm2d reads
   // NCHW memory as rows of HW columns, a row per channel, and its weight is per row):
   //   rows_affine_rows             y = ((x - shift[c])*a[c] + b[c] [+ term])*g[r] + h[r]
-  //   rows_dot_weighted            A[c] = sum_r w[r]*dy*(x - shift[c]), B[c] = sum_r w[r]*dy
-  //   rows_row_sums                gsum[r] = sum_c dy*((x - shift[c])*a[c] + b[c]), bsum[r] = sum_c dy
+  //   rows_dot_row_sums            A[c] = sum_r w[r]*dy*(x - shift[c]), B[c] = sum_r w[r]*dy, and in
+  //                                the same pass gsum[r] = sum_c dy*((x - shift[c])*a[c] + b[c]),
+  //                                bsum[r] = sum_c dy
   //   rows_backward_apply_weighted dx = c1[c]*w[r]*dy + c2[c]*(x - shift[c]) + c3[c] [+ term]
   // (term: an ElementTerm, or null)
   // (ld as above)
   void (*rows_affine_rows)(const S* x, S* y, int64_t rows, int64_t C, int64_t ld, const T* shift, const T* a,
                            const T* b, const T* g, const T* h, const ElementTerm<T>* term, bool stream);
-  void (*rows_dot_weighted)(const S* x, const S* dy, int64_t rows, int64_t C, int64_t ld, const T* shift,
-                            const T* w, double* A, double* B);
-  void (*rows_row_sums)(const S* x, const S* dy, int64_t rows, int64_t C, int64_t ld, const T* shift,
-                        const T* a, const T* b, double* gsum, double* bsum);
+  void (*rows_dot_row_sums)(const S* x, const S* dy, int64_t rows, int64_t C, int64_t ld, const T* shift,
+                            const T* w, const T* a, const T* b, double* A, double* B, double* gsum, double* bsum);
   void (*rows_backward_apply_weighted)(const S* x, const S* dy, S* dx, int64_t rows, int64_t C, int64_t ld,
                                        const T* c1, const T* c2, const T* shift, const T* c3,
                                        const T* w, const ElementTerm<T>* term, bool stream);
