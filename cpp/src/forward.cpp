@@ -170,11 +170,14 @@ void normalize_by_sample(const Plan& plan, const S* x, double eps, const compute
   parallel_for(plan.N * nb, C * plan.S / nb, [&](int64_t item) {
     const int64_t n = item / nb, c0 = nb == 1 ? 0 : (item % nb) * kWideRow;
     const int64_t width = nb == 1 ? C : std::min(kWideRow, C - c0);
+    // A sample of one chunk (LayerNorm2d's 64 rows) writes its planes' moments in place: its
+    // slots are the planes' own indices, and merging one chunk is a copy.
+    double *const dm = ch.per_seg == 1 ? pmean : cmean, *const dq = ch.per_seg == 1 ? pm2 : cm2;
     for (int64_t j = 0; j < ch.per_seg; ++j) {
       const int64_t slot = ch.slot(n * C, j) + c0;
-      k.rows_moments(x + ch.start(n * ch.per_seg + j) + c0, ch.length(j), width, C, &cmean[slot], &cm2[slot]);
+      k.rows_moments(x + ch.start(n * ch.per_seg + j) + c0, ch.length(j), width, C, &dm[slot], &dq[slot]);
     }
-    merge_plane_chunks(ch, n, c0, c0 + width, cmean, cm2, pmean, pm2);  // moments.h: per plane,
+    if (ch.per_seg != 1) merge_plane_chunks(ch, n, c0, c0 + width, cmean, cm2, pmean, pm2);  // in chunk order
     if (planes && !plan.skip_mean && !term && plan.S > 0 && !plan.column_affine) {
       // Every column its own group: finish_group and channel_coef's arithmetic as one vector
       // kernel (LayerNorm2d's cells have C elements each, and their scalar finishing was as
