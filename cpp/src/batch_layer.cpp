@@ -26,14 +26,15 @@ constexpr int64_t kRowChunk = 256;
 // all of them (table.h: rows_affine_samples): their rows stay in L2 from their sums to their apply.
 constexpr int64_t kSampleGroup = 4;
 
-// Bytes of L2 a block may hold while one sample is applied: its C rows of x, dy and dx (or x and
-// y) and the block's term per (c, hw): 28 bytes per column of each channel for float input
-// (other types take the same blocks).
+// Bytes of L2 that sized a block for one sample at a time: its C rows of x, dy and dx (or x and
+// y) and the block's term per (c, hw), 28 bytes per column of each channel for float input
+// (other types take the same blocks). kSampleGroup samples' rows and the term are then about
+// 400 KB (forward) and 700 KB (backward) at 64 channels: within a 1 MB L2 (Zen 4's).
 constexpr int64_t kBlockBudget = 384 * 1024;
 
 // The blocks of hw columns: at most 512 (LayerNorm2d's blocks) and at least two blocks where the
-// plane has 32 columns, so that two threads share a small plane; and narrow enough that one
-// sample's rows and the block's term stay in L2 (kBlockBudget): the term is read once per sample.
+// plane has 32 columns, so that two threads share a small plane; and narrow enough that a sample
+// group's rows and the block's term stay in L2 (kBlockBudget), the term read once per group.
 // Widths are multiples of 16, so that where a row starts on a cache line (16 floats) every block's
 // does, and its output streams (convert.h: put streams only line-aligned vectors), and the blocks near
 // equal: 64x56x56 takes 14 blocks of 224 columns (7 of 512 took BLN's inference from 11 to 8.5 ms
