@@ -451,95 +451,108 @@ void sample_groups(int64_t samples, const F& f) {  // f(integral_constant<K'>, k
   }
 }
 
+// K samples from x, y and the coefficients given (the parameters are a function's, not a
+// lambda's captures: sample_groups is not inlined, and read through its closure they were
+// reloaded after every store, which may alias anything; a third of the loop's time on AVX2).
+template <int K, class S, class T>
+void affine_sample_group(const S* xs, S* ys, int64_t sample_ld, int64_t rows, int64_t C, int64_t ld, const T* shift,
+                         const T* a, const T* b, int64_t coef_ld, const T* g, const T* h, const T* ts, const T* ta,
+                         const T* tb, bool stream) {
+  constexpr int64_t L = lanes<T>;
+  const int64_t cv = C - C % L;
+  for (int64_t c = 0; c < cv; c += L) {
+    vec<T> vs[K], va[K], vb[K];
+    for (int k = 0; k < K; ++k) {
+      const int64_t i = k * coef_ld + c;
+      vs[k] = load(shift + i), va[k] = load(a + i), vb[k] = load(b + i);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t o = r * ld + c;
+      const vec<T> tsv = load(ts + o), tav = load(ta + o), tbv = load(tb + o);
+      const T gr = g[r], hr = h[r];
+      for (int k = 0; k < K; ++k) {
+        const int64_t q = k * sample_ld + o;
+        const vec<T> xv = load_as(xs + q);
+        vec<T> e = (xv - vs[k]) * va[k] + vb[k];
+        e += (xv - tsv) * tav + tbv;
+        e = e * gr + hr;
+        put(ys + q, e, stream);
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = cv; c < C; ++c) {
+      const int64_t o = r * ld + c;
+      for (int k = 0; k < K; ++k) {
+        const int64_t q = k * sample_ld + o, i = k * coef_ld + c;
+        const T xv = to_compute(xs[q]);
+        T e = (xv - shift[i]) * a[i] + b[i];
+        e += (xv - ts[o]) * ta[o] + tb[o];
+        e = e * g[r] + h[r];
+        ys[q] = from_compute<S>(e);
+      }
+    }
+}
+
 template <class S, class T>
 void rows_affine_samples(const S* x, S* y, int64_t samples, int64_t sample_ld, int64_t rows, int64_t C, int64_t ld,
                          const T* shift, const T* a, const T* b, int64_t coef_ld, const T* g, const T* h,
                          const ElementTerm<T>& term, bool stream) {
-  constexpr int64_t L = lanes<T>;
   stream = stream && streams<S>();
-  const int64_t cv = C - C % L;
-  const T *const ts = term.shift, *const ta = term.a, *const tb = term.b;
   sample_groups<kTermSamples>(samples, [&](auto nk, int64_t k0) {
-    constexpr int K = decltype(nk)::value;
-    const S* const xs = x + k0 * sample_ld;
-    S* const ys = y + k0 * sample_ld;
-    const int64_t cs = k0 * coef_ld;
-    for (int64_t c = 0; c < cv; c += L) {
-      vec<T> vs[K], va[K], vb[K];
+    const int64_t s = k0 * sample_ld, i = k0 * coef_ld;
+    affine_sample_group<decltype(nk)::value>(x + s, y + s, sample_ld, rows, C, ld, shift + i, a + i, b + i, coef_ld,
+                                             g, h, term.shift, term.a, term.b, stream);
+  });
+}
+
+// rows_affine_samples' backward, as affine_sample_group's (its parameters not captures).
+template <int K, class S, class T>
+void backward_sample_group(const S* xs, const S* dys, S* dxs, int64_t sample_ld, int64_t rows, int64_t C, int64_t ld,
+                           const T* c1, const T* c2, const T* shift, const T* c3, int64_t coef_ld, const T* w,
+                           const T* t1, const T* ts, const T* ta, const T* tb, bool stream) {
+  constexpr int64_t L = lanes<T>;
+  const int64_t cv = C - C % L;
+  for (int64_t c = 0; c < cv; c += L) {
+    vec<T> v1[K], v2[K], vs[K], v3[K];
+    for (int k = 0; k < K; ++k) {
+      const int64_t i = k * coef_ld + c;
+      v1[k] = load(c1 + i), v2[k] = load(c2 + i), vs[k] = load(shift + i), v3[k] = load(c3 + i);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t o = r * ld + c;
+      const vec<T> t1v = load(t1 + o), tsv = load(ts + o), tav = load(ta + o), tbv = load(tb + o);
+      const T wr = w[r];
       for (int k = 0; k < K; ++k) {
-        const int64_t i = cs + k * coef_ld + c;
-        vs[k] = load(shift + i), va[k] = load(a + i), vb[k] = load(b + i);
-      }
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t o = r * ld + c;
-        const vec<T> tsv = load(ts + o), tav = load(ta + o), tbv = load(tb + o);
-        const T gr = g[r], hr = h[r];
-        for (int k = 0; k < K; ++k) {
-          const int64_t q = k * sample_ld + o;
-          const vec<T> xv = load_as(xs + q);
-          vec<T> e = (xv - vs[k]) * va[k] + vb[k];
-          e += (xv - tsv) * tav + tbv;
-          e = e * gr + hr;
-          put(ys + q, e, stream);
-        }
+        const int64_t q = k * sample_ld + o;
+        const vec<T> xv = load_as(xs + q), dyw = load_as(dys + q) * wr;
+        const vec<T> t = (v1[k] + t1v) * dyw + (v2[k] * (xv - vs[k]) + v3[k]);
+        put(dxs + q, t + ((xv - tsv) * tav + tbv), stream);
       }
     }
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t c = cv; c < C; ++c) {
-        const int64_t o = r * ld + c;
-        for (int k = 0; k < K; ++k) {
-          const int64_t q = k * sample_ld + o, i = cs + k * coef_ld + c;
-          const T xv = to_compute(xs[q]);
-          T e = (xv - shift[i]) * a[i] + b[i];
-          e += (xv - ts[o]) * ta[o] + tb[o];
-          e = e * g[r] + h[r];
-          ys[q] = from_compute<S>(e);
-        }
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = cv; c < C; ++c) {
+      const int64_t o = r * ld + c;
+      for (int k = 0; k < K; ++k) {
+        const int64_t q = k * sample_ld + o, i = k * coef_ld + c;
+        const T xv = to_compute(xs[q]), dyw = to_compute(dys[q]) * w[r];
+        const T t = (c1[i] + t1[o]) * dyw + (c2[i] * (xv - shift[i]) + c3[i]);
+        dxs[q] = from_compute<S>(t + ((xv - ts[o]) * ta[o] + tb[o]));
       }
-  });
+    }
 }
 
 template <class S, class T>
 void rows_backward_apply_samples(const S* x, const S* dy, S* dx, int64_t samples, int64_t sample_ld, int64_t rows,
                                  int64_t C, int64_t ld, const T* c1, const T* c2, const T* shift, const T* c3,
                                  int64_t coef_ld, const T* w, const ElementTerm<T>& term, bool stream) {
-  constexpr int64_t L = lanes<T>;
   stream = stream && streams<S>();
-  const int64_t cv = C - C % L;
-  const T *const t1 = term.c1, *const ts = term.shift, *const ta = term.a, *const tb = term.b;
   sample_groups<kTermSamples>(samples, [&](auto nk, int64_t k0) {
-    constexpr int K = decltype(nk)::value;
-    const S *const xs = x + k0 * sample_ld, *const dys = dy + k0 * sample_ld;
-    S* const dxs = dx + k0 * sample_ld;
-    const int64_t cs = k0 * coef_ld;
-    for (int64_t c = 0; c < cv; c += L) {
-      vec<T> v1[K], v2[K], vs[K], v3[K];
-      for (int k = 0; k < K; ++k) {
-        const int64_t i = cs + k * coef_ld + c;
-        v1[k] = load(c1 + i), v2[k] = load(c2 + i), vs[k] = load(shift + i), v3[k] = load(c3 + i);
-      }
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t o = r * ld + c;
-        const vec<T> t1v = load(t1 + o), tsv = load(ts + o), tav = load(ta + o), tbv = load(tb + o);
-        const T wr = w[r];
-        for (int k = 0; k < K; ++k) {
-          const int64_t q = k * sample_ld + o;
-          const vec<T> xv = load_as(xs + q), dyw = load_as(dys + q) * wr;
-          const vec<T> t = (v1[k] + t1v) * dyw + (v2[k] * (xv - vs[k]) + v3[k]);
-          put(dxs + q, t + ((xv - tsv) * tav + tbv), stream);
-        }
-      }
-    }
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t c = cv; c < C; ++c) {
-        const int64_t o = r * ld + c;
-        for (int k = 0; k < K; ++k) {
-          const int64_t q = k * sample_ld + o, i = cs + k * coef_ld + c;
-          const T xv = to_compute(xs[q]), dyw = to_compute(dys[q]) * w[r];
-          const T t = (c1[i] + t1[o]) * dyw + (c2[i] * (xv - shift[i]) + c3[i]);
-          dxs[q] = from_compute<S>(t + ((xv - ts[o]) * ta[o] + tb[o]));
-        }
-      }
+    const int64_t s = k0 * sample_ld, i = k0 * coef_ld;
+    backward_sample_group<decltype(nk)::value>(x + s, dy + s, dx + s, sample_ld, rows, C, ld, c1 + i, c2 + i,
+                                               shift + i, c3 + i, coef_ld, w, term.c1, term.shift, term.a, term.b,
+                                               stream);
   });
 }
 
