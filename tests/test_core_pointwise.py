@@ -113,7 +113,7 @@ FLOAT32_REFERENCES = {  # name -> (f, f') in float64, for the float32 accuracy c
 
 @pytest.mark.parametrize("name", ["silu", "gelu"])
 def test_float32_transcendental_epilogues_are_accurate_everywhere(name, isa):
-    # The float vector forms (pointwise.cpp: exp_of, normal_cdf), not libm: f and f' over a dense
+    # The float vector forms (pointwise.cpp: exp2_of, normal_cdf), not libm: f and f' over a dense
     # grid through both tails and far past the clamps, within 1e-6 of max(1, |value|) (a few
     # float ulp; the layers' float32 tolerance is 1e-5). A GELU left at its rational's value past
     # the clamp was off by 1.8e-6 per unit of |u| there.
