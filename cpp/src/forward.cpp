@@ -203,10 +203,12 @@ void normalize_by_sample(const Plan& plan, const S* x, double eps, const compute
     const int64_t p0 = n * C + c0;
     for (int64_t j = 0; j < ch.per_seg; ++j) {
       const int64_t s = ch.start(n * ch.per_seg + j) + c0;
-      const ElementTerm<T> e = term ? t.at(j * ch.step * C + c0) : ElementTerm<T>{};
-      if (row_weight)
+      if (term)  // (with row_weight: positions.cpp's callers)
+        k.rows_affine_samples(x + s, y + s, 1, 0, ch.length(j), width, C, shift + p0, a + p0, b + p0, 0,
+                              row_weight + j * ch.step, row_bias + j * ch.step, t.at(j * ch.step * C + c0), stream);
+      else if (row_weight)
         k.rows_affine_rows(x + s, y + s, ch.length(j), width, C, shift + p0, a + p0, b + p0,
-                           row_weight + j * ch.step, row_bias + j * ch.step, term ? &e : nullptr, stream);
+                           row_weight + j * ch.step, row_bias + j * ch.step, stream);
       else
         k.rows_affine(x + s, y + s, ch.length(j), width, C, shift + p0, a + p0, b + p0,
                       residual ? residual + s : nullptr, relu, stream);

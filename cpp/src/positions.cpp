@@ -36,7 +36,7 @@ void apply_coefficients_positions(const Plan& plan, const S* x, const double* me
   parallel_column_blocks(ch, 1, [&](int64_t it, int64_t c0, int64_t width) {
     const int64_t s = ch.start(it) + c0, p0 = ch.sample(it) * ch.C + c0, r0 = ch.chunk(it) * ch.step;
     k.rows_affine_rows(x + s, y + s, ch.length(ch.chunk(it)), width, ch.C, &f.shift[p0], &f.a[p0], &f.b[p0],
-                       weight + r0, bias + r0, nullptr, stream);
+                       weight + r0, bias + r0, stream);
   });
 }
 
@@ -93,9 +93,12 @@ void backward_apply_positions(const Plan& plan, const S* x, const S* dy, const d
   const SampleTermPlanes<T> t(term, C * plan.S);
   parallel_column_blocks(ch, 1, [&](int64_t it, int64_t c0, int64_t width) {
     const int64_t s = ch.start(it) + c0, p0 = ch.sample(it) * C + c0, r0 = ch.chunk(it) * ch.step;
-    const ElementTerm<T> e = term ? t.at(r0 * C + c0) : ElementTerm<T>{};
-    k.rows_backward_apply_weighted(x + s, dy + s, dx + s, ch.length(ch.chunk(it)), width, C, &f.c1[p0], &f.c2[p0],
-                                   &f.shift[p0], &f.c3[p0], weight + r0, term ? &e : nullptr, stream);
+    if (term)
+      k.rows_backward_apply_samples(x + s, dy + s, dx + s, 1, 0, ch.length(ch.chunk(it)), width, C, &f.c1[p0],
+                                    &f.c2[p0], &f.shift[p0], &f.c3[p0], 0, weight + r0, t.at(r0 * C + c0), stream);
+    else
+      k.rows_backward_apply_weighted(x + s, dy + s, dx + s, ch.length(ch.chunk(it)), width, C, &f.c1[p0],
+                                     &f.c2[p0], &f.shift[p0], &f.c3[p0], weight + r0, stream);
   });
 }
 
@@ -144,7 +147,7 @@ void normalize_backward_positions(const Plan& plan, const S* x, const S* dy, con
     for (int64_t j = 0; j < ch.per_seg; ++j) {
       const int64_t s = ch.start(n * ch.per_seg + j) + c0, r0 = j * ch.step;
       k.rows_backward_apply_weighted(x + s, dy + s, dx + s, ch.length(j), width, C, c1, c2, shift, c3,
-                                     weight + r0, nullptr, stream);
+                                     weight + r0, stream);
     }
   });
   std::fill_n(dweight, S_, 0.0), std::fill_n(dbias, S_, 0.0);

@@ -39,11 +39,11 @@ template <class S, class T> void rows_dot_row_sums(const S* x, const S* dy, int6
                                                    double* B, double* gsum, double* bsum);
 template <class S, class T> void rows_affine_rows(const S* x, S* y, int64_t rows, int64_t C, int64_t ld,
                                                   const T* shift, const T* a, const T* b, const T* g, const T* h,
-                                                  const ElementTerm<T>* term, bool stream);
+                                                  bool stream);
 template <class S, class T> void rows_backward_apply_weighted(const S* x, const S* dy, S* dx, int64_t rows,
                                                               int64_t C, int64_t ld, const T* c1, const T* c2,
                                                               const T* shift, const T* c3, const T* w,
-                                                              const ElementTerm<T>* term, bool stream);
+                                                              bool stream);
 template <class S, class T> void rows_affine_samples(const S* x, S* y, int64_t samples, int64_t sample_ld,
                                                      int64_t rows, int64_t C, int64_t ld, const T* shift, const T* a,
                                                      const T* b, int64_t coef_ld, const T* g, const T* h,

@@ -296,20 +296,14 @@ void rows_dot_row_sums(const S* x, const S* dy, int64_t rows, int64_t C, int64_t
   }
 }
 
-template <class S, bool HasRes, bool Relu, bool RowAffine = false, bool Term = false, class T = compute_t<S>>
+template <class S, bool HasRes, bool Relu, bool RowAffine = false, class T = compute_t<S>>
 static void rows_affine_impl(const S* x, S* y, int64_t rows, int64_t C, int64_t ld, const T* shift, const T* a,
                              const T* b, const S* res, bool stream, const T* g = nullptr,
-                             const T* h = nullptr, const ElementTerm<T>* term = nullptr) {
+                             const T* h = nullptr) {
   constexpr int64_t L = lanes<T>;
   const int64_t cv = C - C % L;
   const vec<T> zero{};
-  // The term's pointers as locals: y's stores (through memcpy or an intrinsic) may alias any
-  // object, so read through *term each one was reloaded per vector, three loads more per output
-  // (BatchLayerNorm2d's forward with the term took twice as long as without it).
-  const T *const ts = Term ? term->shift : nullptr, *const ta = Term ? term->a : nullptr,
-                 *const tb = Term ? term->b : nullptr;
-  // Scalar math: y = (x - shift[c])*a[c] + b[c] [+ (x - ts[o])*ta[o] + tb[o]] [then *g[r] + h[r]]
-  // + res; y = max(y, 0)
+  // Scalar math: y = (x - shift[c])*a[c] + b[c] [then *g[r] + h[r]] + res; y = max(y, 0)
   for (int64_t r0 = 0; r0 < rows; r0 += kRowGroup) {
     const int64_t r1 = std::min(rows, r0 + kRowGroup);
     column_blocks<T, kBlockVecs>(C, [&](auto nv, int64_t c0) {
@@ -318,12 +312,11 @@ static void rows_affine_impl(const S* x, S* y, int64_t rows, int64_t C, int64_t 
       for (int v = 0; v < NV; ++v)
         vs[v] = load(shift + c0 + v * L), va[v] = load(a + c0 + v * L), vb[v] = load(b + c0 + v * L);
       for (int64_t r = r0; r < r1; ++r) {
-        const T gr = RowAffine ? g[r] : T(1), hr = RowAffine ? h[r] : T(0);  // (locals: as the term's)
+        const T gr = RowAffine ? g[r] : T(1), hr = RowAffine ? h[r] : T(0);
         for (int v = 0; v < NV; ++v) {
           const int64_t o = r * ld + c0 + v * L;
           const vec<T> xv = load_as(x + o);
           vec<T> e = (xv - vs[v]) * va[v] + vb[v];
-          if (Term) e += (xv - load(ts + o)) * load(ta + o) + load(tb + o);
           if (RowAffine) e = e * gr + hr;
           if (HasRes) e += load_as(res + o);
           if (Relu) e = e < zero ? zero : e;
@@ -336,7 +329,6 @@ static void rows_affine_impl(const S* x, S* y, int64_t rows, int64_t C, int64_t 
         const int64_t o = r * ld + c;
         const T xv = to_compute(x[o]);
         T e = (xv - shift[c]) * a[c] + b[c];
-        if (Term) e += (xv - ts[o]) * ta[o] + tb[o];
         if (RowAffine) e = e * g[r] + h[r];
         if (HasRes) e += to_compute(res[o]);
         if (Relu) e = e < T(0) ? T(0) : e;
@@ -357,27 +349,22 @@ void rows_affine(const S* x, S* y, int64_t rows, int64_t C, int64_t ld, const T*
 
 template <class S, class T>
 void rows_affine_rows(const S* x, S* y, int64_t rows, int64_t C, int64_t ld, const T* shift, const T* a, const T* b,
-                      const T* g, const T* h, const ElementTerm<T>* term, bool stream) {
+                      const T* g, const T* h, bool stream) {
   stream = stream && streams<S>();
-  if (term) rows_affine_impl<S, false, false, true, true>(x, y, rows, C, ld, shift, a, b, nullptr, stream, g, h, term);
-  else rows_affine_impl<S, false, false, true>(x, y, rows, C, ld, shift, a, b, nullptr, stream, g, h);
+  rows_affine_impl<S, false, false, true>(x, y, rows, C, ld, shift, a, b, nullptr, stream, g, h);
 }
 
-template <class S, bool HasX, bool RowWeighted = false, bool Term = false, class T = compute_t<S>>
+template <class S, bool HasX, bool RowWeighted = false, class T = compute_t<S>>
 static void rows_backward_apply_impl(const S* x, const S* dy, S* dx, int64_t rows, int64_t C, int64_t ld,
                                      const T* c1, const T* c2, const T* shift, const T* c3, bool stream,
-                                     const T* w = nullptr, const ElementTerm<T>* term = nullptr) {
+                                     const T* w = nullptr) {
   constexpr int64_t L = lanes<T>;
   // Scalar math: dx = c1[c]*dy [*w[r]] + c2[c]*(x - shift[c]) + c3[c]   (without x: c1[c]*dy + c3[c])
-  //   [+ t1[o]*dy*w[r] + ta[o]*(x - ts[o]) + tb[o]]
   // kBackwardRows rows at a time, each column vector's four coefficients loaded once for all of
   // them: loaded per element, they made six loads per vector of dx, and the pass load-bound.
   // (Streamed outputs went row by row while the outputs' rows were never line-aligned, so never
   // streamed; aligned, the row groups took LayerNorm2d's backward from 6.3 to 5.7 ms at 1 thread.)
   const int64_t cv = C - C % L;
-  // The term's pointers as locals (rows_affine_impl's reason: dx's stores may alias *term).
-  const T *const t1 = Term ? term->c1 : nullptr, *const ts = Term ? term->shift : nullptr,
-                 *const ta = Term ? term->a : nullptr, *const tb = Term ? term->b : nullptr;
   int64_t r0 = 0;
   auto group = [&](auto nrows) {
     constexpr int64_t NR = decltype(nrows)::value;
@@ -386,29 +373,15 @@ static void rows_backward_apply_impl(const S* x, const S* dy, S* dx, int64_t row
       const vec<T> v2 = HasX ? load(c2 + c) : v1, vs = HasX ? load(shift + c) : v1;
       for (int64_t r = r0; r < r0 + NR; ++r) {
         const int64_t o = r * ld + c;
-        const vec<T> dyw = RowWeighted ? load_as(dy + o) * w[r] : load_as(dy + o);
-        if constexpr (Term) {
-          const vec<T> xv = load_as(x + o);
-          const vec<T> t = (v1 + load(t1 + o)) * dyw + (v2 * (xv - vs) + v3);
-          put(dx + o, t + ((xv - load(ts + o)) * load(ta + o) + load(tb + o)), stream);
-        } else {
-          const vec<T> g = v1 * dyw;
-          put(dx + o, HasX ? g + (v2 * (load_as(x + o) - vs) + v3) : g + v3, stream);
-        }
+        const vec<T> g = v1 * (RowWeighted ? load_as(dy + o) * w[r] : load_as(dy + o));
+        put(dx + o, HasX ? g + (v2 * (load_as(x + o) - vs) + v3) : g + v3, stream);
       }
     }
     for (int64_t r = r0; r < r0 + NR; ++r)
       for (int64_t c = cv; c < C; ++c) {
         const int64_t o = r * ld + c;
-        const T dyw = RowWeighted ? to_compute(dy[o]) * w[r] : to_compute(dy[o]);
-        if constexpr (Term) {
-          const T xv = to_compute(x[o]);
-          const T t = (c1[c] + t1[o]) * dyw + (c2[c] * (xv - shift[c]) + c3[c]);
-          dx[o] = from_compute<S>(t + ((xv - ts[o]) * ta[o] + tb[o]));
-        } else {
-          const T g = c1[c] * dyw;
-          dx[o] = from_compute<S>(HasX ? g + (c2[c] * (to_compute(x[o]) - shift[c]) + c3[c]) : g + c3[c]);
-        }
+        const T g = c1[c] * (RowWeighted ? to_compute(dy[o]) * w[r] : to_compute(dy[o]));
+        dx[o] = from_compute<S>(HasX ? g + (c2[c] * (to_compute(x[o]) - shift[c]) + c3[c]) : g + c3[c]);
       }
     r0 += NR;
   };
@@ -427,15 +400,14 @@ void rows_backward_apply(const S* x, const S* dy, S* dx, int64_t rows, int64_t C
 template <class S, class T>
 void rows_backward_apply_weighted(const S* x, const S* dy, S* dx, int64_t rows, int64_t C, int64_t ld,
                                   const T* c1, const T* c2, const T* shift, const T* c3, const T* w,
-                                  const ElementTerm<T>* term, bool stream) {
+                                  bool stream) {
   stream = stream && streams<S>();
-  if (term) rows_backward_apply_impl<S, true, true, true>(x, dy, dx, rows, C, ld, c1, c2, shift, c3, stream, w, term);
-  else rows_backward_apply_impl<S, true, true>(x, dy, dx, rows, C, ld, c1, c2, shift, c3, stream, w);
+  rows_backward_apply_impl<S, true, true>(x, dy, dx, rows, C, ld, c1, c2, shift, c3, stream, w);
 }
 
-// The term's forms of rows_affine_rows and rows_backward_apply_weighted for several samples
-// `sample_ld` apart that share the term (BatchLayerNorm2d's batch part, per (c, hw)): sample k's
-// per-column coefficients at k*coef_ld. A column vector at a time, each sample's coefficients
+// rows_affine_rows and rows_backward_apply_weighted with an element term, for one sample or for
+// several `sample_ld` apart that share the term (BatchLayerNorm2d's batch part, per (c, hw)):
+// sample k's per-column coefficients at k*coef_ld. A column vector at a time, each sample's coefficients
 // are loaded once for all the rows and each row's term once for all the samples: one sample at
 // a time, its apply loaded four vectors (forward; ten in the backward's streamed rows) per
 // vector of output, from L2. Each element's arithmetic is the one-sample kernels', so the bits
@@ -613,11 +585,10 @@ void merge_columns(const double* mean, const double* m2, int64_t stride, int64_t
                                         const T*, const T*, const T*, double*, double*, double*,  \
                                         double*);                                                 \
   template void rows_affine_rows<S, T>(const S*, S*, int64_t, int64_t, int64_t, const T*,         \
-                                       const T*, const T*, const T*, const T*, const ElementTerm<T>*, \
-                                       bool);                                                     \
+                                       const T*, const T*, const T*, const T*, bool);              \
   template void rows_backward_apply_weighted<S, T>(const S*, const S*, S*, int64_t, int64_t,      \
                                                    int64_t, const T*, const T*, const T*, const T*, \
-                                                   const T*, const ElementTerm<T>*, bool);        \
+                                                   const T*, bool);                               \
   template void rows_affine_samples<S, T>(const S*, S*, int64_t, int64_t, int64_t, int64_t, int64_t, \
                                           const T*, const T*, const T*, int64_t, const T*, const T*, \
                                           const ElementTerm<T>&, bool);                           \

@@ -65,24 +65,25 @@ struct Kernels {
 
   // Channels-last with a per-row affine (a row is one position of the plan's S: LayerNorm2d reads
   // NCHW memory as rows of HW columns, a row per channel, and its weight is per row):
-  //   rows_affine_rows             y = ((x - shift[c])*a[c] + b[c] [+ term])*g[r] + h[r]
+  //   rows_affine_rows             y = ((x - shift[c])*a[c] + b[c])*g[r] + h[r]
   //   rows_dot_row_sums            A[c] = sum_r w[r]*dy*(x - shift[c]), B[c] = sum_r w[r]*dy, and in
   //                                the same pass gsum[r] = sum_c dy*((x - shift[c])*a[c] + b[c]),
   //                                bsum[r] = sum_c dy
-  //   rows_backward_apply_weighted dx = c1[c]*w[r]*dy + c2[c]*(x - shift[c]) + c3[c] [+ term]
-  // (term: an ElementTerm, or null)
+  //   rows_backward_apply_weighted dx = c1[c]*w[r]*dy + c2[c]*(x - shift[c]) + c3[c]
   // (ld as above)
   void (*rows_affine_rows)(const S* x, S* y, int64_t rows, int64_t C, int64_t ld, const T* shift, const T* a,
-                           const T* b, const T* g, const T* h, const ElementTerm<T>* term, bool stream);
+                           const T* b, const T* g, const T* h, bool stream);
   void (*rows_dot_row_sums)(const S* x, const S* dy, int64_t rows, int64_t C, int64_t ld, const T* shift,
                             const T* w, const T* a, const T* b, double* A, double* B, double* gsum, double* bsum);
   void (*rows_backward_apply_weighted)(const S* x, const S* dy, S* dx, int64_t rows, int64_t C, int64_t ld,
                                        const T* c1, const T* c2, const T* shift, const T* c3,
-                                       const T* w, const ElementTerm<T>* term, bool stream);
+                                       const T* w, bool stream);
 
-  // The term's forms of both for `samples` samples sample_ld elements apart that share the term
-  // (BatchLayerNorm2d's batch part), sample k's per-column coefficients at k*coef_ld: the term
-  // is read once for all of them. Bits: those of one call per sample.
+  // Both with an element term (ElementTerm: + (x - ts[o])*ta[o] + tb[o] inside the row affine
+  // forward; + t1[o]*w[r]*dy + ta[o]*(x - ts[o]) + tb[o] backward), for `samples` samples
+  // sample_ld elements apart that share the term (one, or BatchLayerNorm2d's groups of its
+  // batch part), sample k's per-column coefficients at k*coef_ld: the term is read once for all
+  // of them. Bits: those of one call per sample.
   void (*rows_affine_samples)(const S* x, S* y, int64_t samples, int64_t sample_ld, int64_t rows, int64_t C,
                               int64_t ld, const T* shift, const T* a, const T* b, int64_t coef_ld, const T* g,
                               const T* h, const ElementTerm<T>& term, bool stream);
