@@ -288,9 +288,10 @@ def test_fused_backward_refuses_a_local_fold_it_cannot_do():
 
 # -- normalize_pointwise: statistics per group, the fold, then apply_pointwise in one call --------
 # The cell coefficients of plane (n, c) in group g are channel c's rows with shift = mean_g
-# (center) or the channel's, a*r or scale*r (r = 1/sqrt(var_g + eps)), center = mean_g.
+# (center) or the channel's, a*r or scale*r (r = 1/sqrt(var_g + eps)), center = mean_g; or, with
+# std_into_r, the cells' r = sqrt(var_g + eps) and a, scale the channel's (EvoNorm-B0).
 
-def stats_then_apply(op, x, G, eps, skip_mean, center, into_scale, channel):
+def stats_then_apply(op, x, G, eps, skip_mean, center, into_scale, channel, std_into_r=False):
     """normalize_pointwise's (y, mean, var, cell) from float64 NumPy and the apply step."""
     N, C, S = x.shape
     cpg = C // G
@@ -302,7 +303,10 @@ def stats_then_apply(op, x, G, eps, skip_mean, center, into_scale, channel):
     cell = np.tile(channel, (1, N))
     if center:
         cell[0] = m
-    cell[6 if into_scale else 1] *= r
+    if std_into_r:
+        cell[5] = 1.0 / r
+    else:
+        cell[6 if into_scale else 1] *= r
     cell[8] = m
     y = np.empty_like(x)
     _core.apply_pointwise(_core.plan_per_channel_in_sets(N, C, S, list(range(N))), op, x, cell, y)
@@ -316,19 +320,22 @@ NORMALIZE_CASES = [  # (N, C, S, G): a group one chunk (fused per batch of group
 
 
 @pytest.mark.parametrize("N, C, S, G", NORMALIZE_CASES)
-@pytest.mark.parametrize("name, skip_mean, center, into_scale",
-                         [("tlu", True, False, False), ("swish_gate", False, False, True),
-                          ("gelu", False, True, False)], ids=["frn", "evonorm-s0", "centred"])
-def test_normalize_pointwise_equals_statistics_then_apply(name, skip_mean, center, into_scale, N, C, S, G,
-                                                         dtype, isa, rng, assert_close):
+@pytest.mark.parametrize("name, skip_mean, center, into_scale, std_into_r",
+                         [("tlu", True, False, False, False), ("swish_gate", False, False, True, False),
+                          ("gelu", False, True, False, False), ("evo_b0", False, False, False, True),
+                          ("evo_b0", False, False, True, True)],
+                         ids=["frn", "evonorm-s0", "centred", "evonorm-b0", "std-into-r-over-into-scale"])
+def test_normalize_pointwise_equals_statistics_then_apply(name, skip_mean, center, into_scale, std_into_r, N, C, S,
+                                                         G, dtype, isa, rng, assert_close):
     x = (rng.normal(size=(N, C, S)) + 0.5).astype(dtype)
     channel = np.stack([rng.normal(size=C), rng.uniform(0.5, 2, C), rng.normal(size=C), rng.uniform(0.3, 1, C),
                         *np.zeros((2, C)), rng.uniform(0.5, 1.5, C), rng.normal(size=C), np.zeros(C)])
     op, eps = int(getattr(_core.Pointwise, name)), 1e-3
     y, cell = np.empty_like(x), np.full((9, N * C), np.nan)
     mean, var = _core.normalize_pointwise(_core.plan_per_sample_group(N, C, S, G), op, x, eps, skip_mean,
-                                          center, into_scale, channel, y, cell)
-    want_y, want_mean, want_var, want_cell = stats_then_apply(op, x, G, eps, skip_mean, center, into_scale, channel)
+                                          center, into_scale, channel, y, cell, std_into_r=std_into_r)
+    want_y, want_mean, want_var, want_cell = stats_then_apply(op, x, G, eps, skip_mean, center, into_scale, channel,
+                                                              std_into_r)
     assert_close(mean, want_mean, dtype, what="mean")
     assert_close(var, want_var, dtype, what="var")
     assert_close(cell, want_cell, dtype, what="cell coefficients")

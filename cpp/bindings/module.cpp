@@ -401,7 +401,7 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("normalize_pointwise", [](const nk::Plan& plan, int op, const py::array& x, double eps, bool skip_mean,
                                   bool center, bool rstd_into_scale, const py::object& channel,
-                                  const py::object& out, const py::object& cell) {
+                                  const py::object& out, const py::object& cell, bool std_into_r) {
     const nk::Pointwise o = pointwise_op(op);
     py::array_t<double> mean, var;
     dispatch(x, [&](auto s) {
@@ -419,14 +419,16 @@ PYBIND11_MODULE(_core, m) {
       double *pm = mean.mutable_data(), *pv = var.mutable_data();
       nk::PointwiseFold fold;
       fold.eps = eps, fold.skip_mean = skip_mean, fold.center = center, fold.rstd_into_scale = rstd_into_scale;
+      fold.std_into_r = std_into_r;
       py::gil_scoped_release nogil;
       nk::normalize_pointwise<S>(plan, o, px, fold, c, py_, pm, pv, pc);
     });
     return py::make_tuple(mean, var);
   }, py::arg("plan"), py::arg("op"), py::arg("x"), py::arg("eps"), py::arg("skip_mean"), py::arg("center"),
-     py::arg("rstd_into_scale"), py::arg("channel"), py::arg("out"), py::arg("cell"),
+     py::arg("rstd_into_scale"), py::arg("channel"), py::arg("out"), py::arg("cell"), py::arg("std_into_r") = false,
      "Statistics per group of a per-sample-group plan, then out = apply_pointwise with cell coefficients "
-     "folded from them and the (9, C) channel rows (r = 1/sqrt(var + eps) into a, or into scale); "
+     "folded from them and the (9, C) channel rows (r = 1/sqrt(var + eps) into a, or into scale; with "
+     "std_into_r, sqrt(var + eps) as the cells' r); "
      "writes the (9, N*C) cell coefficients to `cell`; returns (mean, var) per group.");
 
   m.def("pointwise_sums", [](const nk::Plan& plan, int op, const py::array& x, const py::object& dy,

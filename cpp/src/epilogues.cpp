@@ -119,8 +119,10 @@ void normalize_pointwise(const Plan& plan_in, Pointwise op, const S* x, const Po
   auto fold_groups = [&](int64_t g0, int64_t g1) {
     // kStep planes at a time: per plane its channel, its group's r and mean, from counters (a
     // 64-bit division per plane and row was most of the fold), then the rows.
+    // With std_into_r, r[i] is the group's sqrt(var + eps), the cells' r, and a and scale the
+    // channel's.
     constexpr int64_t kStep = 256;
-    const bool into_scale = fold.rstd_into_scale;
+    const bool into_r = fold.std_into_r, into_scale = fold.rstd_into_scale && !into_r, into_a = !into_scale && !into_r;
     int64_t g = g0, j = 0, c = (g0 * cpg) % plan.C;  // the next plane's group, place in it, channel
     double rg = 0;
     for (int64_t p0 = g0 * cpg; p0 < g1 * cpg; p0 += kStep) {
@@ -128,7 +130,7 @@ void normalize_pointwise(const Plan& plan_in, Pointwise op, const S* x, const Po
       int64_t chan[kStep];
       double r[kStep], mu[kStep];
       for (int64_t i = 0; i < count; ++i) {
-        if (j == 0) rg = 1.0 / std::sqrt(var[g] + fold.eps);
+        if (j == 0) rg = into_r ? std::sqrt(var[g] + fold.eps) : 1.0 / std::sqrt(var[g] + fold.eps);
         chan[i] = c, r[i] = rg, mu[i] = mean[g];
         if (++c == plan.C) c = 0;
         if (++j == cpg) j = 0, ++g;
@@ -136,11 +138,11 @@ void normalize_pointwise(const Plan& plan_in, Pointwise op, const S* x, const Po
       double* out[9];
       for (int i = 0; i < 9; ++i) out[i] = row[i] + p0;
       for (int64_t i = 0; i < count; ++i) out[0][i] = fold.center ? mu[i] : channel.shift[chan[i]];
-      for (int64_t i = 0; i < count; ++i) out[1][i] = into_scale ? channel.a[chan[i]] : channel.a[chan[i]] * r[i];
+      for (int64_t i = 0; i < count; ++i) out[1][i] = into_a ? channel.a[chan[i]] * r[i] : channel.a[chan[i]];
       for (int64_t i = 0; i < count; ++i) out[2][i] = channel.b[chan[i]];
       for (int64_t i = 0; i < count; ++i) out[3][i] = channel.p[chan[i]];
       for (int64_t i = 0; i < count; ++i) out[4][i] = channel.q[chan[i]];
-      for (int64_t i = 0; i < count; ++i) out[5][i] = channel.r[chan[i]];
+      for (int64_t i = 0; i < count; ++i) out[5][i] = into_r ? r[i] : channel.r[chan[i]];
       for (int64_t i = 0; i < count; ++i) out[6][i] = into_scale ? channel.scale[chan[i]] * r[i] : channel.scale[chan[i]];
       for (int64_t i = 0; i < count; ++i) out[7][i] = channel.offset[chan[i]];
       for (int64_t i = 0; i < count; ++i) out[8][i] = mu[i];

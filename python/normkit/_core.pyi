@@ -284,9 +284,9 @@ def normalize_batch_stats_positions(plan: Plan, x: _Array, eps: float, weight: _
     """
 def normalize_pointwise(plan: Plan, op: int, x: _Array, eps: float, skip_mean: bool, center: bool,
                         rstd_into_scale: bool, channel: _F64, out: _Array,
-                        cell: _F64) -> tuple[_F64, _F64]:
+                        cell: _F64, std_into_r: bool = False) -> tuple[_F64, _F64]:
     """
-    Statistics per group of a per-sample-group plan, then out = apply_pointwise with cell coefficients folded from them and the (9, C) channel rows (r = 1/sqrt(var + eps) into a, or into scale); writes the (9, N*C) cell coefficients to `cell`; returns (mean, var) per group.
+    Statistics per group of a per-sample-group plan, then out = apply_pointwise with cell coefficients folded from them and the (9, C) channel rows (r = 1/sqrt(var + eps) into a, or into scale; with std_into_r, sqrt(var + eps) as the cells' r); writes the (9, N*C) cell coefficients to `cell`; returns (mean, var) per group.
     """
 def plan_per_channel(N: int, C: int, S: int) -> Plan:
     ...

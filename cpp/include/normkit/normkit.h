@@ -207,13 +207,14 @@ void pointwise_backward(const Plan& plan, Pointwise op, const S* x, const S* dy,
 // the mean of x^2, FRN's nu2), r = 1/sqrt(var + eps), then per plane p = (n, c) of group g the
 // cell coefficients cell[i*P + p] from channel c's (9, C) `channel` rows: shift = mean (center)
 // or the channel's shift, a *= r unless rstd_into_scale, scale *= r if it, center = mean, the
-// rest the channel's; then y = apply_pointwise with them (the cells are the planes). Where a
-// group is one chunk the group's output follows its statistics while it is in cache (x read
-// once); else a statistics pass, then the apply pass. Groups with no elements fold as mean 0,
-// var 0.
+// rest the channel's; with std_into_r instead the group's sqrt(var + eps) is the cells' r and a
+// and scale are the channel's (EvoNorm-B0's instance term). Then y = apply_pointwise with them
+// (the cells are the planes). Where a group is one chunk the group's output follows its
+// statistics while it is in cache (x read once); else a statistics pass, then the apply pass.
+// Groups with no elements fold as mean 0, var 0.
 struct PointwiseFold {
   double eps = 0;
-  bool skip_mean = false, center = false, rstd_into_scale = false;
+  bool skip_mean = false, center = false, rstd_into_scale = false, std_into_r = false;
 };
 template <class S>
 void normalize_pointwise(const Plan& plan, Pointwise op, const S* x, const PointwiseFold& fold,

@@ -75,28 +75,43 @@ class EvoNormB0_2d(_EvoNorm):
         batch = self._batch_stats()
         if self.training:
             _checks.more_than_one_value(N * S, "channel", x.shape)
-        plan = _core.plan_per_channel_in_sets(N, C, S, list(range(N)))  # cells: the planes
+        # The cells are the planes; so are the statistics' groups (the instance variance).
+        stats, plan = self._shape_plans((N, C, S), lambda: (_core.plan_per_sample_group(N, C, S, C),
+                                                            _core.plan_per_channel_in_sets(N, C, S, list(range(N)))))
         w, b, v = self._params()
-        if x.size:
-            m, var_i = (a.reshape(N, C) for a in _core.group_moments(plan, x))  # per plane
-        else:
-            m = var_i = np.zeros((N, C))
-        d_i = np.sqrt(var_i + self.eps)
-        if batch:  # the batch's per-channel moments, pooled from the planes'
-            mu_b, var_b = pool(S, m, var_i, 0) if N else (np.zeros(C), np.zeros(C))
-        else:
-            mu_b, var_b = np.zeros(C), self.running_var.astype(np.float64)
-        d_b = np.sqrt(var_b + self.eps)
-        # _core.apply_pointwise's (9, K) coefficients (as pointwise_coefficients(N*C, p=d_b, q=v,
-        # r=d_I, scale=w, offset=b, center=mu_I) builds them), row by row.
+        op = int(_core.Pointwise.evo_b0)
+        # _core.apply_pointwise's (9, K) coefficients: as pointwise_coefficients(N*C, p=d_b, q=v,
+        # r=d_I, scale=w, offset=b, center=mu_I) builds them.
         coef = np.empty((9, N * C))
-        coef[0] = 0.0
-        coef[1] = 1.0
-        coef[2] = 0.0
-        for row, per_channel in ((3, d_b), (4, v), (6, w), (7, b)):
-            coef[row].reshape(N, C)[...] = per_channel
-        coef[5] = d_i.reshape(-1)
-        coef[8] = m.reshape(-1)
+        if not batch and x.size:
+            # Inference: p = d_B is known before the planes' statistics, so one core call folds
+            # each plane's d_I (std_into_r) and applies while the plane is in cache.
+            mu_b, var_b = np.zeros(C), self.running_var.astype(np.float64)
+            d_b = np.sqrt(var_b + self.eps)
+            channel = np.zeros((9, C))
+            channel[1], channel[3], channel[4], channel[6], channel[7] = 1.0, d_b, v, w, b
+            y = _core.empty_like(x)
+            m, var_i = (a.reshape(N, C) for a in _core.normalize_pointwise(
+                stats, op, x, self.eps, False, False, False, channel, y, coef, std_into_r=True))
+            d_i = np.sqrt(var_i + self.eps)
+        else:
+            if x.size:
+                m, var_i = (a.reshape(N, C) for a in _core.group_moments(plan, x))  # per plane
+            else:
+                m = var_i = np.zeros((N, C))
+            d_i = np.sqrt(var_i + self.eps)
+            if batch:  # the batch's per-channel moments, pooled from the planes'
+                mu_b, var_b = pool(S, m, var_i, 0) if N else (np.zeros(C), np.zeros(C))
+            else:
+                mu_b, var_b = np.zeros(C), self.running_var.astype(np.float64)
+            d_b = np.sqrt(var_b + self.eps)
+            coef[0] = 0.0
+            coef[1] = 1.0
+            coef[2] = 0.0
+            for row, per_channel in ((3, d_b), (4, v), (6, w), (7, b)):
+                coef[row].reshape(N, C)[...] = per_channel
+            coef[5] = d_i.reshape(-1)
+            coef[8] = m.reshape(-1)
 
         # f = x / max(p, q x + r) with p = d_B (per channel), q = v, r = d_I (per plane); per
         # plane the sums D = dy, F = dy*f, E_p, E_q, E_r = dy*df/dp, dq, dr. Then
@@ -110,7 +125,10 @@ class EvoNormB0_2d(_EvoNorm):
             grads = self._grads(F.sum(axis=0), D.sum(axis=0), (w * Eq).sum(axis=0))
             return w, (k_i + k_b).reshape(-1), c3, grads  # c1 = w per channel (the core broadcasts)
 
-        y, saved = self._run(plan, int(_core.Pointwise.evo_b0), x, coef, fold)
+        if not batch and x.size:
+            y, saved = y, PointwiseSaved(plan, op, x, coef, fold, x.shape)
+        else:
+            y, saved = self._run(plan, op, x, coef, fold)
         if self.training and x.size:
             _engine.running_update(self.running_var, unbiased(var_b, N * S), self.momentum)
         return y, saved
