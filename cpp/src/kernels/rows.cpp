@@ -412,7 +412,26 @@ void rows_backward_apply_weighted(const S* x, const S* dy, S* dx, int64_t rows, 
 // a time, its apply loaded four vectors (forward; ten in the backward's streamed rows) per
 // vector of output, from L2. Each element's arithmetic is the one-sample kernels', so the bits
 // are theirs. kTermSamples samples at a time fit the registers (coefficients, term, temporaries).
-constexpr int kTermSamples = NK_VEC_BYTES == 64 ? 4 : 2;
+// AVX2's vectors are half a cache line: a column step of one vector walked every row before the
+// next, reading each line of x, the term and the output twice, the rows between evicting it from
+// L1. There a step is a line (kLineVecs vectors), one sample at a time: the coefficients of two
+// samples and two vectors did not fit its 16 registers (BatchLayerNorm2d's inference at
+// 32x64x56x56 on Zen 3: two samples of a line 9.8-10.4 ms, two of a vector 7.0-7.4, one of a
+// line 4.4-5.3).
+constexpr int kTermSamples = NK_VEC_BYTES == 64 ? 4 : NK_VEC_BYTES == 32 ? 1 : 2;
+constexpr int kLineVecs = NK_VEC_BYTES == 32 ? 2 : 1;
+
+// f(integral_constant<U>, c) over the columns [0, cv) (whole vectors): steps of kLineVecs
+// vectors (a line), then one vector at a time.
+template <class T, class F>
+[[gnu::always_inline]] inline void line_steps(int64_t cv, const F& f) {
+  constexpr int64_t L = lanes<T>, U = kLineVecs;
+  int64_t c = 0;
+  for (; c + U * L <= cv; c += U * L) f(std::integral_constant<int, int(U)>{}, c);
+  if constexpr (U > 1) {
+    for (; c < cv; c += L) f(std::integral_constant<int, 1>{}, c);
+  }
+}
 
 template <int K, class F>
 void sample_groups(int64_t samples, const F& f) {  // f(integral_constant<K'>, k0), K' <= K samples from k0
@@ -432,26 +451,30 @@ void affine_sample_group(const S* xs, S* ys, int64_t sample_ld, int64_t rows, in
                          const T* tb, bool stream) {
   constexpr int64_t L = lanes<T>;
   const int64_t cv = C - C % L;
-  for (int64_t c = 0; c < cv; c += L) {
-    vec<T> vs[K], va[K], vb[K];
-    for (int k = 0; k < K; ++k) {
-      const int64_t i = k * coef_ld + c;
-      vs[k] = load(shift + i), va[k] = load(a + i), vb[k] = load(b + i);
-    }
+  line_steps<T>(cv, [&](auto nu, int64_t c) {
+    constexpr int U = decltype(nu)::value;
+    vec<T> vs[K][U], va[K][U], vb[K][U];
+    for (int k = 0; k < K; ++k)
+      for (int u = 0; u < U; ++u) {
+        const int64_t i = k * coef_ld + c + u * L;
+        vs[k][u] = load(shift + i), va[k][u] = load(a + i), vb[k][u] = load(b + i);
+      }
     for (int64_t r = 0; r < rows; ++r) {
-      const int64_t o = r * ld + c;
-      const vec<T> tsv = load(ts + o), tav = load(ta + o), tbv = load(tb + o);
       const T gr = g[r], hr = h[r];
-      for (int k = 0; k < K; ++k) {
-        const int64_t q = k * sample_ld + o;
-        const vec<T> xv = load_as(xs + q);
-        vec<T> e = (xv - vs[k]) * va[k] + vb[k];
-        e += (xv - tsv) * tav + tbv;
-        e = e * gr + hr;
-        put(ys + q, e, stream);
+      for (int u = 0; u < U; ++u) {
+        const int64_t o = r * ld + c + u * L;
+        const vec<T> tsv = load(ts + o), tav = load(ta + o), tbv = load(tb + o);
+        for (int k = 0; k < K; ++k) {
+          const int64_t q = k * sample_ld + o;
+          const vec<T> xv = load_as(xs + q);
+          vec<T> e = (xv - vs[k][u]) * va[k][u] + vb[k][u];
+          e += (xv - tsv) * tav + tbv;
+          e = e * gr + hr;
+          put(ys + q, e, stream);
+        }
       }
     }
-  }
+  });
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = cv; c < C; ++c) {
       const int64_t o = r * ld + c;
@@ -485,24 +508,28 @@ void backward_sample_group(const S* xs, const S* dys, S* dxs, int64_t sample_ld,
                            const T* t1, const T* ts, const T* ta, const T* tb, bool stream) {
   constexpr int64_t L = lanes<T>;
   const int64_t cv = C - C % L;
-  for (int64_t c = 0; c < cv; c += L) {
-    vec<T> v1[K], v2[K], vs[K], v3[K];
-    for (int k = 0; k < K; ++k) {
-      const int64_t i = k * coef_ld + c;
-      v1[k] = load(c1 + i), v2[k] = load(c2 + i), vs[k] = load(shift + i), v3[k] = load(c3 + i);
-    }
+  line_steps<T>(cv, [&](auto nu, int64_t c) {
+    constexpr int U = decltype(nu)::value;
+    vec<T> v1[K][U], v2[K][U], vs[K][U], v3[K][U];
+    for (int k = 0; k < K; ++k)
+      for (int u = 0; u < U; ++u) {
+        const int64_t i = k * coef_ld + c + u * L;
+        v1[k][u] = load(c1 + i), v2[k][u] = load(c2 + i), vs[k][u] = load(shift + i), v3[k][u] = load(c3 + i);
+      }
     for (int64_t r = 0; r < rows; ++r) {
-      const int64_t o = r * ld + c;
-      const vec<T> t1v = load(t1 + o), tsv = load(ts + o), tav = load(ta + o), tbv = load(tb + o);
       const T wr = w[r];
-      for (int k = 0; k < K; ++k) {
-        const int64_t q = k * sample_ld + o;
-        const vec<T> xv = load_as(xs + q), dyw = load_as(dys + q) * wr;
-        const vec<T> t = (v1[k] + t1v) * dyw + (v2[k] * (xv - vs[k]) + v3[k]);
-        put(dxs + q, t + ((xv - tsv) * tav + tbv), stream);
+      for (int u = 0; u < U; ++u) {
+        const int64_t o = r * ld + c + u * L;
+        const vec<T> t1v = load(t1 + o), tsv = load(ts + o), tav = load(ta + o), tbv = load(tb + o);
+        for (int k = 0; k < K; ++k) {
+          const int64_t q = k * sample_ld + o;
+          const vec<T> xv = load_as(xs + q), dyw = load_as(dys + q) * wr;
+          const vec<T> t = (v1[k][u] + t1v) * dyw + (v2[k][u] * (xv - vs[k][u]) + v3[k][u]);
+          put(dxs + q, t + ((xv - tsv) * tav + tbv), stream);
+        }
       }
     }
-  }
+  });
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = cv; c < C; ++c) {
       const int64_t o = r * ld + c;
