@@ -210,15 +210,21 @@ void batch_layer_backward(const Plan& feature, const S* x, const S* dy, const do
       // dx's batch part: batch_scale r (w dy - w B/N - r^2 (x - mu_B) w A/N); no batch
       // statistics: batch_scale r w dy alone. The weight's: batch_scale sum r A.
       const double wn = batch_stats ? double(weight[c]) * inv_n : 0.0;
-      double g = 0;
-      for (int64_t i = 0, e = e0; i < w; ++i, ++e) {
+      // Column i's fold, its r a into g: four sums, columns i mod 4 (one chain of additions
+      // was this loop's time, about a tenth of BLN's fwd+bwd at 8x256x14x14).
+      auto fold = [&](int64_t i, double& g) {
+        const int64_t e = e0 + i;
         const double r = rstd_b[e], shift = double(sh[i]);
         const double a = ba[i] + (shift - mean_b[e]) * bb[i], br = batch_scale * r;
         g += r * a;
         const double k2 = -br * r * r * wn * a, k3 = -br * wn * bb[i];
         term[F + e] = T(k2), term[2 * F + e] = T(k3 + k2 * (shift - mean_b[e])), term[3 * F + e] = T(br);
-      }
-      gpart[c] += batch_scale * g;
+      };
+      double g0 = 0, g1 = 0, g2 = 0, g3 = 0;
+      int64_t i = 0;
+      for (; i + 4 <= w; i += 4) fold(i, g0), fold(i + 1, g1), fold(i + 2, g2), fold(i + 3, g3);
+      for (; i < w; ++i) fold(i, g0);
+      gpart[c] += batch_scale * ((g0 + g1) + (g2 + g3));
     }
     // Then each sample's feature cells: B = sum w dy, A = sum w dy (x - mu_F) over its C rows,
     // the weight's feature part (sum dy x_F, scaled) and the bias's per row, the fold per cell,
