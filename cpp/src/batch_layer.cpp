@@ -210,8 +210,8 @@ void batch_layer_backward(const Plan& feature, const S* x, const S* dy, const do
       // dx's batch part: batch_scale r (w dy - w B/N - r^2 (x - mu_B) w A/N); no batch
       // statistics: batch_scale r w dy alone. The weight's: batch_scale sum r A.
       const double wn = batch_stats ? double(weight[c]) * inv_n : 0.0;
-      // Column i's fold, its r a into g: four sums, columns i mod 4 (one chain of additions
-      // was this loop's time, about a tenth of BLN's fwd+bwd at 8x256x14x14).
+      // Column i's fold, its r a into g: four sums, columns i mod 4 (one chain of dependent
+      // additions bounded this loop; with four, BLN's backward at 8x256x14x14 took 5% less).
       auto fold = [&](int64_t i, double& g) {
         const int64_t e = e0 + i;
         const double r = rstd_b[e], shift = double(sh[i]);

@@ -416,8 +416,8 @@ void rows_backward_apply_weighted(const S* x, const S* dy, S* dx, int64_t rows, 
 // next, reading each line of x, the term and the output twice, the rows between evicting it from
 // L1. There a step is a line (kLineVecs vectors), one sample at a time: the coefficients of two
 // samples and two vectors did not fit its 16 registers (BatchLayerNorm2d's inference at
-// 32x64x56x56 on Zen 3: two samples of a line 9.8-10.4 ms, two of a vector 7.0-7.4, one of a
-// line 4.4-5.3).
+// 32x64x56x56 on Zen 3: in one run two samples of a line took 9.8-10.4 ms against 7.0-7.4 for
+// two of a vector; in another one sample of a line 4.4-5.3 against 5.8-7.3).
 constexpr int kTermSamples = NK_VEC_BYTES == 64 ? 4 : NK_VEC_BYTES == 32 ? 1 : 2;
 constexpr int kLineVecs = NK_VEC_BYTES == 32 ? 2 : 1;
 

@@ -125,8 +125,8 @@ class EvoNormB0_2d(_EvoNorm):
             grads = self._grads(F.sum(axis=0), D.sum(axis=0), (w * Eq).sum(axis=0))
             return w, (k_i + k_b).reshape(-1), c3, grads  # c1 = w per channel (the core broadcasts)
 
-        if not batch and x.size:
-            y, saved = y, PointwiseSaved(plan, op, x, coef, fold, x.shape)
+        if not batch and x.size:  # y already written
+            saved = PointwiseSaved(plan, op, x, coef, fold, x.shape)
         else:
             y, saved = self._run(plan, op, x, coef, fold)
         if self.training and x.size:
