@@ -203,7 +203,7 @@ void normalize_by_sample(const Plan& plan, const S* x, double eps, const compute
     const int64_t p0 = n * C + c0;
     for (int64_t j = 0; j < ch.per_seg; ++j) {
       const int64_t s = ch.start(n * ch.per_seg + j) + c0;
-      if (term)  // (with row_weight: positions.cpp's callers)
+      if (term)  // only from normalize_batch_stats_positions, whose weight (row_weight) is required
         k.rows_affine_samples(x + s, y + s, 1, 0, ch.length(j), width, C, shift + p0, a + p0, b + p0, 0,
                               row_weight + j * ch.step, row_bias + j * ch.step, t.at(j * ch.step * C + c0), stream);
       else if (row_weight)
