@@ -35,22 +35,33 @@ constexpr int64_t kBlockBudget = 384 * 1024;
 // The blocks of hw columns: at most 512 (LayerNorm2d's blocks) and at least two blocks where the
 // plane has 32 columns, so that two threads share a small plane; and narrow enough that a sample
 // group's rows and the block's term stay in L2 (kBlockBudget), the term read once per group.
-// Widths are multiples of 16, so that where a row starts on a cache line (16 floats) every block's
-// does, and its output streams (convert.h: put streams only line-aligned vectors), and the blocks near
-// equal: 64x56x56 takes 14 blocks of 224 columns (7 of 512 took BLN's inference from 11 to 8.5 ms
-// at 2 threads, the term read from L3). Fixed by the shape alone, so the bits are too.
+// Where HW is a multiple of 16 the boundaries are too, so that where a row starts on a cache line
+// (16 floats) every block's does, and its output streams (convert.h: put streams only
+// line-aligned vectors); elsewhere no row start is aligned, and they are multiples of 8. The
+// count is even where the plane allows, the blocks near equal, so that two threads share them
+// evenly: 64x56x56 takes 14 blocks of 224 columns (7 of 512 took BLN's inference from 11 to
+// 8.5 ms at 2 threads, the term read from L3); 256x14x14 takes 48, 48, 48 and 52, where widths
+// of 16 made 64, 64, 64 and 4, one thread's share twice the other's. Fixed by the shape alone,
+// so the bits are too.
 struct ColumnBlocks {
-  int64_t N, C, HW, F, width, count;
+  int64_t N, C, HW, F, align, count, width = 0;
   explicit ColumnBlocks(const Plan& feature)
-      : N(feature.N), C(feature.S), HW(feature.C), F(feature.S * feature.C) {
+      : N(feature.N), C(feature.S), HW(feature.C), F(feature.S * feature.C), align(HW % 16 == 0 ? 16 : 8) {
     const int64_t budget = std::max<int64_t>(16, kBlockBudget / (28 * C));
     const int64_t widest = std::min<int64_t>(512, std::max<int64_t>(32, (HW + 1) / 2));
+    const int64_t most = std::max<int64_t>(1, HW / align);  // blocks of at least `align` columns
     count = (HW + std::min(widest, budget) - 1) / std::min(widest, budget);
-    width = ((HW + count - 1) / count + 15) / 16 * 16;
-    count = (HW + width - 1) / width;
+    const int64_t even = ((HW + count - 1) / count + align - 1) / align * align;  // blocks of whole align
+    count = std::min(most, (HW + even - 1) / even);
+    if (count > 1 && count % 2 == 1 && count < most) ++count;
+    for (int64_t b = 0; b < count; ++b) width = std::max(width, cols(b));
   }
-  int64_t first(int64_t b) const { return b * width; }
-  int64_t cols(int64_t b) const { return std::min(width, HW - b * width); }
+  // Block b's first column: b*HW/count rounded to a multiple of align (HW for b = count).
+  // Boundaries at least align apart round at least align apart, so no block is empty.
+  int64_t first(int64_t b) const {
+    return b >= count ? HW : (b * HW / count + align / 2) / align * align;
+  }
+  int64_t cols(int64_t b) const { return first(b + 1) - first(b); }
 };
 
 void check_feature_plan(const Plan& feature) {
