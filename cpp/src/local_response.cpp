@@ -12,18 +12,19 @@ namespace nk {
 
 namespace {
 
-// Positions per work item: up to 4096, and up to 32768 over the window's rows (so that the window
-// and the backward's ring of rows stay in L2: 16 KB rows for torch's sizes), fewer where the
-// samples' blocks would not give every thread four items; at least 256. Each channel's row of a block is one contiguous run: rows of 256 positions (1 KB, 12.5 KB
-// apart at 56x56) took LocalResponseNorm at 32x64x56x56 12-25% longer than whole 3136-position
-// rows, the run too short for the hardware prefetcher. A block only chooses which item computes
-// an output, never how, so it may depend on the thread count.
+// Positions per work item: up to 4096, and to 32768 / min(size, C) so that the window's rows and
+// the backward's ring of them stay in L2 (16 KB rows for torch's sizes); fewer where the samples'
+// blocks would not give every thread four items; at least 256. Each channel's row of a block is
+// one contiguous run: rows of 256 positions (1 KB, 12.5 KB apart at 56x56) took LocalResponseNorm
+// at 32x64x56x56 12-25% longer than whole 3136-position rows, the run too short for the hardware
+// prefetcher. A block only chooses which item computes an output, never how, so it may depend on
+// the thread count.
 constexpr int64_t kMaxPositionBlock = 4096, kMinPositionBlock = 256;
 
 int64_t position_block(int64_t N, int64_t C, int64_t Sp, int64_t size) {
   const int64_t widest = std::min(kMaxPositionBlock, 32768 / std::max<int64_t>(1, std::min(size, C)));
   const int64_t want = (4 * int64_t(get_num_threads()) + std::max<int64_t>(N, 1) - 1) / std::max<int64_t>(N, 1);
-  const int64_t per_sample = std::max((Sp + kMaxPositionBlock - 1) / kMaxPositionBlock, want);
+  const int64_t per_sample = std::max((Sp + widest - 1) / widest, want);
   const int64_t len = ((Sp + per_sample - 1) / per_sample + 15) / 16 * 16;
   return std::max(kMinPositionBlock, std::min(widest, len));
 }
