@@ -268,6 +268,25 @@ def test_an_empty_batch_makes_no_buffers_and_leaves_existing_ones_alone(training
     assert_state_unchanged(layer, before)
 
 
+
+@pytest.mark.parametrize("N, C, HW", [(2, 3, 0), (2, 0, 4)], ids=["no-positions", "no-channels"])
+def test_the_core_steps_take_a_plan_without_elements(N, C, HW):
+    # The layer returns before the core for an empty x; the core's steps (the C++ API's too) must
+    # still take such a plan: no cells, or cells whose moments are over no channels (NaN), and
+    # zero parameter gradients. (Both once divided by zero sizing their column blocks.)
+    from normkit import _core, _engine
+    plan = _engine.in_layout(_core.plan_per_sample_group(N, HW, C, HW), "NHWC")
+    x = np.zeros((N, C, HW), np.float32)
+    weight, bias = np.ones(C, np.float32), np.zeros(C, np.float32)
+    mean_f, rstd_f, mean_b, var_b, rstd_b = _core.batch_layer_forward(plan, x, 1e-3, 0.1, 0.9, weight, bias,
+                                                                      np.empty_like(x))
+    assert mean_f.shape == rstd_f.shape == (N * HW,) and mean_b.shape == rstd_b.shape == (C * HW,)
+    assert np.isnan(mean_f).all() and np.isnan(rstd_f).all()
+    dweight, dbias = _core.batch_layer_backward(plan, x, x, mean_f, rstd_f, mean_b, rstd_b, 0.1, 0.9, True,
+                                                weight, np.empty_like(x))
+    assert dweight.shape == dbias.shape == (C,) and not dweight.any() and not dbias.any()
+
+
 # -- state_dict -----------------------------------------------------------------------------------
 
 def test_state_dict_keys_before_and_after_the_first_forward(rng):

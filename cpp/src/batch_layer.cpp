@@ -134,6 +134,11 @@ void batch_layer_forward(const Plan& feature, const S* x, double eps, double fea
                          double* rstd_f) {
   using T = compute_t<S>;
   check_feature_plan(feature);
+  if (feature.S == 0 || feature.C == 0) {  // no element: the feature cells' moments over no channels
+    const int64_t cells = feature.N * feature.C;
+    std::fill_n(mean_f, cells, std::nan("")), std::fill_n(var_f, cells, std::nan("")), std::fill_n(rstd_f, cells, std::nan(""));
+    return;
+  }
   const Kernels<S>& k = kernels().get<S>();
   const ColumnBlocks bl(feature);
   const int64_t N = bl.N, C = bl.C, HW = bl.HW, F = bl.F;
@@ -183,6 +188,10 @@ void batch_layer_backward(const Plan& feature, const S* x, const S* dy, const do
                           bool batch_stats, const compute_t<S>* weight, S* dx, double* dweight, double* dbias) {
   using T = compute_t<S>;
   check_feature_plan(feature);
+  if (feature.S == 0 || feature.C == 0) {  // no element: nothing to sum
+    std::fill_n(dweight, feature.S, 0.0), std::fill_n(dbias, feature.S, 0.0);
+    return;
+  }
   const Kernels<S>& k = kernels().get<S>();
   const ColumnBlocks bl(feature);
   const int64_t N = bl.N, C = bl.C, HW = bl.HW, F = bl.F;
